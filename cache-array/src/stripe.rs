@@ -1,0 +1,259 @@
+//! This server's membership in its stripe: the Raft node, how the stripe forms, and the safe
+//! paths for writes and linearizable reads.
+//!
+//! Formation: every server of a stripe knows the whole stripe from the config. A server whose
+//! store is pristine initializes the group with that full membership; every server writes the
+//! same membership entry at log id (0, 0), so it does not matter in which order they start or how
+//! many of them initialize. A restarted server finds its log and simply rejoins.
+//!
+//! No quorum, no service: the active tracks when a majority last acknowledged it; when that is
+//! older than the election timeout it answers `NoQuorum` at once instead of accepting writes it
+//! cannot commit or serving reads it cannot prove fresh. A mirror names the active it knows of
+//! (`NotLeader`), or answers `NoQuorum` when it knows none.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferrocotta::config::{ClusterConfig, ServerPosition};
+use ferrocotta::protocol::{ErrorReply, Op, Reply, Role};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::ServerState;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::state_machine::SharedState;
+use crate::types::{Command, CommandKind, NodeId, Raft};
+
+/// Linearizable reads that may wait for the next read-index round before callers block.
+pub const READ_QUEUE_MAX: usize = 65_536;
+
+/// Reads confirmed by one read-index round at most.
+pub const READ_BATCH_MAX: usize = 4096;
+
+type ReadWaiter = oneshot::Sender<Result<(), ErrorReply>>;
+
+/// The stripe membership of this server.
+pub struct Stripe {
+    /// The Raft node.
+    pub raft: Raft,
+    /// The caches, shared with the state machine.
+    pub shared: Arc<SharedState>,
+    /// The whole array's config.
+    pub config: Arc<ClusterConfig>,
+    /// Where this server sits.
+    pub position: ServerPosition,
+    /// Names of the stripe's servers by node id.
+    names: HashMap<NodeId, String>,
+    /// Queue of linearizable reads waiting for a read-index round.
+    reads: mpsc::Sender<ReadWaiter>,
+    /// A majority acknowledgement older than this means the active has lost its quorum.
+    quorum_stale_after: Duration,
+}
+
+impl Stripe {
+    /// Wraps a started Raft node and starts the read batcher.
+    pub fn new(raft: Raft, shared: Arc<SharedState>, config: Arc<ClusterConfig>, position: ServerPosition) -> Stripe {
+        let names = config.stripes[position.stripe]
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as NodeId + 1, s.name.clone()))
+            .collect::<HashMap<_, _>>();
+        let (tx, rx) = mpsc::channel(READ_QUEUE_MAX);
+        let quorum_stale_after = config.timing.election_timeout.0;
+        tokio::spawn(read_batcher(raft.clone(), rx, names.clone(), quorum_stale_after * 2));
+        Stripe {
+            raft,
+            shared,
+            config,
+            position,
+            names,
+            reads: tx,
+            quorum_stale_after,
+        }
+    }
+
+    /// Initializes the group if this server's store is pristine (see the module doc).
+    pub async fn form(&self) -> anyhow::Result<()> {
+        if self.raft.is_initialized().await? {
+            tracing::info!(event = "stripe.rejoin", "store holds a log: rejoining the stripe");
+            return Ok(());
+        }
+        let members: BTreeSet<NodeId> = self.names.keys().copied().collect();
+        match self.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(event = "stripe.initialized", "pristine store: initialized the stripe's membership")
+            }
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                tracing::info!(event = "stripe.rejoin", "already initialized by a peer")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// This server's name.
+    pub fn name(&self) -> &str {
+        &self.config.server(self.position).name
+    }
+
+    /// The name of a stripe member.
+    pub fn name_of(&self, id: NodeId) -> Option<String> {
+        self.names.get(&id).cloned()
+    }
+
+    /// Role, term, leader name, last log index and applied index, from the Raft metrics.
+    pub fn snapshot_metrics(&self) -> MetricsView {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        MetricsView {
+            role: if m.state == ServerState::Leader { Role::Active } else { Role::Mirror },
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader.and_then(|id| self.name_of(id)),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+        }
+    }
+
+    /// Whether this server may serve writes and strong reads right now.
+    fn check_serving(&self) -> Result<(), ErrorReply> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        if m.state == ServerState::Leader {
+            match m.millis_since_quorum_ack {
+                Some(ms) if Duration::from_millis(ms) > self.quorum_stale_after => Err(ErrorReply::NoQuorum),
+                _ => Ok(()),
+            }
+        } else {
+            match m.current_leader {
+                Some(id) if id != self.position.node_id() => Err(ErrorReply::NotLeader {
+                    leader: self.name_of(id),
+                }),
+                _ => Err(ErrorReply::NoQuorum),
+            }
+        }
+    }
+
+    fn quorum_lost(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state != ServerState::Leader
+            || m
+                .millis_since_quorum_ack
+                .map(|ms| Duration::from_millis(ms) > self.quorum_stale_after)
+                .unwrap_or(false)
+    }
+
+    /// Proposes a client write and waits for it to be committed and applied.
+    pub async fn write(&self, op: Op, timeout: Duration) -> Result<Reply, ErrorReply> {
+        self.check_serving()?;
+        let cmd = Command {
+            at_ms: now_ms(),
+            kind: CommandKind::Client(op),
+        };
+        let write = self.raft.client_write(cmd);
+        tokio::pin!(write);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut watch = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                r = &mut write => return match r {
+                    Ok(resp) => resp.data.0,
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ErrorReply::NotLeader {
+                        leader: f.leader_id.and_then(|id| self.name_of(id)),
+                    }),
+                    Err(RaftError::APIError(e)) => Err(ErrorReply::Internal(e.to_string())),
+                    Err(RaftError::Fatal(_)) => Err(ErrorReply::ShuttingDown),
+                },
+                _ = &mut deadline => return Err(ErrorReply::Timeout),
+                _ = watch.tick() => {
+                    // The entry is in our log and may still commit later: the outcome is unknown,
+                    // so this is a timeout, never `NoQuorum` (which promises "not applied").
+                    if self.quorum_lost() {
+                        return Err(ErrorReply::Timeout);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until a read started now may be served from local state linearizably (read index,
+    /// batched with every other read waiting at the same time).
+    pub async fn read_barrier(&self, timeout: Duration) -> Result<(), ErrorReply> {
+        self.check_serving()?;
+        let (tx, rx) = oneshot::channel();
+        self.reads.send(tx).await.map_err(|_| ErrorReply::ShuttingDown)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ErrorReply::ShuttingDown),
+            Err(_) => Err(ErrorReply::Timeout),
+        }
+    }
+}
+
+/// A copy of the Raft facts status tooling shows.
+#[derive(Debug, Clone)]
+pub struct MetricsView {
+    /// Active or mirror.
+    pub role: Role,
+    /// openraft's server state (Leader, Follower, Candidate, Learner).
+    pub state: String,
+    /// Current term.
+    pub term: u64,
+    /// Name of the known active.
+    pub leader: Option<String>,
+    /// Last log index.
+    pub last_log_index: u64,
+    /// Last applied index.
+    pub applied_index: u64,
+    /// Index covered by the last snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Last purged log index.
+    pub purged_index: Option<u64>,
+    /// For the active: how long ago a majority last acknowledged it.
+    pub millis_since_quorum_ack: Option<u64>,
+}
+
+/// Runs read-index rounds: each round confirms leadership once for every read that was waiting
+/// when it started.
+async fn read_batcher(
+    raft: Raft,
+    mut rx: mpsc::Receiver<ReadWaiter>,
+    names: HashMap<NodeId, String>,
+    round_timeout: Duration,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while waiters.len() < READ_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(w) => waiters.push(w),
+                Err(_) => break,
+            }
+        }
+        let result = match tokio::time::timeout(round_timeout, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(ErrorReply::NotLeader {
+                leader: f.leader_id.and_then(|id| names.get(&id).cloned()),
+            }),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(ErrorReply::NoQuorum),
+            Ok(Err(RaftError::Fatal(_))) => Err(ErrorReply::ShuttingDown),
+            Err(_) => Err(ErrorReply::NoQuorum),
+        };
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, for the active's timestamps.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,58 @@
+//! The openraft type configuration of a stripe, declared once, and the log entry payload.
+
+use std::io::Cursor;
+
+use ferrocotta::protocol::{ErrorReply, Op, Reply};
+use serde::{Deserialize, Serialize};
+
+openraft::declare_raft_types!(
+    /// Types of one stripe's Raft group.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = openraft::EmptyNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A server's Raft node id: its position in its stripe, from 1.
+pub type NodeId = u64;
+/// The Raft handle of a stripe member.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A log id.
+pub type LogId = openraft::LogId<NodeId>;
+/// A vote.
+pub type Vote = openraft::Vote<NodeId>;
+/// Storage errors.
+pub type StorageError = openraft::StorageError<NodeId>;
+/// Snapshot metadata.
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::EmptyNode>;
+/// A snapshot with its data.
+pub type Snapshot = openraft::storage::Snapshot<TypeConfig>;
+/// The last membership a state machine has applied.
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::EmptyNode>;
+
+/// A log entry's payload: what to do, and when the active said it happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Wall-clock milliseconds since the Unix epoch on the active when it proposed the entry. Apply
+    /// uses this, never its own clock, so every replica judges time the same way.
+    pub at_ms: u64,
+    /// The change.
+    pub kind: CommandKind,
+}
+
+/// The changes the log carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandKind {
+    /// A write from a client, exactly as it arrived (only write operations are logged).
+    Client(Op),
+}
+
+/// The outcome of applying a command, returned to the client that proposed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandResult(pub Result<Reply, ErrorReply>);

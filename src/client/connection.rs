@@ -1,0 +1,207 @@
+//! One pipelined connection to one array server (used by clients, and by servers for Raft calls).
+//!
+//! A writer task drains a bounded queue of outgoing requests into the socket, flushing once per
+//! burst rather than once per request; a reader task matches replies to waiting callers by request
+//! id. Many requests are in flight at once, and replies may come back in any order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::handshake::FramedConn;
+use crate::protocol::{decode, encode, ClientMessage, ErrorReply, Op, PeerRpc, Reply, Request, ServerMessage, Welcome};
+
+/// Requests queued for the writer of one connection before callers wait for room.
+pub const OUTGOING_QUEUE_MAX: usize = 4096;
+
+/// How a call on a connection failed.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// The connection was already closed; the request was never sent, so retrying is safe.
+    NotSent(String),
+    /// The connection broke after the request was queued: it may or may not have been applied.
+    Lost(String),
+    /// The server answered with an error.
+    Server(ErrorReply),
+    /// No answer within the caller's timeout; the outcome is unknown.
+    TimedOut,
+}
+
+/// What a waiter receives.
+enum Answer {
+    /// Reply to a client request.
+    Reply(Result<Reply, ErrorReply>),
+    /// Reply to a peer's Raft call (opaque payload).
+    Peer(Vec<u8>),
+}
+
+type Waiter = oneshot::Sender<Answer>;
+
+struct Pending {
+    /// Callers waiting for a reply, by request id.
+    waiters: HashMap<u64, Waiter>,
+    /// Set when the connection broke; no new waiter is added after that.
+    closed: Option<String>,
+}
+
+/// A live connection; cheap to share.
+pub struct Connection {
+    /// What the server said in the handshake.
+    pub welcome: Welcome,
+    /// Queue of encoded frames for the writer task.
+    outgoing: mpsc::Sender<bytes::Bytes>,
+    /// Callers waiting for replies.
+    pending: Arc<Mutex<Pending>>,
+    /// Source of request ids.
+    next_id: AtomicU64,
+}
+
+impl Connection {
+    /// Takes over a connection that finished its handshake and starts its reader and writer.
+    pub fn start(framed: FramedConn, welcome: Welcome) -> Arc<Connection> {
+        let (sink, stream) = framed.split();
+        let (tx, rx) = mpsc::channel::<bytes::Bytes>(OUTGOING_QUEUE_MAX);
+        let pending = Arc::new(Mutex::new(Pending {
+            waiters: HashMap::new(),
+            closed: None,
+        }));
+        tokio::spawn(write_loop(sink, rx, pending.clone()));
+        tokio::spawn(read_loop(stream, pending.clone()));
+        Arc::new(Connection {
+            welcome,
+            outgoing: tx,
+            pending,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Whether the connection is known to be broken.
+    pub fn is_closed(&self) -> bool {
+        self.pending.lock().expect("pending lock").closed.is_some()
+    }
+
+    /// Sends one request and waits for its reply, at most `timeout`.
+    pub async fn call(&self, op: Op, timeout: Duration) -> Result<Reply, CallError> {
+        let timeout_ms = timeout.as_millis().min(u32::MAX as u128) as u32;
+        let answer = self
+            .roundtrip(timeout, |id| ClientMessage::Request(Request { id, timeout_ms, op }))
+            .await?;
+        match answer {
+            Answer::Reply(Ok(reply)) => Ok(reply),
+            Answer::Reply(Err(e)) => Err(CallError::Server(e)),
+            Answer::Peer(_) => Err(CallError::Lost("the server answered a request with a peer reply".into())),
+        }
+    }
+
+    /// Sends one Raft call to a peer server and waits for its opaque reply, at most `timeout`.
+    pub async fn call_peer(&self, rpc: PeerRpc, payload: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, CallError> {
+        match self
+            .roundtrip(timeout, |id| ClientMessage::PeerCall { id, rpc, payload })
+            .await?
+        {
+            Answer::Peer(bytes) => Ok(bytes),
+            Answer::Reply(_) => Err(CallError::Lost("the peer answered a Raft call with a client reply".into())),
+        }
+    }
+
+    async fn roundtrip(&self, timeout: Duration, message: impl FnOnce(u64) -> ClientMessage) -> Result<Answer, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            if let Some(why) = &p.closed {
+                return Err(CallError::NotSent(why.clone()));
+            }
+            p.waiters.insert(id, tx);
+        }
+        let frame = encode(&message(id));
+        let outcome = tokio::time::timeout(timeout, async {
+            if self.outgoing.send(frame).await.is_err() {
+                return Err(CallError::NotSent("connection closed".into()));
+            }
+            rx.await.map_err(|_| {
+                CallError::Lost(
+                    self.pending
+                        .lock()
+                        .expect("pending lock")
+                        .closed
+                        .clone()
+                        .unwrap_or_else(|| "connection closed".into()),
+                )
+            })
+        })
+        .await;
+        match outcome {
+            Ok(r) => r,
+            Err(_) => {
+                self.pending.lock().expect("pending lock").waiters.remove(&id);
+                Err(CallError::TimedOut)
+            }
+        }
+    }
+}
+
+fn close(pending: &Mutex<Pending>, why: String) {
+    let mut p = pending.lock().expect("pending lock");
+    if p.closed.is_none() {
+        p.closed = Some(why);
+    }
+    // Dropping the senders wakes every waiter with `Lost`.
+    p.waiters.clear();
+}
+
+async fn write_loop(
+    mut sink: futures::stream::SplitSink<FramedConn, bytes::Bytes>,
+    mut rx: mpsc::Receiver<bytes::Bytes>,
+    pending: Arc<Mutex<Pending>>,
+) {
+    while let Some(frame) = rx.recv().await {
+        if let Err(e) = sink.feed(frame).await {
+            close(&pending, format!("write failed: {e}"));
+            return;
+        }
+        // Coalesce whatever else is queued into the same flush.
+        while let Ok(frame) = rx.try_recv() {
+            if let Err(e) = sink.feed(frame).await {
+                close(&pending, format!("write failed: {e}"));
+                return;
+            }
+        }
+        if let Err(e) = sink.flush().await {
+            close(&pending, format!("write failed: {e}"));
+            return;
+        }
+        if pending.lock().expect("pending lock").closed.is_some() {
+            return;
+        }
+    }
+}
+
+fn deliver(pending: &Mutex<Pending>, id: u64, answer: Answer) {
+    let waiter = pending.lock().expect("pending lock").waiters.remove(&id);
+    if let Some(w) = waiter {
+        let _ = w.send(answer);
+    }
+}
+
+async fn read_loop(mut stream: futures::stream::SplitStream<FramedConn>, pending: Arc<Mutex<Pending>>) {
+    let why = loop {
+        match stream.next().await {
+            None => break "the server closed the connection".to_string(),
+            Some(Err(e)) => break format!("read failed: {e}"),
+            Some(Ok(bytes)) => match decode::<ServerMessage>(&bytes) {
+                Ok(ServerMessage::Response(resp)) => deliver(&pending, resp.id, Answer::Reply(resp.result)),
+                Ok(ServerMessage::PeerReply { id, payload }) => deliver(&pending, id, Answer::Peer(payload)),
+                Ok(ServerMessage::Fatal(why)) => break format!("the server closed the connection: {why}"),
+                Ok(other) => break format!("unexpected message from server: {other:?}"),
+                Err(e) => break format!("undecodable reply: {e}"),
+            },
+        }
+    };
+    tracing::debug!(event = "client.connection_closed", reason = %why);
+    close(&pending, why);
+}

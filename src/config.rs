@@ -1,0 +1,481 @@
+//! The cluster configuration: one TOML document that describes the whole array and is identical on
+//! every server (the `tc-config.xml` of ferrocotta).
+//!
+//! The same document is handed to clients in the handshake (the "config download"), so everything
+//! here is plain data: loading never touches the disk except to read the file itself, and
+//! [`ClusterConfig::parse`] is what both servers and clients use. Validation names the bad field
+//! (`stripes[0].servers[1].port: ...`) so an operator can find it without reading the code.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::slots::{SlotRange, SLOT_COUNT};
+
+/// Default client port of an array server (Terracotta's `tsa-port`).
+pub const DEFAULT_CLIENT_PORT: u16 = 9510;
+/// Default port for Raft traffic between servers of a stripe (Terracotta's `tsa-group-port`).
+pub const DEFAULT_GROUP_PORT: u16 = 9530;
+/// Default admin HTTP port.
+pub const DEFAULT_ADMIN_PORT: u16 = 9540;
+
+/// Largest frame any port accepts, whatever the config says: the config may lower it, not raise it.
+pub const MAX_FRAME_BYTES_CEILING: u32 = 256 * 1024 * 1024;
+
+/// An error in a configuration document, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML or does not match the schema.
+    #[error("config is not valid: {0}")]
+    Syntax(String),
+    /// A field holds a value that is not allowed.
+    #[error("config field `{field}`: {reason}")]
+    Field {
+        /// Dotted path of the field, e.g. `stripes[0].servers[1].port`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn field_err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A duration written in the config as `"120s"`, `"500ms"`, `"2m"`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ConfigDuration(pub Duration);
+
+impl fmt::Debug for ConfigDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for ConfigDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(ConfigDuration)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration ({e}); write e.g. \"500ms\" or \"120s\"")))
+    }
+}
+
+/// The whole array: what every server and every client agrees on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Name of the array; clients state the name they expect in the handshake.
+    pub array_name: String,
+    /// Raft and session timing.
+    #[serde(default)]
+    pub timing: Timing,
+    /// Bounds on frames, keys and values.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Shared secret and TLS.
+    #[serde(default)]
+    pub security: Security,
+    /// Snapshot and log compaction settings.
+    #[serde(default)]
+    pub storage: Storage,
+    /// The stripes (Terracotta "mirror groups"), in slot order.
+    pub stripes: Vec<StripeConfig>,
+}
+
+/// Timing of elections, heartbeats and client sessions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timing {
+    /// Lower bound of the randomized election timeout; the upper bound is twice this.
+    pub election_timeout: ConfigDuration,
+    /// How often the active sends heartbeats to its mirrors.
+    pub heartbeat_interval: ConfigDuration,
+    /// How long a silent client keeps its session (locks, ephemeral entries).
+    pub client_reconnect_window: ConfigDuration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            election_timeout: ConfigDuration(Duration::from_millis(750)),
+            heartbeat_interval: ConfigDuration(Duration::from_millis(150)),
+            client_reconnect_window: ConfigDuration(Duration::from_secs(120)),
+        }
+    }
+}
+
+/// Bounds on everything that arrives from the network.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame accepted on the client and group ports, in bytes.
+    pub max_frame_bytes: u32,
+    /// Largest key, in bytes.
+    pub max_key_bytes: u32,
+    /// Largest value, in bytes.
+    pub max_value_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 16 * 1024 * 1024,
+            max_key_bytes: 4 * 1024,
+            max_value_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Security {
+    /// Path of the file holding the shared secret (relative paths are relative to the config
+    /// file). When absent, the array accepts any client: fine on a laptop, never in production.
+    pub secret_file: Option<PathBuf>,
+}
+
+/// Snapshot and compaction policy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// Take a snapshot (and compact the log behind it) after this many applied entries.
+    pub snapshot_every_entries: u64,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            snapshot_every_entries: 50_000,
+        }
+    }
+}
+
+/// One stripe: a Raft group of servers that hold the same slots.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StripeConfig {
+    /// Name shown in status output.
+    pub name: String,
+    /// The servers of the stripe; their position (from 1) is their Raft node id.
+    pub servers: Vec<ServerConfig>,
+}
+
+/// One array server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Unique name of the server in the array (`--name` on the command line).
+    pub name: String,
+    /// Host name or address the other servers and the clients use to reach it.
+    pub host: String,
+    /// Client port.
+    #[serde(default = "default_client_port")]
+    pub port: u16,
+    /// Raft traffic port.
+    #[serde(default = "default_group_port")]
+    pub group_port: u16,
+    /// Admin HTTP port.
+    #[serde(default = "default_admin_port")]
+    pub admin_port: u16,
+    /// Where the server keeps its log, vote and snapshots (relative to the config file).
+    pub data_dir: PathBuf,
+}
+
+fn default_client_port() -> u16 {
+    DEFAULT_CLIENT_PORT
+}
+fn default_group_port() -> u16 {
+    DEFAULT_GROUP_PORT
+}
+fn default_admin_port() -> u16 {
+    DEFAULT_ADMIN_PORT
+}
+
+impl ServerConfig {
+    /// `host:port` of the client port.
+    pub fn client_addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+    /// `host:port` of the group port.
+    pub fn group_addr(&self) -> String {
+        format!("{}:{}", self.host, self.group_port)
+    }
+    /// `host:port` of the admin port.
+    pub fn admin_addr(&self) -> String {
+        format!("{}:{}", self.host, self.admin_port)
+    }
+}
+
+/// Where a named server sits in the array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerPosition {
+    /// Index of its stripe in `stripes`.
+    pub stripe: usize,
+    /// Index of the server in its stripe; its Raft node id is this plus one.
+    pub index: usize,
+}
+
+impl ServerPosition {
+    /// The Raft node id of this server within its stripe.
+    pub fn node_id(&self) -> u64 {
+        self.index as u64 + 1
+    }
+}
+
+impl ClusterConfig {
+    /// Reads and validates a config file. Relative paths in it stay relative; use
+    /// [`ClusterConfig::resolve_path`] to turn them into paths next to the file.
+    pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates a config document.
+    pub fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
+        let config: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The document as TOML text, as written to disk and sent to clients.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a validated config always serializes")
+    }
+
+    /// Checks every rule a loaded config must follow.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.array_name.is_empty() || self.array_name.len() > 128 {
+            return Err(field_err("array_name", "must be 1 to 128 characters"));
+        }
+        let t = &self.timing;
+        if t.heartbeat_interval.0 < Duration::from_millis(10) {
+            return Err(field_err("timing.heartbeat_interval", "must be at least 10ms"));
+        }
+        if t.election_timeout.0 < t.heartbeat_interval.0 * 3 {
+            return Err(field_err(
+                "timing.election_timeout",
+                format!(
+                    "must be at least 3 x heartbeat_interval ({:?}), or mirrors start elections while the active is healthy",
+                    t.heartbeat_interval
+                ),
+            ));
+        }
+        if t.client_reconnect_window.0 < Duration::from_secs(1) {
+            return Err(field_err("timing.client_reconnect_window", "must be at least 1s"));
+        }
+        let l = &self.limits;
+        if l.max_frame_bytes < 64 * 1024 || l.max_frame_bytes > MAX_FRAME_BYTES_CEILING {
+            return Err(field_err(
+                "limits.max_frame_bytes",
+                format!("must be between 65536 and {MAX_FRAME_BYTES_CEILING}"),
+            ));
+        }
+        if l.max_key_bytes == 0 || l.max_key_bytes > l.max_frame_bytes / 4 {
+            return Err(field_err("limits.max_key_bytes", "must be between 1 and a quarter of max_frame_bytes"));
+        }
+        if l.max_value_bytes == 0 || l.max_value_bytes > l.max_frame_bytes / 2 {
+            return Err(field_err("limits.max_value_bytes", "must be between 1 and half of max_frame_bytes"));
+        }
+        if self.storage.snapshot_every_entries < 100 {
+            return Err(field_err("storage.snapshot_every_entries", "must be at least 100"));
+        }
+        if self.stripes.is_empty() {
+            return Err(field_err("stripes", "at least one stripe is needed"));
+        }
+        if self.stripes.len() > SLOT_COUNT as usize {
+            return Err(field_err("stripes", format!("at most {SLOT_COUNT} stripes")));
+        }
+        let mut names = HashSet::new();
+        let mut endpoints = HashSet::new();
+        for (si, stripe) in self.stripes.iter().enumerate() {
+            if stripe.name.is_empty() {
+                return Err(field_err(format!("stripes[{si}].name"), "must not be empty"));
+            }
+            if stripe.servers.is_empty() {
+                return Err(field_err(format!("stripes[{si}].servers"), "a stripe needs at least one server"));
+            }
+            if stripe.servers.len() > 7 {
+                return Err(field_err(format!("stripes[{si}].servers"), "at most 7 servers per stripe"));
+            }
+            for (i, server) in stripe.servers.iter().enumerate() {
+                let at = format!("stripes[{si}].servers[{i}]");
+                if server.name.is_empty() || server.name.len() > 64 {
+                    return Err(field_err(format!("{at}.name"), "must be 1 to 64 characters"));
+                }
+                if !names.insert(server.name.clone()) {
+                    return Err(field_err(format!("{at}.name"), format!("`{}` is used twice", server.name)));
+                }
+                if server.host.is_empty() {
+                    return Err(field_err(format!("{at}.host"), "must not be empty"));
+                }
+                for (field, port) in [
+                    ("port", server.port),
+                    ("group_port", server.group_port),
+                    ("admin_port", server.admin_port),
+                ] {
+                    if port == 0 {
+                        return Err(field_err(format!("{at}.{field}"), "must not be 0"));
+                    }
+                    if !endpoints.insert((server.host.clone(), port)) {
+                        return Err(field_err(
+                            format!("{at}.{field}"),
+                            format!("{}:{port} is already used by another port in this config", server.host),
+                        ));
+                    }
+                }
+                if server.data_dir.as_os_str().is_empty() {
+                    return Err(field_err(format!("{at}.data_dir"), "must not be empty"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Warnings that do not stop a server but that an operator must see.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for stripe in &self.stripes {
+            match stripe.servers.len() {
+                1 => out.push(format!("stripe `{}` has one server: it has no mirror and cannot fail over", stripe.name)),
+                2 => out.push(format!(
+                    "stripe `{}` has 2 servers: losing either stops writes (a majority of 2 is 2); it cannot fail over safely, use 3",
+                    stripe.name
+                )),
+                n if n % 2 == 0 => out.push(format!(
+                    "stripe `{}` has {n} servers: an even count tolerates no more failures than {}",
+                    stripe.name,
+                    n - 1
+                )),
+                _ => {}
+            }
+        }
+        if self.security.secret_file.is_none() {
+            out.push("no security.secret_file: any client that can reach the array may use it".to_string());
+        }
+        out
+    }
+
+    /// Finds a server by name.
+    pub fn find_server(&self, name: &str) -> Option<(ServerPosition, &ServerConfig)> {
+        self.stripes.iter().enumerate().find_map(|(stripe, s)| {
+            s.servers
+                .iter()
+                .position(|srv| srv.name == name)
+                .map(|index| (ServerPosition { stripe, index }, &s.servers[index]))
+        })
+    }
+
+    /// The server at a position.
+    pub fn server(&self, pos: ServerPosition) -> &ServerConfig {
+        &self.stripes[pos.stripe].servers[pos.index]
+    }
+
+    /// Every server with its position, in config order.
+    pub fn servers(&self) -> impl Iterator<Item = (ServerPosition, &ServerConfig)> {
+        self.stripes.iter().enumerate().flat_map(|(stripe, s)| {
+            s.servers
+                .iter()
+                .enumerate()
+                .map(move |(index, srv)| (ServerPosition { stripe, index }, srv))
+        })
+    }
+
+    /// The slots owned by a stripe.
+    pub fn stripe_slots(&self, stripe: usize) -> SlotRange {
+        SlotRange::for_stripe(stripe, self.stripes.len())
+    }
+
+    /// The stripe that owns a key.
+    pub fn stripe_of_key(&self, key: &[u8]) -> usize {
+        crate::slots::stripe_of_slot(crate::slots::slot_of_key(key), self.stripes.len())
+    }
+
+    /// Resolves a path from the config relative to the directory of the config file.
+    pub fn resolve_path(config_file: &Path, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            config_file.parent().unwrap_or_else(|| Path::new(".")).join(path)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+array_name = "test"
+[timing]
+election_timeout = "500ms"
+heartbeat_interval = "100ms"
+[[stripes]]
+name = "s1"
+[[stripes.servers]]
+name = "a1"
+host = "127.0.0.1"
+port = 1
+group_port = 2
+admin_port = 3
+data_dir = "a1"
+"#;
+
+    #[test]
+    fn parses_a_minimal_config() {
+        let c = ClusterConfig::parse(GOOD).unwrap();
+        assert_eq!(c.timing.election_timeout.0, Duration::from_millis(500));
+        assert_eq!(c.timing.client_reconnect_window.0, Duration::from_secs(120));
+        let again = ClusterConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad = GOOD.replace("port = 1\n", "port = 0\n");
+        let err = ClusterConfig::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("stripes[0].servers[0].port"), "{err}");
+
+        let bad = GOOD.replace("\"500ms\"", "\"soon\"");
+        let err = ClusterConfig::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("election_timeout") && err.contains("soon"), "{err}");
+
+        let bad = GOOD.replace("group_port = 2", "group_port = 1");
+        let err = ClusterConfig::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("stripes[0].servers[0].group_port"), "{err}");
+
+        let bad = GOOD.replace("array_name", "arry_name");
+        let err = ClusterConfig::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("arry_name"), "{err}");
+    }
+
+    #[test]
+    fn small_stripes_are_warned_about() {
+        let c = ClusterConfig::parse(GOOD).unwrap();
+        assert!(c.warnings().iter().any(|w| w.contains("cannot fail over")));
+    }
+}

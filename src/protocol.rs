@@ -1,0 +1,535 @@
+//! The wire protocol: every type that crosses a process boundary is defined here.
+//!
+//! Framing: a 4-byte big-endian length, then a postcard-encoded [`ClientMessage`] or
+//! [`ServerMessage`]. Frames are bounded ([`HANDSHAKE_MAX_FRAME_BYTES`] until the handshake is
+//! done, the config's `limits.max_frame_bytes` after). Requests carry ids, so a connection carries
+//! many requests at once (pipelining) and replies may come back in any order.
+//!
+//! Handshake, the same on the client port and the group port:
+//! 1. the server speaks first: [`ServerMessage::Challenge`] with a fresh nonce;
+//! 2. the client answers [`ClientMessage::Hello`]: versions, the array name it expects, its own nonce
+//!    and an HMAC-SHA256 over both nonces keyed by the shared secret (the secret itself never
+//!    travels);
+//! 3. the server answers [`ServerMessage::Welcome`] (its own HMAC, proving it knows the secret too,
+//!    and the configuration document) or [`ServerMessage::Refused`] with the reason, then closes.
+//!
+//! Raft traffic between servers uses the same frames: after the handshake a peer sends
+//! [`ClientMessage::PeerCall`] whose payload is an openraft message encoded by the array server.
+//! Keeping the payload opaque here keeps openraft out of this crate (and so out of every client).
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// Version of this protocol; a server refuses a client with another one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The software version of this build.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Largest frame accepted before the handshake is done: a hello is small, and an unauthenticated
+/// peer must not make the server buffer megabytes.
+pub const HANDSHAKE_MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Length of the nonces in the handshake.
+pub const NONCE_BYTES: usize = 32;
+
+/// Largest cache name.
+pub const MAX_CACHE_NAME_BYTES: usize = 256;
+
+/// Largest number of keys in one `get_all` or `put_all` request.
+pub const MAX_BATCH_KEYS: usize = 10_000;
+
+/// Largest page of `keys`.
+pub const MAX_KEYS_PAGE: u32 = 10_000;
+
+/// Whether a client and a server of these software versions may talk: the same major and minor
+/// version (patch releases are compatible, as in Terracotta's same-version rule relaxed to patches).
+pub fn versions_compatible(client: &str, server: &str) -> bool {
+    fn major_minor(v: &str) -> Option<(&str, &str)> {
+        let mut parts = v.split('.');
+        Some((parts.next()?, parts.next()?))
+    }
+    match (major_minor(client), major_minor(server)) {
+        (Some(a), Some(b)) => a == b,
+        _ => client == server,
+    }
+}
+
+/// The exact message of a version mismatch (SPEC 3.1; Integration Server prints the same words).
+pub fn version_mismatch_message(client: &str, server: &str) -> String {
+    format!("Client/Server Version Mismatch Error: Client Version: {client}, Server Version: {server}")
+}
+
+/// What a connection is for; the client port takes clients, the group port takes peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnectionRole {
+    /// An application client (ArrayClient).
+    Client,
+    /// Another server of the array, sending Raft traffic.
+    Peer {
+        /// Name of the connecting server.
+        from: String,
+    },
+}
+
+/// First message of the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the client.
+    pub protocol_version: u32,
+    /// Software version of the client.
+    pub software_version: String,
+    /// The array the client expects to reach.
+    pub array_name: String,
+    /// What the connection is for.
+    pub role: ConnectionRole,
+    /// Fresh random bytes of the client.
+    pub client_nonce: [u8; NONCE_BYTES],
+    /// HMAC over the handshake, see [`client_proof`].
+    pub proof: [u8; 32],
+}
+
+/// Why a server refused a hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// Client and server versions may not talk.
+    VersionMismatch {
+        /// The client's software version.
+        client: String,
+        /// The server's software version.
+        server: String,
+        /// The client's protocol version.
+        client_protocol: u32,
+        /// The server's protocol version.
+        server_protocol: u32,
+    },
+    /// The client expected another array.
+    WrongArrayName {
+        /// What the client asked for.
+        expected: String,
+        /// What this server serves.
+        actual: String,
+    },
+    /// The proof did not match the shared secret.
+    AuthenticationFailed,
+    /// The role is not served on this port.
+    WrongPort(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::VersionMismatch { client, server, .. } => f.write_str(&version_mismatch_message(client, server)),
+            Refusal::WrongArrayName { expected, actual } => {
+                write!(f, "wrong array name: the client expects `{expected}`, the server belongs to `{actual}`")
+            }
+            Refusal::AuthenticationFailed => f.write_str("authentication failed: the shared secret does not match"),
+            Refusal::WrongPort(why) => write!(f, "wrong port: {why}"),
+        }
+    }
+}
+
+/// Reply to an accepted hello.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Software version of the server.
+    pub software_version: String,
+    /// Name of the server.
+    pub server_name: String,
+    /// HMAC proving the server knows the secret, see [`server_proof`].
+    pub proof: [u8; 32],
+    /// The cluster configuration document (TOML), the "config download".
+    pub config_toml: String,
+}
+
+/// Consistency asked of a read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadConsistency {
+    /// Read index through the active: sees every write acknowledged before the read started.
+    #[default]
+    Linearizable,
+    /// Served by any server of the stripe from what it has applied; possibly stale.
+    Eventual,
+}
+
+/// A request with its id and deadline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the client, echoed in the reply; unique among the requests in flight on one
+    /// connection.
+    pub id: u64,
+    /// How long the client will wait; the server gives up on the request after this.
+    pub timeout_ms: u32,
+    /// What to do.
+    pub op: Op,
+}
+
+/// The operations of the array. Every key belongs to the stripe of its slot; a request for a key of
+/// another stripe is refused with [`ErrorReply::WrongStripe`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Liveness and role of the server.
+    Ping,
+    /// Value of a key.
+    Get { cache: String, key: Vec<u8>, read: ReadConsistency },
+    /// Values of many keys (all of this stripe).
+    GetAll { cache: String, keys: Vec<Vec<u8>>, read: ReadConsistency },
+    /// Whether a key is present.
+    Contains { cache: String, key: Vec<u8>, read: ReadConsistency },
+    /// Sets a key; replies with the previous value.
+    Put { cache: String, key: Vec<u8>, value: Vec<u8> },
+    /// Sets many keys (all of this stripe) atomically.
+    PutAll { cache: String, entries: Vec<(Vec<u8>, Vec<u8>)> },
+    /// Sets a key if absent; replies with the value already there, if any.
+    PutIfAbsent { cache: String, key: Vec<u8>, value: Vec<u8> },
+    /// Sets a key only if present; replies with the previous value.
+    Replace { cache: String, key: Vec<u8>, value: Vec<u8> },
+    /// Compare-and-swap: sets a key to `value` only if it holds `expected`.
+    ReplaceIfEqual { cache: String, key: Vec<u8>, expected: Vec<u8>, value: Vec<u8> },
+    /// Removes a key; replies with the previous value.
+    Remove { cache: String, key: Vec<u8> },
+    /// Removes a key only if it holds `expected`.
+    RemoveIfEqual { cache: String, key: Vec<u8>, expected: Vec<u8> },
+    /// A page of keys in byte order, with a prefix, after a cursor key.
+    Keys { cache: String, prefix: Vec<u8>, after: Option<Vec<u8>>, limit: u32, read: ReadConsistency },
+    /// Number of entries of a cache on this stripe.
+    Size { cache: String, read: ReadConsistency },
+    /// Removes every entry of a cache on this stripe.
+    Clear { cache: String },
+    /// Adds `delta` to a decimal counter (absent counts as 0); replies with the new value.
+    Increment { cache: String, key: Vec<u8>, delta: i64 },
+}
+
+impl Op {
+    /// Whether the operation changes state (goes through the Raft log).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Op::Put { .. }
+                | Op::PutAll { .. }
+                | Op::PutIfAbsent { .. }
+                | Op::Replace { .. }
+                | Op::ReplaceIfEqual { .. }
+                | Op::Remove { .. }
+                | Op::RemoveIfEqual { .. }
+                | Op::Clear { .. }
+                | Op::Increment { .. }
+        )
+    }
+
+    /// A short stable name, for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Ping => "ping",
+            Op::Get { .. } => "get",
+            Op::GetAll { .. } => "get_all",
+            Op::Contains { .. } => "contains",
+            Op::Put { .. } => "put",
+            Op::PutAll { .. } => "put_all",
+            Op::PutIfAbsent { .. } => "put_if_absent",
+            Op::Replace { .. } => "replace",
+            Op::ReplaceIfEqual { .. } => "replace_if_equal",
+            Op::Remove { .. } => "remove",
+            Op::RemoveIfEqual { .. } => "remove_if_equal",
+            Op::Keys { .. } => "keys",
+            Op::Size { .. } => "size",
+            Op::Clear { .. } => "clear",
+            Op::Increment { .. } => "increment",
+        }
+    }
+
+    /// The cache the operation names, if any.
+    pub fn cache(&self) -> Option<&str> {
+        match self {
+            Op::Ping => None,
+            Op::Get { cache, .. }
+            | Op::GetAll { cache, .. }
+            | Op::Contains { cache, .. }
+            | Op::Put { cache, .. }
+            | Op::PutAll { cache, .. }
+            | Op::PutIfAbsent { cache, .. }
+            | Op::Replace { cache, .. }
+            | Op::ReplaceIfEqual { cache, .. }
+            | Op::Remove { cache, .. }
+            | Op::RemoveIfEqual { cache, .. }
+            | Op::Keys { cache, .. }
+            | Op::Size { cache, .. }
+            | Op::Clear { cache }
+            | Op::Increment { cache, .. } => Some(cache),
+        }
+    }
+
+    /// Every key the operation addresses (for slot checks).
+    pub fn keys(&self) -> Vec<&[u8]> {
+        match self {
+            Op::Get { key, .. }
+            | Op::Contains { key, .. }
+            | Op::Put { key, .. }
+            | Op::PutIfAbsent { key, .. }
+            | Op::Replace { key, .. }
+            | Op::ReplaceIfEqual { key, .. }
+            | Op::Remove { key, .. }
+            | Op::RemoveIfEqual { key, .. }
+            | Op::Increment { key, .. } => vec![key.as_slice()],
+            Op::GetAll { keys, .. } => keys.iter().map(|k| k.as_slice()).collect(),
+            Op::PutAll { entries, .. } => entries.iter().map(|(k, _)| k.as_slice()).collect(),
+            Op::Ping | Op::Keys { .. } | Op::Size { .. } | Op::Clear { .. } => Vec::new(),
+        }
+    }
+}
+
+/// Role of a server in its stripe, as reported to clients and in status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The Raft leader: takes writes and strong reads.
+    Active,
+    /// A follower (or a candidate while an election runs).
+    Mirror,
+}
+
+/// Successful results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Answer to `Ping`.
+    Pong {
+        /// Name of the answering server.
+        server: String,
+        /// Its stripe index.
+        stripe: u32,
+        /// Its role.
+        role: Role,
+        /// Name of the active it knows of.
+        leader: Option<String>,
+        /// Its Raft term.
+        term: u64,
+        /// Index of the last entry in its log.
+        last_log_index: u64,
+        /// Index of the last entry applied to its caches.
+        applied_index: u64,
+    },
+    /// A value or its absence.
+    Value(Option<Vec<u8>>),
+    /// Values in request order.
+    Values(Vec<Option<Vec<u8>>>),
+    /// A condition's outcome (contains, compare-and-swap).
+    Bool(bool),
+    /// Done, nothing to return.
+    Done,
+    /// A page of keys; `more` says whether another page follows.
+    Keys { keys: Vec<Vec<u8>>, more: bool },
+    /// A count.
+    Size(u64),
+    /// A counter's new value.
+    Counter(i64),
+}
+
+/// Failures a server reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ErrorReply {
+    /// This server is not the active; `leader` names the active it knows of.
+    #[error("not the active server of the stripe (active: {leader:?})")]
+    NotLeader { leader: Option<String> },
+    /// The server cannot reach a majority of its stripe, so it cannot serve this safely.
+    #[error("no quorum: the server cannot reach a majority of its stripe")]
+    NoQuorum,
+    /// The key belongs to another stripe (the client's config is stale).
+    #[error("the key belongs to stripe {owner}, not to this server's stripe")]
+    WrongStripe { owner: u32 },
+    /// The request ran past its deadline on the server; a write may or may not have been applied.
+    #[error("timed out on the server; the outcome is unknown")]
+    Timeout,
+    /// The request is malformed or breaks a limit.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The value of the key is not a decimal counter.
+    #[error("the value is not a decimal integer counter")]
+    NotACounter,
+    /// The server is stopping.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// Anything else; the message says what.
+    #[error("server error: {0}")]
+    Internal(String),
+}
+
+/// A reply with the id of its request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Id of the request answered.
+    pub id: u64,
+    /// The outcome.
+    pub result: Result<Reply, ErrorReply>,
+}
+
+/// Kind of a Raft call between servers; the payload's encoding depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRpc {
+    /// openraft AppendEntries.
+    AppendEntries,
+    /// openraft Vote.
+    Vote,
+    /// openraft InstallSnapshot (one chunk).
+    InstallSnapshot,
+}
+
+/// Messages a client (or peer) sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Handshake, answering the challenge.
+    Hello(Hello),
+    /// A request, after the handshake.
+    Request(Request),
+    /// A Raft call from a peer, after the handshake.
+    PeerCall {
+        /// Call id, echoed in the reply.
+        id: u64,
+        /// Which call.
+        rpc: PeerRpc,
+        /// The openraft request, encoded by the array server.
+        payload: Vec<u8>,
+    },
+}
+
+/// Messages a server sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// First frame of every connection.
+    Challenge {
+        /// Fresh random bytes of the server.
+        server_nonce: [u8; NONCE_BYTES],
+    },
+    /// Handshake accepted.
+    Welcome(Welcome),
+    /// Handshake refused; the connection closes.
+    Refused(Refusal),
+    /// Reply to a request.
+    Response(Response),
+    /// Reply to a Raft call.
+    PeerReply {
+        /// Id of the call.
+        id: u64,
+        /// The openraft result, encoded by the array server.
+        payload: Vec<u8>,
+    },
+    /// The connection broke a rule (malformed or oversized frame); it closes after this.
+    Fatal(String),
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac(secret: &[u8], label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+    m.update(label);
+    for p in parts {
+        m.update(&(p.len() as u32).to_be_bytes());
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// The client's proof: HMAC(secret, server nonce, client nonce, array name, role). An empty secret
+/// is used when none is configured, so a client without the secret fails against a server with one.
+pub fn client_proof(
+    secret: &[u8],
+    server_nonce: &[u8; NONCE_BYTES],
+    client_nonce: &[u8; NONCE_BYTES],
+    array_name: &str,
+    role: &ConnectionRole,
+) -> [u8; 32] {
+    let role_bytes = postcard::to_allocvec(role).expect("roles always encode");
+    mac(
+        secret,
+        b"ferrocotta-client-v1",
+        &[server_nonce, client_nonce, array_name.as_bytes(), &role_bytes],
+    )
+}
+
+/// The server's proof: HMAC(secret, client nonce, server nonce), under another label so a proof
+/// cannot be reflected back.
+pub fn server_proof(secret: &[u8], server_nonce: &[u8; NONCE_BYTES], client_nonce: &[u8; NONCE_BYTES]) -> [u8; 32] {
+    mac(secret, b"ferrocotta-server-v1", &[client_nonce, server_nonce])
+}
+
+/// Compares two proofs in constant time.
+pub fn proofs_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A fresh nonce.
+pub fn nonce() -> [u8; NONCE_BYTES] {
+    rand::random()
+}
+
+/// Encodes a message as a frame body (without the length prefix, which the codec adds).
+pub fn encode<T: Serialize>(msg: &T) -> bytes::Bytes {
+    postcard::to_allocvec(msg).expect("protocol messages always encode").into()
+}
+
+/// Decodes a frame body.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+/// The length-prefixed codec with a frame bound.
+pub fn codec(max_frame_bytes: usize) -> tokio_util::codec::LengthDelimitedCodec {
+    tokio_util::codec::LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .big_endian()
+        .max_frame_length(max_frame_bytes)
+        .new_codec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let req = ClientMessage::Request(Request {
+            id: 7,
+            timeout_ms: 1000,
+            op: Op::Put {
+                cache: "c".into(),
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            },
+        });
+        let bytes = encode(&req);
+        match decode::<ClientMessage>(&bytes).unwrap() {
+            ClientMessage::Request(r) => {
+                assert_eq!(r.id, 7);
+                assert!(r.op.is_write());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for len in 0..64 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let _ = decode::<ClientMessage>(&bytes);
+        }
+    }
+
+    #[test]
+    fn proofs_depend_on_the_secret() {
+        let (s, c) = (nonce(), nonce());
+        let a = client_proof(b"one", &s, &c, "arr", &ConnectionRole::Client);
+        let b = client_proof(b"two", &s, &c, "arr", &ConnectionRole::Client);
+        assert!(!proofs_equal(&a, &b));
+        assert!(proofs_equal(&a, &client_proof(b"one", &s, &c, "arr", &ConnectionRole::Client)));
+        assert!(!proofs_equal(&server_proof(b"one", &s, &c), &a));
+    }
+
+    #[test]
+    fn version_rules() {
+        assert!(versions_compatible("0.1.0", "0.1.7"));
+        assert!(!versions_compatible("0.2.0", "0.1.0"));
+        assert_eq!(
+            version_mismatch_message("9.9.0", "0.1.0"),
+            "Client/Server Version Mismatch Error: Client Version: 9.9.0, Server Version: 0.1.0"
+        );
+    }
+}
