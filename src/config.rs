@@ -75,9 +75,11 @@ impl Serialize for ConfigDuration {
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map(ConfigDuration)
-            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration ({e}); write e.g. \"500ms\" or \"120s\"")))
+        humantime::parse_duration(&text).map(ConfigDuration).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({e}); write e.g. \"500ms\" or \"120s\""
+            ))
+        })
     }
 }
 
@@ -107,7 +109,9 @@ pub struct ClusterConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timing {
-    /// Lower bound of the randomized election timeout; the upper bound is twice this.
+    /// How long mirrors wait without hearing from the active before electing a new one. The
+    /// actual wait is randomized between this and 1.25 x this, and a mirror also honours the
+    /// active's lease (1.25 x this) first, so failover takes about 2.25 to 2.5 x this.
     pub election_timeout: ConfigDuration,
     /// How often the active sends heartbeats to its mirrors.
     pub heartbeat_interval: ConfigDuration,
@@ -118,8 +122,8 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            election_timeout: ConfigDuration(Duration::from_millis(750)),
-            heartbeat_interval: ConfigDuration(Duration::from_millis(150)),
+            election_timeout: ConfigDuration(Duration::from_millis(600)),
+            heartbeat_interval: ConfigDuration(Duration::from_millis(100)),
             client_reconnect_window: ConfigDuration(Duration::from_secs(120)),
         }
     }
@@ -296,10 +300,16 @@ impl ClusterConfig {
             ));
         }
         if l.max_key_bytes == 0 || l.max_key_bytes > l.max_frame_bytes / 4 {
-            return Err(field_err("limits.max_key_bytes", "must be between 1 and a quarter of max_frame_bytes"));
+            return Err(field_err(
+                "limits.max_key_bytes",
+                "must be between 1 and a quarter of max_frame_bytes",
+            ));
         }
         if l.max_value_bytes == 0 || l.max_value_bytes > l.max_frame_bytes / 2 {
-            return Err(field_err("limits.max_value_bytes", "must be between 1 and half of max_frame_bytes"));
+            return Err(field_err(
+                "limits.max_value_bytes",
+                "must be between 1 and half of max_frame_bytes",
+            ));
         }
         if self.storage.snapshot_every_entries < 100 {
             return Err(field_err("storage.snapshot_every_entries", "must be at least 100"));
@@ -317,10 +327,16 @@ impl ClusterConfig {
                 return Err(field_err(format!("stripes[{si}].name"), "must not be empty"));
             }
             if stripe.servers.is_empty() {
-                return Err(field_err(format!("stripes[{si}].servers"), "a stripe needs at least one server"));
+                return Err(field_err(
+                    format!("stripes[{si}].servers"),
+                    "a stripe needs at least one server",
+                ));
             }
             if stripe.servers.len() > 7 {
-                return Err(field_err(format!("stripes[{si}].servers"), "at most 7 servers per stripe"));
+                return Err(field_err(
+                    format!("stripes[{si}].servers"),
+                    "at most 7 servers per stripe",
+                ));
             }
             for (i, server) in stripe.servers.iter().enumerate() {
                 let at = format!("stripes[{si}].servers[{i}]");
@@ -328,7 +344,10 @@ impl ClusterConfig {
                     return Err(field_err(format!("{at}.name"), "must be 1 to 64 characters"));
                 }
                 if !names.insert(server.name.clone()) {
-                    return Err(field_err(format!("{at}.name"), format!("`{}` is used twice", server.name)));
+                    return Err(field_err(
+                        format!("{at}.name"),
+                        format!("`{}` is used twice", server.name),
+                    ));
                 }
                 if server.host.is_empty() {
                     return Err(field_err(format!("{at}.host"), "must not be empty"));
@@ -425,6 +444,58 @@ impl ClusterConfig {
     }
 }
 
+/// Ports of one server in a generated config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerPorts {
+    /// Client port.
+    pub port: u16,
+    /// Group port.
+    pub group_port: u16,
+    /// Admin port.
+    pub admin_port: u16,
+}
+
+/// Builds the config of an array on one host (`ferrocotta up`, tests): `stripes` stripes of
+/// `servers_per_stripe` servers named `a1, a2, ...`, data under `data/<name>` next to the config,
+/// ports from `ports(i)` for the i-th server.
+pub fn local_array(
+    array_name: &str,
+    host: &str,
+    stripes: usize,
+    servers_per_stripe: usize,
+    secret_file: Option<PathBuf>,
+    mut ports: impl FnMut(usize) -> ServerPorts,
+) -> ClusterConfig {
+    let mut n = 0;
+    let stripes = (0..stripes)
+        .map(|s| StripeConfig {
+            name: format!("stripe-{}", s + 1),
+            servers: (0..servers_per_stripe)
+                .map(|_| {
+                    let p = ports(n);
+                    n += 1;
+                    ServerConfig {
+                        name: format!("a{n}"),
+                        host: host.to_string(),
+                        port: p.port,
+                        group_port: p.group_port,
+                        admin_port: p.admin_port,
+                        data_dir: PathBuf::from(format!("data/a{n}")),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    ClusterConfig {
+        array_name: array_name.to_string(),
+        timing: Timing::default(),
+        limits: Limits::default(),
+        security: Security { secret_file },
+        storage: Storage::default(),
+        stripes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,6 +542,35 @@ data_dir = "a1"
         let bad = GOOD.replace("array_name", "arry_name");
         let err = ClusterConfig::parse(&bad).unwrap_err().to_string();
         assert!(err.contains("arry_name"), "{err}");
+    }
+
+    /// Every cluster config shipped under `deploy/` parses and validates.
+    #[test]
+    fn deploy_configs_are_valid() {
+        fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("cluster") && n.ends_with(".toml"))
+                {
+                    found.push(path);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy"), &mut found);
+        assert!(
+            found.len() >= 2,
+            "expected the local 1x3 and 2x3 configs, found {found:?}"
+        );
+        for path in found {
+            let config = ClusterConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(!config.stripes.is_empty(), "{}", path.display());
+        }
     }
 
     #[test]

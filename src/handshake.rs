@@ -81,7 +81,11 @@ async fn connect_inner(
     let mut framed = Framed::new(stream, codec(HANDSHAKE_MAX_FRAME_BYTES));
     let server_nonce = match recv(&mut framed).await? {
         ServerMessage::Challenge { server_nonce } => server_nonce,
-        other => return Err(HandshakeError::BadServer(format!("expected a challenge, got {other:?}"))),
+        other => {
+            return Err(HandshakeError::BadServer(format!(
+                "expected a challenge, got {other:?}"
+            )))
+        }
     };
     let client_nonce = nonce();
     // With no expected name the client proves against the empty name and the server accepts it.
@@ -89,7 +93,13 @@ async fn connect_inner(
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         software_version: identity.software_version.clone(),
-        proof: client_proof(&identity.secret, &server_nonce, &client_nonce, &array_name, &identity.role),
+        proof: client_proof(
+            &identity.secret,
+            &server_nonce,
+            &client_nonce,
+            &array_name,
+            &identity.role,
+        ),
         array_name,
         role: identity.role.clone(),
         client_nonce,
@@ -210,8 +220,12 @@ async fn accept_inner(framed: &mut FramedConn, identity: &ServerIdentity) -> Res
         Some(Refusal::AuthenticationFailed)
     } else {
         match (&hello.role, identity.accepts_peers) {
-            (ConnectionRole::Client, true) => Some(Refusal::WrongPort("this is a group port; clients use the client port".into())),
-            (ConnectionRole::Peer { .. }, false) => Some(Refusal::WrongPort("this is a client port; peers use the group port".into())),
+            (ConnectionRole::Client, true) => Some(Refusal::WrongPort(
+                "this is a group port; clients use the client port".into(),
+            )),
+            (ConnectionRole::Peer { .. }, false) => Some(Refusal::WrongPort(
+                "this is a client port; peers use the group port".into(),
+            )),
             _ => None,
         }
     };
@@ -223,7 +237,11 @@ async fn accept_inner(framed: &mut FramedConn, identity: &ServerIdentity) -> Res
         software_version: crate::protocol::SOFTWARE_VERSION.to_string(),
         server_name: identity.server_name.clone(),
         proof: server_proof(&identity.secret, &server_nonce, &hello.client_nonce),
-        config_toml: if identity.accepts_peers { String::new() } else { identity.config_toml.clone() },
+        config_toml: if identity.accepts_peers {
+            String::new()
+        } else {
+            identity.config_toml.clone()
+        },
     };
     send(framed, &ServerMessage::Welcome(welcome)).await?;
     Ok(hello)

@@ -122,7 +122,10 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::VersionMismatch { client, server, .. } => f.write_str(&version_mismatch_message(client, server)),
             Refusal::WrongArrayName { expected, actual } => {
-                write!(f, "wrong array name: the client expects `{expected}`, the server belongs to `{actual}`")
+                write!(
+                    f,
+                    "wrong array name: the client expects `{expected}`, the server belongs to `{actual}`"
+                )
             }
             Refusal::AuthenticationFailed => f.write_str("authentication failed: the shared secret does not match"),
             Refusal::WrongPort(why) => write!(f, "wrong port: {why}"),
@@ -172,27 +175,69 @@ pub enum Op {
     /// Liveness and role of the server.
     Ping,
     /// Value of a key.
-    Get { cache: String, key: Vec<u8>, read: ReadConsistency },
+    Get {
+        cache: String,
+        key: Vec<u8>,
+        read: ReadConsistency,
+    },
     /// Values of many keys (all of this stripe).
-    GetAll { cache: String, keys: Vec<Vec<u8>>, read: ReadConsistency },
+    GetAll {
+        cache: String,
+        keys: Vec<Vec<u8>>,
+        read: ReadConsistency,
+    },
     /// Whether a key is present.
-    Contains { cache: String, key: Vec<u8>, read: ReadConsistency },
+    Contains {
+        cache: String,
+        key: Vec<u8>,
+        read: ReadConsistency,
+    },
     /// Sets a key; replies with the previous value.
-    Put { cache: String, key: Vec<u8>, value: Vec<u8> },
+    Put {
+        cache: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
     /// Sets many keys (all of this stripe) atomically.
-    PutAll { cache: String, entries: Vec<(Vec<u8>, Vec<u8>)> },
+    PutAll {
+        cache: String,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    },
     /// Sets a key if absent; replies with the value already there, if any.
-    PutIfAbsent { cache: String, key: Vec<u8>, value: Vec<u8> },
+    PutIfAbsent {
+        cache: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
     /// Sets a key only if present; replies with the previous value.
-    Replace { cache: String, key: Vec<u8>, value: Vec<u8> },
+    Replace {
+        cache: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
     /// Compare-and-swap: sets a key to `value` only if it holds `expected`.
-    ReplaceIfEqual { cache: String, key: Vec<u8>, expected: Vec<u8>, value: Vec<u8> },
+    ReplaceIfEqual {
+        cache: String,
+        key: Vec<u8>,
+        expected: Vec<u8>,
+        value: Vec<u8>,
+    },
     /// Removes a key; replies with the previous value.
     Remove { cache: String, key: Vec<u8> },
     /// Removes a key only if it holds `expected`.
-    RemoveIfEqual { cache: String, key: Vec<u8>, expected: Vec<u8> },
+    RemoveIfEqual {
+        cache: String,
+        key: Vec<u8>,
+        expected: Vec<u8>,
+    },
     /// A page of keys in byte order, with a prefix, after a cursor key.
-    Keys { cache: String, prefix: Vec<u8>, after: Option<Vec<u8>>, limit: u32, read: ReadConsistency },
+    Keys {
+        cache: String,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        limit: u32,
+        read: ReadConsistency,
+    },
     /// Number of entries of a cache on this stripe.
     Size { cache: String, read: ReadConsistency },
     /// Removes every entry of a cache on this stripe.
@@ -463,7 +508,9 @@ pub fn nonce() -> [u8; NONCE_BYTES] {
 
 /// Encodes a message as a frame body (without the length prefix, which the codec adds).
 pub fn encode<T: Serialize>(msg: &T) -> bytes::Bytes {
-    postcard::to_allocvec(msg).expect("protocol messages always encode").into()
+    postcard::to_allocvec(msg)
+        .expect("protocol messages always encode")
+        .into()
 }
 
 /// Decodes a frame body.
@@ -519,7 +566,10 @@ mod tests {
         let a = client_proof(b"one", &s, &c, "arr", &ConnectionRole::Client);
         let b = client_proof(b"two", &s, &c, "arr", &ConnectionRole::Client);
         assert!(!proofs_equal(&a, &b));
-        assert!(proofs_equal(&a, &client_proof(b"one", &s, &c, "arr", &ConnectionRole::Client)));
+        assert!(proofs_equal(
+            &a,
+            &client_proof(b"one", &s, &c, "arr", &ConnectionRole::Client)
+        ));
         assert!(!proofs_equal(&server_proof(b"one", &s, &c), &a));
     }
 

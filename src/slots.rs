@@ -13,7 +13,11 @@ fn crc16(bytes: &[u8]) -> u16 {
     for &b in bytes {
         crc ^= (b as u16) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
     crc
@@ -75,7 +79,10 @@ mod tests {
         for stripes in 1..=7 {
             for slot in 0..SLOT_COUNT {
                 let s = stripe_of_slot(slot, stripes);
-                assert!(SlotRange::for_stripe(s, stripes).contains(slot), "slot {slot} stripes {stripes}");
+                assert!(
+                    SlotRange::for_stripe(s, stripes).contains(slot),
+                    "slot {slot} stripes {stripes}"
+                );
             }
         }
     }

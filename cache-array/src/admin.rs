@@ -125,7 +125,11 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     let _ = writeln!(out, "# TYPE ferrocotta_raft_term gauge");
     let _ = writeln!(out, "ferrocotta_raft_term{{{labels}}} {}", st.term);
     let _ = writeln!(out, "# TYPE ferrocotta_raft_is_active gauge");
-    let _ = writeln!(out, "ferrocotta_raft_is_active{{{labels}}} {}", (st.role == "active") as u8);
+    let _ = writeln!(
+        out,
+        "ferrocotta_raft_is_active{{{labels}}} {}",
+        (st.role == "active") as u8
+    );
     let _ = writeln!(out, "# TYPE ferrocotta_raft_last_log_index gauge");
     let _ = writeln!(out, "ferrocotta_raft_last_log_index{{{labels}}} {}", st.last_log_index);
     let _ = writeln!(out, "# TYPE ferrocotta_raft_applied_index gauge");
@@ -133,10 +137,18 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     let _ = writeln!(out, "# TYPE ferrocotta_log_flushes_total counter");
     let _ = writeln!(out, "ferrocotta_log_flushes_total{{{labels}}} {}", st.log_flushes);
     let _ = writeln!(out, "# TYPE ferrocotta_log_flush_waiters_total counter");
-    let _ = writeln!(out, "ferrocotta_log_flush_waiters_total{{{labels}}} {}", st.log_flush_waiters);
+    let _ = writeln!(
+        out,
+        "ferrocotta_log_flush_waiters_total{{{labels}}} {}",
+        st.log_flush_waiters
+    );
     let _ = writeln!(out, "# TYPE ferrocotta_cache_entries gauge");
     for (cache, n) in &st.caches {
-        let _ = writeln!(out, "ferrocotta_cache_entries{{{labels},cache=\"{}\"}} {n}", cache.replace('"', "'"));
+        let _ = writeln!(
+            out,
+            "ferrocotta_cache_entries{{{labels},cache=\"{}\"}} {n}",
+            cache.replace('"', "'")
+        );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

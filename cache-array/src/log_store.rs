@@ -126,9 +126,13 @@ impl LogStore {
         else {
             return Ok(None);
         };
-        postcard::from_bytes(&bytes)
-            .map(Some)
-            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, corrupt(format!("meta {key:?}: {e}"))))
+        postcard::from_bytes(&bytes).map(Some).map_err(|e| {
+            io_err(
+                ErrorSubject::Store,
+                ErrorVerb::Read,
+                corrupt(format!("meta {key:?}: {e}")),
+            )
+        })
     }
 
     fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
@@ -141,13 +145,21 @@ impl LogStore {
 
     async fn flush(&self) -> Result<(), StorageError> {
         let (tx, rx) = oneshot::channel();
-        self.flusher
-            .send(FlushWaiter::Notify(tx))
-            .map_err(|_| io_err(ErrorSubject::Store, ErrorVerb::Write, corrupt("the flusher stopped".into())))?;
+        self.flusher.send(FlushWaiter::Notify(tx)).map_err(|_| {
+            io_err(
+                ErrorSubject::Store,
+                ErrorVerb::Write,
+                corrupt("the flusher stopped".into()),
+            )
+        })?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(io_err(ErrorSubject::Store, ErrorVerb::Write, corrupt(e))),
-            Err(_) => Err(io_err(ErrorSubject::Store, ErrorVerb::Write, corrupt("the flusher stopped".into()))),
+            Err(_) => Err(io_err(
+                ErrorSubject::Store,
+                ErrorVerb::Write,
+                corrupt("the flusher stopped".into()),
+            )),
         }
     }
 
@@ -159,9 +171,11 @@ impl LogStore {
         {
             None => Ok(None),
             Some((k, v)) => {
-                let index = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
-                    io_err(ErrorSubject::Logs, ErrorVerb::Read, corrupt("bad log key".into()))
-                })?);
+                let index = u64::from_be_bytes(
+                    k.as_ref()
+                        .try_into()
+                        .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Read, corrupt("bad log key".into())))?,
+                );
                 Ok(Some(Self::decode_entry(index, &v)?.log_id))
             }
         }
@@ -269,9 +283,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        self.flusher
-            .send(FlushWaiter::Append(callback))
-            .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Write, corrupt("the flusher stopped".into())))?;
+        self.flusher.send(FlushWaiter::Append(callback)).map_err(|_| {
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                corrupt("the flusher stopped".into()),
+            )
+        })?;
         Ok(())
     }
 

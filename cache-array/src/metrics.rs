@@ -69,7 +69,11 @@ impl Metrics {
         }
         let _ = writeln!(out, "# TYPE ferrocotta_op_errors_total counter");
         for (i, k) in OP_KINDS.iter().enumerate() {
-            let _ = writeln!(out, "ferrocotta_op_errors_total{{op=\"{k}\"}} {}", self.op_errors[i].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "ferrocotta_op_errors_total{{op=\"{k}\"}} {}",
+                self.op_errors[i].load(Relaxed)
+            );
         }
         let _ = writeln!(out, "# TYPE ferrocotta_op_latency_seconds_sum counter");
         for (i, k) in OP_KINDS.iter().enumerate() {
@@ -80,7 +84,11 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# TYPE ferrocotta_client_connections gauge");
-        let _ = writeln!(out, "ferrocotta_client_connections {}", self.client_connections.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "ferrocotta_client_connections {}",
+            self.client_connections.load(Relaxed)
+        );
         let _ = writeln!(out, "# TYPE ferrocotta_rejected_connections_total counter");
         let _ = writeln!(
             out,

@@ -122,9 +122,14 @@ impl PeerNetwork {
         if self.link.addr.is_empty() {
             return Err(LinkError(format!("node {} is not in the config", self.target)));
         }
-        let (framed, welcome) = handshake::connect(&self.link.addr, &self.identity, PEER_CONNECT_TIMEOUT, PEER_MAX_FRAME_BYTES)
-            .await
-            .map_err(|e| LinkError(format!("dial {}: {e}", self.link.addr)))?;
+        let (framed, welcome) = handshake::connect(
+            &self.link.addr,
+            &self.identity,
+            PEER_CONNECT_TIMEOUT,
+            PEER_MAX_FRAME_BYTES,
+        )
+        .await
+        .map_err(|e| LinkError(format!("dial {}: {e}", self.link.addr)))?;
         let conn = Connection::start(framed, welcome);
         *slot = Some(conn.clone());
         Ok(conn)
@@ -140,7 +145,10 @@ impl PeerNetwork {
         E: std::error::Error + DeserializeOwned,
     {
         let payload = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let conn = self.connection().await.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let conn = self
+            .connection()
+            .await
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let bytes = match conn.call_peer(rpc, payload, option.hard_ttl()).await {
             Ok(b) => b,
             Err(CallError::TimedOut) => {
@@ -219,13 +227,14 @@ pub async fn serve_peers(
         let shutdown = shutdown.clone();
         let inner_tracker = tracker.clone();
         tracker.spawn(async move {
-            let (framed, hello) = match handshake::accept(stream, &identity, Duration::from_secs(5), PEER_MAX_FRAME_BYTES).await {
-                Ok(ok) => ok,
-                Err(e) => {
-                    tracing::warn!(event = "peer.handshake_failed", remote = %remote, error = %e);
-                    return;
-                }
-            };
+            let (framed, hello) =
+                match handshake::accept(stream, &identity, Duration::from_secs(5), PEER_MAX_FRAME_BYTES).await {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        tracing::warn!(event = "peer.handshake_failed", remote = %remote, error = %e);
+                        return;
+                    }
+                };
             tracing::debug!(event = "peer.connected", remote = %remote, role = ?hello.role);
             serve_peer_connection(framed, raft, shutdown, inner_tracker).await;
         });
@@ -273,12 +282,16 @@ async fn serve_peer_connection(
         let (id, rpc, payload) = match decode::<ClientMessage>(&bytes) {
             Ok(ClientMessage::PeerCall { id, rpc, payload }) => (id, rpc, payload),
             Ok(_) => {
-                let _ = tx.send(encode(&ServerMessage::Fatal("only Raft calls are served here".into()))).await;
+                let _ = tx
+                    .send(encode(&ServerMessage::Fatal("only Raft calls are served here".into())))
+                    .await;
                 break;
             }
             Err(e) => {
                 tracing::warn!(event = "peer.malformed_frame", error = %e);
-                let _ = tx.send(encode(&ServerMessage::Fatal(format!("malformed frame: {e}")))).await;
+                let _ = tx
+                    .send(encode(&ServerMessage::Fatal(format!("malformed frame: {e}"))))
+                    .await;
                 break;
             }
         };

@@ -127,13 +127,17 @@ impl ClientService {
             let request = match decode::<ClientMessage>(&bytes) {
                 Ok(ClientMessage::Request(r)) => r,
                 Ok(_) => {
-                    let _ = tx.send(encode(&ServerMessage::Fatal("only requests are served here".into()))).await;
+                    let _ = tx
+                        .send(encode(&ServerMessage::Fatal("only requests are served here".into())))
+                        .await;
                     break;
                 }
                 Err(e) => {
                     self.metrics.rejected_connections.fetch_add(1, Relaxed);
                     tracing::warn!(event = "client.malformed_frame", remote = %remote, error = %e);
-                    let _ = tx.send(encode(&ServerMessage::Fatal(format!("malformed frame: {e}")))).await;
+                    let _ = tx
+                        .send(encode(&ServerMessage::Fatal(format!("malformed frame: {e}"))))
+                        .await;
                     break;
                 }
             };
@@ -201,11 +205,16 @@ impl ClientService {
         }
         let keys = op.keys();
         if keys.len() > MAX_BATCH_KEYS {
-            return Err(ErrorReply::Invalid(format!("at most {MAX_BATCH_KEYS} keys per request")));
+            return Err(ErrorReply::Invalid(format!(
+                "at most {MAX_BATCH_KEYS} keys per request"
+            )));
         }
         for key in &keys {
             if key.is_empty() || key.len() > limits.max_key_bytes as usize {
-                return Err(ErrorReply::Invalid(format!("keys must be 1 to {} bytes", limits.max_key_bytes)));
+                return Err(ErrorReply::Invalid(format!(
+                    "keys must be 1 to {} bytes",
+                    limits.max_key_bytes
+                )));
             }
             let owner = config.stripe_of_key(key);
             if owner != self.stripe.position.stripe {
@@ -228,7 +237,9 @@ impl ClientService {
         }
         if let Op::Keys { limit, .. } = op {
             if *limit == 0 || *limit > MAX_KEYS_PAGE {
-                return Err(ErrorReply::Invalid(format!("keys pages hold 1 to {MAX_KEYS_PAGE} keys")));
+                return Err(ErrorReply::Invalid(format!(
+                    "keys pages hold 1 to {MAX_KEYS_PAGE} keys"
+                )));
             }
         }
         Ok(())

@@ -126,7 +126,10 @@ impl Caches {
                 let c = self.cache_mut(cache);
                 let current = match c.entries.get(key) {
                     None => 0i64,
-                    Some(e) => match std::str::from_utf8(&e.value).ok().and_then(|s| s.trim().parse::<i64>().ok()) {
+                    Some(e) => match std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i64>().ok())
+                    {
                         Some(n) => n,
                         None => return Err(ErrorReply::NotACounter),
                     },
@@ -146,7 +149,9 @@ impl Caches {
         match op {
             Op::Get { cache, key, .. } => Ok(Reply::Value(self.get(cache, key).map(|e| e.value.clone()))),
             Op::GetAll { cache, keys, .. } => Ok(Reply::Values(
-                keys.iter().map(|k| self.get(cache, k).map(|e| e.value.clone())).collect(),
+                keys.iter()
+                    .map(|k| self.get(cache, k).map(|e| e.value.clone()))
+                    .collect(),
             )),
             Op::Contains { cache, key, .. } => Ok(Reply::Bool(self.get(cache, key).is_some())),
             Op::Keys {
@@ -247,7 +252,7 @@ impl SharedState {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct SnapshotPayload {
     snapshot_id: String,
     last_applied: Option<LogId>,
@@ -275,7 +280,10 @@ fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotPayload, String> {
     let len = u64::from_be_bytes(bytes[12..20].try_into().expect("8 bytes")) as usize;
     let body = &bytes[SNAPSHOT_HEADER_BYTES..];
     if body.len() != len {
-        return Err(format!("length mismatch: header says {len} bytes, file has {}", body.len()));
+        return Err(format!(
+            "length mismatch: header says {len} bytes, file has {}",
+            body.len()
+        ));
     }
     if crc32fast::hash(body) != crc {
         return Err("checksum mismatch: the snapshot is corrupt".into());
@@ -309,8 +317,7 @@ impl StateMachineStore {
     /// Opens the state machine, loading the snapshot in `snapshot_dir` if there is one. A corrupt
     /// snapshot is an error naming the file: the server must not start from it.
     pub fn open(snapshot_dir: &Path) -> Result<StateMachineStore, String> {
-        std::fs::create_dir_all(snapshot_dir)
-            .map_err(|e| format!("cannot create {}: {e}", snapshot_dir.display()))?;
+        std::fs::create_dir_all(snapshot_dir).map_err(|e| format!("cannot create {}: {e}", snapshot_dir.display()))?;
         let shared = Arc::new(SharedState::default());
         let path = snapshot_dir.join(SNAPSHOT_FILE);
         if path.exists() {
@@ -441,7 +448,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
         let payload = decode_snapshot(&bytes).map_err(|e| {
             StorageIOError::read_snapshot(
@@ -513,8 +524,8 @@ mod tests {
             expected: e.into(),
             value: v.into(),
         };
-        assert_eq!(s.apply_op(&cas("1", "3")), Ok(Reply::Bool(false)));
-        assert_eq!(s.apply_op(&cas("2", "3")), Ok(Reply::Bool(true)));
+        assert_eq!(s.apply_op(&cas("1", "three")), Ok(Reply::Bool(false)));
+        assert_eq!(s.apply_op(&cas("2", "three")), Ok(Reply::Bool(true)));
         let inc = Op::Increment {
             cache: "c".into(),
             key: b"n".to_vec(),

@@ -82,7 +82,10 @@ impl Stripe {
         let members: BTreeSet<NodeId> = self.names.keys().copied().collect();
         match self.raft.initialize(members).await {
             Ok(()) => {
-                tracing::info!(event = "stripe.initialized", "pristine store: initialized the stripe's membership")
+                tracing::info!(
+                    event = "stripe.initialized",
+                    "pristine store: initialized the stripe's membership"
+                )
             }
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
                 tracing::info!(event = "stripe.rejoin", "already initialized by a peer")
@@ -107,7 +110,11 @@ impl Stripe {
         let m = self.raft.metrics();
         let m = m.borrow();
         MetricsView {
-            role: if m.state == ServerState::Leader { Role::Active } else { Role::Mirror },
+            role: if m.state == ServerState::Leader {
+                Role::Active
+            } else {
+                Role::Mirror
+            },
             state: format!("{:?}", m.state),
             term: m.current_term,
             leader: m.current_leader.and_then(|id| self.name_of(id)),
@@ -142,8 +149,7 @@ impl Stripe {
         let m = self.raft.metrics();
         let m = m.borrow();
         m.state != ServerState::Leader
-            || m
-                .millis_since_quorum_ack
+            || m.millis_since_quorum_ack
                 .map(|ms| Duration::from_millis(ms) > self.quorum_stale_after)
                 .unwrap_or(false)
     }

@@ -93,7 +93,9 @@ impl Connection {
         match answer {
             Answer::Reply(Ok(reply)) => Ok(reply),
             Answer::Reply(Err(e)) => Err(CallError::Server(e)),
-            Answer::Peer(_) => Err(CallError::Lost("the server answered a request with a peer reply".into())),
+            Answer::Peer(_) => Err(CallError::Lost(
+                "the server answered a request with a peer reply".into(),
+            )),
         }
     }
 
@@ -104,11 +106,17 @@ impl Connection {
             .await?
         {
             Answer::Peer(bytes) => Ok(bytes),
-            Answer::Reply(_) => Err(CallError::Lost("the peer answered a Raft call with a client reply".into())),
+            Answer::Reply(_) => Err(CallError::Lost(
+                "the peer answered a Raft call with a client reply".into(),
+            )),
         }
     }
 
-    async fn roundtrip(&self, timeout: Duration, message: impl FnOnce(u64) -> ClientMessage) -> Result<Answer, CallError> {
+    async fn roundtrip(
+        &self,
+        timeout: Duration,
+        message: impl FnOnce(u64) -> ClientMessage,
+    ) -> Result<Answer, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {

@@ -182,6 +182,9 @@ impl ClientError {
     }
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// A cursor for paging through the keys of a cache across stripes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeysCursor {
@@ -252,13 +255,24 @@ struct Inner {
     leaders: Mutex<Vec<Option<String>>>,
     /// Rotates the starting server of eventual reads and leader searches.
     rotation: std::sync::atomic::AtomicUsize,
+    /// The URL that handed over the config, and the name of the server behind it.
+    config_source: (String, String),
 }
 
 impl ArrayClient {
     /// Bootstraps from the URL list (SPEC 3.1) and connects to the servers of the config.
     pub async fn connect(settings: ClientSettings) -> Result<ArrayClient, ClientError> {
+        let client = Self::bootstrap(settings).await?;
+        client.connect_to_servers().await?;
+        Ok(client)
+    }
+
+    /// Only the first half of [`ArrayClient::connect`]: downloads the config from the URL list, and
+    /// connects to the other servers lazily, on first use. Status tools use this to report on an
+    /// array whose servers are partly down.
+    pub async fn bootstrap(settings: ClientSettings) -> Result<ArrayClient, ClientError> {
         let identity = settings.identity();
-        let (config_toml, first) = download_config(&settings, &identity).await?;
+        let (url, config_toml, first) = download_config(&settings, &identity).await?;
         let config = ClusterConfig::parse(&config_toml)
             .map_err(|e| ClientError::Invalid(format!("the array sent a config this client cannot read: {e}")))?;
         tracing::info!(
@@ -268,6 +282,7 @@ impl ArrayClient {
             stripes = config.stripes.len()
         );
         let stripes = config.stripes.len();
+        let first_name = first.welcome.server_name.clone();
         let routing = Routing::new(Arc::new(config), config_toml, None);
         if let Some(h) = routing.servers.get(&first.welcome.server_name) {
             *h.conn.try_lock().expect("fresh handle") = Some(first);
@@ -279,15 +294,20 @@ impl ArrayClient {
                 routing: RwLock::new(Arc::new(routing)),
                 leaders: Mutex::new(vec![None; stripes]),
                 rotation: std::sync::atomic::AtomicUsize::new(rand::random::<u16>() as usize),
+                config_source: (url, first_name),
             }),
         };
-        client.connect_to_servers().await?;
         Ok(client)
     }
 
     /// The configuration document in use.
     pub fn config(&self) -> Arc<ClusterConfig> {
         self.routing().config.clone()
+    }
+
+    /// The URL of the list that handed over the config, and the name of the server behind it.
+    pub fn config_source(&self) -> (&str, &str) {
+        (&self.inner.config_source.0, &self.inner.config_source.1)
     }
 
     /// The settings the client was built with.
@@ -391,18 +411,11 @@ impl ArrayClient {
     fn candidates(&self, routing: &Routing, stripe: usize, want_leader: bool) -> Vec<String> {
         let names = &routing.stripe_servers[stripe];
         let start = self.inner.rotation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut order: Vec<String> = (0..names.len()).map(|i| names[(start + i) % names.len()].clone()).collect();
+        let mut order: Vec<String> = (0..names.len())
+            .map(|i| names[(start + i) % names.len()].clone())
+            .collect();
         let wait = self.inner.settings.reconnect_wait_interval;
-        order.sort_by_key(|n| {
-            let failed = routing.servers[n]
-                .last_failure
-                .lock()
-                .expect("failure lock")
-                .as_ref()
-                .map(|(at, _)| at.elapsed() < wait)
-                .unwrap_or(false);
-            failed as u8
-        });
+        order.sort_by_key(|n| recently_failed(routing, n, wait) as u8);
         if want_leader {
             if let Some(leader) = self.inner.leaders.lock().expect("leaders lock")[stripe].clone() {
                 if let Some(pos) = order.iter().position(|n| *n == leader) {
@@ -449,7 +462,10 @@ impl ArrayClient {
                     break;
                 }
                 let handle = routing.servers[&name].clone();
-                let conn = match self.connection(&handle, SERVER_CONNECT_ATTEMPT_MAX.min(deadline - now)).await {
+                let conn = match self
+                    .connection(&handle, SERVER_CONNECT_ATTEMPT_MAX.min(deadline - now))
+                    .await
+                {
                     Ok(c) => c,
                     Err(ConnectFailure::Final(e)) => return Err(e),
                     Err(ConnectFailure::Retry(why)) => {
@@ -465,12 +481,15 @@ impl ArrayClient {
                         }
                         return Ok(reply);
                     }
-                    Err(CallError::Server(ErrorReply::NotLeader { leader: Some(l) })) if l != name => {
+                    Err(CallError::Server(ErrorReply::NotLeader { leader: Some(l) }))
+                        if l != name && !recently_failed(&routing, &l, self.inner.settings.reconnect_wait_interval) =>
+                    {
                         self.set_leader(stripe, Some(l));
                         redirected = true;
                         break;
                     }
-                    Err(CallError::Server(ErrorReply::NotLeader { .. })) | Err(CallError::Server(ErrorReply::NoQuorum)) => {
+                    Err(CallError::Server(ErrorReply::NotLeader { .. }))
+                    | Err(CallError::Server(ErrorReply::NoQuorum)) => {
                         saw_no_quorum = true;
                         self.set_leader(stripe, None);
                         failures.insert(name.clone(), "no quorum".into());
@@ -485,6 +504,11 @@ impl ArrayClient {
                     }
                     Err(CallError::Server(ErrorReply::ShuttingDown)) => {
                         failures.insert(name.clone(), "shutting down".into());
+                    }
+                    Err(CallError::Server(ErrorReply::Timeout)) => {
+                        return Err(ClientError::Indeterminate(format!(
+                            "{name} could not confirm the request before its deadline (it may have lost its quorum)"
+                        )))
                     }
                     Err(CallError::Server(e)) => return Err(ClientError::Server(e)),
                     Err(CallError::NotSent(why)) => {
@@ -513,7 +537,9 @@ impl ArrayClient {
             }
             if !redirected {
                 round += 1;
-                let pause = (Duration::from_millis(20) * round).min(ROUND_BACKOFF_MAX).min(deadline - now);
+                let pause = (Duration::from_millis(20) * round)
+                    .min(ROUND_BACKOFF_MAX)
+                    .min(deadline - now);
                 tokio::time::sleep(pause).await;
             }
         }
@@ -533,7 +559,8 @@ impl ArrayClient {
 
     async fn keyed(&self, key: &[u8], op: Op) -> Result<Reply, ClientError> {
         self.check_key(key)?;
-        self.execute(self.stripe_of(key), op, self.inner.settings.request_timeout).await
+        self.execute(self.stripe_of(key), op, self.inner.settings.request_timeout)
+            .await
     }
 
     /// The value of a key (linearizable).
@@ -542,7 +569,12 @@ impl ArrayClient {
     }
 
     /// The value of a key with the given consistency.
-    pub async fn get_with(&self, cache: &str, key: &[u8], read: ReadConsistency) -> Result<Option<Vec<u8>>, ClientError> {
+    pub async fn get_with(
+        &self,
+        cache: &str,
+        key: &[u8],
+        read: ReadConsistency,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
         let op = Op::Get {
             cache: cache.into(),
             key: key.to_vec(),
@@ -601,11 +633,14 @@ impl ArrayClient {
     }
 
     /// Sets many keys; atomic per stripe.
-    pub async fn put_all(&self, cache: &str, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), ClientError> {
-        let mut by_stripe: HashMap<usize, Vec<(Vec<u8>, Vec<u8>)>> = HashMap::new();
+    pub async fn put_all(&self, cache: &str, entries: &[Entry]) -> Result<(), ClientError> {
+        let mut by_stripe: HashMap<usize, Vec<Entry>> = HashMap::new();
         for (k, v) in entries {
             self.check_key(k)?;
-            by_stripe.entry(self.stripe_of(k)).or_default().push((k.clone(), v.clone()));
+            by_stripe
+                .entry(self.stripe_of(k))
+                .or_default()
+                .push((k.clone(), v.clone()));
         }
         let calls = by_stripe.into_iter().map(|(stripe, entries)| {
             let op = Op::PutAll {
@@ -641,7 +676,13 @@ impl ArrayClient {
     }
 
     /// Compare-and-swap: sets `key` to `value` only if it holds `expected`.
-    pub async fn replace_if_equal(&self, cache: &str, key: &[u8], expected: &[u8], value: &[u8]) -> Result<bool, ClientError> {
+    pub async fn replace_if_equal(
+        &self,
+        cache: &str,
+        key: &[u8],
+        expected: &[u8],
+        value: &[u8],
+    ) -> Result<bool, ClientError> {
         let op = Op::ReplaceIfEqual {
             cache: cache.into(),
             key: key.to_vec(),
@@ -684,11 +725,20 @@ impl ArrayClient {
     }
 
     /// One page of keys with `prefix`, starting at `cursor` (`None`: the beginning).
-    pub async fn keys(&self, cache: &str, prefix: &[u8], cursor: Option<KeysCursor>, limit: u32) -> Result<KeysPage, ClientError> {
+    pub async fn keys(
+        &self,
+        cache: &str,
+        prefix: &[u8],
+        cursor: Option<KeysCursor>,
+        limit: u32,
+    ) -> Result<KeysPage, ClientError> {
         let cursor = cursor.unwrap_or_default();
         let stripes = self.routing().config.stripes.len();
         if cursor.stripe >= stripes {
-            return Ok(KeysPage { keys: Vec::new(), next: None });
+            return Ok(KeysPage {
+                keys: Vec::new(),
+                next: None,
+            });
         }
         let op = Op::Keys {
             cache: cache.into(),
@@ -697,7 +747,10 @@ impl ArrayClient {
             limit: limit.clamp(1, crate::protocol::MAX_KEYS_PAGE),
             read: ReadConsistency::Linearizable,
         };
-        match self.execute(cursor.stripe, op, self.inner.settings.request_timeout).await? {
+        match self
+            .execute(cursor.stripe, op, self.inner.settings.request_timeout)
+            .await?
+        {
             Reply::Keys { keys, more } => {
                 let next = if more {
                     Some(KeysCursor {
@@ -759,7 +812,13 @@ impl ArrayClient {
     /// Removes every entry of a cache on every stripe.
     pub async fn clear(&self, cache: &str) -> Result<(), ClientError> {
         let stripes = self.routing().config.stripes.len();
-        let calls = (0..stripes).map(|s| self.execute(s, Op::Clear { cache: cache.into() }, self.inner.settings.request_timeout));
+        let calls = (0..stripes).map(|s| {
+            self.execute(
+                s,
+                Op::Clear { cache: cache.into() },
+                self.inner.settings.request_timeout,
+            )
+        });
         for r in futures::future::join_all(calls).await {
             r?;
         }
@@ -793,7 +852,9 @@ impl ArrayClient {
     pub async fn active_of(&self, stripe: usize) -> Result<String, ClientError> {
         match self.execute(stripe, Op::Ping, Duration::from_secs(5)).await? {
             Reply::Pong {
-                role: Role::Active, server, ..
+                role: Role::Active,
+                server,
+                ..
             } => Ok(server),
             Reply::Pong { leader: Some(l), .. } => Ok(l),
             Reply::Pong { .. } => Err(ClientError::NoQuorum { stripe }),
@@ -841,12 +902,35 @@ impl Routing {
     }
 }
 
+/// Whether connecting to a server failed within the last `window` (a mirror's `NotLeader` hint
+/// naming a dead active must not send the client straight back to it).
+fn recently_failed(routing: &Routing, name: &str, window: Duration) -> bool {
+    routing
+        .servers
+        .get(name)
+        .and_then(|h| {
+            h.last_failure
+                .lock()
+                .expect("failure lock")
+                .as_ref()
+                .map(|(at, _)| at.elapsed() < window)
+        })
+        .unwrap_or(false)
+}
+
 /// Tries the URL list in order, round after round, until one server hands over the config or
 /// `connect_timeout` passes.
-async fn download_config(settings: &ClientSettings, identity: &ClientIdentity) -> Result<(String, Arc<Connection>), ClientError> {
+async fn download_config(
+    settings: &ClientSettings,
+    identity: &ClientIdentity,
+) -> Result<(String, String, Arc<Connection>), ClientError> {
     let started = Instant::now();
     let deadline = started + settings.connect_timeout;
-    let mut failures: Vec<(String, String)> = settings.array_urls.iter().map(|u| (u.clone(), "not tried".into())).collect();
+    let mut failures: Vec<(String, String)> = settings
+        .array_urls
+        .iter()
+        .map(|u| (u.clone(), "not tried".into()))
+        .collect();
     loop {
         for (i, url) in settings.array_urls.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -856,7 +940,7 @@ async fn download_config(settings: &ClientSettings, identity: &ClientIdentity) -
             match handshake::connect(url, identity, left, crate::config::MAX_FRAME_BYTES_CEILING as usize).await {
                 Ok((framed, welcome)) => {
                     let toml = welcome.config_toml.clone();
-                    return Ok((toml, Connection::start(framed, welcome)));
+                    return Ok((url.clone(), toml, Connection::start(framed, welcome)));
                 }
                 Err(HandshakeError::Refused(r)) => {
                     tracing::error!(event = "client.refused", url = %url, reason = %r);

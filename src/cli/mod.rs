@@ -1,0 +1,86 @@
+//! Subcommands of the `ferrocotta` CLI, one module each.
+//!
+//! - [`up`]: a whole local cluster in one command.
+//! - [`status`]: the array at a glance.
+//! - [`cache`]: get, put, remove and list keys from a shell.
+
+mod cache;
+mod status;
+mod up;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ferrocotta::{ArrayClient, ClientSettings};
+
+/// ferrocotta: clustered shared state for application servers.
+#[derive(Debug, Parser)]
+#[command(name = "ferrocotta", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a local array on this machine and keep it running until Ctrl-C.
+    Up(up::UpArgs),
+    /// Show every server of an array: stripe, role, term, indexes.
+    Status(status::StatusArgs),
+    /// Read and write cache entries.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
+}
+
+/// How to reach an array; shared by every command that talks to one.
+#[derive(Debug, Clone, Args)]
+pub struct ArrayArgs {
+    /// Array servers as `host:port,host:port`, tried in order for the config download.
+    #[arg(long, env = "FERROCOTTA_ARRAY_URLS")]
+    pub array_urls: String,
+    /// File holding the array's shared secret (`ferrocotta up` writes one into its folder).
+    #[arg(long, env = "FERROCOTTA_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// The array name to expect; refused if the servers belong to another array.
+    #[arg(long, env = "FERROCOTTA_ARRAY_NAME")]
+    pub array_name: Option<String>,
+    /// How long the URL list may take to yield the config.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Deadline of each operation.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl ArrayArgs {
+    /// Client settings from the flags.
+    pub fn settings(&self) -> anyhow::Result<ClientSettings> {
+        let mut s = ClientSettings::new(&self.array_urls)?;
+        s.array_name = self.array_name.clone();
+        s.connect_timeout = self.connect_timeout;
+        s.request_timeout = self.timeout;
+        // A command line tool should fail rather than wait forever for a dead stripe.
+        s.max_connect_retries = Some(3);
+        if let Some(path) = &self.secret_file {
+            let bytes = std::fs::read(path).with_context(|| format!("--secret-file {}", path.display()))?;
+            s.secret = bytes.trim_ascii().to_vec();
+        }
+        Ok(s)
+    }
+
+    /// A connected client.
+    pub async fn connect(&self) -> anyhow::Result<ArrayClient> {
+        Ok(ArrayClient::connect(self.settings()?).await?)
+    }
+}
+
+/// Runs a parsed command line; returns the exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Up(a) => up::run(a).await,
+        Command::Status(a) => status::run(a).await,
+        Command::Cache(c) => cache::run(c).await,
+    }
+}

@@ -1,0 +1,124 @@
+//! `ferrocotta status`: every server of the array with its role, term and indexes.
+//!
+//! Exit code: 0 when every stripe has an active, 1 when some stripe has none, 2 when the array
+//! cannot be reached at all.
+
+use std::time::Duration;
+
+use clap::Args;
+use ferrocotta::protocol::{Reply, Role};
+use ferrocotta::ArrayClient;
+use serde::Serialize;
+
+use super::ArrayArgs;
+
+/// Flags of `ferrocotta status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    array: ArrayArgs,
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One server in `--json` output (field names are a stable interface, SPEC 9).
+#[derive(Debug, Serialize)]
+struct ServerStatus {
+    name: String,
+    stripe: usize,
+    /// `active`, `mirror` or `unreachable`.
+    role: &'static str,
+    term: Option<u64>,
+    last_log_index: Option<u64>,
+    applied_index: Option<u64>,
+    leader: Option<String>,
+    address: String,
+    /// Why the server did not answer, when it did not.
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ArrayStatus {
+    array_name: String,
+    stripes: usize,
+    servers: Vec<ServerStatus>,
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<u8> {
+    let client = ArrayClient::bootstrap(args.array.settings()?).await?;
+    let config = client.config();
+    let probes = client.probe_all(Duration::from_secs(2).min(args.array.timeout)).await;
+    let servers: Vec<ServerStatus> = probes
+        .into_iter()
+        .map(|p| match p.result {
+            Ok(Reply::Pong {
+                role,
+                leader,
+                term,
+                last_log_index,
+                applied_index,
+                ..
+            }) => ServerStatus {
+                name: p.name,
+                stripe: p.stripe,
+                role: match role {
+                    Role::Active => "active",
+                    Role::Mirror => "mirror",
+                },
+                term: Some(term),
+                last_log_index: Some(last_log_index),
+                applied_index: Some(applied_index),
+                leader,
+                address: p.addr,
+                error: None,
+            },
+            other => ServerStatus {
+                name: p.name,
+                stripe: p.stripe,
+                role: "unreachable",
+                term: None,
+                last_log_index: None,
+                applied_index: None,
+                leader: None,
+                address: p.addr,
+                error: Some(match other {
+                    Err(e) => e,
+                    Ok(r) => format!("unexpected reply {r:?}"),
+                }),
+            },
+        })
+        .collect();
+    let every_stripe_has_active =
+        (0..config.stripes.len()).all(|s| servers.iter().any(|srv| srv.stripe == s && srv.role == "active"));
+    let status = ArrayStatus {
+        array_name: config.array_name.clone(),
+        stripes: config.stripes.len(),
+        servers,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        println!("array {} ({} stripe(s))", status.array_name, status.stripes);
+        println!(
+            "{:<12} {:>6} {:<12} {:>6} {:>10} {:>10} {:<12} ADDRESS",
+            "SERVER", "STRIPE", "ROLE", "TERM", "LAST_LOG", "APPLIED", "ACTIVE"
+        );
+        let dash = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+        for s in &status.servers {
+            println!(
+                "{:<12} {:>6} {:<12} {:>6} {:>10} {:>10} {:<12} {}{}",
+                s.name,
+                s.stripe,
+                s.role,
+                dash(s.term),
+                dash(s.last_log_index),
+                dash(s.applied_index),
+                s.leader.as_deref().unwrap_or("-"),
+                s.address,
+                s.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()
+            );
+        }
+    }
+    Ok(if every_stripe_has_active { 0 } else { 1 })
+}

@@ -1,0 +1,342 @@
+//! `ferrocotta up`: a whole local array in one command.
+//!
+//! Writes `DIR/cluster.toml` and `DIR/secret` (kept and reused on the next run, so the data
+//! survives), starts one `cache-array` process per server with its log in `DIR/logs/`, waits until
+//! every stripe has an active, writes `DIR/endpoints.json` (SPEC 9) and prints the same facts.
+//! Ctrl-C (or SIGTERM) stops every process it started: SIGTERM first, SIGKILL after a grace period.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use ferrocotta::config::{local_array, ClusterConfig, ServerPorts};
+use ferrocotta::protocol::{Reply, Role};
+use ferrocotta::{ArrayClient, ClientSettings};
+use serde::Serialize;
+use tokio::process::{Child, Command};
+
+/// Longest a stopping server gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Flags of `ferrocotta up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Folder for the config, secret, data and logs (reused when it already holds a config).
+    #[arg(long, default_value = "ferrocotta-local")]
+    dir: PathBuf,
+    /// Number of stripes.
+    #[arg(long, default_value_t = 1)]
+    stripes: usize,
+    /// Servers per stripe.
+    #[arg(long, default_value_t = 3)]
+    servers_per_stripe: usize,
+    /// Address every process listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// First client port; server i uses client port BASE+i, group port BASE+20+i, admin port
+    /// BASE+30+i (so the first server gets the defaults 9510, 9530, 9540). 0 picks free ports.
+    #[arg(long, default_value_t = 9510)]
+    base_port: u16,
+    /// Name of the array.
+    #[arg(long, default_value = "local")]
+    array_name: String,
+    /// Delete the folder's config and data first.
+    #[arg(long)]
+    fresh: bool,
+    /// How long the array may take to elect an active in every stripe.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    ready_timeout: Duration,
+    /// The `cache-array` binary (default: next to this `ferrocotta` binary).
+    #[arg(long, env = "FERROCOTTA_CACHE_ARRAY_BIN")]
+    cache_array_bin: Option<PathBuf>,
+}
+
+/// One process in `endpoints.json` (field names are a stable interface, SPEC 9).
+#[derive(Debug, Serialize)]
+struct ProcessEntry {
+    /// `array` (or `node`, once integration nodes exist).
+    role: &'static str,
+    name: String,
+    stripe: usize,
+    pid: u32,
+    client: String,
+    group: String,
+    admin: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Endpoints {
+    array_name: String,
+    config: PathBuf,
+    secret_file: PathBuf,
+    array_urls: String,
+    processes: Vec<ProcessEntry>,
+}
+
+/// Finds a binary of the workspace next to the running `ferrocotta`.
+pub fn sibling_binary(name: &str, explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("cannot find the ferrocotta binary's path")?;
+    let dir = exe.parent().context("the ferrocotta binary has no folder")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "cannot find `{name}` next to {}; build the whole workspace first: `cargo build --release --workspace`",
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+fn pick_ports(host: &str, base: u16, count: usize) -> anyhow::Result<Vec<ServerPorts>> {
+    if base != 0 {
+        if count > 10 {
+            bail!("--base-port lays out at most 10 servers; use --base-port 0 for free ports");
+        }
+        return Ok((0..count as u16)
+            .map(|i| ServerPorts {
+                port: base + i,
+                group_port: base + 20 + i,
+                admin_port: base + 30 + i,
+            })
+            .collect());
+    }
+    // Hold every listener until all are chosen so no port is handed out twice.
+    let listeners = (0..count * 3)
+        .map(|_| TcpListener::bind((host, 0)))
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot find free ports")?;
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?;
+    Ok(ports
+        .chunks(3)
+        .map(|c| ServerPorts {
+            port: c[0],
+            group_port: c[1],
+            admin_port: c[2],
+        })
+        .collect())
+}
+
+fn prepare(args: &UpArgs) -> anyhow::Result<(PathBuf, ClusterConfig)> {
+    if args.fresh && args.dir.exists() {
+        for sub in ["cluster.toml", "secret", "data", "logs", "endpoints.json"] {
+            let p = args.dir.join(sub);
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).with_context(|| format!("--fresh: cannot remove {}", p.display()))?;
+            } else if p.exists() {
+                std::fs::remove_file(&p).with_context(|| format!("--fresh: cannot remove {}", p.display()))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(args.dir.join("logs")).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let config_path = args.dir.join("cluster.toml");
+    let secret_path = args.dir.join("secret");
+    if !secret_path.exists() {
+        let secret: [u8; 32] = rand::random();
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&secret_path, hex + "\n").context("cannot write the secret file")?;
+    }
+    if config_path.exists() {
+        let config = ClusterConfig::load(&config_path)?;
+        eprintln!(
+            "reusing {} ({} stripe(s)); pass --fresh to start over",
+            config_path.display(),
+            config.stripes.len()
+        );
+        return Ok((config_path, config));
+    }
+    if args.stripes == 0 || args.servers_per_stripe == 0 {
+        bail!("--stripes and --servers-per-stripe must be at least 1");
+    }
+    let ports = pick_ports(&args.host, args.base_port, args.stripes * args.servers_per_stripe)?;
+    let config = local_array(
+        &args.array_name,
+        &args.host,
+        args.stripes,
+        args.servers_per_stripe,
+        Some(PathBuf::from("secret")),
+        |i| ports[i],
+    );
+    config.validate()?;
+    std::fs::write(&config_path, config.to_toml()).context("cannot write cluster.toml")?;
+    Ok((config_path, config))
+}
+
+fn spawn_server(bin: &Path, config_path: &Path, dir: &Path, name: &str) -> anyhow::Result<Child> {
+    let log_path = dir.join("logs").join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    Command::new(bin)
+        .arg("--config")
+        .arg(config_path)
+        .arg("--name")
+        .arg(name)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
+}
+
+async fn wait_ready(config: &ClusterConfig, secret: Vec<u8>, timeout: Duration) -> anyhow::Result<()> {
+    let urls: Vec<String> = config.servers().map(|(_, s)| s.client_addr()).collect();
+    let mut settings = ClientSettings::new(&urls.join(","))?;
+    settings.secret = secret;
+    settings.connect_timeout = timeout;
+    settings.array_name = Some(config.array_name.clone());
+    let deadline = tokio::time::Instant::now() + timeout;
+    let client = ArrayClient::bootstrap(settings).await?;
+    loop {
+        let probes = client.probe_all(Duration::from_secs(1)).await;
+        let ready = (0..config.stripes.len()).all(|s| {
+            probes
+                .iter()
+                .any(|p| p.stripe == s && matches!(p.result, Ok(Reply::Pong { role: Role::Active, .. })))
+        }) && probes.iter().all(|p| p.result.is_ok());
+        if ready {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the array did not elect an active in every stripe within {timeout:?}; see the logs");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn stop_all(children: &mut [(String, Child)]) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for (_, child) in children.iter() {
+        if let Some(pid) = child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    for (name, child) in children.iter_mut() {
+        match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+            Ok(_) => eprintln!("stopped {name}"),
+            Err(_) => {
+                let _ = child.kill().await;
+                eprintln!("killed {name} (did not stop within {STOP_GRACE:?})");
+            }
+        }
+    }
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
+    let bin = sibling_binary("cache-array", args.cache_array_bin.clone())?;
+    let (config_path, config) = prepare(&args)?;
+    let config_path = std::fs::canonicalize(&config_path)?;
+    let dir = config_path.parent().expect("config has a folder").to_path_buf();
+    let secret_path = dir.join("secret");
+    let secret = std::fs::read(&secret_path)?.trim_ascii().to_vec();
+
+    let mut children: Vec<(String, Child)> = Vec::new();
+    let mut entries = Vec::new();
+    for (pos, srv) in config.servers() {
+        let child = match spawn_server(&bin, &config_path, &dir, &srv.name) {
+            Ok(c) => c,
+            Err(e) => {
+                stop_all(&mut children).await;
+                return Err(e);
+            }
+        };
+        entries.push(ProcessEntry {
+            role: "array",
+            name: srv.name.clone(),
+            stripe: pos.stripe,
+            pid: child.id().unwrap_or(0),
+            client: srv.client_addr(),
+            group: srv.group_addr(),
+            admin: srv.admin_addr(),
+        });
+        children.push((srv.name.clone(), child));
+    }
+    eprintln!(
+        "starting {} array server(s); logs in {}",
+        children.len(),
+        dir.join("logs").display()
+    );
+    if let Err(e) = wait_ready(&config, secret, args.ready_timeout).await {
+        stop_all(&mut children).await;
+        return Err(e);
+    }
+    let array_urls = entries.iter().map(|e| e.client.clone()).collect::<Vec<_>>().join(",");
+    let endpoints = Endpoints {
+        array_name: config.array_name.clone(),
+        config: config_path.clone(),
+        secret_file: secret_path.clone(),
+        array_urls: array_urls.clone(),
+        processes: entries,
+    };
+    let endpoints_path = dir.join("endpoints.json");
+    std::fs::write(&endpoints_path, serde_json::to_string_pretty(&endpoints)? + "\n")?;
+
+    println!(
+        "array `{}` is up ({} stripe(s))",
+        config.array_name,
+        config.stripes.len()
+    );
+    println!(
+        "{:<6} {:<6} {:>6} {:>8} {:<22} {:<22} {:<22}",
+        "ROLE", "NAME", "STRIPE", "PID", "CLIENT", "GROUP", "ADMIN"
+    );
+    for e in &endpoints.processes {
+        println!(
+            "{:<6} {:<6} {:>6} {:>8} {:<22} {:<22} http://{}",
+            e.role, e.name, e.stripe, e.pid, e.client, e.group, e.admin
+        );
+    }
+    println!();
+    println!("endpoints: {}", endpoints_path.display());
+    println!("try it:");
+    println!(
+        "  export FERROCOTTA_ARRAY_URLS={array_urls} FERROCOTTA_SECRET_FILE={}",
+        secret_path.display()
+    );
+    println!("  ferrocotta cache put --cache demo hello world && ferrocotta cache get --cache demo hello");
+    println!("  ferrocotta status");
+    println!("press Ctrl-C to stop everything");
+
+    let code = wait_until_stopped(&mut children).await;
+    stop_all(&mut children).await;
+    let _ = std::fs::remove_file(&endpoints_path);
+    Ok(code)
+}
+
+/// Waits for Ctrl-C or SIGTERM; reports servers that exit on their own meanwhile.
+async fn wait_until_stopped(children: &mut [(String, Child)]) -> u8 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        eprintln!("cannot install the SIGTERM handler");
+        return 2;
+    };
+    let mut reported = vec![false; children.len()];
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return 0,
+            _ = term.recv() => return 0,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (i, (name, child)) in children.iter_mut().enumerate() {
+                    if !reported[i] {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            eprintln!("array server {name} exited ({status}); the rest keep running");
+                            reported[i] = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The `ferrocotta` CLI against real processes: `up`, `status`, `cache`, with the script
+//! interfaces of SPEC 9 (endpoints.json, JSON fields, exit codes).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{binary, phase, TestArray};
+
+fn ferrocotta() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferrocotta"))
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("run ferrocotta");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_and_status_commands_follow_the_script_interface() {
+    let array = TestArray::start(1, 3);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let secret_file = array.path().join("secret");
+    let with_array = |args: &[&str]| {
+        let mut c = ferrocotta();
+        c.args(args)
+            .env("FERROCOTTA_ARRAY_URLS", array.urls())
+            .env("FERROCOTTA_SECRET_FILE", &secret_file);
+        c
+    };
+
+    phase("put, get, keys, remove with their exit codes");
+    let (code, _, err) = run(&mut with_array(&[
+        "cache",
+        "put",
+        "--cache",
+        "cli",
+        "greeting",
+        "hello world",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(&mut with_array(&["cache", "get", "--cache", "cli", "greeting"]));
+    assert_eq!((code, out.as_str()), (0, "hello world\n"));
+    let (code, out, _) = run(&mut with_array(&["cache", "get", "--cache", "cli", "absent"]));
+    assert_eq!((code, out.as_str()), (1, ""), "absent key: exit 1, nothing printed");
+    run(&mut with_array(&["cache", "put", "--cache", "cli", "greeting2", "x"]));
+    let (code, out, _) = run(&mut with_array(&[
+        "cache", "keys", "--cache", "cli", "--prefix", "greet",
+    ]));
+    assert_eq!((code, out.as_str()), (0, "greeting\ngreeting2\n"));
+    let (code, _, _) = run(&mut with_array(&["cache", "remove", "--cache", "cli", "greeting"]));
+    assert_eq!(code, 0);
+    let (code, _, _) = run(&mut with_array(&["cache", "remove", "--cache", "cli", "greeting"]));
+    assert_eq!(code, 1, "removing an absent key exits 1");
+    assert_eq!(
+        client.get("cli", b"greeting2").await.unwrap(),
+        Some(b"x".to_vec()),
+        "the CLI wrote through the array"
+    );
+
+    phase("status as a table and as JSON");
+    let (code, out, err) = run(&mut with_array(&["status"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("active") && out.contains("mirror"), "{out}");
+    let (code, out, _) = run(&mut with_array(&["status", "--json"]));
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let servers = v["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 3);
+    for s in servers {
+        for field in [
+            "name",
+            "stripe",
+            "role",
+            "term",
+            "last_log_index",
+            "applied_index",
+            "leader",
+        ] {
+            assert!(s.get(field).is_some(), "status --json lacks `{field}`: {s}");
+        }
+    }
+    assert_eq!(servers.iter().filter(|s| s["role"] == "active").count(), 1);
+
+    phase("errors exit 2 with the reason on stderr");
+    let (code, _, err) = run(ferrocotta()
+        .args(["cache", "get", "--cache", "cli", "k", "--connect-timeout", "1s"])
+        .env(
+            "FERROCOTTA_ARRAY_URLS",
+            format!("127.0.0.1:{}", common::free_ports(1)[0]),
+        ));
+    assert_eq!(code, 2);
+    assert!(err.contains("could not download"), "{err}");
+    let (code, _, err) = run(&mut with_array(&[
+        "cache",
+        "get",
+        "--cache",
+        "cli",
+        "k",
+        "--array-name",
+        "other",
+    ]));
+    assert_eq!(code, 2);
+    assert!(err.contains("wrong array name"), "{err}");
+}
+
+#[test]
+fn up_starts_an_array_writes_endpoints_and_stops_everything() {
+    let _lock = common::cluster_lock();
+    let _cache_array = binary("cache-array");
+    let dir = tempfile::tempdir().unwrap();
+    phase("ferrocotta up --base-port 0 in a fresh folder");
+    let mut up = ferrocotta()
+        .args(["up", "--base-port", "0", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(up.stdout.take().unwrap());
+    let mut printed = Vec::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let done = line.contains("Ctrl-C");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let printed = printed.join("\n");
+    assert!(printed.contains("is up"), "{printed}");
+
+    phase("endpoints.json lists every process with its addresses");
+    let endpoints: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("endpoints.json")).unwrap()).unwrap();
+    let procs = endpoints["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 3);
+    for p in procs {
+        assert_eq!(p["role"], "array");
+        for field in ["name", "pid", "client", "group", "admin"] {
+            assert!(p.get(field).is_some(), "endpoints.json lacks `{field}`");
+        }
+        assert!(printed.contains(p["client"].as_str().unwrap()), "the table shows {p}");
+    }
+    assert!(dir.path().join("cluster.toml").exists());
+
+    phase("the array answers through the CLI");
+    let urls = endpoints["array_urls"].as_str().unwrap().to_string();
+    let secret = endpoints["secret_file"].as_str().unwrap().to_string();
+    let (code, _, err) = run(ferrocotta()
+        .args(["cache", "put", "--cache", "up", "k", "v"])
+        .env("FERROCOTTA_ARRAY_URLS", &urls)
+        .env("FERROCOTTA_SECRET_FILE", &secret));
+    assert_eq!(code, 0, "{err}");
+
+    phase("SIGTERM (like Ctrl-C) stops every process it started");
+    let pids: Vec<i32> = procs.iter().map(|p| p["pid"].as_i64().unwrap() as i32).collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = up.wait().unwrap();
+    assert!(status.success(), "up exits 0 on Ctrl-C/SIGTERM: {status}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for pid in pids {
+        while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "array server {pid} still runs after up stopped"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Test harness: real `cache-array` processes on loopback, with free ports, their own data folder,
+//! and the means to kill -9 and restart them. Every process a harness starts is killed when it is
+//! dropped, also when the test fails.
+//!
+//! Cluster tests take a process-wide lock so that two arrays never compete for the two cores of a
+//! test machine at once; elections under that kind of starvation would make results noise.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferrocotta::config::{local_array, ClusterConfig, ServerPorts};
+use ferrocotta::protocol::{Reply, Role};
+use ferrocotta::{ArrayClient, ClientSettings};
+
+static CLUSTER_LOCK: Mutex<()> = Mutex::new(());
+
+/// Takes the process-wide cluster lock (for tests that start processes without a [`TestArray`]).
+pub fn cluster_lock() -> MutexGuard<'static, ()> {
+    CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Prints a phase of a test story.
+pub fn phase(what: &str) {
+    eprintln!("--- {what}");
+}
+
+/// Path of a workspace binary, building it if this test run did not.
+pub fn binary(name: &str) -> PathBuf {
+    let root_bin = PathBuf::from(env!("CARGO_BIN_EXE_ferrocotta"));
+    let path = root_bin.parent().expect("bin folder").join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--bin", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --bin {name} failed");
+    }
+    path
+}
+
+/// Free ports on 127.0.0.1 (all held until chosen, so none is handed out twice).
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
+        .collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// A running array.
+pub struct TestArray {
+    /// Temporary folder with config, secret, data and logs.
+    pub dir: tempfile::TempDir,
+    /// Path of `cluster.toml`.
+    pub config_path: PathBuf,
+    /// The config.
+    pub config: ClusterConfig,
+    /// The shared secret.
+    pub secret: Vec<u8>,
+    /// Running processes by server name.
+    procs: HashMap<String, Child>,
+    /// The cache-array binary.
+    bin: PathBuf,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl TestArray {
+    /// Writes the config of `stripes` x `per_stripe` servers and starts them all.
+    pub fn start(stripes: usize, per_stripe: usize) -> TestArray {
+        Self::start_with(stripes, per_stripe, |_| {})
+    }
+
+    /// Like [`TestArray::start`], with a chance to change the config first.
+    pub fn start_with(stripes: usize, per_stripe: usize, edit: impl FnOnce(&mut ClusterConfig)) -> TestArray {
+        let lock = cluster_lock();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let n = stripes * per_stripe;
+        let ports = free_ports(n * 3);
+        let mut config = local_array(
+            "test-array",
+            "127.0.0.1",
+            stripes,
+            per_stripe,
+            Some("secret".into()),
+            |i| ServerPorts {
+                port: ports[i * 3],
+                group_port: ports[i * 3 + 1],
+                admin_port: ports[i * 3 + 2],
+            },
+        );
+        edit(&mut config);
+        config.validate().expect("test config is valid");
+        let config_path = dir.path().join("cluster.toml");
+        std::fs::write(&config_path, config.to_toml()).unwrap();
+        let secret = b"test-secret-0123456789abcdef".to_vec();
+        std::fs::write(dir.path().join("secret"), &secret).unwrap();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let mut array = TestArray {
+            dir,
+            config_path,
+            config,
+            secret,
+            procs: HashMap::new(),
+            bin: binary("cache-array"),
+            _lock: lock,
+        };
+        let names: Vec<String> = array.config.servers().map(|(_, s)| s.name.clone()).collect();
+        for name in names {
+            array.spawn(&name);
+        }
+        array
+    }
+
+    /// Starts (or restarts) one server.
+    pub fn spawn(&mut self, name: &str) {
+        assert!(!self.procs.contains_key(name), "{name} is already running");
+        let log_path = self.dir.path().join("logs").join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--name")
+            .arg(name)
+            .env("RUST_LOG", "info,openraft=warn,sled=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start cache-array");
+        self.procs.insert(name.to_string(), child);
+    }
+
+    /// kill -9 of one server, waiting until it is gone.
+    pub fn kill9(&mut self, name: &str) {
+        let mut child = self
+            .procs
+            .remove(name)
+            .unwrap_or_else(|| panic!("{name} is not running"));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Pid of a running server.
+    pub fn pid(&self, name: &str) -> u32 {
+        self.procs[name].id()
+    }
+
+    /// Whether a server process is still running.
+    pub fn is_running(&mut self, name: &str) -> bool {
+        match self.procs.get_mut(name) {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Names of the servers of a stripe.
+    pub fn stripe_servers(&self, stripe: usize) -> Vec<String> {
+        self.config.stripes[stripe]
+            .servers
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// The URL list of every server.
+    pub fn urls(&self) -> String {
+        self.config
+            .servers()
+            .map(|(_, s)| s.client_addr())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Client settings for this array.
+    pub fn settings(&self) -> ClientSettings {
+        let mut s = ClientSettings::new(&self.urls()).unwrap();
+        s.secret = self.secret.clone();
+        s.array_name = Some(self.config.array_name.clone());
+        s.connect_timeout = Duration::from_secs(20);
+        s.request_timeout = Duration::from_secs(10);
+        s
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> ArrayClient {
+        ArrayClient::connect(self.settings()).await.expect("client connects")
+    }
+
+    /// Waits until a stripe has an active that a majority follows; returns its name.
+    pub async fn wait_active(&self, client: &ArrayClient, stripe: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let probes = client.probe_all(Duration::from_millis(500)).await;
+            let actives: Vec<&str> = probes
+                .iter()
+                .filter(|p| p.stripe == stripe)
+                .filter_map(|p| match &p.result {
+                    Ok(Reply::Pong {
+                        role: Role::Active,
+                        server,
+                        ..
+                    }) => Some(server.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if actives.len() == 1 {
+                // Make sure it really serves: a write through the stripe must succeed.
+                return actives[0].to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stripe {stripe} has no single active after {timeout:?}: {probes:?}\n{}",
+                self.log_tails()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls a server's `/v1/status` until `check` holds; panics after `timeout`.
+    pub async fn wait_status(&self, name: &str, timeout: Duration, check: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            if let Ok((200, body)) = try_http_get(&self.admin_addr(name), "/v1/status") {
+                if serde_json::from_str::<serde_json::Value>(&body)
+                    .map(|v| check(&v))
+                    .unwrap_or(false)
+                {
+                    return;
+                }
+                last = body;
+            }
+            assert!(Instant::now() < deadline, "{name}: status never matched; last: {last}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The admin address of a server.
+    pub fn admin_addr(&self, name: &str) -> String {
+        self.config.find_server(name).unwrap().1.admin_addr()
+    }
+
+    /// The client address of a server.
+    pub fn client_addr(&self, name: &str) -> String {
+        self.config.find_server(name).unwrap().1.client_addr()
+    }
+
+    /// The last lines of every server log, for failure messages.
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for (_, s) in self.config.servers() {
+            let path = self.dir.path().join("logs").join(format!("{}.log", s.name));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("=== {} ===\n", s.name));
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The folder of the array.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestArray {
+    fn drop(&mut self) {
+        for (_, mut child) in self.procs.drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// GET of an admin URL; returns (status, body). Panics if the server does not answer.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    try_http_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// GET of an admin URL; an error when the server does not answer.
+pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
