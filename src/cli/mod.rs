@@ -3,7 +3,9 @@
 //! - [`up`]: a whole local cluster in one command.
 //! - [`status`]: the array at a glance.
 //! - [`cache`]: get, put, remove and list keys from a shell.
+//! - [`bench`]: a load generator with latency percentiles.
 
+mod bench;
 mod cache;
 mod status;
 mod up;
@@ -32,6 +34,8 @@ enum Command {
     /// Read and write cache entries.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
+    /// Load an array and report throughput and latency percentiles.
+    Bench(bench::BenchArgs),
 }
 
 /// How to reach an array; shared by every command that talks to one.
@@ -82,5 +86,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Up(a) => up::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Cache(c) => cache::run(c).await,
+        Command::Bench(a) => bench::run(a).await,
     }
 }

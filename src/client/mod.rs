@@ -29,7 +29,7 @@ use crate::protocol::{ConnectionRole, ErrorReply, Op, ReadConsistency, Refusal, 
 pub const SERVER_CONNECT_ATTEMPT_MAX: Duration = Duration::from_secs(2);
 
 /// Pause between rounds once every server of a stripe has been tried without success.
-pub const ROUND_BACKOFF_MAX: Duration = Duration::from_millis(200);
+pub const ROUND_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// Settings of an [`ArrayClient`]; the defaults are those of Terracotta's client.
 #[derive(Debug, Clone)]

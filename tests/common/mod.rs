@@ -34,8 +34,13 @@ pub fn binary(name: &str) -> PathBuf {
     let root_bin = PathBuf::from(env!("CARGO_BIN_EXE_ferrocotta"));
     let path = root_bin.parent().expect("bin folder").join(name);
     if !path.exists() {
+        let release = root_bin.components().any(|c| c.as_os_str() == "release");
+        let mut args = vec!["build", "--bin", name];
+        if release {
+            args.push("--release");
+        }
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--bin", name])
+            .args(args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build");

@@ -1,0 +1,102 @@
+//! Figures of the cache array against real processes on loopback (`cargo bench --bench
+//! array_figures`): time from kill -9 of the active to the first successful write (several runs,
+//! median), and restart-to-serving time of a stripe holding 100k entries. Prints figures; asserts
+//! nothing about speed.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestArray;
+
+const CACHE: &str = "ferrocotta.figures";
+const FAILOVER_RUNS: usize = 7;
+const RESTART_ENTRIES: u64 = 100_000;
+
+async fn failover_once() -> Duration {
+    let mut array = TestArray::start(1, 3);
+    let client = array.client().await;
+    let active = array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    for i in 0..50 {
+        client.put(CACHE, format!("warm-{i}").as_bytes(), b"x").await.unwrap();
+    }
+    let killed = Instant::now();
+    array.kill9(&active);
+    let mut i = 0u64;
+    loop {
+        i += 1;
+        let started = Instant::now();
+        if client.put(CACHE, format!("after-{i}").as_bytes(), b"y").await.is_ok() && started > killed {
+            return killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "no failover within 30s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn restart_with_entries() -> (Duration, Duration) {
+    let mut array = TestArray::start(1, 3);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let value = vec![b'v'; 100];
+    let loaded = Instant::now();
+    let mut i = 0;
+    while i < RESTART_ENTRIES {
+        let end = (i + 1000).min(RESTART_ENTRIES);
+        let batch: Vec<(Vec<u8>, Vec<u8>)> = (i..end)
+            .map(|k| (format!("e{k:08}").into_bytes(), value.clone()))
+            .collect();
+        client.put_all(CACHE, &batch).await.unwrap();
+        i = end;
+    }
+    let load_time = loaded.elapsed();
+    drop(client);
+    let names = array.stripe_servers(0);
+    for n in &names {
+        array.kill9(n);
+    }
+    let restarted = Instant::now();
+    for n in &names {
+        array.spawn(n);
+    }
+    let client = array.client().await;
+    loop {
+        if let Ok(n) = client.size(CACHE).await {
+            assert_eq!(n, RESTART_ENTRIES, "every entry is back");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (load_time, restarted.elapsed())
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other argument is a filter we do not support.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut times = Vec::new();
+        for run in 0..FAILOVER_RUNS {
+            let t = failover_once().await;
+            println!("failover run {run}: first successful write {:.0} ms after kill -9 of the active", t.as_secs_f64() * 1e3);
+            times.push(t);
+        }
+        times.sort();
+        println!(
+            "failover: median {:.0} ms, min {:.0} ms, max {:.0} ms over {FAILOVER_RUNS} runs",
+            times[FAILOVER_RUNS / 2].as_secs_f64() * 1e3,
+            times[0].as_secs_f64() * 1e3,
+            times[FAILOVER_RUNS - 1].as_secs_f64() * 1e3
+        );
+        let (load, restart) = restart_with_entries().await;
+        println!(
+            "restart: {RESTART_ENTRIES} entries of 100 bytes (loaded in {:.1} s) serving again {:.0} ms after kill -9 and restart of all three servers",
+            load.as_secs_f64(),
+            restart.as_secs_f64() * 1e3
+        );
+    });
+}
