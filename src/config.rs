@@ -103,6 +103,32 @@ pub struct ClusterConfig {
     pub storage: Storage,
     /// The stripes (Terracotta "mirror groups"), in slot order.
     pub stripes: Vec<StripeConfig>,
+    /// Settings of named caches, applied when such a cache is first used.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub caches: std::collections::BTreeMap<String, CacheConfig>,
+}
+
+/// Settings of one named cache in the config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Beyond this many entries per stripe the least recently used entry is evicted.
+    pub max_entries: Option<u64>,
+    /// Time to live: entries expire this long after their last write.
+    pub ttl: Option<ConfigDuration>,
+    /// Time to idle: entries expire this long after their last access.
+    pub tti: Option<ConfigDuration>,
+}
+
+impl CacheConfig {
+    /// As protocol settings.
+    pub fn settings(&self) -> crate::protocol::CacheSettings {
+        crate::protocol::CacheSettings {
+            max_entries: self.max_entries,
+            ttl_ms: self.ttl.map(|d| d.0.as_millis() as u64),
+            tti_ms: self.tti.map(|d| d.0.as_millis() as u64),
+        }
+    }
 }
 
 /// Timing of elections, heartbeats and client sessions.
@@ -317,6 +343,25 @@ impl ClusterConfig {
         if self.stripes.is_empty() {
             return Err(field_err("stripes", "at least one stripe is needed"));
         }
+        for (name, c) in &self.caches {
+            if name.is_empty() || name.len() > crate::protocol::MAX_CACHE_NAME_BYTES {
+                return Err(field_err(
+                    format!("caches.\"{name}\""),
+                    "cache names are 1 to 256 bytes",
+                ));
+            }
+            if c.max_entries == Some(0) {
+                return Err(field_err(
+                    format!("caches.\"{name}\".max_entries"),
+                    "must be at least 1",
+                ));
+            }
+            for (field, d) in [("ttl", c.ttl), ("tti", c.tti)] {
+                if d.is_some_and(|d| d.0 < Duration::from_millis(1)) {
+                    return Err(field_err(format!("caches.\"{name}\".{field}"), "must be at least 1ms"));
+                }
+            }
+        }
         if self.stripes.len() > SLOT_COUNT as usize {
             return Err(field_err("stripes", format!("at most {SLOT_COUNT} stripes")));
         }
@@ -493,6 +538,7 @@ pub fn local_array(
         security: Security { secret_file },
         storage: Storage::default(),
         stripes,
+        caches: Default::default(),
     }
 }
 

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 /// Version of this protocol; a server refuses a client with another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The software version of this build.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -197,6 +197,7 @@ pub enum Op {
         cache: String,
         key: Vec<u8>,
         value: Vec<u8>,
+        opts: PutOptions,
     },
     /// Sets many keys (all of this stripe) atomically.
     PutAll {
@@ -208,6 +209,7 @@ pub enum Op {
         cache: String,
         key: Vec<u8>,
         value: Vec<u8>,
+        opts: PutOptions,
     },
     /// Sets a key only if present; replies with the previous value.
     Replace {
@@ -244,6 +246,77 @@ pub enum Op {
     Clear { cache: String },
     /// Adds `delta` to a decimal counter (absent counts as 0); replies with the new value.
     Increment { cache: String, key: Vec<u8>, delta: i64 },
+    /// Creates a cache with these settings unless it exists (on this stripe); replies whether it
+    /// was created.
+    CreateCache { cache: String, settings: CacheSettings },
+    /// Opens a client session on this stripe; replies [`Reply::Session`].
+    OpenSession { client_name: String },
+    /// Renews a session's lease (served by the active from memory, not logged).
+    KeepAlive { session: u64 },
+    /// Ends a session: releases its locks and removes its ephemeral entries.
+    CloseSession { session: u64 },
+    /// Takes a lock on a key for a session. `wait_ms` < 0 waits forever, 0 fails at once when the
+    /// lock is taken, > 0 waits that long. Replies `Done` when granted, `LockTimeout` otherwise.
+    Lock {
+        cache: String,
+        key: Vec<u8>,
+        mode: LockMode,
+        session: u64,
+        wait_ms: i64,
+    },
+    /// Releases one hold of a lock.
+    Unlock { cache: String, key: Vec<u8>, session: u64 },
+    /// Locks held or waited for, optionally in one cache.
+    ListLocks {
+        cache: Option<String>,
+        read: ReadConsistency,
+    },
+}
+
+/// Options of a put.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutOptions {
+    /// Time to live of this entry (overrides the cache's), in milliseconds.
+    pub ttl_ms: Option<u64>,
+    /// Time to idle of this entry (overrides the cache's), in milliseconds.
+    pub tti_ms: Option<u64>,
+    /// Ties the entry to a client session: it is removed when the session ends (ephemeral).
+    pub session: Option<u64>,
+}
+
+/// Settings of a cache, from the config or given at creation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSettings {
+    /// Beyond this many entries (per stripe), the least recently used is evicted.
+    pub max_entries: Option<u64>,
+    /// Entries expire this long after their last write, in milliseconds.
+    pub ttl_ms: Option<u64>,
+    /// Entries expire this long after their last access, in milliseconds.
+    pub tti_ms: Option<u64>,
+}
+
+/// Kind of lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockMode {
+    /// One holder at a time.
+    Exclusive,
+    /// Any number of holders, none exclusive.
+    Shared,
+}
+
+/// A lock as listed by `ListLocks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// Cache of the locked key.
+    pub cache: String,
+    /// The locked key.
+    pub key: Vec<u8>,
+    /// Mode of the current holders.
+    pub mode: LockMode,
+    /// Holding sessions with their client names and hold counts.
+    pub holders: Vec<(u64, String, u32)>,
+    /// Waiting sessions in order, with the mode they want.
+    pub waiters: Vec<(u64, LockMode)>,
 }
 
 impl Op {
@@ -252,6 +325,11 @@ impl Op {
         matches!(
             self,
             Op::Put { .. }
+                | Op::CreateCache { .. }
+                | Op::OpenSession { .. }
+                | Op::CloseSession { .. }
+                | Op::Lock { .. }
+                | Op::Unlock { .. }
                 | Op::PutAll { .. }
                 | Op::PutIfAbsent { .. }
                 | Op::Replace { .. }
@@ -281,14 +359,25 @@ impl Op {
             Op::Size { .. } => "size",
             Op::Clear { .. } => "clear",
             Op::Increment { .. } => "increment",
+            Op::CreateCache { .. } => "create_cache",
+            Op::OpenSession { .. } => "open_session",
+            Op::KeepAlive { .. } => "keep_alive",
+            Op::CloseSession { .. } => "close_session",
+            Op::Lock { .. } => "lock",
+            Op::Unlock { .. } => "unlock",
+            Op::ListLocks { .. } => "list_locks",
         }
     }
 
     /// The cache the operation names, if any.
     pub fn cache(&self) -> Option<&str> {
         match self {
-            Op::Ping => None,
+            Op::Ping | Op::OpenSession { .. } | Op::KeepAlive { .. } | Op::CloseSession { .. } => None,
+            Op::ListLocks { cache, .. } => cache.as_deref(),
             Op::Get { cache, .. }
+            | Op::CreateCache { cache, .. }
+            | Op::Lock { cache, .. }
+            | Op::Unlock { cache, .. }
             | Op::GetAll { cache, .. }
             | Op::Contains { cache, .. }
             | Op::Put { cache, .. }
@@ -316,10 +405,20 @@ impl Op {
             | Op::ReplaceIfEqual { key, .. }
             | Op::Remove { key, .. }
             | Op::RemoveIfEqual { key, .. }
-            | Op::Increment { key, .. } => vec![key.as_slice()],
+            | Op::Increment { key, .. }
+            | Op::Lock { key, .. }
+            | Op::Unlock { key, .. } => vec![key.as_slice()],
             Op::GetAll { keys, .. } => keys.iter().map(|k| k.as_slice()).collect(),
             Op::PutAll { entries, .. } => entries.iter().map(|(k, _)| k.as_slice()).collect(),
-            Op::Ping | Op::Keys { .. } | Op::Size { .. } | Op::Clear { .. } => Vec::new(),
+            Op::Ping
+            | Op::Keys { .. }
+            | Op::Size { .. }
+            | Op::Clear { .. }
+            | Op::CreateCache { .. }
+            | Op::OpenSession { .. }
+            | Op::KeepAlive { .. }
+            | Op::CloseSession { .. }
+            | Op::ListLocks { .. } => Vec::new(),
         }
     }
 }
@@ -367,6 +466,15 @@ pub enum Reply {
     Size(u64),
     /// A counter's new value.
     Counter(i64),
+    /// A session was opened.
+    Session {
+        /// Its id on this stripe.
+        id: u64,
+        /// How long it survives without keep-alives, in milliseconds.
+        reconnect_window_ms: u64,
+    },
+    /// Locks, for `ListLocks`.
+    Locks(Vec<LockInfo>),
 }
 
 /// Failures a server reports.
@@ -387,6 +495,15 @@ pub enum ErrorReply {
     /// The request is malformed or breaks a limit.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The session is unknown or has expired: the client must rejoin with a new session.
+    #[error("the client session has expired")]
+    SessionExpired,
+    /// The lock was not granted within the wait time (or at once, for a wait of 0).
+    #[error("the lock was not granted in time")]
+    LockTimeout,
+    /// The session does not hold the lock it tried to release.
+    #[error("the session does not hold this lock")]
+    NotLockHolder,
     /// The value of the key is not a decimal counter.
     #[error("the value is not a decimal integer counter")]
     NotACounter,
@@ -540,6 +657,7 @@ mod tests {
                 cache: "c".into(),
                 key: b"k".to_vec(),
                 value: b"v".to_vec(),
+                opts: PutOptions::default(),
             },
         });
         let bytes = encode(&req);

@@ -56,8 +56,12 @@ pub struct Status {
     pub purged_index: Option<u64>,
     /// Client connections open now.
     pub client_connections: u64,
-    /// Entry count by cache.
+    /// Entry count by cache (expired entries count until the sweep removes them).
     pub caches: std::collections::BTreeMap<String, u64>,
+    /// Live client sessions on this stripe.
+    pub client_sessions: u64,
+    /// Locks held or waited for on this stripe.
+    pub locks: u64,
     /// fsyncs of the log so far.
     pub log_flushes: u64,
     /// Appends and votes those fsyncs covered.
@@ -94,7 +98,9 @@ fn status_of(s: &AdminState) -> Status {
         snapshot_index: m.snapshot_index,
         purged_index: m.purged_index,
         client_connections: s.metrics.client_connections.load(Relaxed),
-        caches: s.stripe.shared.read(|d| d.caches.entry_counts()),
+        caches: s.stripe.shared.read(|d| d.store.entry_counts()),
+        client_sessions: s.stripe.shared.read(|d| d.store.sessions.len() as u64),
+        locks: s.stripe.shared.read(|d| d.store.locks.len() as u64),
         log_flushes: s.flush_stats.flushes.load(Relaxed),
         log_flush_waiters: s.flush_stats.waiters.load(Relaxed),
     }

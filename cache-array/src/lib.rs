@@ -2,7 +2,11 @@
 //!
 //! - [`types`]: the openraft type configuration and the log entry payload.
 //! - [`log_store`]: the Raft log and vote in sled, with group commit.
-//! - [`state_machine`]: the caches in memory, checksummed snapshots on disk.
+//! - [`store`]: the replicated data: caches with expiry and eviction, sessions, locks.
+//! - [`sessions`]: client sessions in the store: open, end, what ending releases.
+//! - [`locks`]: exclusive and shared locks with ordered waiters.
+//! - [`state_machine`]: the store behind openraft's state machine, checksummed snapshots on disk.
+//! - [`upkeep`]: the active's duties: keep-alives, access-time batches, expiry sweeps.
 //! - [`network`]: Raft traffic between servers on the group port.
 //! - [`stripe`]: the Raft node of this server, stripe formation, safe writes and read-index reads.
 //! - [`service`]: the client port.
@@ -11,11 +15,15 @@
 //! - [`server`]: wiring and shutdown.
 
 pub mod admin;
+pub mod locks;
 pub mod log_store;
 pub mod metrics;
 pub mod network;
 pub mod server;
 pub mod service;
+pub mod sessions;
 pub mod state_machine;
+pub mod store;
 pub mod stripe;
 pub mod types;
+pub mod upkeep;

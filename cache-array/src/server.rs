@@ -82,7 +82,8 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     let log_store = LogStore::open(&data_dir.join("raft"))
         .with_context(|| format!("cannot open the log under {}", data_dir.join("raft").display()))?;
     let flush_stats = log_store.flush_stats();
-    let state_machine = StateMachineStore::open(&data_dir.join("snapshots")).map_err(anyhow::Error::msg)?;
+    let configured = config.caches.iter().map(|(n, c)| (n.clone(), c.settings())).collect();
+    let state_machine = StateMachineStore::open(&data_dir.join("snapshots"), configured).map_err(anyhow::Error::msg)?;
     let shared = state_machine.shared();
 
     let raft = start_raft(&config, position, &secret, log_store, state_machine).await?;
@@ -146,6 +147,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         version = SOFTWARE_VERSION,
     );
     spawn_leader_log(&stripe, shutdown.clone());
+    tracker.spawn(crate::upkeep::run(stripe.clone(), shutdown.clone()));
 
     shutdown.cancelled().await;
     tracing::info!(event = "server.stopping", name = %me.name);

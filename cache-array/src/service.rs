@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::state_machine::is_linearizable;
-use crate::stripe::Stripe;
+use crate::stripe::{now_ms, Stripe};
 
 /// Requests one client connection may have in flight; beyond it the server stops reading that
 /// connection until some finish (backpressure instead of unbounded memory).
@@ -183,13 +183,35 @@ impl ClientService {
                 applied_index: m.applied_index,
             });
         }
+        match op {
+            Op::KeepAlive { session } => return stripe.keep_alive(session),
+            Op::Lock { .. } => return stripe.lock(op, timeout).await,
+            Op::OpenSession { .. } => {
+                return match stripe.write(op, timeout).await? {
+                    Reply::Session { id, .. } => {
+                        stripe.active.saw_session(id);
+                        Ok(Reply::Session {
+                            id,
+                            reconnect_window_ms: stripe.config.timing.client_reconnect_window.0.as_millis() as u64,
+                        })
+                    }
+                    other => Err(ErrorReply::Internal(format!("unexpected session reply {other:?}"))),
+                };
+            }
+            _ => {}
+        }
         if op.is_write() {
             return stripe.write(op, timeout).await;
         }
         if is_linearizable(&op) {
             stripe.read_barrier(timeout).await?;
         }
-        stripe.shared.serve_read(&op)
+        let now = now_ms();
+        let reply = stripe
+            .shared
+            .serve_read(&op, now, &|c, k| stripe.active.pending_access(c, k))?;
+        stripe.record_reads(&op, now);
+        Ok(reply)
     }
 
     /// Checks limits and slot ownership.
@@ -224,6 +246,7 @@ impl ClientService {
         let too_big = |v: &Vec<u8>| v.len() > limits.max_value_bytes as usize;
         let value_too_big = match op {
             Op::Put { value, .. } | Op::PutIfAbsent { value, .. } | Op::Replace { value, .. } => too_big(value),
+            Op::OpenSession { client_name } => client_name.len() > 256,
             Op::ReplaceIfEqual { expected, value, .. } => too_big(expected) || too_big(value),
             Op::RemoveIfEqual { expected, .. } => too_big(expected),
             Op::PutAll { entries, .. } => entries.iter().any(|(_, v)| too_big(v)),

@@ -16,11 +16,16 @@ use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use ferrocotta::protocol::{ErrorReply, Op, ReadConsistency, Reply, MAX_KEYS_PAGE};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use ferrocotta::protocol::{CacheSettings, ErrorReply, Op, ReadConsistency, Reply};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, StorageIOError};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
+use crate::store::{ApplyContext, Grant, Store};
 use crate::types::{
     Command, CommandKind, CommandResult, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
@@ -30,196 +35,6 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"FCSNAP01";
 const SNAPSHOT_HEADER_BYTES: usize = 8 + 4 + 8;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 
-/// One cache entry. (Expiry and access times join here.)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CacheEntry {
-    /// The value, opaque bytes.
-    pub value: Vec<u8>,
-}
-
-/// One named cache.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Cache {
-    /// Entries in key order (so `keys` pages are stable).
-    pub entries: BTreeMap<Vec<u8>, CacheEntry>,
-}
-
-/// Every cache of the stripe.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Caches {
-    /// Caches by name; a cache exists once something was written to it.
-    pub caches: BTreeMap<String, Cache>,
-}
-
-impl Caches {
-    /// Applies one client write. Never fails as a whole: a bad request yields an error reply,
-    /// identically on every replica.
-    pub fn apply_op(&mut self, op: &Op) -> Result<Reply, ErrorReply> {
-        match op {
-            Op::Put { cache, key, value } => {
-                let prev = self.cache_mut(cache).entries.insert(key.clone(), entry(value));
-                Ok(Reply::Value(prev.map(|e| e.value)))
-            }
-            Op::PutAll { cache, entries } => {
-                let c = self.cache_mut(cache);
-                for (k, v) in entries {
-                    c.entries.insert(k.clone(), entry(v));
-                }
-                Ok(Reply::Done)
-            }
-            Op::PutIfAbsent { cache, key, value } => {
-                let c = self.cache_mut(cache);
-                match c.entries.get(key) {
-                    Some(e) => Ok(Reply::Value(Some(e.value.clone()))),
-                    None => {
-                        c.entries.insert(key.clone(), entry(value));
-                        Ok(Reply::Value(None))
-                    }
-                }
-            }
-            Op::Replace { cache, key, value } => {
-                let Some(c) = self.caches.get_mut(cache) else {
-                    return Ok(Reply::Value(None));
-                };
-                match c.entries.get_mut(key) {
-                    Some(e) => Ok(Reply::Value(Some(std::mem::replace(&mut e.value, value.clone())))),
-                    None => Ok(Reply::Value(None)),
-                }
-            }
-            Op::ReplaceIfEqual {
-                cache,
-                key,
-                expected,
-                value,
-            } => {
-                let Some(e) = self.caches.get_mut(cache).and_then(|c| c.entries.get_mut(key)) else {
-                    return Ok(Reply::Bool(false));
-                };
-                if e.value == *expected {
-                    e.value = value.clone();
-                    Ok(Reply::Bool(true))
-                } else {
-                    Ok(Reply::Bool(false))
-                }
-            }
-            Op::Remove { cache, key } => {
-                let prev = self.caches.get_mut(cache).and_then(|c| c.entries.remove(key));
-                self.drop_if_empty(cache);
-                Ok(Reply::Value(prev.map(|e| e.value)))
-            }
-            Op::RemoveIfEqual { cache, key, expected } => {
-                let Some(c) = self.caches.get_mut(cache) else {
-                    return Ok(Reply::Bool(false));
-                };
-                let equal = c.entries.get(key).map(|e| e.value == *expected).unwrap_or(false);
-                if equal {
-                    c.entries.remove(key);
-                    self.drop_if_empty(cache);
-                }
-                Ok(Reply::Bool(equal))
-            }
-            Op::Clear { cache } => {
-                self.caches.remove(cache);
-                Ok(Reply::Done)
-            }
-            Op::Increment { cache, key, delta } => {
-                let c = self.cache_mut(cache);
-                let current = match c.entries.get(key) {
-                    None => 0i64,
-                    Some(e) => match std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<i64>().ok())
-                    {
-                        Some(n) => n,
-                        None => return Err(ErrorReply::NotACounter),
-                    },
-                };
-                let Some(next) = current.checked_add(*delta) else {
-                    return Err(ErrorReply::Invalid("counter overflow".into()));
-                };
-                c.entries.insert(key.clone(), entry(next.to_string().as_bytes()));
-                Ok(Reply::Counter(next))
-            }
-            read => Err(ErrorReply::Internal(format!("`{}` is not a write", read.kind()))),
-        }
-    }
-
-    /// Serves a read from what has been applied.
-    pub fn read_op(&self, op: &Op) -> Result<Reply, ErrorReply> {
-        match op {
-            Op::Get { cache, key, .. } => Ok(Reply::Value(self.get(cache, key).map(|e| e.value.clone()))),
-            Op::GetAll { cache, keys, .. } => Ok(Reply::Values(
-                keys.iter()
-                    .map(|k| self.get(cache, k).map(|e| e.value.clone()))
-                    .collect(),
-            )),
-            Op::Contains { cache, key, .. } => Ok(Reply::Bool(self.get(cache, key).is_some())),
-            Op::Keys {
-                cache,
-                prefix,
-                after,
-                limit,
-                ..
-            } => {
-                let Some(c) = self.caches.get(cache) else {
-                    return Ok(Reply::Keys {
-                        keys: Vec::new(),
-                        more: false,
-                    });
-                };
-                let limit = (*limit).clamp(1, MAX_KEYS_PAGE) as usize;
-                let start = match after {
-                    Some(a) if a.as_slice() >= prefix.as_slice() => std::ops::Bound::Excluded(a.clone()),
-                    _ => std::ops::Bound::Included(prefix.clone()),
-                };
-                let mut keys = Vec::with_capacity(limit.min(1024));
-                let mut more = false;
-                for (k, _) in c.entries.range((start, std::ops::Bound::Unbounded)) {
-                    if !k.starts_with(prefix) {
-                        break;
-                    }
-                    if keys.len() == limit {
-                        more = true;
-                        break;
-                    }
-                    keys.push(k.clone());
-                }
-                Ok(Reply::Keys { keys, more })
-            }
-            Op::Size { cache, .. } => Ok(Reply::Size(
-                self.caches.get(cache).map(|c| c.entries.len() as u64).unwrap_or(0),
-            )),
-            write => Err(ErrorReply::Internal(format!("`{}` is not a read", write.kind()))),
-        }
-    }
-
-    fn get(&self, cache: &str, key: &[u8]) -> Option<&CacheEntry> {
-        self.caches.get(cache).and_then(|c| c.entries.get(key))
-    }
-
-    fn cache_mut(&mut self, name: &str) -> &mut Cache {
-        self.caches.entry(name.to_string()).or_default()
-    }
-
-    fn drop_if_empty(&mut self, name: &str) {
-        if self.caches.get(name).map(|c| c.entries.is_empty()).unwrap_or(false) {
-            self.caches.remove(name);
-        }
-    }
-
-    /// Entry counts by cache, for status.
-    pub fn entry_counts(&self) -> BTreeMap<String, u64> {
-        self.caches
-            .iter()
-            .map(|(n, c)| (n.clone(), c.entries.len() as u64))
-            .collect()
-    }
-}
-
-fn entry(value: &[u8]) -> CacheEntry {
-    CacheEntry { value: value.to_vec() }
-}
-
 /// Everything the state machine holds, behind one lock.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StateData {
@@ -227,9 +42,17 @@ pub struct StateData {
     pub last_applied: Option<LogId>,
     /// Last membership applied.
     pub last_membership: StoredMembership,
-    /// The caches.
-    pub caches: Caches,
+    /// Caches, sessions and locks.
+    pub store: Store,
 }
+
+/// Requests waiting for a lock grant, by (cache, key, session). Applying an entry that grants a
+/// lock wakes them; every server applies the same grants, so whichever server holds the waiting
+/// request wakes it.
+type LockWaiters = HashMap<(String, Vec<u8>, u64), Vec<oneshot::Sender<()>>>;
+
+/// Lock waiters one server may hold before new waits are refused.
+pub const LOCK_WAITERS_MAX: usize = 100_000;
 
 /// The state shared between the Raft state machine (writer) and the request path (readers).
 ///
@@ -238,6 +61,8 @@ pub struct StateData {
 #[derive(Debug, Default)]
 pub struct SharedState {
     data: RwLock<StateData>,
+    /// Requests waiting for lock grants.
+    lock_waiters: Mutex<LockWaiters>,
 }
 
 impl SharedState {
@@ -246,9 +71,56 @@ impl SharedState {
         f(&self.data.read().expect("state lock poisoned"))
     }
 
-    /// Serves a read operation.
-    pub fn serve_read(&self, op: &Op) -> Result<Reply, ErrorReply> {
-        self.read(|d| d.caches.read_op(op))
+    /// Serves a read operation at `now_ms`; see [`Store::read_op`].
+    pub fn serve_read(
+        &self,
+        op: &Op,
+        now_ms: u64,
+        pending_access: &dyn Fn(&str, &[u8]) -> Option<u64>,
+    ) -> Result<Reply, ErrorReply> {
+        self.read(|d| d.store.read_op(op, now_ms, pending_access))
+    }
+
+    /// Registers interest in a lock grant. Register first, then check whether the lock is already
+    /// held: a grant applied in between is then seen one way or the other.
+    pub fn wait_for_grant(&self, cache: &str, key: &[u8], session: u64) -> Result<oneshot::Receiver<()>, ErrorReply> {
+        let mut w = self.lock_waiters.lock().expect("lock waiters poisoned");
+        if w.len() >= LOCK_WAITERS_MAX {
+            return Err(ErrorReply::Invalid(format!(
+                "more than {LOCK_WAITERS_MAX} lock waits on this server"
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        w.entry((cache.to_string(), key.to_vec(), session))
+            .or_default()
+            .push(tx);
+        Ok(rx)
+    }
+
+    /// Forgets the waiters of a lock wait that ended without a grant.
+    pub fn forget_waiters(&self, cache: &str, key: &[u8], session: u64) {
+        let mut w = self.lock_waiters.lock().expect("lock waiters poisoned");
+        let id = (cache.to_string(), key.to_vec(), session);
+        if let Some(list) = w.get_mut(&id) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                w.remove(&id);
+            }
+        }
+    }
+
+    fn notify(&self, grants: Vec<Grant>) {
+        if grants.is_empty() {
+            return;
+        }
+        let mut w = self.lock_waiters.lock().expect("lock waiters poisoned");
+        for g in grants {
+            if let Some(list) = w.remove(&(g.cache, g.key, g.session)) {
+                for tx in list {
+                    let _ = tx.send(());
+                }
+            }
+        }
     }
 }
 
@@ -257,7 +129,7 @@ struct SnapshotPayload {
     snapshot_id: String,
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
-    caches: Caches,
+    store: Store,
 }
 
 /// Encodes a snapshot file.
@@ -311,12 +183,14 @@ pub struct StateMachineStore {
     snapshot_dir: PathBuf,
     /// Snapshots built so far, to give each a unique id.
     snapshots_built: u64,
+    /// Settings of caches named in the config (identical on every server).
+    configured: BTreeMap<String, CacheSettings>,
 }
 
 impl StateMachineStore {
     /// Opens the state machine, loading the snapshot in `snapshot_dir` if there is one. A corrupt
     /// snapshot is an error naming the file: the server must not start from it.
-    pub fn open(snapshot_dir: &Path) -> Result<StateMachineStore, String> {
+    pub fn open(snapshot_dir: &Path, configured: BTreeMap<String, CacheSettings>) -> Result<StateMachineStore, String> {
         std::fs::create_dir_all(snapshot_dir).map_err(|e| format!("cannot create {}: {e}", snapshot_dir.display()))?;
         let shared = Arc::new(SharedState::default());
         let path = snapshot_dir.join(SNAPSHOT_FILE);
@@ -326,18 +200,20 @@ impl StateMachineStore {
             let mut d = shared.data.write().expect("state lock poisoned");
             d.last_applied = payload.last_applied;
             d.last_membership = payload.last_membership;
-            d.caches = payload.caches;
+            d.store = payload.store;
+            d.store.rebuild_indexes();
             tracing::info!(
                 event = "state_machine.snapshot_loaded",
                 path = %path.display(),
                 last_applied = ?d.last_applied,
-                caches = d.caches.caches.len()
+                caches = d.store.caches.len()
             );
         }
         Ok(StateMachineStore {
             shared,
             snapshot_dir: snapshot_dir.to_path_buf(),
             snapshots_built: 0,
+            configured,
         })
     }
 
@@ -382,7 +258,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     snapshot_id: snapshot_id.clone(),
                     last_applied: d.last_applied,
                     last_membership: d.last_membership.clone(),
-                    caches: d.caches.clone(),
+                    store: d.store.clone(),
                 };
                 let meta = SnapshotMeta {
                     last_log_id: d.last_applied,
@@ -418,20 +294,31 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
-        let mut d = self.shared.data.write().expect("state lock poisoned");
-        for entry in entries {
-            d.last_applied = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Blank => out.push(CommandResult(Ok(Reply::Done))),
-                EntryPayload::Normal(Command { kind, .. }) => match kind {
-                    CommandKind::Client(op) => out.push(CommandResult(d.caches.apply_op(&op))),
-                },
-                EntryPayload::Membership(m) => {
-                    d.last_membership = StoredMembership::new(Some(entry.log_id), m);
-                    out.push(CommandResult(Ok(Reply::Done)));
+        let mut grants = Vec::new();
+        {
+            let mut d = self.shared.data.write().expect("state lock poisoned");
+            for entry in entries {
+                d.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => out.push(CommandResult(Ok(Reply::Done))),
+                    EntryPayload::Normal(Command { at_ms, kind }) => {
+                        let mut ctx = ApplyContext {
+                            now_ms: at_ms,
+                            index: entry.log_id.index,
+                            configured: &self.configured,
+                            grants: Vec::new(),
+                        };
+                        out.push(CommandResult(apply_command(&mut d.store, kind, &mut ctx)));
+                        grants.append(&mut ctx.grants);
+                    }
+                    EntryPayload::Membership(m) => {
+                        d.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                        out.push(CommandResult(Ok(Reply::Done)));
+                    }
                 }
             }
         }
+        self.shared.notify(grants);
         Ok(out)
     }
 
@@ -469,7 +356,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut d = self.shared.data.write().expect("state lock poisoned");
         d.last_applied = meta.last_log_id;
         d.last_membership = meta.last_membership.clone();
-        d.caches = payload.caches;
+        d.store = payload.store;
+        d.store.rebuild_indexes();
         tracing::info!(event = "state_machine.snapshot_installed", last_log_id = ?meta.last_log_id, bytes = bytes.len());
         Ok(())
     }
@@ -489,6 +377,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
+/// Applies one log payload to the store.
+fn apply_command(store: &mut Store, kind: CommandKind, ctx: &mut ApplyContext) -> Result<Reply, ErrorReply> {
+    match kind {
+        CommandKind::Client(op) => store.apply_op(&op, ctx),
+        CommandKind::Touch(accesses) => {
+            store.touch(&accesses, ctx);
+            Ok(Reply::Done)
+        }
+        CommandKind::Expire(keys) => Ok(Reply::Size(store.expire(&keys, ctx.now_ms) as u64)),
+        CommandKind::ExpireSessions(ids) => {
+            let mut ended = 0;
+            for id in ids {
+                ended += store.end_session(id, ctx) as u64;
+            }
+            Ok(Reply::Size(ended))
+        }
+        CommandKind::LockWaitCancel { cache, key, session } => store.cancel_wait(&cache, &key, session, ctx),
+    }
+}
+
 /// Whether a read must go through the read index.
 pub fn is_linearizable(op: &Op) -> bool {
     match op {
@@ -496,7 +404,8 @@ pub fn is_linearizable(op: &Op) -> bool {
         | Op::GetAll { read, .. }
         | Op::Contains { read, .. }
         | Op::Keys { read, .. }
-        | Op::Size { read, .. } => *read == ReadConsistency::Linearizable,
+        | Op::Size { read, .. }
+        | Op::ListLocks { read, .. } => *read == ReadConsistency::Linearizable,
         _ => false,
     }
 }
@@ -505,63 +414,13 @@ pub fn is_linearizable(op: &Op) -> bool {
 mod tests {
     use super::*;
 
-    fn put(c: &str, k: &str, v: &str) -> Op {
-        Op::Put {
-            cache: c.into(),
-            key: k.into(),
-            value: v.into(),
-        }
-    }
-
-    #[test]
-    fn operations_behave_like_a_map() {
-        let mut s = Caches::default();
-        assert_eq!(s.apply_op(&put("c", "a", "1")), Ok(Reply::Value(None)));
-        assert_eq!(s.apply_op(&put("c", "a", "2")), Ok(Reply::Value(Some(b"1".to_vec()))));
-        let cas = |e: &str, v: &str| Op::ReplaceIfEqual {
-            cache: "c".into(),
-            key: b"a".to_vec(),
-            expected: e.into(),
-            value: v.into(),
-        };
-        assert_eq!(s.apply_op(&cas("1", "three")), Ok(Reply::Bool(false)));
-        assert_eq!(s.apply_op(&cas("2", "three")), Ok(Reply::Bool(true)));
-        let inc = Op::Increment {
-            cache: "c".into(),
-            key: b"n".to_vec(),
-            delta: 5,
-        };
-        assert_eq!(s.apply_op(&inc), Ok(Reply::Counter(5)));
-        assert_eq!(s.apply_op(&inc), Ok(Reply::Counter(10)));
-        let inc_a = Op::Increment {
-            cache: "c".into(),
-            key: b"a".to_vec(),
-            delta: 1,
-        };
-        assert_eq!(s.apply_op(&inc_a), Err(ErrorReply::NotACounter));
-        let keys = Op::Keys {
-            cache: "c".into(),
-            prefix: Vec::new(),
-            after: None,
-            limit: 1,
-            read: ReadConsistency::Linearizable,
-        };
-        assert_eq!(
-            s.read_op(&keys),
-            Ok(Reply::Keys {
-                keys: vec![b"a".to_vec()],
-                more: true
-            })
-        );
-    }
-
     #[test]
     fn corrupt_snapshots_are_refused() {
         let payload = SnapshotPayload {
             snapshot_id: "x".into(),
             last_applied: None,
             last_membership: StoredMembership::default(),
-            caches: Caches::default(),
+            store: Store::default(),
         };
         let mut bytes = encode_snapshot(&payload);
         assert!(decode_snapshot(&bytes).is_ok());

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::state_machine::SharedState;
 use crate::types::{Command, CommandKind, NodeId, Raft};
+use crate::upkeep::ActiveState;
 
 /// Linearizable reads that may wait for the next read-index round before callers block.
 pub const READ_QUEUE_MAX: usize = 65_536;
@@ -48,6 +49,8 @@ pub struct Stripe {
     reads: mpsc::Sender<ReadWaiter>,
     /// A majority acknowledgement older than this means the active has lost its quorum.
     quorum_stale_after: Duration,
+    /// What this server tracks in memory while it is the active (keep-alives, reads).
+    pub active: ActiveState,
 }
 
 impl Stripe {
@@ -70,6 +73,7 @@ impl Stripe {
             names,
             reads: tx,
             quorum_stale_after,
+            active: ActiveState::default(),
         }
     }
 
@@ -154,13 +158,22 @@ impl Stripe {
                 .unwrap_or(false)
     }
 
+    /// The current term if this server is the active, else `None`.
+    pub fn active_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.state == ServerState::Leader).then_some(m.current_term)
+    }
+
     /// Proposes a client write and waits for it to be committed and applied.
     pub async fn write(&self, op: Op, timeout: Duration) -> Result<Reply, ErrorReply> {
+        self.propose(CommandKind::Client(op), timeout).await
+    }
+
+    /// Proposes a log entry stamped with this server's clock and waits for its result.
+    pub async fn propose(&self, kind: CommandKind, timeout: Duration) -> Result<Reply, ErrorReply> {
         self.check_serving()?;
-        let cmd = Command {
-            at_ms: now_ms(),
-            kind: CommandKind::Client(op),
-        };
+        let cmd = Command { at_ms: now_ms(), kind };
         let write = self.raft.client_write(cmd);
         tokio::pin!(write);
         let deadline = tokio::time::sleep(timeout);
@@ -185,6 +198,83 @@ impl Stripe {
                     }
                 }
             }
+        }
+    }
+
+    /// Answers a keep-alive from memory: the session lives if the store has it.
+    pub fn keep_alive(&self, session: u64) -> Result<Reply, ErrorReply> {
+        self.check_serving()?;
+        if self.shared.read(|d| d.store.sessions.contains_key(&session)) {
+            self.active.saw_session(session);
+            Ok(Reply::Done)
+        } else {
+            Err(ErrorReply::SessionExpired)
+        }
+    }
+
+    /// Takes a lock, waiting in the replicated queue as the request asks (see `locks`).
+    pub async fn lock(&self, op: Op, timeout: Duration) -> Result<Reply, ErrorReply> {
+        let Op::Lock {
+            ref cache,
+            ref key,
+            session,
+            wait_ms,
+            ..
+        } = op
+        else {
+            return Err(ErrorReply::Internal("not a lock request".into()));
+        };
+        let (cache, key) = (cache.clone(), key.clone());
+        let started = tokio::time::Instant::now();
+        match self.write(op, timeout).await? {
+            Reply::Done => return Ok(Reply::Done),
+            Reply::Bool(false) => {} // queued
+            other => return Err(ErrorReply::Internal(format!("unexpected lock result {other:?}"))),
+        }
+        self.active.saw_session(session);
+        let rx = self.shared.wait_for_grant(&cache, &key, session)?;
+        let wait = if wait_ms > 0 {
+            Duration::from_millis(wait_ms as u64).min(timeout)
+        } else {
+            timeout
+        };
+        let granted = self.shared.read(|d| d.store.holds(&cache, &key, session))
+            || tokio::time::timeout(wait.saturating_sub(started.elapsed()), rx)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        self.shared.forget_waiters(&cache, &key, session);
+        if granted {
+            return Ok(Reply::Done);
+        }
+        if wait_ms < 0 {
+            // Waiting forever: keep the place in the queue; the client asks again.
+            return Err(ErrorReply::LockTimeout);
+        }
+        let cancel = CommandKind::LockWaitCancel { cache, key, session };
+        self.propose(cancel, Duration::from_secs(5)).await
+    }
+
+    /// Records reads of entries whose access time matters (tti, LRU), while this server is active.
+    pub fn record_reads(&self, op: &Op, now_ms: u64) {
+        let (cache, keys): (&str, Vec<&[u8]>) = match op {
+            Op::Get { cache, key, .. } | Op::Contains { cache, key, .. } => (cache, vec![key.as_slice()]),
+            Op::GetAll { cache, keys, .. } => (cache, keys.iter().map(|k| k.as_slice()).collect()),
+            _ => return,
+        };
+        if self.active_term().is_none() {
+            return;
+        }
+        let wanted: Vec<&[u8]> = self.shared.read(|d| {
+            let Some(c) = d.store.caches.get(cache) else {
+                return Vec::new();
+            };
+            let lru = c.settings.max_entries.is_some();
+            keys.into_iter()
+                .filter(|k| c.entries.get(*k).is_some_and(|e| lru || e.tti_ms.is_some()))
+                .collect()
+        });
+        for k in wanted {
+            self.active.record_access(cache, k, now_ms);
         }
     }
 

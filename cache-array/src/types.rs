@@ -51,6 +51,14 @@ pub struct Command {
 pub enum CommandKind {
     /// A write from a client, exactly as it arrived (only write operations are logged).
     Client(Op),
+    /// Accesses the active served since its last batch: (cache, key, access time).
+    Touch(Vec<(String, Vec<u8>, u64)>),
+    /// Entries the active found expired; each is removed only if it is still expired at `at_ms`.
+    Expire(Vec<(String, Vec<u8>)>),
+    /// Sessions the active has not heard from within the reconnect window.
+    ExpireSessions(Vec<u64>),
+    /// A lock waiter whose wait ran out gives up its place (unless it was granted meanwhile).
+    LockWaitCancel { cache: String, key: Vec<u8>, session: u64 },
 }
 
 /// The outcome of applying a command, returned to the client that proposed it.

@@ -11,7 +11,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = LogStore::open(&dir.path().join("raft")).expect("open log store");
-        let sm = StateMachineStore::open(&dir.path().join("snapshots")).expect("open state machine");
+        let sm =
+            StateMachineStore::open(&dir.path().join("snapshots"), Default::default()).expect("open state machine");
         Ok((dir, log, sm))
     }
 }

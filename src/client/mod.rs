@@ -11,6 +11,8 @@
 //! [`ClientError::Indeterminate`] and decides.
 
 mod connection;
+mod nonstop;
+mod session;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,10 +21,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use connection::{CallError, Connection};
+pub use nonstop::{CacheHandle, NonstopSettings, TimeoutBehavior, WriteOutcome, LOCAL_COPIES_MAX};
+pub use session::{ClientEvent, ConnectionState, LockHandle, LockWait};
 
 use crate::config::ClusterConfig;
 use crate::handshake::{self, ClientIdentity, HandshakeError};
-use crate::protocol::{ConnectionRole, ErrorReply, Op, ReadConsistency, Refusal, Reply, Role, SOFTWARE_VERSION};
+use crate::protocol::{
+    ConnectionRole, ErrorReply, Op, PutOptions, ReadConsistency, Refusal, Reply, Role, SOFTWARE_VERSION,
+};
 
 /// Longest a single attempt to connect to one server of the config may take (capped further by
 /// the request's own deadline); a server that does not answer in this time is skipped for now.
@@ -50,6 +56,18 @@ pub struct ClientSettings {
     pub request_timeout: Duration,
     /// Software version announced in the handshake. Only tests change it, to provoke a mismatch.
     pub software_version: String,
+    /// Name this client gives its sessions (shown in lock listings and server logs).
+    pub client_name: String,
+    /// How often the client renews its sessions and checks that the array answers; also how long
+    /// it waits for each renewal before it reports itself disconnected.
+    pub keepalive_interval: Duration,
+    /// Nonstop settings of caches not listed in `nonstop`.
+    pub default_nonstop: NonstopSettings,
+    /// Nonstop settings by cache name.
+    pub nonstop: HashMap<String, NonstopSettings>,
+    /// Addresses to dial instead of the ones in the config (`config address -> address to use`),
+    /// for clients that reach the array through port forwarding (and tests, through a fault proxy).
+    pub address_map: HashMap<String, String>,
 }
 
 impl ClientSettings {
@@ -82,6 +100,11 @@ impl ClientSettings {
             max_connect_retries: None,
             request_timeout: Duration::from_secs(30),
             software_version: SOFTWARE_VERSION.to_string(),
+            client_name: format!("client-{}", std::process::id()),
+            keepalive_interval: Duration::from_secs(1),
+            default_nonstop: NonstopSettings::default(),
+            nonstop: HashMap::new(),
+            address_map: HashMap::new(),
         })
     }
 
@@ -159,6 +182,26 @@ pub enum ClientError {
     /// Bad input from the caller.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A nonstop deadline passed (SPEC 3.3): the array did not answer in time.
+    #[error("nonstop timeout: `{op}` on cache `{cache}` got no answer within {timeout:?}")]
+    NonstopTimeout {
+        /// The operation.
+        op: &'static str,
+        /// The cache.
+        cache: String,
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+    /// The client's session on a stripe expired; the client has rejoined with a new one.
+    #[error("the client session expired; the client rejoined with a new session")]
+    SessionExpired,
+    /// A lock taken before a rejoin cannot be released: the session that held it is gone, and with
+    /// it the lock.
+    #[error("the lock was taken before the client rejoined the array; it is no longer held")]
+    InvalidLockAfterRejoin,
+    /// The lock was not granted within the wait time.
+    #[error("the lock was not granted within the wait time")]
+    LockTimeout,
 }
 
 fn list_failures(failures: &[(String, String)]) -> String {
@@ -257,6 +300,10 @@ struct Inner {
     rotation: std::sync::atomic::AtomicUsize,
     /// The URL that handed over the config, and the name of the server behind it.
     config_source: (String, String),
+    /// Sessions, connection state and events.
+    sessions: session::SessionState,
+    /// Local copies for the `local_reads` nonstop behaviours.
+    local: nonstop::LocalCopies,
 }
 
 impl ArrayClient {
@@ -264,6 +311,7 @@ impl ArrayClient {
     pub async fn connect(settings: ClientSettings) -> Result<ArrayClient, ClientError> {
         let client = Self::bootstrap(settings).await?;
         client.connect_to_servers().await?;
+        client.start_sessions().await?;
         Ok(client)
     }
 
@@ -283,7 +331,7 @@ impl ArrayClient {
         );
         let stripes = config.stripes.len();
         let first_name = first.welcome.server_name.clone();
-        let routing = Routing::new(Arc::new(config), config_toml, None);
+        let routing = Routing::new(Arc::new(config), config_toml, None, &settings.address_map);
         if let Some(h) = routing.servers.get(&first.welcome.server_name) {
             *h.conn.try_lock().expect("fresh handle") = Some(first);
         }
@@ -295,6 +343,8 @@ impl ArrayClient {
                 leaders: Mutex::new(vec![None; stripes]),
                 rotation: std::sync::atomic::AtomicUsize::new(rand::random::<u16>() as usize),
                 config_source: (url, first_name),
+                sessions: session::SessionState::new(stripes),
+                local: nonstop::LocalCopies::default(),
             }),
         };
         Ok(client)
@@ -397,7 +447,12 @@ impl ArrayClient {
             Ok(config) => {
                 let mut guard = self.inner.routing.write().expect("routing lock");
                 let stripes = config.stripes.len();
-                let next = Routing::new(Arc::new(config), config_toml, Some(&guard));
+                let next = Routing::new(
+                    Arc::new(config),
+                    config_toml,
+                    Some(&guard),
+                    &self.inner.settings.address_map,
+                );
                 *guard = Arc::new(next);
                 *self.inner.leaders.lock().expect("leaders lock") = vec![None; stripes];
                 tracing::info!(event = "client.config_refreshed", stripes);
@@ -443,6 +498,7 @@ impl ArrayClient {
             | Op::Contains { read, .. }
             | Op::Keys { read, .. }
             | Op::Size { read, .. } => Some(*read),
+            Op::ListLocks { read, .. } => Some(*read),
             Op::Ping => Some(ReadConsistency::Eventual),
             _ => None,
         };
@@ -545,7 +601,8 @@ impl ArrayClient {
         }
     }
 
-    fn stripe_of(&self, key: &[u8]) -> usize {
+    /// The stripe that owns a key.
+    pub fn stripe_of(&self, key: &[u8]) -> usize {
         self.routing().config.stripe_of_key(key)
     }
 
@@ -624,12 +681,51 @@ impl ArrayClient {
 
     /// Sets a key; returns the previous value.
     pub async fn put(&self, cache: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        self.put_with(cache, key, value, PutOptions::default()).await
+    }
+
+    /// Sets a key with a time to live or to idle of its own; returns the previous value.
+    pub async fn put_with(
+        &self,
+        cache: &str,
+        key: &[u8],
+        value: &[u8],
+        opts: PutOptions,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
         let op = Op::Put {
             cache: cache.into(),
             key: key.to_vec(),
             value: value.to_vec(),
+            opts,
         };
         expect_value(self.keyed(key, op).await?)
+    }
+
+    /// Sets a key tied to this client's session: the array removes it when the session ends
+    /// (the client is gone longer than the reconnect window, or closes). Returns the previous value.
+    pub async fn put_ephemeral(&self, cache: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        self.check_key(key)?;
+        let stripe = self.stripe_of(key);
+        let mut retried = false;
+        loop {
+            let session = self.session_for(stripe).await?;
+            let op = Op::Put {
+                cache: cache.into(),
+                key: key.to_vec(),
+                value: value.to_vec(),
+                opts: PutOptions {
+                    session: Some(session),
+                    ..PutOptions::default()
+                },
+            };
+            match self.execute(stripe, op, self.inner.settings.request_timeout).await {
+                Err(ClientError::Server(ErrorReply::SessionExpired)) if !retried => {
+                    self.rejoin(stripe, session).await?;
+                    retried = true;
+                }
+                other => return expect_value(other?),
+            }
+        }
     }
 
     /// Sets many keys; atomic per stripe.
@@ -661,6 +757,7 @@ impl ArrayClient {
             cache: cache.into(),
             key: key.to_vec(),
             value: value.to_vec(),
+            opts: PutOptions::default(),
         };
         expect_value(self.keyed(key, op).await?)
     }
@@ -871,10 +968,16 @@ enum ConnectFailure {
 }
 
 impl Routing {
-    fn new(config: Arc<ClusterConfig>, config_toml: String, previous: Option<&Arc<Routing>>) -> Routing {
+    fn new(
+        config: Arc<ClusterConfig>,
+        config_toml: String,
+        previous: Option<&Arc<Routing>>,
+        address_map: &HashMap<String, String>,
+    ) -> Routing {
         let mut servers = HashMap::new();
         for (_, srv) in config.servers() {
             let addr = srv.client_addr();
+            let addr = address_map.get(&addr).cloned().unwrap_or(addr);
             let reuse = previous
                 .and_then(|p| p.servers.get(&srv.name))
                 .filter(|h| h.addr == addr)
