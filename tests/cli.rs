@@ -180,3 +180,77 @@ fn up_starts_an_array_writes_endpoints_and_stops_everything() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_put_ttl_and_lock_unlock_from_the_shell() {
+    let array = TestArray::start(1, 3);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let secret_file = array.path().join("secret");
+    let with_array = |args: &[&str]| {
+        let mut c = ferrocotta();
+        c.args(args)
+            .env("FERROCOTTA_ARRAY_URLS", array.urls())
+            .env("FERROCOTTA_SECRET_FILE", &secret_file);
+        c
+    };
+
+    phase("put --ttl: present, then gone once the ttl passes");
+    let (code, _, err) = run(&mut with_array(&[
+        "cache", "put", "--cache", "cli", "short", "lived", "--ttl", "1s",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(&mut with_array(&["cache", "get", "--cache", "cli", "short"]));
+    assert_eq!((code, out.as_str()), (0, "lived\n"));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (code, _, _) = run(&mut with_array(&["cache", "get", "--cache", "cli", "short"]));
+    assert_eq!(code, 1, "expired after its ttl");
+    let (code, _, err) = run(&mut with_array(&[
+        "cache", "put", "--cache", "cli", "idle", "x", "--tti", "10m",
+    ]));
+    assert_eq!(code, 0, "{err}");
+
+    phase("lock prints the holding session; a second lock fails; unlock --session frees it");
+    let (code, out, err) = run(&mut with_array(&["cache", "lock", "--cache", "cli", "res"]));
+    assert_eq!(code, 0, "{err}");
+    let session = out.trim().to_string();
+    assert!(session.parse::<u64>().is_ok(), "lock prints a session id: {out}");
+    let (code, _, _) = run(&mut with_array(&[
+        "cache",
+        "lock",
+        "--cache",
+        "cli",
+        "res",
+        "--wait-ms",
+        "200",
+    ]));
+    assert_eq!(code, 1, "the lock is taken");
+    let (code, _, _) = run(&mut with_array(&[
+        "cache",
+        "unlock",
+        "--cache",
+        "cli",
+        "res",
+        "--session",
+        "1",
+    ]));
+    assert_eq!(code, 1, "a session that does not hold it cannot unlock");
+    let (code, _, err) = run(&mut with_array(&[
+        "cache",
+        "unlock",
+        "--cache",
+        "cli",
+        "res",
+        "--session",
+        &session,
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&mut with_array(&[
+        "cache", "lock", "--cache", "cli", "res", "--hold", "100ms",
+    ]));
+    assert_eq!(code, 0, "free again: {err}");
+    assert!(
+        client.list_locks(Some("cli")).await.unwrap().is_empty(),
+        "--hold released it"
+    );
+}

@@ -99,8 +99,9 @@ pub async fn run(stripe: std::sync::Arc<Stripe>, shutdown: CancellationToken) {
             continue;
         };
         if active_term != Some(term) {
-            // A new active: every live session gets a fresh window.
-            stripe.active.clear();
+            // A new active: every live session gets a fresh window. (Access times recorded since
+            // this server became active are kept: it recorded none before.)
+            stripe.active.seen.lock().expect("seen poisoned").clear();
             let ids: Vec<u64> = stripe.shared.read(|d| d.store.sessions.keys().copied().collect());
             for id in &ids {
                 stripe.active.saw_session(*id);

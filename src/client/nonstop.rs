@@ -166,7 +166,7 @@ impl LocalCopies {
 
 /// Whether an error means "the array did not answer in time" (the nonstop case) rather than a
 /// definite answer.
-fn is_unavailability(e: &ClientError) -> bool {
+pub(super) fn is_unavailability(e: &ClientError) -> bool {
     matches!(
         e,
         ClientError::Timeout(_)

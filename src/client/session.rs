@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 
+use super::nonstop::is_unavailability;
 use super::{ArrayClient, ClientError, Inner};
 use crate::protocol::{ErrorReply, LockInfo, LockMode, Op, ReadConsistency, Reply};
 
@@ -261,8 +262,18 @@ impl ArrayClient {
         let stripe = self.stripe_of(key);
         let nonstop = self.nonstop_settings(cache).timeout;
         let mut rejoined = false;
+        let unavailable = |timeout| ClientError::NonstopTimeout {
+            op: "lock",
+            cache: cache.into(),
+            timeout,
+        };
         loop {
-            let session = self.session_for(stripe).await?;
+            let session = match tokio::time::timeout(nonstop, self.session_for(stripe)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) if is_unavailability(&e) => return Err(unavailable(nonstop)),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(unavailable(nonstop)),
+            };
             let timeout = match wait {
                 LockWait::For(d) => d + nonstop,
                 _ => nonstop,
@@ -289,18 +300,9 @@ impl ArrayClient {
                     self.rejoin(stripe, session).await?;
                     rejoined = true;
                 }
-                Err(
-                    e @ (ClientError::Timeout(_)
-                    | ClientError::NoQuorum { .. }
-                    | ClientError::Unavailable { .. }
-                    | ClientError::Indeterminate(_)),
-                ) => {
+                Err(e) if is_unavailability(&e) => {
                     tracing::debug!(event = "client.lock_nonstop_timeout", error = %e);
-                    return Err(ClientError::NonstopTimeout {
-                        op: "lock",
-                        cache: cache.into(),
-                        timeout,
-                    });
+                    return Err(unavailable(timeout));
                 }
                 Err(e) => return Err(e),
             }
@@ -331,13 +333,7 @@ impl ArrayClient {
         match self.execute(lock.stripe, op, timeout).await {
             Ok(_) => Ok(()),
             Err(ClientError::Server(ErrorReply::SessionExpired)) => Err(ClientError::InvalidLockAfterRejoin),
-            Err(ClientError::Server(ErrorReply::NotLockHolder)) => Err(ClientError::Server(ErrorReply::NotLockHolder)),
-            Err(
-                ClientError::Timeout(_)
-                | ClientError::NoQuorum { .. }
-                | ClientError::Unavailable { .. }
-                | ClientError::Indeterminate(_),
-            ) => Err(ClientError::NonstopTimeout {
+            Err(e) if is_unavailability(&e) => Err(ClientError::NonstopTimeout {
                 op: "unlock",
                 cache: lock.cache.clone(),
                 timeout,
@@ -426,6 +422,14 @@ async fn keepalive_loop(inner: Weak<Inner>, stop: tokio_util::sync::Cancellation
             };
             let result = client.execute(stripe, op, interval).await;
             match result {
+                Ok(Reply::Pong { leader: None, .. }) => {
+                    tracing::debug!(
+                        event = "client.keepalive_failed",
+                        stripe,
+                        error = "the stripe has no active"
+                    );
+                    all_ok = false;
+                }
                 Ok(_) => {}
                 Err(ClientError::Server(ErrorReply::SessionExpired)) => {
                     if let Some(expired) = id {

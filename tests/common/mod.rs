@@ -310,3 +310,139 @@ pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// A TCP proxy in front of one server that a test can cut and heal, to cut a client off the array
+/// without touching the servers. Cut: established connections freeze (nothing passes; they are
+/// closed at heal) and new ones are accepted but never answered, as in a network partition.
+pub struct FaultProxy {
+    /// Address clients dial.
+    pub addr: String,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `target` on a free loopback port.
+    pub async fn start(target: String) -> FaultProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let target = target.clone();
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let cut_now = *cut_rx.borrow();
+                    if cut_now {
+                        // Accepted but never answered; dropped at heal.
+                        wait_until(&mut cut_rx, false).await;
+                        drop(inbound);
+                        return;
+                    }
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.into_split();
+                    let (mut ro, mut wo) = outbound.into_split();
+                    let pipe = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut ri, &mut wo) => {}
+                            _ = tokio::io::copy(&mut ro, &mut wi) => {}
+                        }
+                    };
+                    tokio::select! {
+                        _ = pipe => {}
+                        _ = wait_until(&mut cut_rx, true) => {
+                            // Frozen: hold both sides silently until healed, then close.
+                            wait_until(&mut cut_rx, false).await;
+                        }
+                    }
+                });
+            }
+        });
+        FaultProxy { addr, cut, task }
+    }
+
+    /// Cuts the link.
+    pub fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+
+    /// Heals the link.
+    pub fn heal(&self) {
+        let _ = self.cut.send(false);
+    }
+}
+
+async fn wait_until(rx: &mut tokio::sync::watch::Receiver<bool>, want: bool) {
+    let _ = rx.wait_for(|c| *c == want).await.map(|_| ());
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.heal();
+        self.task.abort();
+    }
+}
+
+/// Proxies in front of every server of an array, and client settings that dial through them.
+pub struct ProxiedArray {
+    /// One proxy per server, by client address.
+    pub proxies: Vec<FaultProxy>,
+}
+
+impl ProxiedArray {
+    /// Puts a proxy in front of every server and routes `settings` through them.
+    pub async fn start(array: &TestArray, settings: &mut ClientSettings) -> ProxiedArray {
+        let mut proxies = Vec::new();
+        let mut urls = Vec::new();
+        for (_, s) in array.config.servers() {
+            let p = FaultProxy::start(s.client_addr()).await;
+            settings.address_map.insert(s.client_addr(), p.addr.clone());
+            urls.push(p.addr.clone());
+            proxies.push(p);
+        }
+        settings.array_urls = urls;
+        ProxiedArray { proxies }
+    }
+
+    /// Cuts the client off every server.
+    pub fn cut(&self) {
+        self.proxies.iter().for_each(FaultProxy::cut);
+    }
+
+    /// Heals every link.
+    pub fn heal(&self) {
+        self.proxies.iter().for_each(FaultProxy::heal);
+    }
+}
+
+/// Reads through one particular server with eventual consistency (what that server has applied).
+pub async fn read_on(array: &TestArray, server: &str, op: ferrocotta::protocol::Op) -> ferrocotta::protocol::Reply {
+    let identity = ferrocotta::handshake::ClientIdentity {
+        software_version: ferrocotta::protocol::SOFTWARE_VERSION.to_string(),
+        array_name: Some(array.config.array_name.clone()),
+        secret: array.secret.clone(),
+        role: ferrocotta::protocol::ConnectionRole::Client,
+    };
+    let (framed, welcome) =
+        ferrocotta::handshake::connect(&array.client_addr(server), &identity, Duration::from_secs(5), 1 << 24)
+            .await
+            .expect("handshake");
+    let conn = ferrocotta::client::Connection::start(framed, welcome);
+    conn.call(op, Duration::from_secs(5)).await.expect("read on one server")
+}
+
+/// Resident memory of this process in KiB.
+pub fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4
+}
