@@ -1,14 +1,19 @@
 //! Figures of the cache array against real processes on loopback (`cargo bench --bench
 //! array_figures`): time from kill -9 of the active to the first successful write (several runs,
-//! median), and restart-to-serving time of a stripe holding 100k entries. Prints figures; asserts
-//! nothing about speed.
+//! median), restart-to-serving time of a stripe holding 100k entries, and how long a client with
+//! default settings takes to notice the array is gone, to reconnect when it returns, and to rejoin
+//! after its session expired. Prints figures; asserts nothing about speed.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::TestArray;
+use common::{ProxiedArray, TestArray};
+use ferrocotta::client::{ClientEvent, LockWait};
+use ferrocotta::config::ConfigDuration;
+use ferrocotta::protocol::LockMode;
+use ferrocotta::ArrayClient;
 
 const CACHE: &str = "ferrocotta.figures";
 const FAILOVER_RUNS: usize = 7;
@@ -71,6 +76,61 @@ async fn restart_with_entries() -> (Duration, Duration) {
     (load_time, restarted.elapsed())
 }
 
+async fn wait_for(events: &mut tokio::sync::broadcast::Receiver<ClientEvent>, want: fn(&ClientEvent) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(100), events.recv()).await {
+            if want(&e) {
+                return;
+            }
+        }
+    }
+    panic!("event never came");
+}
+
+/// Notice, reconnect and rejoin times of a client with default settings (keep-alive every 1 s).
+async fn client_times() -> (Duration, Duration, Duration, Duration) {
+    let mut array = TestArray::start(1, 3);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    client.put(CACHE, b"k", b"v").await.unwrap();
+    let mut events = client.events();
+    let gone = Instant::now();
+    for n in array.stripe_servers(0) {
+        array.kill9(&n);
+    }
+    wait_for(&mut events, |e| *e == ClientEvent::Disconnected).await;
+    let noticed = gone.elapsed();
+    let back = Instant::now();
+    for n in array.stripe_servers(0) {
+        array.spawn(&n);
+    }
+    wait_for(&mut events, |e| *e == ClientEvent::Reconnected).await;
+    let reconnected = back.elapsed();
+    while client.get(CACHE, b"k").await.is_err() {}
+    let serving = back.elapsed();
+    drop(client);
+    drop(array);
+
+    let window = Duration::from_secs(3);
+    let array = TestArray::start_with(1, 3, |c| c.timing.client_reconnect_window = ConfigDuration(window));
+    let mut settings = array.settings();
+    let proxy = ProxiedArray::start(&array, &mut settings).await;
+    let client = ArrayClient::connect(settings).await.unwrap();
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    client
+        .lock(CACHE, b"l", LockMode::Exclusive, LockWait::NoWait)
+        .await
+        .unwrap();
+    let mut events = client.events();
+    proxy.cut();
+    tokio::time::sleep(window + Duration::from_secs(2)).await;
+    let healed = Instant::now();
+    proxy.heal();
+    wait_for(&mut events, |e| matches!(e, ClientEvent::Rejoined { .. })).await;
+    (noticed, reconnected, serving, healed.elapsed())
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; any other argument is a filter we do not support.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -97,6 +157,14 @@ fn main() {
             "restart: {RESTART_ENTRIES} entries of 100 bytes (loaded in {:.1} s) serving again {:.0} ms after kill -9 and restart of all three servers",
             load.as_secs_f64(),
             restart.as_secs_f64() * 1e3
+        );
+        let (noticed, reconnected, serving, rejoined) = client_times().await;
+        println!(
+            "client (keep-alive 1 s): noticed the array gone after {:.0} ms; reconnected {:.0} ms after the servers restarted (first linearizable read after {:.0} ms); rejoined {:.0} ms after the link healed past its window",
+            noticed.as_secs_f64() * 1e3,
+            reconnected.as_secs_f64() * 1e3,
+            serving.as_secs_f64() * 1e3,
+            rejoined.as_secs_f64() * 1e3
         );
     });
 }

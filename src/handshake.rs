@@ -196,9 +196,21 @@ async fn accept_inner(framed: &mut FramedConn, identity: &ServerIdentity) -> Res
     let refusal = if hello.protocol_version != PROTOCOL_VERSION
         || !versions_compatible(&hello.software_version, crate::protocol::SOFTWARE_VERSION)
     {
+        // Same software version but another protocol (a development build): say so in the versions.
+        let (client, server) = if hello.software_version == crate::protocol::SOFTWARE_VERSION {
+            (
+                format!("{} (protocol {})", hello.software_version, hello.protocol_version),
+                format!("{} (protocol {PROTOCOL_VERSION})", crate::protocol::SOFTWARE_VERSION),
+            )
+        } else {
+            (
+                hello.software_version.clone(),
+                crate::protocol::SOFTWARE_VERSION.to_string(),
+            )
+        };
         Some(Refusal::VersionMismatch {
-            client: hello.software_version.clone(),
-            server: crate::protocol::SOFTWARE_VERSION.to_string(),
+            client,
+            server,
             client_protocol: hello.protocol_version,
             server_protocol: PROTOCOL_VERSION,
         })

@@ -26,6 +26,9 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
+/// Encoded log bytes one AppendEntries call carries at most (a single larger entry goes alone).
+pub const REPLICATION_BATCH_BYTES_MAX: usize = 1024 * 1024;
+
 /// Flush requests that may wait for the flusher before appenders block.
 pub const FLUSH_QUEUE_MAX: usize = 65_536;
 
@@ -208,6 +211,29 @@ fn flusher(db: sled::Db, rx: std_mpsc::Receiver<FlushWaiter>, stats: Arc<FlushSt
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
+    /// Entries for one AppendEntries call: at most [`REPLICATION_BATCH_BYTES_MAX`] of them (at least
+    /// one). openraft gives each call one heartbeat interval; a budget in bytes rather than in
+    /// entries keeps calls of large entries (put_all batches, big values) within it, so a lagging
+    /// mirror catches up in steps instead of timing out on the same oversized call forever.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in self.log.range(start.to_be_bytes()..end.to_be_bytes()) {
+            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            if !out.is_empty() && bytes + v.len() > REPLICATION_BATCH_BYTES_MAX {
+                break;
+            }
+            bytes += v.len();
+            let index = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Read, corrupt("bad log key".into())))?,
+            );
+            out.push(Self::decode_entry(index, &v)?);
+        }
+        Ok(out)
+    }
+
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
@@ -258,7 +284,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.get_meta(KEY_VOTE)
+        // A restarted server gets its vote back as *uncommitted*. openraft 0.9 would otherwise
+        // resume as active in its old term at once, with a commit index read from disk that may be
+        // behind what it acknowledged before the crash, and serve linearizable reads from that
+        // stale point. Uncommitted, the vote still forbids voting for anyone else in the term, and
+        // the server follows a live active of that term; if there is none, a fresh election in a
+        // new term commits a blank entry first, which makes every acknowledged write visible.
+        Ok(self
+            .get_meta::<Vote>(KEY_VOTE)?
+            .map(|v| Vote::new(v.leader_id.term, v.leader_id.node_id)))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {

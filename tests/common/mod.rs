@@ -29,13 +29,17 @@ pub fn phase(what: &str) {
     eprintln!("--- {what}");
 }
 
-/// Path of a workspace binary, building it if this test run did not.
+/// Path of a workspace binary, built (once per test process) with the profile of this test so a
+/// stale binary from an earlier build is never used. `cargo test --workspace` has built it already,
+/// which makes this a quick no-op; `cargo test --test X` or `cargo bench` may not have.
 pub fn binary(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let root_bin = PathBuf::from(env!("CARGO_BIN_EXE_ferrocotta"));
     let path = root_bin.parent().expect("bin folder").join(name);
-    if !path.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
         let release = root_bin.components().any(|c| c.as_os_str() == "release");
-        let mut args = vec!["build", "--bin", name];
+        let mut args = vec!["build", "--quiet", "--bin", name];
         if release {
             args.push("--release");
         }
@@ -45,6 +49,7 @@ pub fn binary(name: &str) -> PathBuf {
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build --bin {name} failed");
+        built.push(name.to_string());
     }
     path
 }
@@ -135,7 +140,10 @@ impl TestArray {
             .arg(&self.config_path)
             .arg("--name")
             .arg(name)
-            .env("RUST_LOG", "info,openraft=warn,sled=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FERROCOTTA_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
