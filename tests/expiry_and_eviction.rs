@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{phase, read_on, TestArray};
 use ferrocotta::config::CacheConfig;
-use ferrocotta::protocol::{Op, PutOptions, ReadConsistency, Reply};
+use ferrocotta::protocol::{CacheSettings, Op, PutOptions, ReadConsistency, Reply};
 
 const CACHE: &str = "ferrocotta.expiry";
 const LRU: &str = "ferrocotta.lru";
@@ -135,6 +135,25 @@ async fn ttl_tti_sweep_and_lru_agree_on_every_server_and_across_failover() {
         assert!(client.get(LRU, k).await.unwrap().is_some());
     }
     assert_eq!(client.size(LRU).await.unwrap(), 3);
+
+    phase("settings given at creation apply to every entry of the cache");
+    let created = CacheSettings {
+        ttl_ms: Some(500),
+        ..Default::default()
+    };
+    assert!(client.create_cache("ferrocotta.created", created).await.unwrap());
+    assert!(
+        !client.create_cache("ferrocotta.created", created).await.unwrap(),
+        "exists already"
+    );
+    client.put("ferrocotta.created", b"k", b"v").await.unwrap();
+    assert!(client.get("ferrocotta.created", b"k").await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        client.get("ferrocotta.created", b"k").await.unwrap(),
+        None,
+        "the cache's ttl applied"
+    );
     for s in &survivors {
         array
             .wait_status(s, Duration::from_secs(5), |v| v["caches"][LRU].as_u64() == Some(3))

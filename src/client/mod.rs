@@ -906,6 +906,28 @@ impl ArrayClient {
         Ok(total)
     }
 
+    /// Creates a cache with these settings on every stripe, unless it exists there (settings are
+    /// fixed at creation). Returns whether any stripe created it.
+    pub async fn create_cache(
+        &self,
+        cache: &str,
+        settings: crate::protocol::CacheSettings,
+    ) -> Result<bool, ClientError> {
+        let stripes = self.routing().config.stripes.len();
+        let calls = (0..stripes).map(|s| {
+            let op = Op::CreateCache {
+                cache: cache.into(),
+                settings,
+            };
+            self.execute(s, op, self.inner.settings.request_timeout)
+        });
+        let mut created = false;
+        for r in futures::future::join_all(calls).await {
+            created |= expect_bool(r?)?;
+        }
+        Ok(created)
+    }
+
     /// Removes every entry of a cache on every stripe.
     pub async fn clear(&self, cache: &str) -> Result<(), ClientError> {
         let stripes = self.routing().config.stripes.len();
