@@ -454,3 +454,215 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0);
     pages * 4
 }
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, headers lower-cased, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// An integration node process.
+pub struct TestNode {
+    /// Service address.
+    pub service: String,
+    /// Admin address.
+    pub admin: String,
+    /// Admin token.
+    pub token: String,
+    /// The process.
+    pub child: Option<Child>,
+    /// Folder with its node.toml and log.
+    pub dir: PathBuf,
+    /// Log file.
+    pub log: PathBuf,
+}
+
+impl TestNode {
+    /// Starts a node against an array with a node.toml holding `extra_toml`; does not wait.
+    pub fn spawn(array: &TestArray, name: &str, cluster: &str, extra_args: &[&str], extra_toml: &str) -> TestNode {
+        let dir = array.path().join(format!("node-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports = free_ports(2);
+        let service = format!("127.0.0.1:{}", ports[0]);
+        let admin = format!("127.0.0.1:{}", ports[1]);
+        let token = format!("token-{name}-0123456789");
+        std::fs::write(dir.join("token"), &token).unwrap();
+        std::fs::write(dir.join("node.toml"), extra_toml).unwrap();
+        let log = dir.join("node.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(binary("integration-node"))
+            .args([
+                "--array-urls",
+                &array.urls(),
+                "--cluster-name",
+                cluster,
+                "--listen",
+                &service,
+                "--admin-listen",
+                &admin,
+            ])
+            .arg("--secret-file")
+            .arg(array.path().join("secret"))
+            .arg("--admin-token-file")
+            .arg(dir.join("token"))
+            .arg("--config")
+            .arg(dir.join("node.toml"))
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start integration-node");
+        TestNode {
+            service,
+            admin,
+            token,
+            child: Some(child),
+            dir,
+            log,
+        }
+    }
+
+    /// Waits until the admin port answers.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if std::net::TcpStream::connect(&self.admin).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "node exited with {status}: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node not ready: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// POST /invoke/{service} with an optional cookie; (status, set-cookie ssnid, JSON body).
+    pub fn invoke(&self, service: &str, cookie: Option<&str>, body: &str) -> (u16, Option<String>, serde_json::Value) {
+        let cookie_header = cookie.map(|c| format!("ssnid={c}"));
+        let mut headers = Vec::new();
+        if let Some(c) = &cookie_header {
+            headers.push(("Cookie", c.as_str()));
+        }
+        let (status, hdrs, body) = http(&self.service, "POST", &format!("/invoke/{service}"), &headers, body);
+        let ssnid = hdrs
+            .iter()
+            .find(|(k, _)| k == "set-cookie")
+            .and_then(|(_, v)| v.split(';').next())
+            .and_then(|kv| kv.strip_prefix("ssnid="))
+            .map(str::to_string);
+        (
+            status,
+            ssnid,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// GET an admin path with the token.
+    pub fn admin_get(&self, path: &str) -> (u16, serde_json::Value) {
+        let auth = format!("Bearer {}", self.token);
+        let (status, _, body) = http(&self.admin, "GET", path, &[("Authorization", &auth)], "");
+        (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// POST an admin path with the token.
+    pub fn admin_post(&self, path: &str) -> (u16, serde_json::Value) {
+        let auth = format!("Bearer {}", self.token);
+        let (status, _, body) = http(&self.admin, "POST", path, &[("Authorization", &auth)], "");
+        (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Names in this node's view of the member list.
+    pub fn member_names(&self) -> Vec<String> {
+        let (_, v) = self.admin_get("/admin/cluster");
+        let mut names: Vec<String> = v["members"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|x| x["logical_name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit; its status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

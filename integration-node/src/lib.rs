@@ -1,0 +1,209 @@
+//! A ferrocotta integration node: an application server that clusters through the cache array.
+//!
+//! It reaches the array only through the root crate's `ArrayClient`; it never depends on
+//! openraft, sled or the array server.
+//!
+//! - [`settings`]: command line and `node.toml`.
+//! - [`cluster_name`]: effective cluster names and logical-name rules.
+//! - [`node`]: the running node: member list, sessions, service and admin ports.
+//! - [`services`]: the service registry and the built-in services.
+
+pub mod cluster_name;
+pub mod node;
+pub mod services;
+pub mod settings;
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ferrocotta::{ArrayClient, ClientError, ClientSettings};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::{Backend, Node};
+use crate::services::Registry;
+use crate::settings::{NodeSettings, OnStartupError};
+
+/// Exit code of a start-up refused for a version mismatch.
+pub const EXIT_VERSION_MISMATCH: u8 = 3;
+/// Exit code when the array cannot be reached at start-up (`on_startup_error = "shutdown"`).
+pub const EXIT_NO_ARRAY: u8 = 4;
+/// Exit code when the logical name is taken by a live member.
+pub const EXIT_NAME_TAKEN: u8 = 5;
+
+/// Why the node did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Client and array versions differ.
+    #[error("{0}")]
+    VersionMismatch(String),
+    /// The array could not be reached.
+    #[error("cannot join the cluster: {0}")]
+    NoArray(String),
+    /// The logical name is in use.
+    #[error("{0}")]
+    NameTaken(String),
+    /// Anything else.
+    #[error("{0:#}")]
+    Other(anyhow::Error),
+}
+
+impl StartError {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::VersionMismatch(_) => EXIT_VERSION_MISMATCH,
+            StartError::NoArray(_) => EXIT_NO_ARRAY,
+            StartError::NameTaken(_) => EXIT_NAME_TAKEN,
+            StartError::Other(_) => 2,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+async fn connect(settings: &NodeSettings) -> Result<Option<ArrayClient>, StartError> {
+    let mut cs = ClientSettings::new(&settings.array_urls).map_err(|e| StartError::Other(e.into()))?;
+    cs.secret = settings.secret.clone();
+    cs.connect_timeout = settings.connect_timeout;
+    cs.request_timeout = settings.request_timeout;
+    cs.keepalive_interval = settings.keepalive_interval;
+    cs.client_name = format!("integration-node {}", settings.effective_cluster_name);
+    cs.max_connect_retries = Some((settings.connect_timeout.as_secs() as u32).max(1));
+    cs.default_nonstop.timeout = settings.request_timeout;
+    match ArrayClient::connect(cs).await {
+        Ok(c) => Ok(Some(c)),
+        Err(e @ ClientError::VersionMismatch { .. }) => {
+            tracing::error!(event = "node.version_mismatch", "{e}");
+            Err(StartError::VersionMismatch(e.to_string()))
+        }
+        Err(e) => match settings.on_startup_error {
+            OnStartupError::Shutdown => {
+                tracing::error!(event = "node.no_array", error = %e);
+                Err(StartError::NoArray(e.to_string()))
+            }
+            OnStartupError::Standalone => {
+                tracing::warn!(event = "node.standalone", error = %e, "running stand-alone with local state");
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// A node that has started: its addresses and the handle to stop it.
+pub struct RunningNode {
+    /// The node's state.
+    pub node: Arc<Node>,
+    /// Cancel to stop (graceful).
+    pub shutdown: CancellationToken,
+    /// Completes when the node has stopped.
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a node: binds its ports, joins the array (or runs stand-alone), registers in the member
+/// list and serves until `shutdown` is cancelled.
+pub async fn start(settings: NodeSettings, registry: Registry) -> Result<RunningNode, StartError> {
+    let service = TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))
+        .map_err(StartError::Other)?;
+    let admin = TcpListener::bind(&settings.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.admin_listen))
+        .map_err(StartError::Other)?;
+    let service_addr = service
+        .local_addr()
+        .map_err(|e| StartError::Other(e.into()))?
+        .to_string();
+    let admin_addr = admin.local_addr().map_err(|e| StartError::Other(e.into()))?.to_string();
+    let logical_name = settings
+        .logical_name
+        .clone()
+        .unwrap_or_else(|| format!("{}:{}", hostname(), service_addr.rsplit(':').next().unwrap_or("0")));
+    tracing::info!(
+        event = "node.starting",
+        cluster = %settings.cluster_name,
+        effective_cluster = %settings.effective_cluster_name,
+        logical_name = %logical_name
+    );
+    let backend = match connect(&settings).await? {
+        Some(c) => Backend::Array(c),
+        None => Backend::Local(Default::default()),
+    };
+    let instance: [u8; 8] = rand::random();
+    let node = Arc::new(Node {
+        settings,
+        backend,
+        logical_name,
+        instance_id: instance.iter().map(|b| format!("{b:02x}")).collect(),
+        started_ms: node::now_ms(),
+        service_addr,
+        admin_addr,
+        rejoins: AtomicU64::new(0),
+        online: AtomicBool::new(true),
+        registry,
+        requests: AtomicU64::new(0),
+    });
+    if let Backend::Array(c) = &node.backend {
+        let cache = node.settings.members_cache();
+        if let Ok(Some(existing)) = c.get(&cache, node.logical_name.as_bytes()).await {
+            let who: serde_json::Value = serde_json::from_slice(&existing).unwrap_or_default();
+            return Err(StartError::NameTaken(format!(
+                "the logical name `{}` is already used by a live member at {} (started at {} ms); pick another with --logical-name",
+                node.logical_name, who["service"], who["start_time_ms"]
+            )));
+        }
+        node.register().await.map_err(|e| StartError::NoArray(e.to_string()))?;
+    }
+    let shutdown = CancellationToken::new();
+    let done = tokio::spawn(serve(node.clone(), service, admin, shutdown.clone()));
+    tracing::info!(
+        event = "node.serving",
+        name = %node.logical_name,
+        service = %node.service_addr,
+        admin = %node.admin_addr,
+        state = node.array_state()
+    );
+    Ok(RunningNode { node, shutdown, done })
+}
+
+async fn serve(node: Arc<Node>, service: TcpListener, admin: TcpListener, shutdown: CancellationToken) {
+    let refresh = tokio::spawn(node::member_refresh(node.clone(), shutdown.clone()));
+    let s1 = shutdown.clone();
+    let service_node = node.clone();
+    let service_task = tokio::spawn(async move {
+        let _ = axum::serve(service, node::service_router(service_node))
+            .with_graceful_shutdown(async move { s1.cancelled().await })
+            .await;
+    });
+    let s2 = shutdown.clone();
+    let admin_node = node.clone();
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(admin, node::admin_router(admin_node))
+            .with_graceful_shutdown(async move { s2.cancelled().await })
+            .await;
+    });
+    shutdown.cancelled().await;
+    // Stop accepting and finish in-flight requests (bounded), then leave the member list.
+    let _ = tokio::time::timeout(Duration::from_secs(10), service_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
+    refresh.abort();
+    node.leave().await;
+    tracing::info!(event = "node.stopped", name = %node.logical_name);
+}
+
+/// Fails fast on settings that can never work.
+pub fn check(settings: &NodeSettings) -> anyhow::Result<()> {
+    if settings.session_max_bytes == 0 {
+        bail!("session_max_bytes must be at least 1");
+    }
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! The running node: its state, the member list, clustered sessions and both HTTP ports.
+//!
+//! Everything shared lives in the array, reached only through the root crate's `ArrayClient`:
+//! sessions in `ferrocotta.node.sessions.<cluster>` (tti = session timeout), the member list in
+//! `ferrocotta.node.members.<cluster>` as ephemeral entries tied to the node's array session. In
+//! stand-alone mode (`on_startup_error = "standalone"`) the same data lives in this process.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferrocotta::client::{ClientEvent, ConnectionState};
+use ferrocotta::protocol::PutOptions;
+use ferrocotta::{ArrayClient, ClientError};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::services::{Registry, ServiceError};
+use crate::settings::NodeSettings;
+
+/// Largest request body the service port reads.
+pub const REQUEST_BODY_MAX_BYTES: usize = 1024 * 1024;
+
+/// Stand-alone state: values by (cache, key).
+pub type LocalState = Mutex<HashMap<(String, Vec<u8>), Vec<u8>>>;
+
+/// Where shared state lives.
+pub enum Backend {
+    /// The array.
+    Array(ArrayClient),
+    /// This process only (stand-alone mode).
+    Local(LocalState),
+}
+
+/// Everything a request handler reaches.
+pub struct Node {
+    /// Settings.
+    pub settings: NodeSettings,
+    /// Shared state.
+    pub backend: Backend,
+    /// The unique logical name.
+    pub logical_name: String,
+    /// Random id of this process, to tell our member entry from another node's.
+    pub instance_id: String,
+    /// Start time, ms since the epoch.
+    pub started_ms: u64,
+    /// Bound service address.
+    pub service_addr: String,
+    /// Bound admin address.
+    pub admin_addr: String,
+    /// Rejoins so far.
+    pub rejoins: AtomicU64,
+    /// Whether the service port serves.
+    pub online: AtomicBool,
+    /// Services by `folder:service`.
+    pub registry: Registry,
+    /// Requests served.
+    pub requests: AtomicU64,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// `connected`, `disconnected` (or `standalone`).
+    pub fn array_state(&self) -> &'static str {
+        match &self.backend {
+            Backend::Local(_) => "standalone",
+            Backend::Array(c) => match c.connection_state() {
+                ConnectionState::Connected => "connected",
+                ConnectionState::Disconnected => "disconnected",
+            },
+        }
+    }
+
+    /// Reads a value of a cache.
+    pub async fn get(&self, cache: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ServiceError> {
+        match &self.backend {
+            Backend::Array(c) => c.cache(cache).get(key).await.map_err(ServiceError::from_array),
+            Backend::Local(m) => Ok(m
+                .lock()
+                .expect("local lock")
+                .get(&(cache.to_string(), key.to_vec()))
+                .cloned()),
+        }
+    }
+
+    /// Writes a value (with a tti, if given).
+    pub async fn put(&self, cache: &str, key: &[u8], value: &[u8], tti: Option<Duration>) -> Result<(), ServiceError> {
+        match &self.backend {
+            Backend::Array(c) => {
+                let opts = PutOptions {
+                    tti_ms: tti.map(|d| d.as_millis() as u64),
+                    ..Default::default()
+                };
+                match c
+                    .cache(cache)
+                    .put_with(key, value, opts)
+                    .await
+                    .map_err(ServiceError::from_array)?
+                {
+                    ferrocotta::client::WriteOutcome::Applied(_) => Ok(()),
+                    ferrocotta::client::WriteOutcome::NotApplied => Err(ServiceError::unavailable()),
+                }
+            }
+            Backend::Local(m) => {
+                m.lock()
+                    .expect("local lock")
+                    .insert((cache.to_string(), key.to_vec()), value.to_vec());
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes a key; whether it was there.
+    pub async fn remove(&self, cache: &str, key: &[u8]) -> Result<bool, ServiceError> {
+        match &self.backend {
+            Backend::Array(c) => match c.cache(cache).remove(key).await.map_err(ServiceError::from_array)? {
+                ferrocotta::client::WriteOutcome::Applied(prev) => Ok(prev.is_some()),
+                ferrocotta::client::WriteOutcome::NotApplied => Err(ServiceError::unavailable()),
+            },
+            Backend::Local(m) => Ok(m
+                .lock()
+                .expect("local lock")
+                .remove(&(cache.to_string(), key.to_vec()))
+                .is_some()),
+        }
+    }
+
+    /// Every key of a cache.
+    pub async fn keys(&self, cache: &str) -> Result<Vec<Vec<u8>>, ServiceError> {
+        match &self.backend {
+            Backend::Array(c) => c
+                .cache(cache)
+                .keys(b"", 100_000)
+                .await
+                .map_err(ServiceError::from_array),
+            Backend::Local(m) => Ok(m
+                .lock()
+                .expect("local lock")
+                .keys()
+                .filter(|(c, _)| c == cache)
+                .map(|(_, k)| k.clone())
+                .collect()),
+        }
+    }
+
+    /// This node's member entry.
+    pub fn member_entry(&self) -> Value {
+        json!({
+            "logical_name": self.logical_name,
+            "instance": self.instance_id,
+            "service": self.service_addr,
+            "admin": self.admin_addr,
+            "version": env!("CARGO_PKG_VERSION"),
+            "start_time_ms": self.started_ms,
+            "state": if self.online.load(Ordering::Relaxed) { "online" } else { "offline" },
+        })
+    }
+
+    /// Members of the cluster as this node sees them. A node cut from the array sees an empty
+    /// list (as in the seed guide); in stand-alone mode it sees itself.
+    pub async fn members(&self) -> Vec<Value> {
+        match &self.backend {
+            Backend::Local(_) => vec![self.member_entry()],
+            Backend::Array(c) => {
+                if c.connection_state() == ConnectionState::Disconnected {
+                    return Vec::new();
+                }
+                let cache = self.settings.members_cache();
+                let Ok(keys) = c.all_keys(&cache, b"", 10_000).await else {
+                    return Vec::new();
+                };
+                let Ok(values) = c.get_all(&cache, &keys).await else {
+                    return Vec::new();
+                };
+                values
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| serde_json::from_slice(&v).ok())
+                    .collect()
+            }
+        }
+    }
+
+    /// Writes this node's member entry (ephemeral: it disappears when the node's array session
+    /// ends).
+    pub async fn register(&self) -> Result<(), ClientError> {
+        if let Backend::Array(c) = &self.backend {
+            let value = serde_json::to_vec(&self.member_entry()).expect("json");
+            c.put_ephemeral(&self.settings.members_cache(), self.logical_name.as_bytes(), &value)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes this node's member entry (graceful stop).
+    pub async fn leave(&self) {
+        if let Backend::Array(c) = &self.backend {
+            let _ = c
+                .remove(&self.settings.members_cache(), self.logical_name.as_bytes())
+                .await;
+            c.close().await;
+        }
+    }
+}
+
+/// Refreshes the member entry every interval: re-registers after a clear or a rejoin, counts
+/// rejoins. Ends at `shutdown`.
+pub async fn member_refresh(node: Arc<Node>, shutdown: CancellationToken) {
+    let Backend::Array(client) = &node.backend else { return };
+    let mut events = client.events();
+    let mut tick = tokio::time::interval(node.settings.member_refresh_interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            e = events.recv() => {
+                if let Ok(ClientEvent::Rejoined { .. }) = e {
+                    let n = node.rejoins.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::warn!(event = "node.rejoined", rejoins = n, "the array session had expired; re-registering");
+                }
+                continue;
+            }
+        }
+        if client.connection_state() == ConnectionState::Disconnected {
+            continue;
+        }
+        let cache = node.settings.members_cache();
+        let ours = match client.get(&cache, node.logical_name.as_bytes()).await {
+            Ok(Some(v)) => serde_json::from_slice::<Value>(&v)
+                .map(|v| v["instance"] == node.instance_id.as_str())
+                .unwrap_or(false),
+            Ok(None) => false,
+            Err(_) => continue,
+        };
+        if !ours {
+            match node.register().await {
+                Ok(()) => tracing::info!(event = "node.member_registered", name = %node.logical_name),
+                Err(e) => tracing::warn!(event = "node.member_register_failed", error = %e),
+            }
+        }
+    }
+}
+
+fn error_response(e: ServiceError) -> Response {
+    (e.status, Json(json!({"error": {"code": e.code, "message": e.message}}))).into_response()
+}
+
+/// The service port router.
+pub fn service_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/invoke/:service", post(invoke))
+        .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
+        .with_state(node)
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == "ssnid")
+        .map(|(_, v)| v.to_string())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
+async fn invoke(
+    State(node): State<Arc<Node>>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    node.requests.fetch_add(1, Ordering::Relaxed);
+    if !node.online.load(Ordering::Relaxed) {
+        return error_response(ServiceError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "offline",
+            "the node is offline",
+        ));
+    }
+    let input: Value = if body.trim().is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_str(&body) {
+            Ok(v) => v,
+            Err(e) => return error_response(ServiceError::bad_request(format!("the body is not JSON: {e}"))),
+        }
+    };
+    let (ssnid, fresh) = match session_cookie(&headers) {
+        Some(s) => (s, false),
+        None => {
+            let id: [u8; 16] = rand::random();
+            (id.iter().map(|b| format!("{b:02x}")).collect::<String>(), true)
+        }
+    };
+    let result = node.registry.call(&node, &service, &ssnid, input).await;
+    let mut response = match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(e),
+    };
+    if fresh {
+        if let Ok(v) = format!("ssnid={ssnid}; Path=/; HttpOnly").parse() {
+            response.headers_mut().insert(header::SET_COOKIE, v);
+        }
+    }
+    response
+}
+
+fn authorized(node: &Node, headers: &HeaderMap) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()));
+    given.is_some_and(|g| g.as_bytes() == node.settings.admin_token.as_bytes())
+}
+
+fn unauthorized() -> Response {
+    error_response(ServiceError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "the admin token is missing or wrong",
+    ))
+}
+
+/// The admin port router.
+pub fn admin_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/admin/status", get(status))
+        .route("/admin/cluster", get(cluster))
+        .route("/admin/cluster/clear", post(clear))
+        .with_state(node)
+}
+
+fn status_of(node: &Node) -> Value {
+    json!({
+        "logical_name": node.logical_name,
+        "cluster_name": node.settings.cluster_name,
+        "effective_cluster_name": node.settings.effective_cluster_name,
+        "state": node.array_state(),
+        "online": node.online.load(Ordering::Relaxed),
+        "rejoins": node.rejoins.load(Ordering::Relaxed),
+        "service": node.service_addr,
+        "admin": node.admin_addr,
+        "array_urls": node.settings.array_urls,
+        "requests": node.requests.load(Ordering::Relaxed),
+    })
+}
+
+async fn status(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if !authorized(&node, &headers) {
+        return unauthorized();
+    }
+    Json(status_of(&node)).into_response()
+}
+
+async fn cluster(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if !authorized(&node, &headers) {
+        return unauthorized();
+    }
+    Json(json!({ "members": node.members().await })).into_response()
+}
+
+async fn clear(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if !authorized(&node, &headers) {
+        return unauthorized();
+    }
+    match crate::services::clear_members(&node).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if !authorized(&node, &headers) {
+        return unauthorized();
+    }
+    let s = status_of(&node);
+    let text = format!(
+        "# TYPE ferrocotta_node_requests_total counter\nferrocotta_node_requests_total {}\n\
+         # TYPE ferrocotta_node_rejoins_total counter\nferrocotta_node_rejoins_total {}\n\
+         # TYPE ferrocotta_node_connected gauge\nferrocotta_node_connected {}\n",
+        s["requests"],
+        s["rejoins"],
+        (s["state"] == "connected") as u8
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn page(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if !authorized(&node, &headers) {
+        return unauthorized();
+    }
+    let s = status_of(&node);
+    let members = node.members().await;
+    let rows: String = members
+        .iter()
+        .map(|m| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                html_escape(m["logical_name"].as_str().unwrap_or("")),
+                html_escape(m["service"].as_str().unwrap_or("")),
+                html_escape(m["state"].as_str().unwrap_or(""))
+            )
+        })
+        .collect();
+    Html(format!(
+        "<!doctype html><html><head><meta charset=utf-8><title>node {name}</title></head><body>\
+         <h1>integration node {name}</h1><p>cluster {cluster} ({eff}); array: {state}; online: {online}; rejoins: {rejoins}</p>\
+         <h2>members</h2><table><tr><th>name</th><th>service</th><th>state</th></tr>{rows}</table></body></html>",
+        name = html_escape(&node.logical_name),
+        cluster = html_escape(&node.settings.cluster_name),
+        eff = html_escape(&node.settings.effective_cluster_name),
+        state = s["state"].as_str().unwrap_or(""),
+        online = s["online"],
+        rejoins = s["rejoins"],
+    ))
+    .into_response()
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}

@@ -1,0 +1,252 @@
+//! Services invoked as `POST /invoke/{folder}:{service}` with a JSON body (SPEC 4.4), and the
+//! registry an embedding application adds its own to.
+//!
+//! Built in so far: `demo:echo` (stateless), `demo:counter` (a counter in the session),
+//! `pub.session:get|put|remove`, `pub.cache:get|put|remove|containsKey`,
+//! `wm.server.cluster:getMembers|clearClusterMemberList`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use ferrocotta::ClientError;
+use serde_json::{json, Map, Value};
+
+use crate::node::Node;
+
+/// A failed service call, rendered as `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone)]
+pub struct ServiceError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable code.
+    pub code: String,
+    /// What happened.
+    pub message: String,
+}
+
+impl ServiceError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ServiceError {
+        ServiceError {
+            status,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Bad input.
+    pub fn bad_request(message: impl Into<String>) -> ServiceError {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// The array did not answer in time (the seed's ISS.0033.0154E).
+    pub fn unavailable() -> ServiceError {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ISS.0033.0154E",
+            "the cluster's shared state (cache array) is not reachable: the session cannot be read or saved; stateless services keep working",
+        )
+    }
+
+    /// Maps an array client error.
+    pub fn from_array(e: ClientError) -> ServiceError {
+        match e {
+            ClientError::NonstopTimeout { .. }
+            | ClientError::Timeout(_)
+            | ClientError::NoQuorum { .. }
+            | ClientError::Unavailable { .. }
+            | ClientError::Indeterminate(_) => {
+                tracing::warn!(event = "node.array_unavailable", error = %e);
+                Self::unavailable()
+            }
+            other => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "array_error", other.to_string()),
+        }
+    }
+}
+
+type ServiceFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, ServiceError>> + Send + 'a>>;
+
+/// A service: gets the node, the caller's session id and the input; returns the output.
+pub type Service = Arc<dyn for<'a> Fn(&'a Node, &'a str, Value) -> ServiceFuture<'a> + Send + Sync>;
+
+/// Services by `folder:service`.
+#[derive(Clone, Default)]
+pub struct Registry {
+    services: HashMap<String, Service>,
+}
+
+impl Registry {
+    /// A registry with the built-in services.
+    pub fn with_builtins() -> Registry {
+        let mut r = Registry::default();
+        r.register("demo:echo", |node, _, input| {
+            Box::pin(async move { Ok(json!({"input": input, "node": node.logical_name})) })
+        });
+        r.register("demo:counter", |node, ssnid, _| Box::pin(counter(node, ssnid)));
+        r.register("pub.session:get", |node, ssnid, input| {
+            Box::pin(session_get(node, ssnid, input))
+        });
+        r.register("pub.session:put", |node, ssnid, input| {
+            Box::pin(session_put(node, ssnid, input))
+        });
+        r.register("pub.session:remove", |node, ssnid, input| {
+            Box::pin(session_remove(node, ssnid, input))
+        });
+        r.register("pub.cache:get", |node, _, input| Box::pin(cache_get(node, input)));
+        r.register("pub.cache:containsKey", |node, _, input| {
+            Box::pin(cache_contains(node, input))
+        });
+        r.register("pub.cache:put", |node, _, input| Box::pin(cache_put(node, input)));
+        r.register("pub.cache:remove", |node, _, input| Box::pin(cache_remove(node, input)));
+        r.register("wm.server.cluster:getMembers", |node, _, _| {
+            Box::pin(async move { Ok(json!({"members": node.members().await})) })
+        });
+        r.register("wm.server.cluster:clearClusterMemberList", |node, _, _| {
+            Box::pin(clear_members(node))
+        });
+        r
+    }
+
+    /// Adds (or replaces) a service.
+    pub fn register<F>(&mut self, name: &str, f: F)
+    where
+        F: for<'a> Fn(&'a Node, &'a str, Value) -> ServiceFuture<'a> + Send + Sync + 'static,
+    {
+        self.services.insert(name.to_string(), Arc::new(f));
+    }
+
+    /// Calls a service.
+    pub async fn call(&self, node: &Node, name: &str, ssnid: &str, input: Value) -> Result<Value, ServiceError> {
+        let Some(service) = self.services.get(name) else {
+            return Err(ServiceError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no service `{name}`"),
+            ));
+        };
+        service(node, ssnid, input).await
+    }
+}
+
+fn field<'a>(input: &'a Value, name: &str) -> Result<&'a str, ServiceError> {
+    input
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ServiceError::bad_request(format!("the input needs a string `{name}`")))
+}
+
+/// Loads the session object (empty when new or expired).
+pub async fn load_session(node: &Node, ssnid: &str) -> Result<Map<String, Value>, ServiceError> {
+    match node.get(&node.settings.sessions_cache(), ssnid.as_bytes()).await? {
+        Some(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_default()),
+        None => Ok(Map::new()),
+    }
+}
+
+/// Saves the session object with tti = session timeout; 413 beyond the size limit.
+pub async fn save_session(node: &Node, ssnid: &str, session: &Map<String, Value>) -> Result<(), ServiceError> {
+    let bytes = serde_json::to_vec(session).expect("json");
+    if bytes.len() > node.settings.session_max_bytes {
+        return Err(ServiceError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "session_too_large",
+            format!(
+                "the session would hold {} bytes; the limit is {}",
+                bytes.len(),
+                node.settings.session_max_bytes
+            ),
+        ));
+    }
+    node.put(
+        &node.settings.sessions_cache(),
+        ssnid.as_bytes(),
+        &bytes,
+        Some(node.settings.session_timeout),
+    )
+    .await
+}
+
+async fn counter(node: &Node, ssnid: &str) -> Result<Value, ServiceError> {
+    let mut session = load_session(node, ssnid).await?;
+    let count = session.get("counter").and_then(Value::as_i64).unwrap_or(0) + 1;
+    session.insert("counter".into(), json!(count));
+    save_session(node, ssnid, &session).await?;
+    Ok(json!({"counter": count, "node": node.logical_name}))
+}
+
+async fn session_get(node: &Node, ssnid: &str, input: Value) -> Result<Value, ServiceError> {
+    let session = load_session(node, ssnid).await?;
+    match input.get("key").and_then(Value::as_str) {
+        Some(k) => Ok(json!({"value": session.get(k).cloned().unwrap_or(Value::Null)})),
+        None => Ok(json!({"session": session})),
+    }
+}
+
+async fn session_put(node: &Node, ssnid: &str, input: Value) -> Result<Value, ServiceError> {
+    let key = field(&input, "key")?.to_string();
+    let value = input.get("value").cloned().unwrap_or(Value::Null);
+    let mut session = load_session(node, ssnid).await?;
+    session.insert(key, value);
+    save_session(node, ssnid, &session).await?;
+    Ok(json!({"ok": true}))
+}
+
+async fn session_remove(node: &Node, ssnid: &str, input: Value) -> Result<Value, ServiceError> {
+    let key = field(&input, "key")?;
+    let mut session = load_session(node, ssnid).await?;
+    let removed = session.remove(key).is_some();
+    save_session(node, ssnid, &session).await?;
+    Ok(json!({"removed": removed}))
+}
+
+fn user_cache(input: &Value) -> Result<String, ServiceError> {
+    let name = field(input, "cacheName")?;
+    if name.starts_with("ferrocotta.node.") {
+        return Err(ServiceError::bad_request(
+            "caches under `ferrocotta.node.` belong to the node itself",
+        ));
+    }
+    Ok(name.to_string())
+}
+
+async fn cache_get(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = user_cache(&input)?;
+    let v = node.get(&cache, field(&input, "key")?.as_bytes()).await?;
+    Ok(json!({"value": v.map(|b| String::from_utf8_lossy(&b).into_owned())}))
+}
+
+async fn cache_contains(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = user_cache(&input)?;
+    let v = node.get(&cache, field(&input, "key")?.as_bytes()).await?;
+    Ok(json!({"exists": v.is_some()}))
+}
+
+async fn cache_put(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = user_cache(&input)?;
+    let value = field(&input, "value")?;
+    node.put(&cache, field(&input, "key")?.as_bytes(), value.as_bytes(), None)
+        .await?;
+    Ok(json!({"ok": true}))
+}
+
+async fn cache_remove(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = user_cache(&input)?;
+    let removed = node.remove(&cache, field(&input, "key")?.as_bytes()).await?;
+    Ok(json!({"removed": removed}))
+}
+
+/// `clearClusterMemberList`: empties the member list; live members re-register within one
+/// refresh interval.
+pub async fn clear_members(node: &Node) -> Result<Value, ServiceError> {
+    let cache = node.settings.members_cache();
+    let keys = node.keys(&cache).await?;
+    let mut removed = 0;
+    for k in keys {
+        removed += node.remove(&cache, &k).await? as u64;
+    }
+    tracing::info!(event = "node.members_cleared", removed);
+    Ok(json!({"removed": removed}))
+}

@@ -1,0 +1,202 @@
+//! Integration nodes on a real array: sessions that move between nodes, the member list, start-up
+//! rules and the admin port.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{http, phase, TestArray, TestNode};
+use ferrocotta::config::ConfigDuration;
+
+const NODE_TOML: &str =
+    "member_refresh_interval = \"500ms\"\nsession_max_bytes = 4096\nclient_keepalive_interval = \"250ms\"\n";
+
+#[test]
+fn two_nodes_share_sessions_and_a_member_list() {
+    let array = TestArray::start_with(1, 3, |c| {
+        c.timing.client_reconnect_window = ConfigDuration(Duration::from_secs(3))
+    });
+    let cluster = "com.example.integration.production.cluster.eu-west";
+    let mut a = TestNode::spawn(&array, "a", cluster, &["--logical-name", "node-a"], NODE_TOML);
+    let mut b = TestNode::spawn(&array, "b", cluster, &["--logical-name", "node-b"], NODE_TOML);
+    a.wait_ready(Duration::from_secs(30));
+    b.wait_ready(Duration::from_secs(30));
+
+    phase("the effective cluster name of a long dotted name");
+    let (code, status) = a.admin_get("/admin/status");
+    assert_eq!(code, 200);
+    let eff = status["effective_cluster_name"].as_str().unwrap();
+    assert!(eff.starts_with("com_example_integrat") && eff.len() == 32, "{eff}");
+    assert_eq!(status["state"], "connected");
+
+    phase("a session started on A continues on B; demo:counter counts across nodes");
+    let (code, cookie, out) = a.invoke("demo:counter", None, "");
+    assert_eq!(code, 200, "{out}");
+    let cookie = cookie.expect("a new session gets an ssnid cookie");
+    assert_eq!(out["counter"], 1);
+    let (_, _, out) = b.invoke("demo:counter", Some(&cookie), "");
+    assert_eq!(
+        (out["counter"].as_i64(), out["node"].as_str()),
+        (Some(2), Some("node-b"))
+    );
+    let (_, _, out) = a.invoke("demo:counter", Some(&cookie), "");
+    assert_eq!(out["counter"], 3);
+    let (code, _, _) = a.invoke("pub.session:put", Some(&cookie), r#"{"key":"cart","value":["book"]}"#);
+    assert_eq!(code, 200);
+    let (_, _, out) = b.invoke("pub.session:get", Some(&cookie), r#"{"key":"cart"}"#);
+    assert_eq!(out["value"], serde_json::json!(["book"]));
+
+    phase("a session over its size limit is refused with 413");
+    let big = format!(r#"{{"key":"blob","value":"{}"}}"#, "x".repeat(5000));
+    let (code, _, out) = b.invoke("pub.session:put", Some(&cookie), &big);
+    assert_eq!(code, 413, "{out}");
+    assert!(out["error"]["message"].as_str().unwrap().contains("limit"));
+    let (code, _, out) = a.invoke("nope:missing", None, "");
+    assert_eq!(code, 404, "{out}");
+    assert!(out["error"]["code"].is_string());
+
+    phase("the admin port refuses requests without the token");
+    let (code, _, _) = http(&a.admin, "GET", "/admin/status", &[], "");
+    assert_eq!(code, 401);
+    let (code, _, _) = http(
+        &a.admin,
+        "GET",
+        "/admin/cluster",
+        &[("Authorization", "Bearer wrong-token")],
+        "",
+    );
+    assert_eq!(code, 401);
+
+    phase("both nodes are in the member list");
+    assert_eq!(a.member_names(), vec!["node-a", "node-b"]);
+    assert_eq!(b.member_names(), vec!["node-a", "node-b"]);
+
+    phase("kill -9 of node B: it disappears within the reconnect window");
+    b.kill9();
+    let killed = Instant::now();
+    while a.member_names().contains(&"node-b".to_string()) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(3 + 5),
+            "B never left the member list"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "B left the member list {:?} after kill -9 (window 3 s)",
+        killed.elapsed()
+    );
+
+    phase("clearing the list: live members come back within one refresh interval");
+    let (code, out) = a.admin_post("/admin/cluster/clear");
+    assert_eq!(code, 200, "{out}");
+    let cleared = Instant::now();
+    while a.member_names() != vec!["node-a"] {
+        assert!(cleared.elapsed() < Duration::from_secs(3), "A did not re-register");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "A re-registered {:?} after the clear (refresh 500 ms)",
+        cleared.elapsed()
+    );
+
+    phase("a stateless service answers; SIGTERM leaves the member list at once");
+    let (code, _, out) = a.invoke("demo:echo", None, r#"{"x":1}"#);
+    assert_eq!((code, out["input"]["x"].as_i64()), (200, Some(1)));
+    let observer = tokio::runtime::Runtime::new().unwrap();
+    let members_cache = format!("ferrocotta.node.members.{eff}");
+    let pid = a.child.as_ref().unwrap().id() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(a.wait_exit(Duration::from_secs(15)), Some(0), "{}", a.log_text());
+    observer.block_on(async {
+        let client = array.client().await;
+        assert_eq!(
+            client.get(&members_cache, b"node-a").await.unwrap(),
+            None,
+            "A left the list on SIGTERM"
+        );
+    });
+}
+
+#[test]
+fn startup_rules_no_array_standalone_and_name_clash() {
+    let array = TestArray::start(1, 3);
+    let dead = format!("127.0.0.1:{}", common::free_ports(1)[0]);
+
+    phase("no array reachable: exit non-zero within connect_timeout, naming the URLs");
+    let started = Instant::now();
+    let out = std::process::Command::new(common::binary("integration-node"))
+        .args([
+            "--array-urls",
+            &dead,
+            "--cluster-name",
+            "c1",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--connect-timeout", "1s"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&dead), "the error names the URL: {stderr}");
+    assert!(took < Duration::from_secs(5), "took {took:?} with connect_timeout 1s");
+    eprintln!("no array: exit {:?} after {took:?}", out.status.code());
+
+    phase("standalone: starts with local state");
+    let out = std::process::Command::new(common::binary("integration-node"))
+        .args([
+            "--array-urls",
+            &dead,
+            "--cluster-name",
+            "c1",
+            "--connect-timeout",
+            "1s",
+            "--on-startup-error",
+            "standalone",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = out;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert!(line.contains("standalone"), "{line}");
+    let service = line.split_whitespace().nth(4).unwrap().to_string();
+    let (code, _, body) = http(&service, "POST", "/invoke/demo:counter", &[], "");
+    assert_eq!(code, 200, "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    phase("a logical name taken by a live member is refused, naming the holder");
+    let mut first = TestNode::spawn(&array, "first", "c2", &["--logical-name", "same"], "");
+    first.wait_ready(Duration::from_secs(30));
+    let mut second = TestNode::spawn(&array, "second", "c2", &["--logical-name", "same"], "");
+    let code = second.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(5), "{}", second.log_text());
+    assert!(
+        second.log_text().contains(&first.service),
+        "names the holder: {}",
+        second.log_text()
+    );
+    assert_eq!(first.member_names(), vec!["same"]);
+
+    phase("a bad logical name is refused");
+    let out = std::process::Command::new(common::binary("integration-node"))
+        .args([
+            "--array-urls",
+            &array.urls(),
+            "--cluster-name",
+            "c3",
+            "--logical-name",
+            "a;b",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(';'));
+}
