@@ -115,6 +115,7 @@ async fn cache_and_status_commands_follow_the_script_interface() {
 fn up_starts_an_array_writes_endpoints_and_stops_everything() {
     let _lock = common::cluster_lock();
     let _cache_array = binary("cache-array");
+    let _node = binary("integration-node");
     let dir = tempfile::tempdir().unwrap();
     phase("ferrocotta up --base-port 0 in a fresh folder");
     let mut up = ferrocotta()
@@ -141,15 +142,37 @@ fn up_starts_an_array_writes_endpoints_and_stops_everything() {
     let endpoints: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("endpoints.json")).unwrap()).unwrap();
     let procs = endpoints["processes"].as_array().unwrap();
-    assert_eq!(procs.len(), 3);
-    for p in procs {
-        assert_eq!(p["role"], "array");
+    assert_eq!(procs.len(), 5, "3 array servers and 2 nodes: {endpoints}");
+    let arrays: Vec<&serde_json::Value> = procs.iter().filter(|p| p["role"] == "array").collect();
+    let nodes: Vec<&serde_json::Value> = procs.iter().filter(|p| p["role"] == "node").collect();
+    assert_eq!((arrays.len(), nodes.len()), (3, 2));
+    for p in &arrays {
         for field in ["name", "pid", "client", "group", "admin"] {
-            assert!(p.get(field).is_some(), "endpoints.json lacks `{field}`");
+            assert!(p.get(field).is_some(), "endpoints.json lacks `{field}` for {p}");
         }
         assert!(printed.contains(p["client"].as_str().unwrap()), "the table shows {p}");
     }
+    for p in &nodes {
+        for field in ["name", "pid", "service", "admin"] {
+            assert!(p.get(field).is_some(), "endpoints.json lacks `{field}` for {p}");
+        }
+        assert!(printed.contains(p["service"].as_str().unwrap()), "the table shows {p}");
+    }
+    assert!(endpoints["admin_token"].as_str().is_some_and(|t| t.len() >= 16));
     assert!(dir.path().join("cluster.toml").exists());
+
+    phase("a session moves between the two nodes (the README's curl sequence)");
+    let (n1, n2) = (nodes[0]["service"].as_str().unwrap(), nodes[1]["service"].as_str().unwrap());
+    let (code, headers, body) = common::http(n1, "POST", "/invoke/demo:counter", &[], "");
+    assert_eq!(code, 200, "{body}");
+    let cookie = headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.split(';').next().unwrap().to_string())
+        .expect("ssnid cookie");
+    let (_, _, body) = common::http(n2, "POST", "/invoke/demo:counter", &[("Cookie", &cookie)], "");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["counter"].as_i64(), v["node"].as_str()), (Some(2), Some("node2")));
 
     phase("the array answers through the CLI");
     let urls = endpoints["array_urls"].as_str().unwrap().to_string();

@@ -52,18 +52,42 @@ pub struct UpArgs {
     /// The `cache-array` binary (default: next to this `ferrocotta` binary).
     #[arg(long, env = "FERROCOTTA_CACHE_ARRAY_BIN")]
     cache_array_bin: Option<PathBuf>,
+    /// Integration nodes to start (0 for the array alone).
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Cluster name of the integration nodes.
+    #[arg(long, default_value = "local")]
+    cluster_name: String,
+    /// First service port of the nodes; node i uses service port BASE+i and admin port
+    /// 9999+i (the defaults 5555 and 9999 for the first). With `--base-port 0` nodes get free
+    /// ports too.
+    #[arg(long, default_value_t = 5555)]
+    node_base_port: u16,
+    /// The `integration-node` binary (default: next to this `ferrocotta` binary).
+    #[arg(long, env = "FERROCOTTA_INTEGRATION_NODE_BIN")]
+    integration_node_bin: Option<PathBuf>,
 }
 
 /// One process in `endpoints.json` (field names are a stable interface, SPEC 9).
 #[derive(Debug, Serialize)]
 struct ProcessEntry {
-    /// `array` (or `node`, once integration nodes exist).
+    /// `array` or `node`.
     role: &'static str,
     name: String,
-    stripe: usize,
     pid: u32,
-    client: String,
-    group: String,
+    /// Stripe of an array server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stripe: Option<usize>,
+    /// Client port of an array server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<String>,
+    /// Group port of an array server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+    /// Service port of a node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
+    /// Admin port (both roles).
     admin: String,
 }
 
@@ -73,6 +97,9 @@ struct Endpoints {
     config: PathBuf,
     secret_file: PathBuf,
     array_urls: String,
+    /// Token of the nodes' admin ports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_token: Option<String>,
     processes: Vec<ProcessEntry>,
 }
 
@@ -218,17 +245,25 @@ async fn wait_ready(config: &ClusterConfig, secret: Vec<u8>, timeout: Duration) 
 async fn stop_all(children: &mut [(String, Child)]) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    for (_, child) in children.iter() {
-        if let Some(pid) = child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    // Nodes first, so they can leave the member list while the array still answers; then the
+    // array servers.
+    for nodes in [true, false] {
+        let group = children
+            .iter_mut()
+            .filter(|(name, _)| name.starts_with("node") == nodes);
+        let group: Vec<&mut (String, Child)> = group.collect();
+        for (_, child) in group.iter() {
+            if let Some(pid) = child.id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
         }
-    }
-    for (name, child) in children.iter_mut() {
-        match tokio::time::timeout(STOP_GRACE, child.wait()).await {
-            Ok(_) => eprintln!("stopped {name}"),
-            Err(_) => {
-                let _ = child.kill().await;
-                eprintln!("killed {name} (did not stop within {STOP_GRACE:?})");
+        for (name, child) in group {
+            match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+                Ok(_) => eprintln!("stopped {name}"),
+                Err(_) => {
+                    let _ = child.kill().await;
+                    eprintln!("killed {name} (did not stop within {STOP_GRACE:?})");
+                }
             }
         }
     }
@@ -255,10 +290,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         entries.push(ProcessEntry {
             role: "array",
             name: srv.name.clone(),
-            stripe: pos.stripe,
             pid: child.id().unwrap_or(0),
-            client: srv.client_addr(),
-            group: srv.group_addr(),
+            stripe: Some(pos.stripe),
+            client: Some(srv.client_addr()),
+            group: Some(srv.group_addr()),
+            service: None,
             admin: srv.admin_addr(),
         });
         children.push((srv.name.clone(), child));
@@ -272,34 +308,66 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         stop_all(&mut children).await;
         return Err(e);
     }
-    let array_urls = entries.iter().map(|e| e.client.clone()).collect::<Vec<_>>().join(",");
+    let array_urls = entries
+        .iter()
+        .filter_map(|e| e.client.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let admin_token = if args.nodes > 0 {
+        match start_nodes(&args, &dir, &array_urls, &secret_path, &mut children, &mut entries).await {
+            Ok(token) => Some(token),
+            Err(e) => {
+                stop_all(&mut children).await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let endpoints = Endpoints {
         array_name: config.array_name.clone(),
         config: config_path.clone(),
         secret_file: secret_path.clone(),
         array_urls: array_urls.clone(),
+        admin_token: admin_token.clone(),
         processes: entries,
     };
     let endpoints_path = dir.join("endpoints.json");
     std::fs::write(&endpoints_path, serde_json::to_string_pretty(&endpoints)? + "\n")?;
 
     println!(
-        "array `{}` is up ({} stripe(s))",
+        "array `{}` is up ({} stripe(s)), {} integration node(s)",
         config.array_name,
-        config.stripes.len()
+        config.stripes.len(),
+        args.nodes
     );
     println!(
-        "{:<6} {:<6} {:>6} {:>8} {:<22} {:<22} {:<22}",
-        "ROLE", "NAME", "STRIPE", "PID", "CLIENT", "GROUP", "ADMIN"
+        "{:<6} {:<6} {:>6} {:>8} {:<22} {:<22} ADMIN",
+        "ROLE", "NAME", "STRIPE", "PID", "CLIENT/SERVICE", "GROUP"
     );
     for e in &endpoints.processes {
+        let stripe = e.stripe.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+        let front = e
+            .client
+            .clone()
+            .or(e.service.clone().map(|s| format!("http://{s}")))
+            .unwrap_or_default();
         println!(
             "{:<6} {:<6} {:>6} {:>8} {:<22} {:<22} http://{}",
-            e.role, e.name, e.stripe, e.pid, e.client, e.group, e.admin
+            e.role,
+            e.name,
+            stripe,
+            e.pid,
+            front,
+            e.group.as_deref().unwrap_or("-"),
+            e.admin
         );
     }
     println!();
     println!("endpoints: {}", endpoints_path.display());
+    if let Some(token) = &admin_token {
+        println!("node admin token: {token}");
+    }
     println!("try it:");
     println!(
         "  export FERROCOTTA_ARRAY_URLS={array_urls} FERROCOTTA_SECRET_FILE={}",
@@ -307,12 +375,104 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
     );
     println!("  ferrocotta cache put --cache demo hello world && ferrocotta cache get --cache demo hello");
     println!("  ferrocotta status");
+    let nodes: Vec<&str> = endpoints
+        .processes
+        .iter()
+        .filter_map(|e| e.service.as_deref())
+        .collect();
+    if nodes.len() >= 2 {
+        println!(
+            "  curl -s -c jar -b jar -X POST http://{}/invoke/demo:counter   # counter 1, on node1",
+            nodes[0]
+        );
+        println!(
+            "  curl -s -c jar -b jar -X POST http://{}/invoke/demo:counter   # counter 2, same session on node2",
+            nodes[1]
+        );
+    }
     println!("press Ctrl-C to stop everything");
 
     let code = wait_until_stopped(&mut children).await;
     stop_all(&mut children).await;
     let _ = std::fs::remove_file(&endpoints_path);
     Ok(code)
+}
+
+/// Starts the integration nodes and waits until each serves; returns the admin token.
+async fn start_nodes(
+    args: &UpArgs,
+    dir: &Path,
+    array_urls: &str,
+    secret_path: &Path,
+    children: &mut Vec<(String, Child)>,
+    entries: &mut Vec<ProcessEntry>,
+) -> anyhow::Result<String> {
+    let bin = sibling_binary("integration-node", args.integration_node_bin.clone())?;
+    let token_path = dir.join("admin-token");
+    if !token_path.exists() {
+        let t: [u8; 16] = rand::random();
+        let token: String = t.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&token_path, token + "\n").context("cannot write the admin token file")?;
+    }
+    let token = std::fs::read_to_string(&token_path)?.trim().to_string();
+    let ports: Vec<(u16, u16)> = if args.base_port == 0 {
+        let free = pick_ports(&args.host, 0, args.nodes)?;
+        free.iter().map(|p| (p.port, p.admin_port)).collect()
+    } else {
+        (0..args.nodes as u16)
+            .map(|i| (args.node_base_port + i, 9999u16.saturating_add(i)))
+            .collect()
+    };
+    let mut addrs = Vec::new();
+    for (i, (service_port, admin_port)) in ports.iter().enumerate() {
+        let name = format!("node{}", i + 1);
+        let service = format!("{}:{service_port}", args.host);
+        let admin = format!("{}:{admin_port}", args.host);
+        let log_path = dir.join("logs").join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let child = Command::new(&bin)
+            .args(["--array-urls", array_urls, "--cluster-name", &args.cluster_name])
+            .args(["--listen", &service, "--admin-listen", &admin, "--logical-name", &name])
+            .arg("--secret-file")
+            .arg(secret_path)
+            .arg("--admin-token-file")
+            .arg(&token_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        entries.push(ProcessEntry {
+            role: "node",
+            name: name.clone(),
+            pid: child.id().unwrap_or(0),
+            stripe: None,
+            client: None,
+            group: None,
+            service: Some(service.clone()),
+            admin: admin.clone(),
+        });
+        children.push((name.clone(), child));
+        addrs.push((name, admin));
+    }
+    let deadline = tokio::time::Instant::now() + args.ready_timeout;
+    for (name, admin) in addrs {
+        while tokio::net::TcpStream::connect(&admin).await.is_err() {
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "integration node {name} did not start within {:?}; see its log",
+                    args.ready_timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(token)
 }
 
 /// Waits for Ctrl-C or SIGTERM; reports servers that exit on their own meanwhile.
