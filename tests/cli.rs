@@ -162,7 +162,10 @@ fn up_starts_an_array_writes_endpoints_and_stops_everything() {
     assert!(dir.path().join("cluster.toml").exists());
 
     phase("a session moves between the two nodes (the README's curl sequence)");
-    let (n1, n2) = (nodes[0]["service"].as_str().unwrap(), nodes[1]["service"].as_str().unwrap());
+    let (n1, n2) = (
+        nodes[0]["service"].as_str().unwrap(),
+        nodes[1]["service"].as_str().unwrap(),
+    );
     let (code, headers, body) = common::http(n1, "POST", "/invoke/demo:counter", &[], "");
     assert_eq!(code, 200, "{body}");
     let cookie = headers

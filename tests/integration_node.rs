@@ -200,3 +200,96 @@ fn startup_rules_no_array_standalone_and_name_clash() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(';'));
 }
+
+#[test]
+fn a_node_cut_from_the_array_degrades_then_reconnects_and_rejoins() {
+    let window = Duration::from_secs(2);
+    let mut array = TestArray::start_with(1, 3, |c| c.timing.client_reconnect_window = ConfigDuration(window));
+    let toml = "member_refresh_interval = \"300ms\"\nclient_keepalive_interval = \"250ms\"\nrequest_timeout = \"1s\"\n";
+    let mut node = TestNode::spawn(&array, "n", "cut", &["--logical-name", "n1"], toml);
+    node.wait_ready(Duration::from_secs(30));
+    let (_, cookie, out) = node.invoke("demo:counter", None, "");
+    let cookie = cookie.unwrap();
+    assert_eq!(out["counter"], 1);
+
+    phase("every array server stopped: the node degrades but answers within its timeout");
+    for n in array.stripe_servers(0) {
+        array.kill9(&n);
+    }
+    let started = Instant::now();
+    let (code, _, out) = node.invoke("demo:counter", Some(&cookie), "");
+    let took = started.elapsed();
+    assert_eq!(code, 503, "{out}");
+    assert_eq!(out["error"]["code"], "ISS.0033.0154E");
+    assert!(
+        took < Duration::from_millis(1000 + 1500),
+        "answered after {took:?} (timeout 1 s)"
+    );
+    eprintln!("session write without the array: 503 after {took:?}");
+    let (code, _, _) = node.invoke("demo:echo", None, r#"{"still":"here"}"#);
+    assert_eq!(code, 200, "a stateless service keeps working");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.admin_get("/admin/status").1["state"] != "disconnected" {
+        assert!(Instant::now() < deadline, "the node never reported disconnected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        node.member_names().is_empty(),
+        "a node cut from the array shows an empty member list"
+    );
+
+    phase("the array comes back: same session, the counter goes on");
+    for n in array.stripe_servers(0) {
+        array.spawn(&n);
+    }
+    let back = Instant::now();
+    let out = loop {
+        let (code, _, out) = node.invoke("demo:counter", Some(&cookie), "");
+        if code == 200 {
+            break out;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "the node never reconnected: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "node served the session again {:?} after the array restarted",
+        back.elapsed()
+    );
+    assert_eq!(out["counter"], 2);
+
+    phase("frozen (SIGSTOP) longer than the reconnect window, several times: it rejoins by itself");
+    let pid = nix::unistd::Pid::from_raw(node.child.as_ref().unwrap().id() as i32);
+    for round in 1..=3u64 {
+        while node.member_names() != vec!["n1"] {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        std::thread::sleep(window + Duration::from_secs(2));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+        let resumed = Instant::now();
+        loop {
+            let (_, s) = node.admin_get("/admin/status");
+            if s["rejoins"].as_u64() == Some(round) && node.member_names() == vec!["n1"] {
+                break;
+            }
+            assert!(
+                resumed.elapsed() < Duration::from_secs(15),
+                "round {round}: no rejoin: {s}\n{}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "round {round}: rejoined and re-registered {:?} after SIGCONT",
+            resumed.elapsed()
+        );
+    }
+    let (_, _, out) = node.invoke("demo:counter", Some(&cookie), "");
+    assert_eq!(
+        out["counter"], 3,
+        "the session (array data) survived the node's rejoins"
+    );
+}
