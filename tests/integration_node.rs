@@ -67,6 +67,25 @@ fn two_nodes_share_sessions_and_a_member_list() {
     );
     assert_eq!(code, 401);
 
+    phase("offline closes the service port, the admin port stays; online reopens it");
+    let (code, _) = a.admin_post("/admin/offline");
+    assert_eq!(code, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(&a.service).is_ok() {
+        assert!(Instant::now() < deadline, "the service port stayed open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(a.admin_get("/admin/status").1["online"], false);
+    let (code, _) = a.admin_post("/admin/online");
+    assert_eq!(code, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(&a.service).is_err() {
+        assert!(Instant::now() < deadline, "the service port never reopened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, _, out) = a.invoke("demo:counter", Some(&cookie), "");
+    assert_eq!(out["counter"], 4, "serving again, same session");
+
     phase("both nodes are in the member list");
     assert_eq!(a.member_names(), vec!["node-a", "node-b"]);
     assert_eq!(b.member_names(), vec!["node-a", "node-b"]);

@@ -149,6 +149,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         admin_addr,
         rejoins: AtomicU64::new(0),
         online: AtomicBool::new(true),
+        online_changed: tokio::sync::Notify::new(),
         registry,
         requests: AtomicU64::new(0),
     });
@@ -177,13 +178,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
 
 async fn serve(node: Arc<Node>, service: TcpListener, admin: TcpListener, shutdown: CancellationToken) {
     let refresh = tokio::spawn(node::member_refresh(node.clone(), shutdown.clone()));
-    let s1 = shutdown.clone();
-    let service_node = node.clone();
-    let service_task = tokio::spawn(async move {
-        let _ = axum::serve(service, node::service_router(service_node))
-            .with_graceful_shutdown(async move { s1.cancelled().await })
-            .await;
-    });
+    let service_task = tokio::spawn(service_loop(node.clone(), service, shutdown.clone()));
     let s2 = shutdown.clone();
     let admin_node = node.clone();
     let admin_task = tokio::spawn(async move {
@@ -198,6 +193,62 @@ async fn serve(node: Arc<Node>, service: TcpListener, admin: TcpListener, shutdo
     refresh.abort();
     node.leave().await;
     tracing::info!(event = "node.stopped", name = %node.logical_name);
+}
+
+/// Serves the service port while the node is online: going offline closes the port (in-flight
+/// requests finish), going online binds it again on the same address.
+async fn service_loop(node: Arc<Node>, first: TcpListener, shutdown: CancellationToken) {
+    let mut listener = Some(first);
+    loop {
+        let l = match listener.take() {
+            Some(l) => l,
+            None => match TcpListener::bind(&node.service_addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(event = "node.rebind_failed", addr = %node.service_addr, error = %e);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            },
+        };
+        let stop = shutdown.child_token();
+        let stopper = stop.clone();
+        let watcher_node = node.clone();
+        let watcher = tokio::spawn(async move {
+            while watcher_node.online.load(std::sync::atomic::Ordering::Relaxed) {
+                let notified = watcher_node.online_changed.notified();
+                if !watcher_node.online.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = stopper.cancelled() => return,
+                }
+            }
+            stopper.cancel();
+        });
+        let graceful = stop.clone();
+        let _ = axum::serve(l, node::service_router(node.clone()))
+            .with_graceful_shutdown(async move { graceful.cancelled().await })
+            .await;
+        watcher.abort();
+        if shutdown.is_cancelled() {
+            return;
+        }
+        // Offline: wait until online again.
+        while !node.online.load(std::sync::atomic::Ordering::Relaxed) {
+            let notified = node.online_changed.notified();
+            if node.online.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
 }
 
 /// Fails fast on settings that can never work.

@@ -58,6 +58,8 @@ pub struct Node {
     pub rejoins: AtomicU64,
     /// Whether the service port serves.
     pub online: AtomicBool,
+    /// Wakes the service loop when the node goes online or offline.
+    pub online_changed: tokio::sync::Notify,
     /// Services by `folder:service`.
     pub registry: Registry,
     /// Requests served.
@@ -346,6 +348,8 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .route("/admin/status", get(status))
         .route("/admin/cluster", get(cluster))
         .route("/admin/cluster/clear", post(clear))
+        .route("/admin/offline", post(offline))
+        .route("/admin/online", post(online))
         .with_state(node)
 }
 
@@ -386,6 +390,26 @@ async fn clear(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
         Ok(v) => Json(v).into_response(),
         Err(e) => error_response(e),
     }
+}
+
+async fn offline(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if !authorized(&node, &headers) {
+        return unauthorized();
+    }
+    node.online.store(false, Ordering::Relaxed);
+    node.online_changed.notify_waiters();
+    tracing::info!(event = "node.offline", "service port closed by the admin");
+    Json(status_of(&node)).into_response()
+}
+
+async fn online(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    if !authorized(&node, &headers) {
+        return unauthorized();
+    }
+    node.online.store(true, Ordering::Relaxed);
+    node.online_changed.notify_waiters();
+    tracing::info!(event = "node.online", "service port reopened by the admin");
+    Json(status_of(&node)).into_response()
 }
 
 async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
