@@ -312,3 +312,89 @@ fn a_node_cut_from_the_array_degrades_then_reconnects_and_rejoins() {
         "the session (array data) survived the node's rejoins"
     );
 }
+
+#[test]
+fn cache_and_storage_locks_and_a_checkpointed_job_across_nodes() {
+    let array = TestArray::start(1, 3);
+    let toml = "lock_max_duration = \"1500ms\"\n";
+    let mut a = TestNode::spawn(&array, "a", "jobs", &["--logical-name", "a"], toml);
+    let mut b = TestNode::spawn(&array, "b", "jobs", &["--logical-name", "b"], toml);
+    a.wait_ready(Duration::from_secs(30));
+    b.wait_ready(Duration::from_secs(30));
+
+    phase("pub.cache.lock: a second holder waits lockWaitTime, then fails; free after release");
+    let lock = r#"{"cacheName":"orders","key":"o-1","lockWaitTime":0}"#;
+    let (code, _, out) = a.invoke("pub.cache.lock:acquireLock", None, lock);
+    assert_eq!(code, 200, "{out}");
+    let started = Instant::now();
+    let (code, _, out) = b.invoke(
+        "pub.cache.lock:acquireLock",
+        None,
+        r#"{"cacheName":"orders","key":"o-1","lockWaitTime":500}"#,
+    );
+    let waited = started.elapsed();
+    assert_eq!(
+        (code, out["error"]["code"].as_str()),
+        (409, Some("lock_timeout")),
+        "{out}"
+    );
+    assert!(waited >= Duration::from_millis(450), "gave up after {waited:?}");
+    let (code, _, _) = a.invoke("pub.cache.lock:releaseLock", None, lock);
+    assert_eq!(code, 200);
+    let (code, _, out) = b.invoke("pub.cache.lock:acquireLock", None, lock);
+    assert_eq!(code, 200, "{out}");
+
+    phase("pub.storage: put/get/keys; a lock held past lock_max_duration is broken");
+    let (code, _, _) = a.invoke(
+        "pub.storage:put",
+        None,
+        r#"{"storeName":"s","key":"k","value":{"n":1}}"#,
+    );
+    assert_eq!(code, 200);
+    let (_, _, out) = b.invoke("pub.storage:get", None, r#"{"storeName":"s","key":"k"}"#);
+    assert_eq!(out["value"]["n"], 1);
+    let (code, _, out) = a.invoke(
+        "pub.storage:lock",
+        None,
+        r#"{"storeName":"s","key":"k","waitLength":0}"#,
+    );
+    assert_eq!(code, 200, "{out}");
+    let locked_at = Instant::now();
+    let (code, _, out) = b.invoke(
+        "pub.storage:lock",
+        None,
+        r#"{"storeName":"s","key":"k","waitLength":300}"#,
+    );
+    assert_eq!(code, 409, "held by a, not yet breakable: {out}");
+    let (_, _, out) = b.invoke("pub.storage:listLocks", None, r#"{"storeName":"s"}"#);
+    assert_eq!(out["locks"][0]["owner"], "a");
+    let (code, _, out) = b.invoke(
+        "pub.storage:lock",
+        None,
+        r#"{"storeName":"s","key":"k","waitLength":5000}"#,
+    );
+    assert_eq!((code, out["broken"].as_bool()), (200, Some(true)), "{out}");
+    assert!(
+        locked_at.elapsed() >= Duration::from_millis(1500),
+        "broken before lock_max_duration"
+    );
+    let (code, _, _) = a.invoke("pub.storage:unlock", None, r#"{"storeName":"s","key":"k"}"#);
+    assert_eq!(code, 409, "a no longer holds it");
+    let (code, _, _) = b.invoke("pub.storage:unlock", None, r#"{"storeName":"s","key":"k"}"#);
+    assert_eq!(code, 200);
+
+    phase("demo:checkpointed killed mid-run on A finishes on B from its last checkpoint");
+    let job = r#"{"jobId":"job-1","steps":10,"stepMillis":300}"#;
+    let a_service = a.service.clone();
+    let runner = std::thread::spawn(move || common::http(&a_service, "POST", "/invoke/demo:checkpointed", &[], job));
+    std::thread::sleep(Duration::from_millis(1200));
+    a.kill9();
+    let _ = runner.join();
+    let (code, _, out) = b.invoke("demo:checkpointed", None, job);
+    assert_eq!(code, 200, "{out}");
+    let resumed = out["resumedFrom"].as_u64().unwrap();
+    assert!((2..10).contains(&resumed), "resumed from step {resumed}: {out}");
+    assert_eq!(out["completed"], 10);
+    assert_eq!(out["nodes"], serde_json::json!(["a", "b"]));
+    eprintln!("checkpointed job resumed on B from step {resumed}");
+}

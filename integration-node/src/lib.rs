@@ -7,8 +7,12 @@
 //! - [`cluster_name`]: effective cluster names and logical-name rules.
 //! - [`node`]: the running node: member list, sessions, service and admin ports.
 //! - [`services`]: the service registry and the built-in services.
+//! - [`locks`]: `pub.cache.lock` (array locks) and `pub.storage` (stores with breakable locks).
+//! - [`jobs`]: `demo:checkpointed`, a job that resumes from its last checkpoint on any node.
 
 pub mod cluster_name;
+pub mod jobs;
+pub mod locks;
 pub mod node;
 pub mod services;
 pub mod settings;
@@ -152,6 +156,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         online_changed: tokio::sync::Notify::new(),
         registry,
         requests: AtomicU64::new(0),
+        held_locks: Default::default(),
     });
     if let Backend::Array(c) = &node.backend {
         let cache = node.settings.members_cache();

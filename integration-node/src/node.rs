@@ -64,6 +64,8 @@ pub struct Node {
     pub registry: Registry,
     /// Requests served.
     pub requests: AtomicU64,
+    /// `pub.cache.lock` locks this node holds, by (cache, key).
+    pub held_locks: Mutex<HashMap<(String, Vec<u8>), ferrocotta::client::LockHandle>>,
 }
 
 /// Milliseconds since the epoch.
@@ -137,6 +139,79 @@ impl Node {
                 .expect("local lock")
                 .remove(&(cache.to_string(), key.to_vec()))
                 .is_some()),
+        }
+    }
+
+    /// Sets a key only if absent; `None` when written, else the value already there.
+    pub async fn put_if_absent(&self, cache: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ServiceError> {
+        match &self.backend {
+            Backend::Array(c) => match c
+                .cache(cache)
+                .put_if_absent(key, value)
+                .await
+                .map_err(ServiceError::from_array)?
+            {
+                ferrocotta::client::WriteOutcome::Applied(v) => Ok(v),
+                ferrocotta::client::WriteOutcome::NotApplied => Err(ServiceError::unavailable()),
+            },
+            Backend::Local(m) => {
+                let mut m = m.lock().expect("local lock");
+                let k = (cache.to_string(), key.to_vec());
+                if let Some(v) = m.get(&k) {
+                    return Ok(Some(v.clone()));
+                }
+                m.insert(k, value.to_vec());
+                Ok(None)
+            }
+        }
+    }
+
+    /// Compare-and-swap; whether it was swapped.
+    pub async fn replace_if_equal(
+        &self,
+        cache: &str,
+        key: &[u8],
+        expected: &[u8],
+        value: &[u8],
+    ) -> Result<bool, ServiceError> {
+        match &self.backend {
+            Backend::Array(c) => match c
+                .cache(cache)
+                .replace_if_equal(key, expected, value)
+                .await
+                .map_err(ServiceError::from_array)?
+            {
+                ferrocotta::client::WriteOutcome::Applied(b) => Ok(b),
+                ferrocotta::client::WriteOutcome::NotApplied => Err(ServiceError::unavailable()),
+            },
+            Backend::Local(m) => {
+                let mut m = m.lock().expect("local lock");
+                let k = (cache.to_string(), key.to_vec());
+                if m.get(&k).is_some_and(|v| v == expected) {
+                    m.insert(k, value.to_vec());
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Removes a key only if it holds `expected`.
+    pub async fn remove_if_equal(&self, cache: &str, key: &[u8], expected: &[u8]) -> Result<bool, ServiceError> {
+        match &self.backend {
+            Backend::Array(c) => c
+                .remove_if_equal(cache, key, expected)
+                .await
+                .map_err(ServiceError::from_array),
+            Backend::Local(m) => {
+                let mut m = m.lock().expect("local lock");
+                let k = (cache.to_string(), key.to_vec());
+                if m.get(&k).is_some_and(|v| v == expected) {
+                    m.remove(&k);
+                    return Ok(true);
+                }
+                Ok(false)
+            }
         }
     }
 

@@ -1,8 +1,10 @@
 //! Services invoked as `POST /invoke/{folder}:{service}` with a JSON body (SPEC 4.4), and the
 //! registry an embedding application adds its own to.
 //!
-//! Built in so far: `demo:echo` (stateless), `demo:counter` (a counter in the session),
-//! `pub.session:get|put|remove`, `pub.cache:get|put|remove|containsKey`,
+//! Built in: `demo:echo` (stateless), `demo:counter` (a counter in the session),
+//! `demo:checkpointed` ([`crate::jobs`]), `pub.session:get|put|remove`,
+//! `pub.cache:get|put|putIfAbsent|replace|remove|containsKey|getKeys|removeAll`,
+//! `pub.cache.lock:acquireLock|releaseLock` and `pub.storage:*` ([`crate::locks`]),
 //! `wm.server.cluster:getMembers|clearClusterMemberList`.
 
 use std::collections::HashMap;
@@ -107,6 +109,18 @@ impl Registry {
         r.register("wm.server.cluster:clearClusterMemberList", |node, _, _| {
             Box::pin(clear_members(node))
         });
+        r.register("pub.cache:putIfAbsent", |node, _, input| {
+            Box::pin(cache_put_if_absent(node, input))
+        });
+        r.register("pub.cache:replace", |node, _, input| {
+            Box::pin(cache_replace(node, input))
+        });
+        r.register("pub.cache:getKeys", |node, _, input| Box::pin(cache_keys(node, input)));
+        r.register("pub.cache:removeAll", |node, _, input| {
+            Box::pin(cache_remove_all(node, input))
+        });
+        crate::locks::register(&mut r);
+        crate::jobs::register(&mut r);
         r
     }
 
@@ -235,6 +249,56 @@ async fn cache_put(node: &Node, input: Value) -> Result<Value, ServiceError> {
 async fn cache_remove(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = user_cache(&input)?;
     let removed = node.remove(&cache, field(&input, "key")?.as_bytes()).await?;
+    Ok(json!({"removed": removed}))
+}
+
+async fn cache_put_if_absent(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = user_cache(&input)?;
+    let prev = node
+        .put_if_absent(
+            &cache,
+            field(&input, "key")?.as_bytes(),
+            field(&input, "value")?.as_bytes(),
+        )
+        .await?;
+    Ok(json!({"written": prev.is_none(), "existing": prev.map(|b| String::from_utf8_lossy(&b).into_owned())}))
+}
+
+async fn cache_replace(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = user_cache(&input)?;
+    let key = field(&input, "key")?.as_bytes().to_vec();
+    let value = field(&input, "value")?;
+    match input.get("oldValue").and_then(Value::as_str) {
+        Some(old) => {
+            Ok(json!({"replaced": node.replace_if_equal(&cache, &key, old.as_bytes(), value.as_bytes()).await?}))
+        }
+        None => {
+            let present = node.get(&cache, &key).await?.is_some();
+            if present {
+                node.put(&cache, &key, value.as_bytes(), None).await?;
+            }
+            Ok(json!({"replaced": present}))
+        }
+    }
+}
+
+async fn cache_keys(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = user_cache(&input)?;
+    let keys: Vec<String> = node
+        .keys(&cache)
+        .await?
+        .into_iter()
+        .map(|k| String::from_utf8_lossy(&k).into_owned())
+        .collect();
+    Ok(json!({"keys": keys}))
+}
+
+async fn cache_remove_all(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = user_cache(&input)?;
+    let mut removed = 0u64;
+    for k in node.keys(&cache).await? {
+        removed += node.remove(&cache, &k).await? as u64;
+    }
     Ok(json!({"removed": removed}))
 }
 

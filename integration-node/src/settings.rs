@@ -77,6 +77,7 @@ struct NodeFile {
     member_refresh_interval: Option<String>,
     request_timeout: Option<String>,
     client_keepalive_interval: Option<String>,
+    lock_max_duration: Option<String>,
 }
 
 /// Everything the node runs with.
@@ -112,6 +113,8 @@ pub struct NodeSettings {
     pub request_timeout: Duration,
     /// Keep-alive interval of the array client.
     pub keepalive_interval: Duration,
+    /// `pub.storage` locks held longer than this may be broken by another requester.
+    pub lock_max_duration: Duration,
 }
 
 fn duration(field: &str, v: Option<String>, default: Duration) -> anyhow::Result<Duration> {
@@ -202,12 +205,23 @@ impl NodeSettings {
                 file.client_keepalive_interval,
                 Duration::from_secs(1),
             )?,
+            lock_max_duration: duration("lock_max_duration", file.lock_max_duration, Duration::from_secs(180))?,
         })
     }
 
     /// The array cache holding session data.
     pub fn sessions_cache(&self) -> String {
         format!("ferrocotta.node.sessions.{}", self.effective_cluster_name)
+    }
+
+    /// The array cache of a `pub.storage` store.
+    pub fn storage_cache(&self, store: &str) -> String {
+        format!("ferrocotta.node.storage.{}.{store}", self.effective_cluster_name)
+    }
+
+    /// The array cache of `demo:checkpointed` jobs.
+    pub fn checkpoints_cache(&self) -> String {
+        format!("ferrocotta.node.checkpoints.{}", self.effective_cluster_name)
     }
 
     /// The array cache holding the member list.

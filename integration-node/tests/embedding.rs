@@ -26,7 +26,11 @@ async fn post(addr: &str, path: &str, cookie: Option<&str>) -> (String, String) 
 
 #[tokio::test]
 async fn an_application_registers_its_own_service() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let args = Args::parse_from([
         "embedded",
         "--array-urls",
@@ -61,12 +65,18 @@ async fn an_application_registers_its_own_service() {
     assert_eq!(body, r#"{"cart":["book"]}"#);
     let cookie = head
         .lines()
-        .find_map(|l| l.strip_prefix("set-cookie: ").or_else(|| l.strip_prefix("Set-Cookie: ")))
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
         .and_then(|v| v.split(';').next())
         .unwrap()
         .to_string();
     let (_, body) = post(&addr, "/invoke/shop:addToCart", Some(&cookie)).await;
     assert_eq!(body, r#"{"cart":["book","book"]}"#, "the session carries the cart");
     running.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), running.done).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running.done)
+        .await
+        .unwrap()
+        .unwrap();
 }

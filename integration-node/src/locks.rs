@@ -1,0 +1,258 @@
+//! `pub.cache.lock` and `pub.storage` (SPEC 4.4).
+//!
+//! `pub.cache.lock:acquireLock` takes an array lock for this node's array session (so a node that
+//! dies loses its locks when its session expires); `lockWaitTime` is in milliseconds (<0 forever,
+//! 0 at once). The node remembers the handles so a later request can release them.
+//!
+//! `pub.storage` keeps named stores of JSON values in the array, and locks on their keys as lock
+//! records written with compare-and-swap: `{owner, acquired_ms}`. A lock held longer than
+//! `lock_max_duration` (default 180 s) is broken by the next requester, as the seed's repository
+//! locks are; `waitLength` (ms) bounds how long a requester waits.
+
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use ferrocotta::client::{LockHandle, LockWait};
+use ferrocotta::protocol::LockMode;
+use ferrocotta::ClientError;
+use serde_json::{json, Value};
+
+use crate::node::{now_ms, Backend, Node};
+use crate::services::{Registry, ServiceError};
+
+/// How often a waiting `pub.storage:lock` looks again.
+const STORAGE_LOCK_POLL: Duration = Duration::from_millis(50);
+
+fn field<'a>(input: &'a Value, name: &str) -> Result<&'a str, ServiceError> {
+    input
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ServiceError::bad_request(format!("the input needs a string `{name}`")))
+}
+
+fn lock_timeout(what: &str) -> ServiceError {
+    ServiceError::new(
+        StatusCode::CONFLICT,
+        "lock_timeout",
+        format!("{what} was not granted within the wait time"),
+    )
+}
+
+/// Registers the lock and storage services.
+pub fn register(r: &mut Registry) {
+    r.register("pub.cache.lock:acquireLock", |node, _, input| {
+        Box::pin(acquire(node, input))
+    });
+    r.register("pub.cache.lock:releaseLock", |node, _, input| {
+        Box::pin(release(node, input))
+    });
+    r.register("pub.storage:put", |node, _, input| Box::pin(storage_put(node, input)));
+    r.register("pub.storage:get", |node, _, input| Box::pin(storage_get(node, input)));
+    r.register("pub.storage:remove", |node, _, input| {
+        Box::pin(storage_remove(node, input))
+    });
+    r.register("pub.storage:keys", |node, _, input| Box::pin(storage_keys(node, input)));
+    r.register("pub.storage:deleteStore", |node, _, input| {
+        Box::pin(storage_delete(node, input))
+    });
+    r.register("pub.storage:lock", |node, _, input| Box::pin(storage_lock(node, input)));
+    r.register("pub.storage:unlock", |node, _, input| {
+        Box::pin(storage_unlock(node, input))
+    });
+    r.register("pub.storage:listLocks", |node, _, input| {
+        Box::pin(storage_list_locks(node, input))
+    });
+    r.register("pub.storage:releaseLocks", |node, _, input| {
+        Box::pin(storage_release_locks(node, input))
+    });
+}
+
+async fn acquire(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let Backend::Array(client) = &node.backend else {
+        return Err(ServiceError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "standalone",
+            "locks need the array",
+        ));
+    };
+    let cache = field(&input, "cacheName")?.to_string();
+    let key = field(&input, "key")?.to_string();
+    let wait = LockWait::from_millis(input.get("lockWaitTime").and_then(Value::as_i64).unwrap_or(0));
+    match client.lock(&cache, key.as_bytes(), LockMode::Exclusive, wait).await {
+        Ok(handle) => {
+            node.held_locks
+                .lock()
+                .expect("held locks")
+                .insert((cache, key.into_bytes()), handle);
+            Ok(json!({"acquired": true}))
+        }
+        Err(ClientError::LockTimeout) => Err(lock_timeout("the lock")),
+        Err(e) => Err(ServiceError::from_array(e)),
+    }
+}
+
+async fn release(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let Backend::Array(client) = &node.backend else {
+        return Err(ServiceError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "standalone",
+            "locks need the array",
+        ));
+    };
+    let id = (
+        field(&input, "cacheName")?.to_string(),
+        field(&input, "key")?.as_bytes().to_vec(),
+    );
+    let handle: Option<LockHandle> = node.held_locks.lock().expect("held locks").remove(&id);
+    let Some(handle) = handle else {
+        return Err(ServiceError::new(
+            StatusCode::CONFLICT,
+            "not_held",
+            "this node does not hold that lock",
+        ));
+    };
+    match client.unlock(&handle).await {
+        Ok(()) => Ok(json!({"released": true})),
+        Err(ClientError::InvalidLockAfterRejoin) => Err(ServiceError::new(
+            StatusCode::CONFLICT,
+            "invalid_lock_after_rejoin",
+            "the lock was taken before the node rejoined the array; it is no longer held",
+        )),
+        Err(e) => Err(ServiceError::from_array(e)),
+    }
+}
+
+fn store(node: &Node, input: &Value) -> Result<String, ServiceError> {
+    let name = field(input, "storeName")?;
+    if name.is_empty() || name.len() > 128 || name.contains(char::is_whitespace) {
+        return Err(ServiceError::bad_request(
+            "storeName must be 1 to 128 characters without spaces",
+        ));
+    }
+    Ok(node.settings.storage_cache(name))
+}
+
+fn lock_cache(data_cache: &str) -> String {
+    format!("{data_cache}.locks")
+}
+
+async fn storage_put(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = store(node, &input)?;
+    let value = serde_json::to_vec(input.get("value").unwrap_or(&Value::Null)).expect("json");
+    node.put(&cache, field(&input, "key")?.as_bytes(), &value, None).await?;
+    Ok(json!({"ok": true}))
+}
+
+async fn storage_get(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = store(node, &input)?;
+    let v = node.get(&cache, field(&input, "key")?.as_bytes()).await?;
+    Ok(json!({"value": v.and_then(|b| serde_json::from_slice::<Value>(&b).ok())}))
+}
+
+async fn storage_remove(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = store(node, &input)?;
+    Ok(json!({"removed": node.remove(&cache, field(&input, "key")?.as_bytes()).await?}))
+}
+
+async fn storage_keys(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = store(node, &input)?;
+    let keys: Vec<String> = node
+        .keys(&cache)
+        .await?
+        .into_iter()
+        .map(|k| String::from_utf8_lossy(&k).into_owned())
+        .collect();
+    Ok(json!({"keys": keys}))
+}
+
+async fn storage_delete(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let cache = store(node, &input)?;
+    let mut removed = 0u64;
+    for c in [cache.clone(), lock_cache(&cache)] {
+        for k in node.keys(&c).await? {
+            removed += node.remove(&c, &k).await? as u64;
+        }
+    }
+    Ok(json!({"removed": removed}))
+}
+
+fn lock_record(node: &Node) -> Vec<u8> {
+    serde_json::to_vec(&json!({"owner": node.logical_name, "instance": node.instance_id, "acquired_ms": now_ms()}))
+        .expect("json")
+}
+
+fn ours(node: &Node, record: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(record).is_ok_and(|v| v["instance"] == node.instance_id.as_str())
+}
+
+async fn storage_lock(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let locks = lock_cache(&store(node, &input)?);
+    let key = field(&input, "key")?.as_bytes().to_vec();
+    let wait = Duration::from_millis(input.get("waitLength").and_then(Value::as_u64).unwrap_or(0));
+    let started = Instant::now();
+    loop {
+        let mine = lock_record(node);
+        match node.put_if_absent(&locks, &key, &mine).await? {
+            None => return Ok(json!({"locked": true, "broken": false})),
+            Some(existing) if ours(node, &existing) => return Ok(json!({"locked": true, "broken": false})),
+            Some(existing) => {
+                let acquired = serde_json::from_slice::<Value>(&existing)
+                    .ok()
+                    .and_then(|v| v["acquired_ms"].as_u64())
+                    .unwrap_or(0);
+                let held_ms = now_ms().saturating_sub(acquired);
+                if held_ms > node.settings.lock_max_duration.as_millis() as u64
+                    && node.replace_if_equal(&locks, &key, &existing, &mine).await?
+                {
+                    tracing::warn!(event = "node.storage_lock_broken", key = %String::from_utf8_lossy(&key), held_ms);
+                    return Ok(json!({"locked": true, "broken": true}));
+                }
+            }
+        }
+        if started.elapsed() >= wait {
+            return Err(lock_timeout("the storage lock"));
+        }
+        tokio::time::sleep(STORAGE_LOCK_POLL.min(wait.saturating_sub(started.elapsed()))).await;
+    }
+}
+
+async fn storage_unlock(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let locks = lock_cache(&store(node, &input)?);
+    let key = field(&input, "key")?.as_bytes().to_vec();
+    match node.get(&locks, &key).await? {
+        Some(record) if ours(node, &record) => {
+            Ok(json!({"unlocked": node.remove_if_equal(&locks, &key, &record).await?}))
+        }
+        _ => Err(ServiceError::new(
+            StatusCode::CONFLICT,
+            "not_held",
+            "this node does not hold that storage lock",
+        )),
+    }
+}
+
+async fn storage_list_locks(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let locks = lock_cache(&store(node, &input)?);
+    let mut out = Vec::new();
+    for k in node.keys(&locks).await? {
+        if let Some(record) = node.get(&locks, &k).await? {
+            let mut v: Value = serde_json::from_slice(&record).unwrap_or_default();
+            v["key"] = json!(String::from_utf8_lossy(&k));
+            out.push(v);
+        }
+    }
+    Ok(json!({"locks": out}))
+}
+
+async fn storage_release_locks(node: &Node, input: Value) -> Result<Value, ServiceError> {
+    let locks = lock_cache(&store(node, &input)?);
+    let mut released = 0u64;
+    for k in node.keys(&locks).await? {
+        if let Some(record) = node.get(&locks, &k).await? {
+            if ours(node, &record) && node.remove_if_equal(&locks, &k, &record).await? {
+                released += 1;
+            }
+        }
+    }
+    Ok(json!({"released": released}))
+}
