@@ -398,3 +398,62 @@ fn cache_and_storage_locks_and_a_checkpointed_job_across_nodes() {
     assert_eq!(out["nodes"], serde_json::json!(["a", "b"]));
     eprintln!("checkpointed job resumed on B from step {resumed}");
 }
+
+#[test]
+fn each_nonstop_behaviour_of_the_sessions_cache_through_the_node() {
+    let mut array = TestArray::start(1, 3);
+    let nodes: Vec<(&str, TestNode)> = ["noop", "local_reads", "local_reads_and_exception_on_write"]
+        .into_iter()
+        .map(|behavior| {
+            let toml = format!(
+                "client_keepalive_interval = \"250ms\"\nrequest_timeout = \"1s\"\n[sessions_nonstop]\ntimeout = \"1s\"\ntimeout_behavior = \"{behavior}\"\n"
+            );
+            let mut n = TestNode::spawn(&array, behavior, "ns", &["--logical-name", behavior], &toml);
+            n.wait_ready(Duration::from_secs(30));
+            (behavior, n)
+        })
+        .collect();
+    let mut cookies = Vec::new();
+    for (_, n) in &nodes {
+        let (_, c, _) = n.invoke("demo:counter", None, "");
+        let c = c.unwrap();
+        let (_, _, out) = n.invoke("demo:counter", Some(&c), "");
+        assert_eq!(out["counter"], 2);
+        cookies.push(c);
+    }
+
+    phase("every array server stopped");
+    for s in array.stripe_servers(0) {
+        array.kill9(&s);
+    }
+    let answer = |i: usize| {
+        let started = Instant::now();
+        let r = nodes[i].1.invoke("demo:counter", Some(&cookies[i]), "");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(2 * 1000 + 1500),
+            "{}: answered after {took:?}",
+            nodes[i].0
+        );
+        eprintln!("{}: {} {} after {took:?}", nodes[i].0, r.0, r.2);
+        r
+    };
+    let (code, _, out) = answer(0);
+    assert_eq!(
+        (code, out["counter"].as_i64()),
+        (200, Some(1)),
+        "noop: the session reads empty, the write is ignored"
+    );
+    let (code, _, out) = answer(1);
+    assert_eq!(
+        (code, out["counter"].as_i64()),
+        (200, Some(3)),
+        "local_reads: the last session this node saw"
+    );
+    let (code, _, out) = answer(2);
+    assert_eq!(
+        (code, out["error"]["code"].as_str()),
+        (503, Some("ISS.0033.0154E")),
+        "local reads, but writes raise"
+    );
+}

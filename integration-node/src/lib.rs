@@ -83,6 +83,9 @@ async fn connect(settings: &NodeSettings) -> Result<Option<ArrayClient>, StartEr
     cs.client_name = format!("integration-node {}", settings.effective_cluster_name);
     cs.max_connect_retries = Some((settings.connect_timeout.as_secs() as u32).max(1));
     cs.default_nonstop.timeout = settings.request_timeout;
+    if let Some(n) = settings.sessions_nonstop {
+        cs.nonstop.insert(settings.sessions_cache(), n);
+    }
     match ArrayClient::connect(cs).await {
         Ok(c) => Ok(Some(c)),
         Err(e @ ClientError::VersionMismatch { .. }) => {

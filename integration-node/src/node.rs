@@ -115,7 +115,11 @@ impl Node {
                     .map_err(ServiceError::from_array)?
                 {
                     ferrocotta::client::WriteOutcome::Applied(_) => Ok(()),
-                    ferrocotta::client::WriteOutcome::NotApplied => Err(ServiceError::unavailable()),
+                    // The cache's nonstop behaviour ignores writes while the array is away.
+                    ferrocotta::client::WriteOutcome::NotApplied => {
+                        tracing::debug!(event = "node.write_not_applied", cache);
+                        Ok(())
+                    }
                 }
             }
             Backend::Local(m) => {

@@ -78,6 +78,7 @@ struct NodeFile {
     request_timeout: Option<String>,
     client_keepalive_interval: Option<String>,
     lock_max_duration: Option<String>,
+    sessions_nonstop: Option<ferrocotta::client::NonstopSettings>,
 }
 
 /// Everything the node runs with.
@@ -115,6 +116,9 @@ pub struct NodeSettings {
     pub keepalive_interval: Duration,
     /// `pub.storage` locks held longer than this may be broken by another requester.
     pub lock_max_duration: Duration,
+    /// Nonstop settings of the sessions cache (what a session read or write does while the array
+    /// does not answer); the default raises, which the services answer with 503.
+    pub sessions_nonstop: Option<ferrocotta::client::NonstopSettings>,
 }
 
 fn duration(field: &str, v: Option<String>, default: Duration) -> anyhow::Result<Duration> {
@@ -206,6 +210,7 @@ impl NodeSettings {
                 Duration::from_secs(1),
             )?,
             lock_max_duration: duration("lock_max_duration", file.lock_max_duration, Duration::from_secs(180))?,
+            sessions_nonstop: file.sessions_nonstop,
         })
     }
 
