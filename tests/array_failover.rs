@@ -308,7 +308,7 @@ async fn two_stripes_spread_keys_and_fail_independently() {
     let mut per_stripe = [0usize; 2];
     for i in 0..200 {
         let key = format!("spread-{i}");
-        client.put(CACHE, key.as_bytes(), b"x").await.unwrap();
+        common::put_retrying(&client, CACHE, key.as_bytes(), b"x").await;
         per_stripe[config.stripe_of_key(key.as_bytes())] += 1;
     }
     assert!(per_stripe[0] > 50 && per_stripe[1] > 50, "uneven spread {per_stripe:?}");

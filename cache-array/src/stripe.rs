@@ -149,12 +149,16 @@ impl Stripe {
         }
     }
 
+    /// Whether a write already in flight should be given up as "outcome unknown": this server is
+    /// no longer the active, or no majority has acknowledged it for twice the election timeout.
+    /// Twice, not once as for new requests: abandoning a write that would still commit costs the
+    /// client an indeterminate answer, so a busy machine's late heartbeat must not cause it.
     fn quorum_lost(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
         m.state != ServerState::Leader
             || m.millis_since_quorum_ack
-                .map(|ms| Duration::from_millis(ms) > self.quorum_stale_after)
+                .map(|ms| Duration::from_millis(ms) > self.quorum_stale_after * 2)
                 .unwrap_or(false)
     }
 

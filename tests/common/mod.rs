@@ -666,3 +666,18 @@ impl Drop for TestNode {
         self.kill9();
     }
 }
+
+/// A put retried while the outcome is unknown or the stripe is between actives (safe for a put of
+/// a fixed value: applying it twice leaves the same state). For set-up phases of tests, where an
+/// election on a loaded machine must not fail the test.
+pub async fn put_retrying(client: &ferrocotta::ArrayClient, cache: &str, key: &[u8], value: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.put(cache, key, value).await {
+            Ok(_) => return,
+            Err(e) if Instant::now() < deadline => eprintln!("retrying a put: {e}"),
+            Err(e) => panic!("put never succeeded: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
