@@ -27,7 +27,11 @@ fn two_nodes_share_sessions_and_a_member_list() {
     assert_eq!(code, 200);
     let eff = status["effective_cluster_name"].as_str().unwrap();
     assert!(eff.starts_with("com_example_integrat") && eff.len() == 32, "{eff}");
-    assert_eq!(status["state"], "connected");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.admin_get("/admin/status").1["state"] != "connected" {
+        assert!(Instant::now() < deadline, "node A never reported connected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     phase("a session started on A continues on B; demo:counter counts across nodes");
     let (code, cookie, out) = a.invoke("demo:counter", None, "");

@@ -21,6 +21,10 @@ use super::nonstop::is_unavailability;
 use super::{ArrayClient, ClientError, Inner};
 use crate::protocol::{ErrorReply, LockInfo, LockMode, Op, ReadConsistency, Reply};
 
+/// Shortest wait for a keep-alive answer, whatever the interval: a loaded machine must not make a
+/// client with a short interval think the array is gone.
+pub const KEEPALIVE_TIMEOUT_MIN: Duration = Duration::from_millis(500);
+
 /// Events a subscriber may fall behind by before it misses some.
 pub const EVENT_BUFFER_MAX: usize = 256;
 
@@ -420,7 +424,7 @@ async fn keepalive_loop(inner: Weak<Inner>, stop: tokio_util::sync::Cancellation
                 Some(session) => Op::KeepAlive { session },
                 None => Op::Ping,
             };
-            let result = client.execute(stripe, op, interval).await;
+            let result = client.execute(stripe, op, interval.max(KEEPALIVE_TIMEOUT_MIN)).await;
             match result {
                 Ok(Reply::Pong { leader: None, .. }) => {
                     tracing::debug!(
