@@ -461,3 +461,74 @@ fn each_nonstop_behaviour_of_the_sessions_cache_through_the_node() {
         "local reads, but writes raise"
     );
 }
+
+/// A fake array server that refuses every hello as a newer version would.
+fn fake_server_of_another_version() -> String {
+    use ferrocotta::protocol::{codec, decode, encode, nonce, ClientMessage, Refusal, ServerMessage, SOFTWARE_VERSION};
+    use futures::{SinkExt, StreamExt};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            // Bounded: a handful of connections, then the thread ends with the test.
+            for _ in 0..20 {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut framed = tokio_util::codec::Framed::new(stream, codec(64 * 1024));
+                let _ = framed
+                    .send(encode(&ServerMessage::Challenge { server_nonce: nonce() }))
+                    .await;
+                if let Some(Ok(bytes)) = framed.next().await {
+                    if let Ok(ClientMessage::Hello(h)) = decode::<ClientMessage>(&bytes) {
+                        let refusal = Refusal::VersionMismatch {
+                            client: h.software_version,
+                            server: "9.9.0".into(),
+                            client_protocol: h.protocol_version,
+                            server_protocol: h.protocol_version,
+                        };
+                        assert_ne!(SOFTWARE_VERSION, "9.9.0");
+                        let _ = framed.send(encode(&ServerMessage::Refused(refusal))).await;
+                    }
+                }
+            }
+        });
+    });
+    addr
+}
+
+#[test]
+fn a_version_mismatch_is_reported_with_the_exact_message_and_a_non_zero_exit() {
+    let addr = fake_server_of_another_version();
+    let out = std::process::Command::new(common::binary("integration-node"))
+        .args([
+            "--array-urls",
+            &addr,
+            "--cluster-name",
+            "v",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--on-startup-error", "standalone"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "even with standalone, a mismatch stops the node: {stderr}"
+    );
+    let expected = format!(
+        "Client/Server Version Mismatch Error: Client Version: {}, Server Version: 9.9.0",
+        ferrocotta::protocol::SOFTWARE_VERSION
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+}
