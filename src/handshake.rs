@@ -1,4 +1,5 @@
-//! Both sides of the connection handshake (see [`crate::protocol`] for the exchange).
+//! Framed connections: both sides of the handshake (see [`crate::protocol`] for the exchange) and
+//! the frame writer every connection uses after it.
 //!
 //! The client side is used by [`crate::client::ArrayClient`] and by array servers dialling their
 //! peers; the server side by both listeners of an array server. Each side is bounded by a timeout
@@ -17,6 +18,23 @@ use crate::protocol::{
 
 /// A framed TCP connection.
 pub type FramedConn = Framed<TcpStream, LengthDelimitedCodec>;
+
+/// Writes queued frames to a connection until the queue closes, with one flush per burst:
+/// whatever was queued while the previous write went out is written and flushed together. Used
+/// by clients, the client port and the group port alike. Returns the write error that ended it.
+pub async fn write_frames(
+    mut sink: futures::stream::SplitSink<FramedConn, bytes::Bytes>,
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+) -> std::io::Result<()> {
+    while let Some(frame) = rx.recv().await {
+        sink.feed(frame).await?;
+        while let Ok(frame) = rx.try_recv() {
+            sink.feed(frame).await?;
+        }
+        sink.flush().await?;
+    }
+    Ok(())
+}
 
 /// Why a client-side handshake failed.
 #[derive(Debug, Clone, thiserror::Error)]

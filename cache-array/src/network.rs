@@ -15,7 +15,7 @@ use std::time::Duration;
 use ferrocotta::client::{CallError, Connection};
 use ferrocotta::handshake::{self, ClientIdentity, ServerIdentity};
 use ferrocotta::protocol::{decode, encode, ClientMessage, PeerRpc, ServerMessage};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -247,23 +247,9 @@ async fn serve_peer_connection(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let (mut sink, mut stream) = framed.split();
-    let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(PEER_REPLY_QUEUE_MAX);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if sink.feed(frame).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = rx.try_recv() {
-                if sink.feed(frame).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    let (sink, mut stream) = framed.split();
+    let (tx, rx) = mpsc::channel::<bytes::Bytes>(PEER_REPLY_QUEUE_MAX);
+    let writer = tokio::spawn(handshake::write_frames(sink, rx));
     let in_flight = Arc::new(Semaphore::new(PEER_CALLS_IN_FLIGHT_MAX));
     loop {
         let next = tokio::select! {

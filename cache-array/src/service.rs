@@ -15,7 +15,7 @@ use ferrocotta::protocol::{
     decode, encode, ClientMessage, ErrorReply, Op, Reply, Request, Response, ServerMessage, MAX_BATCH_KEYS,
     MAX_CACHE_NAME_BYTES, MAX_KEYS_PAGE,
 };
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -91,23 +91,9 @@ impl ClientService {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let (mut sink, mut stream) = framed.split();
-        let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(REPLY_QUEUE_MAX);
-        let writer = tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
-                if sink.feed(frame).await.is_err() {
-                    return;
-                }
-                while let Ok(frame) = rx.try_recv() {
-                    if sink.feed(frame).await.is_err() {
-                        return;
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (sink, mut stream) = framed.split();
+        let (tx, rx) = mpsc::channel::<bytes::Bytes>(REPLY_QUEUE_MAX);
+        let writer = tokio::spawn(handshake::write_frames(sink, rx));
         let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX));
         loop {
             let next = tokio::select! {

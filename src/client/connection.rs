@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::handshake::FramedConn;
@@ -163,29 +163,12 @@ fn close(pending: &Mutex<Pending>, why: String) {
 }
 
 async fn write_loop(
-    mut sink: futures::stream::SplitSink<FramedConn, bytes::Bytes>,
-    mut rx: mpsc::Receiver<bytes::Bytes>,
+    sink: futures::stream::SplitSink<FramedConn, bytes::Bytes>,
+    rx: mpsc::Receiver<bytes::Bytes>,
     pending: Arc<Mutex<Pending>>,
 ) {
-    while let Some(frame) = rx.recv().await {
-        if let Err(e) = sink.feed(frame).await {
-            close(&pending, format!("write failed: {e}"));
-            return;
-        }
-        // Coalesce whatever else is queued into the same flush.
-        while let Ok(frame) = rx.try_recv() {
-            if let Err(e) = sink.feed(frame).await {
-                close(&pending, format!("write failed: {e}"));
-                return;
-            }
-        }
-        if let Err(e) = sink.flush().await {
-            close(&pending, format!("write failed: {e}"));
-            return;
-        }
-        if pending.lock().expect("pending lock").closed.is_some() {
-            return;
-        }
+    if let Err(e) = crate::handshake::write_frames(sink, rx).await {
+        close(&pending, format!("write failed: {e}"));
     }
 }
 
