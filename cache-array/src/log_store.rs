@@ -121,6 +121,17 @@ impl LogStore {
         postcard::from_bytes(&bytes[4..]).map_err(|e| fail(format!("undecodable: {e}")))
     }
 
+    /// Decodes one item of the log tree: the stored length and the verified entry.
+    fn decode_item(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(usize, Entry), StorageError> {
+        let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let index = u64::from_be_bytes(
+            k.as_ref()
+                .try_into()
+                .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Read, corrupt("bad log key".into())))?,
+        );
+        Ok((v.len(), Self::decode_entry(index, &v)?))
+    }
+
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
         let Some(bytes) = self
             .meta
@@ -219,17 +230,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for item in self.log.range(start.to_be_bytes()..end.to_be_bytes()) {
-            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            if !out.is_empty() && bytes + v.len() > REPLICATION_BATCH_BYTES_MAX {
+            let (len, entry) = Self::decode_item(item)?;
+            if !out.is_empty() && bytes + len > REPLICATION_BATCH_BYTES_MAX {
                 break;
             }
-            bytes += v.len();
-            let index = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Read, corrupt("bad log key".into())))?,
-            );
-            out.push(Self::decode_entry(index, &v)?);
+            bytes += len;
+            out.push(entry);
         }
         Ok(out)
     }
@@ -250,13 +256,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let mut out = Vec::new();
         for item in self.log.range((Bound::Included(start.to_be_bytes()), end)) {
-            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let index = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Read, corrupt("bad log key".into())))?,
-            );
-            out.push(Self::decode_entry(index, &v)?);
+            out.push(Self::decode_item(item)?.1);
         }
         Ok(out)
     }

@@ -155,24 +155,12 @@ async fn storage_remove(node: &Node, input: Value) -> Result<Value, ServiceError
 }
 
 async fn storage_keys(node: &Node, input: Value) -> Result<Value, ServiceError> {
-    let cache = store(node, &input)?;
-    let keys: Vec<String> = node
-        .keys(&cache)
-        .await?
-        .into_iter()
-        .map(|k| String::from_utf8_lossy(&k).into_owned())
-        .collect();
-    Ok(json!({"keys": keys}))
+    node.keys_json(&store(node, &input)?).await
 }
 
 async fn storage_delete(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = store(node, &input)?;
-    let mut removed = 0u64;
-    for c in [cache.clone(), lock_cache(&cache)] {
-        for k in node.keys(&c).await? {
-            removed += node.remove(&c, &k).await? as u64;
-        }
-    }
+    let removed = node.remove_all(&cache).await? + node.remove_all(&lock_cache(&cache)).await?;
     Ok(json!({"removed": removed}))
 }
 

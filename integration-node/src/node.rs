@@ -237,6 +237,26 @@ impl Node {
         }
     }
 
+    /// Every key of a cache as `{"keys": [...]}` (keys shown as text).
+    pub async fn keys_json(&self, cache: &str) -> Result<Value, ServiceError> {
+        let keys: Vec<String> = self
+            .keys(cache)
+            .await?
+            .into_iter()
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .collect();
+        Ok(json!({ "keys": keys }))
+    }
+
+    /// Removes every key of a cache, one by one; how many were removed.
+    pub async fn remove_all(&self, cache: &str) -> Result<u64, ServiceError> {
+        let mut removed = 0u64;
+        for k in self.keys(cache).await? {
+            removed += self.remove(cache, &k).await? as u64;
+        }
+        Ok(removed)
+    }
+
     /// This node's member entry.
     pub fn member_entry(&self) -> Value {
         json!({

@@ -283,34 +283,17 @@ async fn cache_replace(node: &Node, input: Value) -> Result<Value, ServiceError>
 }
 
 async fn cache_keys(node: &Node, input: Value) -> Result<Value, ServiceError> {
-    let cache = user_cache(&input)?;
-    let keys: Vec<String> = node
-        .keys(&cache)
-        .await?
-        .into_iter()
-        .map(|k| String::from_utf8_lossy(&k).into_owned())
-        .collect();
-    Ok(json!({"keys": keys}))
+    node.keys_json(&user_cache(&input)?).await
 }
 
 async fn cache_remove_all(node: &Node, input: Value) -> Result<Value, ServiceError> {
-    let cache = user_cache(&input)?;
-    let mut removed = 0u64;
-    for k in node.keys(&cache).await? {
-        removed += node.remove(&cache, &k).await? as u64;
-    }
-    Ok(json!({"removed": removed}))
+    Ok(json!({"removed": node.remove_all(&user_cache(&input)?).await?}))
 }
 
 /// `clearClusterMemberList`: empties the member list; live members re-register within one
 /// refresh interval.
 pub async fn clear_members(node: &Node) -> Result<Value, ServiceError> {
-    let cache = node.settings.members_cache();
-    let keys = node.keys(&cache).await?;
-    let mut removed = 0;
-    for k in keys {
-        removed += node.remove(&cache, &k).await? as u64;
-    }
+    let removed = node.remove_all(&node.settings.members_cache()).await?;
     tracing::info!(event = "node.members_cleared", removed);
     Ok(json!({"removed": removed}))
 }
