@@ -341,6 +341,21 @@ impl Op {
         )
     }
 
+    /// The consistency a read asks for; `None` for writes and session operations. `Ping` is
+    /// served by any server, like an eventual read.
+    pub fn read_consistency(&self) -> Option<ReadConsistency> {
+        match self {
+            Op::Get { read, .. }
+            | Op::GetAll { read, .. }
+            | Op::Contains { read, .. }
+            | Op::Keys { read, .. }
+            | Op::Size { read, .. }
+            | Op::ListLocks { read, .. } => Some(*read),
+            Op::Ping => Some(ReadConsistency::Eventual),
+            _ => None,
+        }
+    }
+
     /// A short stable name, for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {

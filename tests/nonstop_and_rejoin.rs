@@ -62,6 +62,13 @@ async fn every_timeout_behaviour_answers_within_its_timeout_when_the_array_is_go
     settings.nonstop = caches.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     let client = ArrayClient::connect(settings).await.unwrap();
     array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    // The client reports itself disconnected while the stripe has no active; wait until its
+    // keep-alive has seen the active, or the immediate-timeout cache answers at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.connection_state() != ConnectionState::Connected {
+        assert!(Instant::now() < deadline, "the client never saw the array connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let timeout = Duration::from_millis(t);
 
     phase("while the array is up every cache answers, and local copies are kept");

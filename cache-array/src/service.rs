@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use ferrocotta::handshake::{self, FramedConn, ServerIdentity};
 use ferrocotta::protocol::{
-    decode, encode, ClientMessage, ErrorReply, Op, Reply, Request, Response, ServerMessage, MAX_BATCH_KEYS,
-    MAX_CACHE_NAME_BYTES, MAX_KEYS_PAGE,
+    decode, encode, ClientMessage, ErrorReply, Op, ReadConsistency, Reply, Request, Response, ServerMessage,
+    MAX_BATCH_KEYS, MAX_CACHE_NAME_BYTES, MAX_KEYS_PAGE,
 };
 use futures::StreamExt;
 use tokio::net::TcpListener;
@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
-use crate::state_machine::is_linearizable;
 use crate::stripe::{now_ms, Stripe};
 
 /// Requests one client connection may have in flight; beyond it the server stops reading that
@@ -189,7 +188,7 @@ impl ClientService {
         if op.is_write() {
             return stripe.write(op, timeout).await;
         }
-        if is_linearizable(&op) {
+        if op.read_consistency() == Some(ReadConsistency::Linearizable) {
             stripe.read_barrier(timeout).await?;
         }
         let now = now_ms();

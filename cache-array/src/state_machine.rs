@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use ferrocotta::protocol::{CacheSettings, ErrorReply, Op, ReadConsistency, Reply};
+use ferrocotta::protocol::{CacheSettings, ErrorReply, Op, Reply};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, StorageIOError};
 use serde::{Deserialize, Serialize};
@@ -394,19 +394,6 @@ fn apply_command(store: &mut Store, kind: CommandKind, ctx: &mut ApplyContext) -
             Ok(Reply::Size(ended))
         }
         CommandKind::LockWaitCancel { cache, key, session } => store.cancel_wait(&cache, &key, session, ctx),
-    }
-}
-
-/// Whether a read must go through the read index.
-pub fn is_linearizable(op: &Op) -> bool {
-    match op {
-        Op::Get { read, .. }
-        | Op::GetAll { read, .. }
-        | Op::Contains { read, .. }
-        | Op::Keys { read, .. }
-        | Op::Size { read, .. }
-        | Op::ListLocks { read, .. } => *read == ReadConsistency::Linearizable,
-        _ => false,
     }
 }
 

@@ -55,17 +55,11 @@ impl ServiceError {
 
     /// Maps an array client error.
     pub fn from_array(e: ClientError) -> ServiceError {
-        match e {
-            ClientError::NonstopTimeout { .. }
-            | ClientError::Timeout(_)
-            | ClientError::NoQuorum { .. }
-            | ClientError::Unavailable { .. }
-            | ClientError::Indeterminate(_) => {
-                tracing::warn!(event = "node.array_unavailable", error = %e);
-                Self::unavailable()
-            }
-            other => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "array_error", other.to_string()),
+        if e.is_unavailability() {
+            tracing::warn!(event = "node.array_unavailable", error = %e);
+            return Self::unavailable();
         }
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "array_error", e.to_string())
     }
 }
 

@@ -213,6 +213,19 @@ fn list_failures(failures: &[(String, String)]) -> String {
 }
 
 impl ClientError {
+    /// Whether the error means "the array did not answer in time" (the case nonstop behaviours
+    /// handle) rather than a definite answer.
+    pub fn is_unavailability(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Timeout(_)
+                | ClientError::NoQuorum { .. }
+                | ClientError::Unavailable { .. }
+                | ClientError::Indeterminate(_)
+                | ClientError::NonstopTimeout { .. }
+        )
+    }
+
     fn from_refusal(r: Refusal) -> ClientError {
         match r {
             Refusal::VersionMismatch { client, server, .. } => ClientError::VersionMismatch { client, server },
@@ -492,16 +505,7 @@ impl ArrayClient {
     /// Runs one operation on a stripe until it succeeds, fails for good, or `timeout` passes.
     pub async fn execute(&self, stripe: usize, op: Op, timeout: Duration) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + timeout;
-        let read = match &op {
-            Op::Get { read, .. }
-            | Op::GetAll { read, .. }
-            | Op::Contains { read, .. }
-            | Op::Keys { read, .. }
-            | Op::Size { read, .. } => Some(*read),
-            Op::ListLocks { read, .. } => Some(*read),
-            Op::Ping => Some(ReadConsistency::Eventual),
-            _ => None,
-        };
+        let read = op.read_consistency();
         let needs_leader = read != Some(ReadConsistency::Eventual);
         let mut failures: HashMap<String, String> = HashMap::new();
         let mut saw_no_quorum = false;

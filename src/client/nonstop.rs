@@ -164,19 +164,6 @@ impl LocalCopies {
     }
 }
 
-/// Whether an error means "the array did not answer in time" (the nonstop case) rather than a
-/// definite answer.
-pub(super) fn is_unavailability(e: &ClientError) -> bool {
-    matches!(
-        e,
-        ClientError::Timeout(_)
-            | ClientError::NoQuorum { .. }
-            | ClientError::Unavailable { .. }
-            | ClientError::Indeterminate(_)
-            | ClientError::NonstopTimeout { .. }
-    )
-}
-
 impl ArrayClient {
     /// The nonstop settings of a cache.
     pub fn nonstop_settings(&self, cache: &str) -> NonstopSettings {
@@ -248,7 +235,7 @@ impl CacheHandle {
         let started = Instant::now();
         match tokio::time::timeout(timeout, f).await {
             Ok(Ok(v)) => Ok(Ok(v)),
-            Ok(Err(e)) if is_unavailability(&e) => {
+            Ok(Err(e)) if e.is_unavailability() => {
                 tracing::debug!(event = "client.nonstop_timeout", cache = %self.name, error = %e, after = ?started.elapsed());
                 Ok(Err(()))
             }

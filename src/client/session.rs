@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 
-use super::nonstop::is_unavailability;
 use super::{ArrayClient, ClientError, Inner};
 use crate::protocol::{ErrorReply, LockInfo, LockMode, Op, ReadConsistency, Reply};
 
@@ -274,7 +273,7 @@ impl ArrayClient {
         loop {
             let session = match tokio::time::timeout(nonstop, self.session_for(stripe)).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) if is_unavailability(&e) => return Err(unavailable(nonstop)),
+                Ok(Err(e)) if e.is_unavailability() => return Err(unavailable(nonstop)),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(unavailable(nonstop)),
             };
@@ -304,7 +303,7 @@ impl ArrayClient {
                     self.rejoin(stripe, session).await?;
                     rejoined = true;
                 }
-                Err(e) if is_unavailability(&e) => {
+                Err(e) if e.is_unavailability() => {
                     tracing::debug!(event = "client.lock_nonstop_timeout", error = %e);
                     return Err(unavailable(timeout));
                 }
@@ -337,7 +336,7 @@ impl ArrayClient {
         match self.execute(lock.stripe, op, timeout).await {
             Ok(_) => Ok(()),
             Err(ClientError::Server(ErrorReply::SessionExpired)) => Err(ClientError::InvalidLockAfterRejoin),
-            Err(e) if is_unavailability(&e) => Err(ClientError::NonstopTimeout {
+            Err(e) if e.is_unavailability() => Err(ClientError::NonstopTimeout {
                 op: "unlock",
                 cache: lock.cache.clone(),
                 timeout,
