@@ -70,6 +70,12 @@ fn two_nodes_share_sessions_and_a_member_list() {
         "",
     );
     assert_eq!(code, 401);
+    for path in ["/metrics", "/"] {
+        let (code, _, _) = http(&a.admin, "GET", path, &[], "");
+        assert_eq!(code, 401, "{path} needs the token");
+    }
+    let (code, _, _) = http(&a.admin, "GET", "/healthz", &[], "");
+    assert_eq!(code, 200, "/healthz needs no token");
 
     phase("offline closes the service port, the admin port stays; online reopens it");
     let (code, _) = a.admin_post("/admin/offline");

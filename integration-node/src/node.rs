@@ -438,17 +438,30 @@ fn unauthorized() -> Response {
     ))
 }
 
-/// The admin port router.
+/// Refuses a request to a protected admin route without the right token.
+async fn require_token(
+    State(node): State<Arc<Node>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !authorized(&node, request.headers()) {
+        return unauthorized();
+    }
+    next.run(request).await
+}
+
+/// The admin port router: every route but `/healthz` needs the admin token.
 pub fn admin_router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/", get(page))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/admin/status", get(status))
         .route("/admin/cluster", get(cluster))
         .route("/admin/cluster/clear", post(clear))
         .route("/admin/offline", post(offline))
         .route("/admin/online", post(online))
+        .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_token))
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(node)
 }
 
@@ -467,54 +480,43 @@ fn status_of(node: &Node) -> Value {
     })
 }
 
-async fn status(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if !authorized(&node, &headers) {
-        return unauthorized();
-    }
+async fn status(State(node): State<Arc<Node>>) -> Response {
     Json(status_of(&node)).into_response()
 }
 
-async fn cluster(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if !authorized(&node, &headers) {
-        return unauthorized();
-    }
+async fn cluster(State(node): State<Arc<Node>>) -> Response {
     Json(json!({ "members": node.members().await })).into_response()
 }
 
-async fn clear(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if !authorized(&node, &headers) {
-        return unauthorized();
-    }
+async fn clear(State(node): State<Arc<Node>>) -> Response {
     match crate::services::clear_members(&node).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => error_response(e),
     }
 }
 
-async fn offline(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if !authorized(&node, &headers) {
-        return unauthorized();
-    }
-    node.online.store(false, Ordering::Relaxed);
-    node.online_changed.notify_waiters();
-    tracing::info!(event = "node.offline", "service port closed by the admin");
+async fn offline(State(node): State<Arc<Node>>) -> Response {
+    set_online(&node, false);
     Json(status_of(&node)).into_response()
 }
 
-async fn online(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if !authorized(&node, &headers) {
-        return unauthorized();
-    }
-    node.online.store(true, Ordering::Relaxed);
-    node.online_changed.notify_waiters();
-    tracing::info!(event = "node.online", "service port reopened by the admin");
+async fn online(State(node): State<Arc<Node>>) -> Response {
+    set_online(&node, true);
     Json(status_of(&node)).into_response()
 }
 
-async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if !authorized(&node, &headers) {
-        return unauthorized();
-    }
+/// Opens or closes the service port (the service loop follows `online`).
+fn set_online(node: &Node, online: bool) {
+    node.online.store(online, Ordering::Relaxed);
+    node.online_changed.notify_waiters();
+    tracing::info!(
+        event = if online { "node.online" } else { "node.offline" },
+        "service port {} by the admin",
+        if online { "reopened" } else { "closed" }
+    );
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
     let s = status_of(&node);
     let text = format!(
         "# TYPE ferrocotta_node_requests_total counter\nferrocotta_node_requests_total {}\n\
@@ -527,10 +529,7 @@ async fn metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response 
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn page(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if !authorized(&node, &headers) {
-        return unauthorized();
-    }
+async fn page(State(node): State<Arc<Node>>) -> Response {
     let s = status_of(&node);
     let members = node.members().await;
     let rows: String = members
