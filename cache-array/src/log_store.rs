@@ -178,21 +178,11 @@ impl LogStore {
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        match self
-            .log
+        self.log
             .last()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
-        {
-            None => Ok(None),
-            Some((k, v)) => {
-                let index = u64::from_be_bytes(
-                    k.as_ref()
-                        .try_into()
-                        .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Read, corrupt("bad log key".into())))?,
-                );
-                Ok(Some(Self::decode_entry(index, &v)?.log_id))
-            }
-        }
+            .transpose()
+            .map(|item| Self::decode_item(item).map(|(_, e)| e.log_id))
+            .transpose()
     }
 }
 

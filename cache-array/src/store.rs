@@ -235,8 +235,9 @@ impl Store {
         }
     }
 
-    /// Drops an expired entry found at `key`, so writes see it as absent.
-    fn drop_if_expired(&mut self, cache: &str, key: &[u8], now_ms: u64) {
+    /// Drops an entry found at `key` if it has expired at `now_ms` (so writes see it as absent);
+    /// whether it did.
+    fn drop_if_expired(&mut self, cache: &str, key: &[u8], now_ms: u64) -> bool {
         let expired = self
             .caches
             .get(cache)
@@ -245,6 +246,7 @@ impl Store {
         if expired {
             self.remove_entry(cache, key);
         }
+        expired
     }
 
     fn check_session(&self, session: Option<u64>) -> Result<(), ErrorReply> {
@@ -427,15 +429,7 @@ impl Store {
     pub fn expire(&mut self, keys: &[(String, Vec<u8>)], now_ms: u64) -> usize {
         let mut removed = 0;
         for (cache, key) in keys {
-            let expired = self
-                .caches
-                .get(cache)
-                .and_then(|c| c.entries.get(key))
-                .is_some_and(|e| e.expired(now_ms));
-            if expired {
-                self.remove_entry(cache, key);
-                removed += 1;
-            }
+            removed += self.drop_if_expired(cache, key, now_ms) as usize;
         }
         removed
     }

@@ -197,13 +197,18 @@ fn prepare(args: &UpArgs) -> anyhow::Result<(PathBuf, ClusterConfig)> {
     Ok((config_path, config))
 }
 
-fn spawn_server(bin: &Path, config_path: &Path, dir: &Path, name: &str) -> anyhow::Result<Child> {
+/// The log file of a process in `DIR/logs/`, opened for appending (kept across runs).
+fn open_log(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     let log_path = dir.join("logs").join(format!("{name}.log"));
-    let log = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .with_context(|| format!("cannot open {}", log_path.display()))?;
+        .with_context(|| format!("cannot open {}", log_path.display()))
+}
+
+fn spawn_server(bin: &Path, config_path: &Path, dir: &Path, name: &str) -> anyhow::Result<Child> {
+    let log = open_log(dir, name)?;
     Command::new(bin)
         .arg("--config")
         .arg(config_path)
@@ -428,12 +433,7 @@ async fn start_nodes(
         let name = format!("node{}", i + 1);
         let service = format!("{}:{service_port}", args.host);
         let admin = format!("{}:{admin_port}", args.host);
-        let log_path = dir.join("logs").join(format!("{name}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let log = open_log(dir, &name)?;
         let child = Command::new(&bin)
             .args(["--array-urls", array_urls, "--cluster-name", &args.cluster_name])
             .args(["--listen", &service, "--admin-listen", &admin, "--logical-name", &name])
