@@ -13,6 +13,17 @@ fn ferrocotta() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferrocotta"))
 }
 
+/// `ferrocotta ARGS` pointed at an array through the environment, as a script would.
+fn cli_for(array: &TestArray) -> impl Fn(&[&str]) -> Command + '_ {
+    move |args| {
+        let mut c = ferrocotta();
+        c.args(args)
+            .env("FERROCOTTA_ARRAY_URLS", array.urls())
+            .env("FERROCOTTA_SECRET_FILE", array.path().join("secret"));
+        c
+    }
+}
+
 fn run(cmd: &mut Command) -> (i32, String, String) {
     let out = cmd.output().expect("run ferrocotta");
     (
@@ -27,14 +38,7 @@ async fn cache_and_status_commands_follow_the_script_interface() {
     let array = TestArray::start(1, 3);
     let client = array.client().await;
     array.wait_active(&client, 0, Duration::from_secs(20)).await;
-    let secret_file = array.path().join("secret");
-    let with_array = |args: &[&str]| {
-        let mut c = ferrocotta();
-        c.args(args)
-            .env("FERROCOTTA_ARRAY_URLS", array.urls())
-            .env("FERROCOTTA_SECRET_FILE", &secret_file);
-        c
-    };
+    let with_array = cli_for(&array);
 
     phase("put, get, keys, remove with their exit codes");
     let (code, _, err) = run(&mut with_array(&[
@@ -212,14 +216,7 @@ async fn cache_put_ttl_and_lock_unlock_from_the_shell() {
     let array = TestArray::start(1, 3);
     let client = array.client().await;
     array.wait_active(&client, 0, Duration::from_secs(20)).await;
-    let secret_file = array.path().join("secret");
-    let with_array = |args: &[&str]| {
-        let mut c = ferrocotta();
-        c.args(args)
-            .env("FERROCOTTA_ARRAY_URLS", array.urls())
-            .env("FERROCOTTA_SECRET_FILE", &secret_file);
-        c
-    };
+    let with_array = cli_for(&array);
 
     phase("put --ttl: present, then gone once the ttl passes");
     let (code, _, err) = run(&mut with_array(&[

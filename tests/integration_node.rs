@@ -80,19 +80,11 @@ fn two_nodes_share_sessions_and_a_member_list() {
     phase("offline closes the service port, the admin port stays; online reopens it");
     let (code, _) = a.admin_post("/admin/offline");
     assert_eq!(code, 200);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(&a.service).is_ok() {
-        assert!(Instant::now() < deadline, "the service port stayed open");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_port(&a.service, false, Duration::from_secs(5));
     assert_eq!(a.admin_get("/admin/status").1["online"], false);
     let (code, _) = a.admin_post("/admin/online");
     assert_eq!(code, 200);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(&a.service).is_err() {
-        assert!(Instant::now() < deadline, "the service port never reopened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_port(&a.service, true, Duration::from_secs(5));
     let (_, _, out) = a.invoke("demo:counter", Some(&cookie), "");
     assert_eq!(out["counter"], 4, "serving again, same session");
 

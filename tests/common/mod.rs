@@ -681,3 +681,17 @@ pub async fn put_retrying(client: &ferrocotta::ArrayClient, cache: &str, key: &[
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Waits until a TCP port accepts connections (`open`) or refuses them (`!open`); panics after
+/// `timeout`.
+pub fn wait_port(addr: &str, open: bool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(addr).is_ok() != open {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} did not become {} within {timeout:?}",
+            if open { "open" } else { "closed" }
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
