@@ -495,6 +495,16 @@ impl ArrayClient {
         order
     }
 
+    /// Drops the leader hint of a stripe if it names `server`.
+    fn forget_leader(&self, stripe: usize, server: &str) {
+        let mut leaders = self.inner.leaders.lock().expect("leaders lock");
+        if let Some(slot) = leaders.get_mut(stripe) {
+            if slot.as_deref() == Some(server) {
+                *slot = None;
+            }
+        }
+    }
+
     fn set_leader(&self, stripe: usize, leader: Option<String>) {
         let mut leaders = self.inner.leaders.lock().expect("leaders lock");
         if let Some(slot) = leaders.get_mut(stripe) {
@@ -580,7 +590,16 @@ impl ArrayClient {
                         }
                         failures.insert(name.clone(), why);
                     }
-                    Err(CallError::TimedOut) => return Err(ClientError::Timeout(timeout)),
+                    Err(CallError::TimedOut) => {
+                        // A silent server (paused, cut off without a reset) must not hold every
+                        // later request for a whole timeout: forget it as the active and try the
+                        // others first for a while; they name the new active.
+                        self.forget_leader(stripe, &name);
+                        *handle.last_failure.lock().expect("failure lock") =
+                            Some((Instant::now(), "no answer before the deadline".into()));
+                        tracing::debug!(event = "client.server_silent", server = %name);
+                        return Err(ClientError::Timeout(timeout));
+                    }
                 }
             }
             let now = Instant::now();
