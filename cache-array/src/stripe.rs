@@ -12,6 +12,7 @@
 //! (`NotLeader`), or answers `NoQuorum` when it knows none.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +52,9 @@ pub struct Stripe {
     quorum_stale_after: Duration,
     /// What this server tracks in memory while it is the active (keep-alives, reads).
     pub active: ActiveState,
+    /// The last term in which this server acknowledged a write as the active (for the log event
+    /// the chaos suite's split-brain checker reads).
+    acked_term: AtomicU64,
 }
 
 impl Stripe {
@@ -74,6 +78,7 @@ impl Stripe {
             reads: tx,
             quorum_stale_after,
             active: ActiveState::default(),
+            acked_term: AtomicU64::new(0),
         }
     }
 
@@ -186,7 +191,10 @@ impl Stripe {
         loop {
             tokio::select! {
                 r = &mut write => return match r {
-                    Ok(resp) => resp.data.0,
+                    Ok(resp) => {
+                        self.note_ack(resp.log_id.leader_id.term);
+                        resp.data.0
+                    }
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ErrorReply::NotLeader {
                         leader: f.leader_id.and_then(|id| self.name_of(id)),
                     }),
@@ -202,6 +210,20 @@ impl Stripe {
                     }
                 }
             }
+        }
+    }
+
+    /// Logs `stripe.active_ack` the first time this server acknowledges a write in a term: two
+    /// servers of a stripe logging it for the same term would be split brain.
+    fn note_ack(&self, term: u64) {
+        if self.acked_term.fetch_max(term, Ordering::Relaxed) < term {
+            tracing::info!(
+                event = "stripe.active_ack",
+                stripe = self.position.stripe,
+                term,
+                server = %self.name(),
+                "first write acknowledged as the active of this term"
+            );
         }
     }
 
