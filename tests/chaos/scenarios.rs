@@ -1,0 +1,460 @@
+//! The scenarios. Each runs the key-value workload (and, where nodes are started, the session
+//! workload) while it injects its faults; [`crate::run::scenario`] heals, checks and reports.
+
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use crate::cluster::{NODE_REQUEST_TIMEOUT, RECONNECT_WINDOW};
+use crate::proxy::LinkFault;
+use crate::run::{say, scenario, Ctx, Setup};
+use crate::workload::{http_post, invoke_counter};
+
+/// The active is taken off the network (silently) three times.
+#[test]
+fn leader_isolation() {
+    scenario("leader_isolation", Setup::default(), |ctx| {
+        Box::pin(async move {
+            for _ in 0..3 {
+                let a = ctx.active().await;
+                ctx.mark("isolate-active", true);
+                ctx.net.isolate(&a);
+                let hold = ctx.ms(2000, 4000);
+                ctx.sleep(hold).await;
+                ctx.net.heal();
+                ctx.sleep(Duration::from_secs(2)).await;
+            }
+        })
+    });
+}
+
+/// Random links between servers, and between the clients and servers, are cut and healed.
+#[test]
+fn random_link_cuts() {
+    scenario("random_link_cuts", Setup::default(), |ctx| {
+        Box::pin(async move {
+            let mut hosts = ctx.cluster.servers.clone();
+            hosts.push("client".into());
+            for _ in 0..8 {
+                let cuts = ctx.rng.gen_range(1..=2);
+                for _ in 0..cuts {
+                    let pair: Vec<String> = hosts.choose_multiple(&mut ctx.rng, 2).cloned().collect();
+                    ctx.mark("cut-link", false);
+                    ctx.net.cut(&pair[0], &pair[1]);
+                }
+                let hold = ctx.ms(1000, 3000);
+                ctx.sleep(hold).await;
+                ctx.net.heal();
+                ctx.sleep(Duration::from_secs(1)).await;
+            }
+        })
+    });
+}
+
+/// Links cut in one direction only: from the active, to the active, and between random servers.
+#[test]
+fn one_way_cuts() {
+    scenario("one_way_cuts", Setup::default(), |ctx| {
+        Box::pin(async move {
+            for round in 0..6 {
+                let a = ctx.active().await;
+                let others = ctx.others(&a);
+                match round % 3 {
+                    0 => {
+                        ctx.mark("one-way-from-active", true);
+                        for o in &others {
+                            ctx.net.cut_one_way(&a, o);
+                        }
+                    }
+                    1 => {
+                        ctx.mark("one-way-to-active", true);
+                        for o in &others {
+                            ctx.net.cut_one_way(o, &a);
+                        }
+                    }
+                    _ => {
+                        let from = ctx.any_server();
+                        let to = ctx.others(&from)[ctx.rng.gen_range(0..2)].clone();
+                        ctx.mark("one-way-random", false);
+                        ctx.net.cut_one_way(&from, &to);
+                    }
+                }
+                let hold = ctx.ms(2000, 3000);
+                ctx.sleep(hold).await;
+                ctx.net.heal();
+                ctx.sleep(Duration::from_millis(1500)).await;
+            }
+        })
+    });
+}
+
+/// The seed guide's split-brain case: the active on one side, its mirrors on the other, and a new
+/// integration node joining through a URL list whose first URL is the old active. Only the side
+/// with a majority may acknowledge writes; the new node must join the real cluster.
+#[test]
+fn seed_split_brain() {
+    let setup = Setup {
+        nodes: &["n1", "n2"],
+        spare: &["n3"],
+        ..Setup::default()
+    };
+    scenario("seed_split_brain", setup, |ctx| {
+        Box::pin(async move {
+            for round in 0..2 {
+                let old = ctx.active().await;
+                let mirrors = ctx.others(&old);
+                ctx.mark("partition-active-from-mirrors", true);
+                let m: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+                ctx.net.partition(&[&old], &m);
+                ctx.sleep(Duration::from_secs(1)).await;
+                if round == 0 {
+                    let addr = |s: &str| ctx.cluster.config.find_server(s).unwrap().1.client_addr();
+                    let urls = format!("{},{},{}", addr(&old), addr(m[0]), addr(m[1]));
+                    say(&format!("    n3 joins through {urls} (first: the old active {old})"));
+                    let started = Instant::now();
+                    ctx.cluster.start_node(&ctx.net, "n3", &urls);
+                    ctx.wait_node("n3", Duration::from_secs(30)).await;
+                    // It serves sessions from the majority's array.
+                    let n3 = ctx.cluster.node_addr(&ctx.net, "n3");
+                    let ssnid = format!("split{}", ctx.seed);
+                    let mut counters = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while counters.len() < 3 {
+                        match invoke_counter(&n3, &ssnid).await {
+                            Ok(c) => counters.push(c),
+                            Err(e) => assert!(Instant::now() < deadline, "n3 never served: {e}"),
+                        }
+                    }
+                    assert_eq!(counters, vec![1, 2, 3], "a new session through n3 counts from 1");
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    loop {
+                        let members = ctx.members("n3").await;
+                        if members == ["n1", "n2", "n3"] {
+                            break;
+                        }
+                        assert!(Instant::now() < deadline, "n3's member list stayed {members:?}");
+                        ctx.sleep(Duration::from_millis(200)).await;
+                    }
+                    ctx.notes.push(format!(
+                        "n3 joined through the old active's URL during the split and served in {:.2?}",
+                        started.elapsed()
+                    ));
+                }
+                let hold = ctx.ms(2000, 3000);
+                ctx.sleep(hold).await;
+                ctx.net.heal();
+                ctx.sleep(Duration::from_secs(2)).await;
+            }
+        })
+    });
+}
+
+/// kill -9 of the active under load, restarted on its data folder after a while.
+#[test]
+fn kill_active() {
+    scenario("kill_active", Setup::default(), |ctx| {
+        Box::pin(async move {
+            for _ in 0..3 {
+                let a = ctx.active().await;
+                ctx.mark("kill-active", true);
+                ctx.cluster.kill9(&a);
+                let hold = ctx.ms(2000, 3000);
+                ctx.sleep(hold).await;
+                ctx.cluster.start_server(&ctx.net, &a);
+                ctx.sleep(Duration::from_secs(2)).await;
+            }
+        })
+    });
+}
+
+/// kill -9 of every server at once, then a restart of all of them.
+#[test]
+fn kill_all_and_restart() {
+    let setup = Setup {
+        nodes: &["n1", "n2"],
+        ..Setup::default()
+    };
+    scenario("kill_all_and_restart", setup, |ctx| {
+        Box::pin(async move {
+            for _ in 0..2 {
+                ctx.mark("kill-all", true);
+                for s in ctx.cluster.servers.clone() {
+                    ctx.cluster.kill9(&s);
+                }
+                ctx.sleep(Duration::from_secs(1)).await;
+                for s in ctx.cluster.servers.clone() {
+                    ctx.cluster.start_server(&ctx.net, &s);
+                }
+                let took = ctx.cluster.wait_serving(&ctx.control, Duration::from_secs(60)).await;
+                ctx.notes
+                    .push(format!("serving {took:.2?} after restarting every server"));
+                ctx.sleep(Duration::from_secs(3)).await;
+            }
+        })
+    });
+}
+
+/// SIGSTOP of the active for longer than the election timeout, then SIGCONT: the old active wakes
+/// up believing it leads and must not acknowledge anything as such.
+#[test]
+fn pause_active() {
+    scenario("pause_active", Setup::default(), |ctx| {
+        Box::pin(async move {
+            for _ in 0..3 {
+                let a = ctx.active().await;
+                ctx.mark("pause-active", true);
+                ctx.cluster.pause(&a);
+                let hold = ctx.ms(2000, 3500);
+                ctx.sleep(hold).await;
+                ctx.cluster.resume(&a);
+                ctx.sleep(Duration::from_secs(2)).await;
+            }
+        })
+    });
+}
+
+/// Every server in turn is stopped (SIGTERM) and started again.
+#[test]
+fn rolling_restart() {
+    scenario("rolling_restart", Setup::default(), |ctx| {
+        Box::pin(async move {
+            for s in ctx.cluster.servers.clone() {
+                let was_active = ctx.active().await == s;
+                ctx.mark(if was_active { "restart-active" } else { "restart-mirror" }, was_active);
+                ctx.cluster.terminate(&s, Duration::from_secs(5));
+                ctx.sleep(Duration::from_millis(500)).await;
+                ctx.cluster.start_server(&ctx.net, &s);
+                ctx.sleep(Duration::from_secs(3)).await;
+            }
+        })
+    });
+}
+
+/// A node cut from the array for less than the reconnect window (nonstop answers within the
+/// timeout, then it reconnects with the same array session), then for more (the array ends its
+/// session; it rejoins and registers again).
+#[test]
+fn node_cut_from_array() {
+    let setup = Setup {
+        nodes: &["n1", "n2"],
+        ..Setup::default()
+    };
+    scenario("node_cut_from_array", setup, |ctx| {
+        Box::pin(async move {
+            let n1 = ctx.cluster.node_addr(&ctx.net, "n1");
+            let rejoins = |v: serde_json::Value| v["rejoins"].as_u64().unwrap_or(0);
+            let before = rejoins(ctx.node_admin("n1", "/admin/status").await);
+            for (kind, hold) in [
+                ("node-cut-short", RECONNECT_WINDOW / 2),
+                ("node-cut-long", RECONNECT_WINDOW + Duration::from_secs(3)),
+            ] {
+                ctx.mark(kind, false);
+                let cut_at = Instant::now();
+                for s in ctx.cluster.servers.clone() {
+                    ctx.net.cut("n1", &s);
+                }
+                // Nonstop: a session request through the cut node is answered, not hung.
+                let asked = Instant::now();
+                let (status, body) = http_post(&n1, "/invoke/demo:counter", "cutprobe", Duration::from_secs(20))
+                    .await
+                    .expect("the cut node answers");
+                let answered = asked.elapsed();
+                assert_eq!(status, 503, "{body}");
+                ctx.notes.push(format!(
+                    "{kind}: the cut node answered 503 after {answered:.2?} (request timeout {NODE_REQUEST_TIMEOUT:?})"
+                ));
+                if kind == "node-cut-long" {
+                    let deadline = Instant::now() + RECONNECT_WINDOW + Duration::from_secs(10);
+                    loop {
+                        if !ctx.members("n2").await.contains(&"n1".to_string()) {
+                            ctx.notes.push(format!(
+                                "node-cut-long: n1 left n2's member list {:.2?} after the cut",
+                                cut_at.elapsed()
+                            ));
+                            break;
+                        }
+                        assert!(Instant::now() < deadline, "n1 never left the member list");
+                        ctx.sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                ctx.sleep(hold.saturating_sub(cut_at.elapsed())).await;
+                ctx.net.heal();
+                let healed = Instant::now();
+                let deadline = healed + Duration::from_secs(30);
+                loop {
+                    if invoke_counter(&n1, "cutprobe").await.is_ok() {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "n1 never served again after the heal");
+                    ctx.sleep(Duration::from_millis(100)).await;
+                }
+                let served = healed.elapsed();
+                let now = rejoins(ctx.node_admin("n1", "/admin/status").await);
+                if kind == "node-cut-short" {
+                    assert_eq!(now, before, "a cut shorter than the window must not cost the session");
+                    ctx.notes.push(format!(
+                        "{kind}: n1 served again {served:.2?} after the heal (reconnect, no rejoin)"
+                    ));
+                } else {
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    let mut now = now;
+                    while now != before + 1 {
+                        assert!(
+                            Instant::now() < deadline,
+                            "n1 did not rejoin (rejoins {before} -> {now})"
+                        );
+                        ctx.sleep(Duration::from_millis(100)).await;
+                        now = rejoins(ctx.node_admin("n1", "/admin/status").await);
+                    }
+                    loop {
+                        if ctx.members("n2").await.contains(&"n1".to_string()) {
+                            break;
+                        }
+                        assert!(Instant::now() < deadline, "n1 never came back to the member list");
+                        ctx.sleep(Duration::from_millis(100)).await;
+                    }
+                    ctx.notes.push(format!(
+                        "{kind}: n1 served again {served:.2?} after the heal, rejoined and was back in the member list after {:.2?}",
+                        healed.elapsed()
+                    ));
+                }
+                ctx.sleep(Duration::from_secs(2)).await;
+            }
+        })
+    });
+}
+
+/// A randomized schedule of every fault kind; `FERROCOTTA_CHAOS_NEMESIS_SECS` sets its length
+/// (default 40 s).
+#[test]
+fn nemesis() {
+    let secs = std::env::var("FERROCOTTA_CHAOS_NEMESIS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let setup = Setup {
+        nodes: &["n1", "n2"],
+        ..Setup::default()
+    };
+    scenario("nemesis", setup, move |ctx| {
+        Box::pin(nemesis_for(ctx, Duration::from_secs(secs), None))
+    });
+}
+
+/// A long soak: the nemesis for `FERROCOTTA_SOAK` (e.g. `30m`), with fresh keys every minute so
+/// each key's history stays small enough to check. Skipped when the variable is unset.
+#[test]
+fn soak() {
+    let Ok(spec) = std::env::var("FERROCOTTA_SOAK") else {
+        return;
+    };
+    let length = humantime::parse_duration(&spec).expect("FERROCOTTA_SOAK is a duration such as 30m");
+    let setup = Setup {
+        nodes: &["n1", "n2"],
+        ..Setup::default()
+    };
+    scenario("soak", setup, move |ctx| {
+        Box::pin(nemesis_for(ctx, length, Some(Duration::from_secs(60))))
+    });
+}
+
+/// Random faults for `length`; with `rotate`, the key-value workload moves to fresh keys that
+/// often.
+async fn nemesis_for(ctx: &mut Ctx, length: Duration, rotate: Option<Duration>) {
+    let started = Instant::now();
+    let mut rotated = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < length {
+        if let Some(every) = rotate {
+            if rotated.elapsed() >= every {
+                round += 1;
+                ctx.rotate_keys(&format!("r{round}-")).await;
+                rotated = Instant::now();
+            }
+        }
+        let active = ctx.active().await;
+        match ctx.rng.gen_range(0..12) {
+            0 => {
+                ctx.mark("isolate-active", true);
+                ctx.net.isolate(&active);
+            }
+            1 => {
+                let s = ctx.any_server();
+                ctx.mark("isolate-server", s == active);
+                ctx.net.isolate(&s);
+            }
+            2 => {
+                let mut hosts = ctx.cluster.servers.clone();
+                hosts.extend(ctx.cluster.nodes.clone());
+                hosts.push("client".into());
+                let pair: Vec<String> = hosts.choose_multiple(&mut ctx.rng, 2).cloned().collect();
+                ctx.mark("cut-link", false);
+                ctx.net.cut(&pair[0], &pair[1]);
+            }
+            3 => {
+                let from = ctx.any_server();
+                let to = ctx.others(&from)[ctx.rng.gen_range(0..2)].clone();
+                ctx.mark("one-way", false);
+                ctx.net.cut_one_way(&from, &to);
+            }
+            4 => {
+                let lone = ctx.any_server();
+                let rest = ctx.others(&lone);
+                ctx.mark("partition-1-2", lone == active);
+                ctx.net.partition(&[&lone], &[&rest[0], &rest[1]]);
+            }
+            5 => {
+                ctx.mark("kill-active", true);
+                ctx.cluster.kill9(&active);
+            }
+            6 => {
+                let s = ctx.any_server();
+                ctx.mark("kill-server", s == active);
+                ctx.cluster.kill9(&s);
+            }
+            7 => {
+                ctx.mark("kill-all", true);
+                for s in ctx.cluster.servers.clone() {
+                    ctx.cluster.kill9(&s);
+                }
+            }
+            8 => {
+                ctx.mark("pause-active", true);
+                ctx.cluster.pause(&active);
+            }
+            9 => {
+                let n = ctx
+                    .cluster
+                    .nodes
+                    .choose(&mut ctx.rng)
+                    .cloned()
+                    .unwrap_or_else(|| "client".into());
+                ctx.mark("node-cut", false);
+                for s in ctx.cluster.servers.clone() {
+                    ctx.net.cut(&n, &s);
+                }
+            }
+            10 => {
+                let delay = ctx.ms(20, 300);
+                ctx.mark("proxy-delay", false);
+                for p in &ctx.proxies {
+                    p.set(LinkFault { delay, drop: 0.0 });
+                }
+            }
+            _ => {
+                let i = ctx.rng.gen_range(0..ctx.proxies.len());
+                ctx.mark("proxy-drop", false);
+                ctx.proxies[i].set(LinkFault {
+                    delay: Duration::ZERO,
+                    drop: 0.05,
+                });
+            }
+        }
+        let hold = ctx.ms(1000, 4000);
+        ctx.sleep(hold).await;
+        ctx.heal_all().await;
+        let rest = ctx.ms(1000, 2500);
+        ctx.sleep(rest).await;
+    }
+}
