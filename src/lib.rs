@@ -8,10 +8,12 @@
 //! - [`config`]: the cluster configuration document, its loading and validation.
 //! - [`slots`]: hash slots, how keys are spread over stripes.
 //! - [`client`]: `ArrayClient`, bootstrap from a URL list, routing and failover.
+//! - [`loadgen`]: the load generator of `ferrocotta bench` and the peer comparison.
 
 pub mod client;
 pub mod config;
 pub mod handshake;
+pub mod loadgen;
 pub mod protocol;
 pub mod slots;
 

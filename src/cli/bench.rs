@@ -1,32 +1,49 @@
-//! `ferrocotta bench`: a load generator against a running array.
+//! `ferrocotta bench`: a load generator against a running array or its integration nodes, on
+//! [`ferrocotta::loadgen`] (the engine the peer comparison uses too).
 //!
-//! Keeps `--concurrency` requests in flight over the client's pipelined connections for a warm-up
-//! and then a measured period, and reports throughput and latency percentiles (hdrhistogram) as a
-//! table or JSON. Bounded: it stops after `--duration` (plus warm-up) by itself.
+//! `--connections` clients, each with its own pipelined connection per server, share
+//! `--concurrency` requests in flight; `--workload session` drives integration nodes over HTTP
+//! (`--nodes`). Bounded: it stops after `--duration` (plus warm-up) by itself.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, ValueEnum};
+use ferrocotta::loadgen::{self, LoadOptions, OpError, Target, Workload};
 use ferrocotta::protocol::ReadConsistency;
-use ferrocotta::ArrayClient;
-use hdrhistogram::Histogram;
-use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use ferrocotta::client::Entry;
+use ferrocotta::{ArrayClient, ClientError};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 
 use super::ArrayArgs;
 
-/// Longest duration a run may ask for.
-const DURATION_MAX: Duration = Duration::from_secs(3600);
+/// The cache the array workloads use.
+const CACHE: &str = "ferrocotta.bench";
 
-#[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-enum Workload {
-    /// Puts of random keys.
+/// Value size of the YCSB-A workload unless `--value-size` says otherwise (YCSB's 1 KiB records).
+const YCSB_VALUE_SIZE: usize = 1024;
+
+/// Value size of the other workloads unless `--value-size` says otherwise.
+const VALUE_SIZE: usize = 100;
+
+/// Idle HTTP connections kept per node for the session workload.
+const NODE_CONNECTIONS_MAX: usize = 1024;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum WorkloadArg {
+    /// Puts of uniformly chosen keys.
     Put,
-    /// Linearizable gets of keys written during set-up.
+    /// Linearizable gets (`--eventual`: from any server).
     Get,
+    /// Compare-and-swap; each in-flight slot owns its keys.
+    Cas,
+    /// 50% reads, 50% updates, zipfian keys, 1 KiB values (YCSB workload A).
+    YcsbA,
+    /// Read and update a session per request through integration nodes (`--nodes`).
+    Session,
 }
 
 /// Flags of `ferrocotta bench`.
@@ -36,25 +53,31 @@ pub struct BenchArgs {
     array: ArrayArgs,
     /// What to run.
     #[arg(long, value_enum, default_value = "put")]
-    workload: Workload,
+    workload: WorkloadArg,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// Array clients sharing the load (each has one pipelined connection per server).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
     /// Measured period.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Unmeasured period before it.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
-    /// Number of distinct keys.
+    /// Number of distinct keys (sessions for `session`).
     #[arg(long, default_value_t = 10_000)]
     keys: u64,
-    /// Value size in bytes.
-    #[arg(long, default_value_t = 100)]
-    value_size: usize,
+    /// Value size in bytes (default 100; 1024 for ycsb-a).
+    #[arg(long)]
+    value_size: Option<usize>,
     /// Read with eventual consistency (any server) instead of linearizable.
     #[arg(long)]
     eventual: bool,
+    /// Integration nodes for `--workload session`, as `host:port,host:port`.
+    #[arg(long)]
+    nodes: Option<String>,
     /// Seed of the key choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -63,146 +86,234 @@ pub struct BenchArgs {
     json: bool,
 }
 
-#[derive(Debug, Serialize)]
-struct BenchReport {
-    workload: Workload,
-    concurrency: usize,
-    duration_s: f64,
-    ops: u64,
-    errors: u64,
-    ops_per_s: f64,
-    latency_us_p50: u64,
-    latency_us_p99: u64,
-    latency_us_p999: u64,
-    latency_us_max: u64,
-}
-
-const CACHE: &str = "ferrocotta.bench";
-
-fn key(i: u64) -> Vec<u8> {
-    format!("bench-{i:010}").into_bytes()
-}
-
 pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
-    if args.concurrency == 0 || args.keys == 0 {
-        anyhow::bail!("--concurrency and --keys must be at least 1");
-    }
-    if args.duration > DURATION_MAX {
-        anyhow::bail!("--duration is at most {DURATION_MAX:?}");
-    }
-    let client = args.array.connect().await?;
-    let value = vec![b'x'; args.value_size];
-    if matches!(args.workload, Workload::Get) {
-        // Set-up: every key exists, written in batches.
-        let mut i = 0;
-        while i < args.keys {
-            let end = (i + 500).min(args.keys);
-            let batch: Vec<(Vec<u8>, Vec<u8>)> = (i..end).map(|k| (key(k), value.clone())).collect();
-            client.put_all(CACHE, &batch).await?;
-            i = end;
-        }
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let measure_from = Instant::now() + args.warmup;
-    let read = if args.eventual {
-        ReadConsistency::Eventual
-    } else {
-        ReadConsistency::Linearizable
+    let workload = match (args.workload, args.eventual) {
+        (WorkloadArg::Get, true) => Workload::GetEventual,
+        (_, true) => anyhow::bail!("--eventual applies to --workload get only"),
+        (WorkloadArg::Put, _) => Workload::Put,
+        (WorkloadArg::Get, _) => Workload::Get,
+        (WorkloadArg::Cas, _) => Workload::Cas,
+        (WorkloadArg::YcsbA, _) => Workload::YcsbA,
+        (WorkloadArg::Session, _) => Workload::Session,
     };
-    let workers: Vec<_> = (0..args.concurrency)
-        .map(|w| {
-            let client = client.clone();
-            let stop = stop.clone();
-            let value = value.clone();
-            let (workload, keys, seed) = (args.workload, args.keys, args.seed);
-            tokio::spawn(async move {
-                worker(
-                    client,
-                    workload,
-                    read,
-                    keys,
-                    value,
-                    seed ^ (w as u64),
-                    measure_from,
-                    stop,
-                )
-                .await
-            })
-        })
-        .collect();
-    tokio::time::sleep(args.warmup + args.duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new(3)?;
-    let mut errors = 0;
-    for w in workers {
-        let (h, e) = w.await?;
-        hist.add(h)?;
-        errors += e;
-    }
-    let secs = args.duration.as_secs_f64();
-    let report = BenchReport {
-        workload: args.workload,
+    let options = LoadOptions {
+        workload,
         concurrency: args.concurrency,
-        duration_s: secs,
-        ops: hist.len(),
-        errors,
-        ops_per_s: hist.len() as f64 / secs,
-        latency_us_p50: hist.value_at_quantile(0.5),
-        latency_us_p99: hist.value_at_quantile(0.99),
-        latency_us_p999: hist.value_at_quantile(0.999),
-        latency_us_max: hist.max(),
+        duration: args.duration,
+        warmup: args.warmup,
+        keys: args.keys,
+        value_size: args.value_size.unwrap_or(if workload == Workload::YcsbA {
+            YCSB_VALUE_SIZE
+        } else {
+            VALUE_SIZE
+        }),
+        seed: args.seed,
     };
+    options.validate().map_err(anyhow::Error::msg)?;
+    if args.connections == 0 {
+        anyhow::bail!("--connections must be at least 1");
+    }
+    let report = if workload == Workload::Session {
+        let nodes = args
+            .nodes
+            .as_deref()
+            .context("--workload session needs --nodes host:port,... (the integration nodes)")?;
+        let target = Arc::new(NodeTarget::new(nodes)?);
+        loadgen::run(target, "ferrocotta", options).await
+    } else {
+        let mut clients = Vec::new();
+        for _ in 0..args.connections {
+            clients.push(args.array.connect().await?);
+        }
+        let target = Arc::new(ArrayTarget {
+            clients,
+            next: AtomicUsize::new(0),
+        });
+        loadgen::run(target, "ferrocotta", options).await
+    }
+    .map_err(|e| anyhow::anyhow!("bench failed: {}", e.kind))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
-            "{:<8} {:>5} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}",
-            "WORKLOAD", "CONC", "OPS", "OPS/S", "ERRORS", "P50_US", "P99_US", "P999_US", "MAX_US"
-        );
-        println!(
-            "{:<8} {:>5} {:>10} {:>10.0} {:>8} {:>9} {:>9} {:>9} {:>9}",
-            format!("{:?}", report.workload).to_lowercase(),
-            report.concurrency,
-            report.ops,
-            report.ops_per_s,
-            report.errors,
-            report.latency_us_p50,
-            report.latency_us_p99,
-            report.latency_us_p999,
-            report.latency_us_max
-        );
+        println!("{}", loadgen::LoadReport::header());
+        println!("{}", report.row());
     }
-    Ok(if errors == 0 { 0 } else { 1 })
+    Ok(if report.error_count() == 0 { 0 } else { 1 })
 }
 
-#[allow(clippy::too_many_arguments)] // one worker's whole configuration, passed once at spawn
-async fn worker(
-    client: ArrayClient,
-    workload: Workload,
-    read: ReadConsistency,
-    keys: u64,
-    value: Vec<u8>,
-    seed: u64,
-    measure_from: Instant,
-    stop: Arc<AtomicBool>,
-) -> (Histogram<u64>, u64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut hist = Histogram::<u64>::new(3).expect("histogram");
-    let mut errors = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let k = key(rng.gen_range(0..keys));
-        let started = Instant::now();
-        let ok = match workload {
-            Workload::Put => client.put(CACHE, &k, &value).await.is_ok(),
-            Workload::Get => client.get_with(CACHE, &k, read).await.is_ok(),
+/// The array through `ArrayClient`s, used round-robin.
+struct ArrayTarget {
+    clients: Vec<ArrayClient>,
+    next: AtomicUsize,
+}
+
+impl ArrayTarget {
+    fn client(&self) -> &ArrayClient {
+        &self.clients[self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len()]
+    }
+}
+
+/// The stable name of a client error in the error table.
+fn error_kind(e: &ClientError) -> OpError {
+    OpError::new(match e {
+        ClientError::Timeout(_) | ClientError::NonstopTimeout { .. } => "timeout",
+        ClientError::Indeterminate(_) => "indeterminate",
+        ClientError::NoQuorum { .. } => "no_quorum",
+        ClientError::Unavailable { .. } => "unavailable",
+        ClientError::Server(_) => "server_error",
+        _ => "other",
+    })
+}
+
+impl Target for ArrayTarget {
+    async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), OpError> {
+        self.client()
+            .put(CACHE, key, value)
+            .await
+            .map(drop)
+            .map_err(|e| error_kind(&e))
+    }
+
+    async fn get(&self, key: &[u8], linearizable: bool) -> Result<Option<Vec<u8>>, OpError> {
+        let read = if linearizable {
+            ReadConsistency::Linearizable
+        } else {
+            ReadConsistency::Eventual
         };
-        if started >= measure_from {
-            if ok {
-                let _ = hist.record(started.elapsed().as_micros() as u64);
-            } else {
-                errors += 1;
+        self.client()
+            .get_with(CACHE, key, read)
+            .await
+            .map_err(|e| error_kind(&e))
+    }
+
+    async fn cas(&self, key: &[u8], expected: &[u8], new: &[u8]) -> Result<bool, OpError> {
+        self.client()
+            .replace_if_equal(CACHE, key, expected, new)
+            .await
+            .map_err(|e| error_kind(&e))
+    }
+
+    async fn put_many(&self, entries: &[Entry]) -> Result<(), OpError> {
+        // put_all is per stripe: group the entries by the stripe that owns them.
+        let client = self.client();
+        let mut by_stripe: std::collections::BTreeMap<usize, Vec<Entry>> = Default::default();
+        for (k, v) in entries {
+            by_stripe
+                .entry(client.stripe_of(k))
+                .or_default()
+                .push((k.clone(), v.clone()));
+        }
+        for batch in by_stripe.values() {
+            client.put_all(CACHE, batch).await.map_err(|e| error_kind(&e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Integration nodes over HTTP/1.1 keep-alive: `demo:counter` reads and updates the session.
+struct NodeTarget {
+    nodes: Vec<String>,
+    next: AtomicUsize,
+    idle: Mutex<Vec<(usize, BufReader<TcpStream>)>>,
+}
+
+impl NodeTarget {
+    fn new(list: &str) -> anyhow::Result<NodeTarget> {
+        let nodes: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        if nodes.is_empty() {
+            anyhow::bail!("--nodes is empty");
+        }
+        Ok(NodeTarget {
+            nodes,
+            next: AtomicUsize::new(0),
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An idle connection to the next node, or a new one.
+    async fn connection(&self) -> Result<(usize, BufReader<TcpStream>), OpError> {
+        let node = self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len();
+        let idle = {
+            let mut idle = self.idle.lock().expect("idle lock");
+            idle.iter().position(|(n, _)| *n == node).map(|i| idle.swap_remove(i))
+        };
+        if let Some(c) = idle {
+            return Ok(c);
+        }
+        let stream = TcpStream::connect(&self.nodes[node])
+            .await
+            .map_err(|_| OpError::new("connect"))?;
+        let _ = stream.set_nodelay(true);
+        Ok((node, BufReader::new(stream)))
+    }
+}
+
+impl Target for NodeTarget {
+    async fn put(&self, _: &[u8], _: &[u8]) -> Result<(), OpError> {
+        Err(OpError::new("unsupported"))
+    }
+
+    async fn get(&self, _: &[u8], _: bool) -> Result<Option<Vec<u8>>, OpError> {
+        Err(OpError::new("unsupported"))
+    }
+
+    async fn cas(&self, _: &[u8], _: &[u8], _: &[u8]) -> Result<bool, OpError> {
+        Err(OpError::new("unsupported"))
+    }
+
+    async fn put_many(&self, _: &[Entry]) -> Result<(), OpError> {
+        Err(OpError::new("unsupported"))
+    }
+
+    async fn session(&self, session: &[u8], _: &[u8]) -> Result<(), OpError> {
+        let (node, mut conn) = self.connection().await?;
+        let request = format!(
+            "POST /invoke/demo:counter HTTP/1.1\r\nHost: {}\r\nCookie: ssnid={}\r\nContent-Length: 0\r\n\r\n",
+            self.nodes[node],
+            String::from_utf8_lossy(session)
+        );
+        let io = |_| OpError::new("connection");
+        conn.get_mut().write_all(request.as_bytes()).await.map_err(io)?;
+        let mut status_line = String::new();
+        conn.read_line(&mut status_line).await.map_err(io)?;
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if conn.read_line(&mut line).await.map_err(io)? == 0 {
+                return Err(OpError::new("connection"));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
             }
         }
+        let mut body = vec![0u8; length];
+        conn.read_exact(&mut body).await.map_err(io)?;
+        {
+            let mut idle = self.idle.lock().expect("idle lock");
+            if idle.len() < NODE_CONNECTIONS_MAX {
+                idle.push((node, conn));
+            }
+        }
+        match status {
+            200 => Ok(()),
+            503 => Err(OpError::new("http_503")),
+            s => Err(OpError::new(format!("http_{s}"))),
+        }
     }
-    (hist, errors)
 }
