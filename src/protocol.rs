@@ -356,6 +356,28 @@ impl Op {
         }
     }
 
+    /// Bytes of keys and values the operation carries (what dominates its size in the log).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Put { key, value, .. } | Op::PutIfAbsent { key, value, .. } | Op::Replace { key, value, .. } => {
+                key.len() + value.len()
+            }
+            Op::ReplaceIfEqual {
+                key, expected, value, ..
+            } => key.len() + expected.len() + value.len(),
+            Op::PutAll { entries, .. } => entries.iter().map(|(k, v)| k.len() + v.len()).sum(),
+            Op::RemoveIfEqual { key, expected, .. } => key.len() + expected.len(),
+            Op::Get { key, .. }
+            | Op::Contains { key, .. }
+            | Op::Remove { key, .. }
+            | Op::Increment { key, .. }
+            | Op::Lock { key, .. }
+            | Op::Unlock { key, .. } => key.len(),
+            Op::GetAll { keys, .. } => keys.iter().map(Vec::len).sum(),
+            _ => 0,
+        }
+    }
+
     /// A short stable name, for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {

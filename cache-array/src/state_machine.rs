@@ -300,7 +300,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             for entry in entries {
                 d.last_applied = Some(entry.log_id);
                 match entry.payload {
-                    EntryPayload::Blank => out.push(CommandResult(Ok(Reply::Done))),
+                    EntryPayload::Blank => out.push(CommandResult::One(Ok(Reply::Done))),
                     EntryPayload::Normal(Command { at_ms, kind }) => {
                         let mut ctx = ApplyContext {
                             now_ms: at_ms,
@@ -308,12 +308,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             configured: &self.configured,
                             grants: Vec::new(),
                         };
-                        out.push(CommandResult(apply_command(&mut d.store, kind, &mut ctx)));
+                        out.push(match kind {
+                            CommandKind::Batch(ops) => {
+                                CommandResult::Batch(ops.iter().map(|op| d.store.apply_op(op, &mut ctx)).collect())
+                            }
+                            kind => CommandResult::One(apply_command(&mut d.store, kind, &mut ctx)),
+                        });
                         grants.append(&mut ctx.grants);
                     }
                     EntryPayload::Membership(m) => {
                         d.last_membership = StoredMembership::new(Some(entry.log_id), m);
-                        out.push(CommandResult(Ok(Reply::Done)));
+                        out.push(CommandResult::One(Ok(Reply::Done)));
                     }
                 }
             }
@@ -394,6 +399,7 @@ fn apply_command(store: &mut Store, kind: CommandKind, ctx: &mut ApplyContext) -
             Ok(Reply::Size(ended))
         }
         CommandKind::LockWaitCancel { cache, key, session } => store.cancel_wait(&cache, &key, session, ctx),
+        CommandKind::Batch(_) => Err(ErrorReply::Internal("a batch has one result per write".into())),
     }
 }
 

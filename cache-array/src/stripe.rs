@@ -23,7 +23,7 @@ use openraft::ServerState;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::state_machine::SharedState;
-use crate::types::{Command, CommandKind, NodeId, Raft};
+use crate::types::{Command, CommandKind, CommandResult, NodeId, Raft};
 use crate::upkeep::ActiveState;
 
 /// Linearizable reads that may wait for the next read-index round before callers block.
@@ -33,6 +33,27 @@ pub const READ_QUEUE_MAX: usize = 65_536;
 pub const READ_BATCH_MAX: usize = 4096;
 
 type ReadWaiter = oneshot::Sender<Result<(), ErrorReply>>;
+
+/// Writes that may wait for the write batcher before proposers block.
+pub const WRITE_QUEUE_MAX: usize = 65_536;
+
+/// Client writes one log entry carries at most.
+pub const WRITE_BATCH_MAX: usize = 1024;
+
+/// Key and value bytes one batched entry carries at most (a larger single write goes alone), so an
+/// entry stays far below the replication batch and frame limits.
+pub const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
+
+/// Batched entries proposed and not yet applied at once. openraft 0.9 appends and fsyncs each
+/// proposed entry before it takes the next, so writes arriving meanwhile gather in the queue and go
+/// out as the next batch: one fsync for many writes.
+pub const WRITE_BATCHES_IN_FLIGHT_MAX: usize = 4;
+
+/// A write waiting for the batcher, and where its result goes.
+struct PendingWrite {
+    kind: CommandKind,
+    reply: oneshot::Sender<Result<Reply, ErrorReply>>,
+}
 
 /// The stripe membership of this server.
 pub struct Stripe {
@@ -52,9 +73,8 @@ pub struct Stripe {
     quorum_stale_after: Duration,
     /// What this server tracks in memory while it is the active (keep-alives, reads).
     pub active: ActiveState,
-    /// The last term in which this server acknowledged a write as the active (for the log event
-    /// the chaos suite's split-brain checker reads).
-    acked_term: AtomicU64,
+    /// Queue of writes waiting for the write batcher.
+    writes: mpsc::Sender<PendingWrite>,
 }
 
 impl Stripe {
@@ -69,6 +89,13 @@ impl Stripe {
         let (tx, rx) = mpsc::channel(READ_QUEUE_MAX);
         let quorum_stale_after = config.timing.election_timeout.0;
         tokio::spawn(read_batcher(raft.clone(), rx, names.clone(), quorum_stale_after * 2));
+        let (writes, writes_rx) = mpsc::channel(WRITE_QUEUE_MAX);
+        let acks = AckLog {
+            term: Arc::new(AtomicU64::new(0)),
+            stripe: position.stripe,
+            server: config.server(position).name.clone(),
+        };
+        tokio::spawn(write_batcher(raft.clone(), writes_rx, names.clone(), acks));
         Stripe {
             raft,
             shared,
@@ -78,7 +105,7 @@ impl Stripe {
             reads: tx,
             quorum_stale_after,
             active: ActiveState::default(),
-            acked_term: AtomicU64::new(0),
+            writes,
         }
     }
 
@@ -179,51 +206,35 @@ impl Stripe {
         self.propose(CommandKind::Client(op), timeout).await
     }
 
-    /// Proposes a log entry stamped with this server's clock and waits for its result.
+    /// Proposes a write through the write batcher and waits for its result.
     pub async fn propose(&self, kind: CommandKind, timeout: Duration) -> Result<Reply, ErrorReply> {
         self.check_serving()?;
-        let cmd = Command { at_ms: now_ms(), kind };
-        let write = self.raft.client_write(cmd);
-        tokio::pin!(write);
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        let (reply, result) = oneshot::channel();
+        tokio::select! {
+            sent = self.writes.send(PendingWrite { kind, reply }) => {
+                if sent.is_err() {
+                    return Err(ErrorReply::ShuttingDown);
+                }
+            }
+            // Not queued, so certainly not applied.
+            _ = &mut deadline => return Err(ErrorReply::NoQuorum),
+        }
+        tokio::pin!(result);
         let mut watch = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
-                r = &mut write => return match r {
-                    Ok(resp) => {
-                        self.note_ack(resp.log_id.leader_id.term);
-                        resp.data.0
-                    }
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ErrorReply::NotLeader {
-                        leader: f.leader_id.and_then(|id| self.name_of(id)),
-                    }),
-                    Err(RaftError::APIError(e)) => Err(ErrorReply::Internal(e.to_string())),
-                    Err(RaftError::Fatal(_)) => Err(ErrorReply::ShuttingDown),
-                },
+                r = &mut result => return r.unwrap_or(Err(ErrorReply::ShuttingDown)),
                 _ = &mut deadline => return Err(ErrorReply::Timeout),
                 _ = watch.tick() => {
-                    // The entry is in our log and may still commit later: the outcome is unknown,
+                    // The entry may be in our log and still commit later: the outcome is unknown,
                     // so this is a timeout, never `NoQuorum` (which promises "not applied").
                     if self.quorum_lost() {
                         return Err(ErrorReply::Timeout);
                     }
                 }
             }
-        }
-    }
-
-    /// Logs `stripe.active_ack` the first time this server acknowledges a write in a term: two
-    /// servers of a stripe logging it for the same term would be split brain.
-    fn note_ack(&self, term: u64) {
-        if self.acked_term.fetch_max(term, Ordering::Relaxed) < term {
-            tracing::info!(
-                event = "stripe.active_ack",
-                stripe = self.position.stripe,
-                term,
-                server = %self.name(),
-                "first write acknowledged as the active of this term"
-            );
         }
     }
 
@@ -369,6 +380,123 @@ async fn read_batcher(
         for w in waiters {
             let _ = w.send(result.clone());
         }
+    }
+}
+
+/// Logs `stripe.active_ack` the first time this server acknowledges a write in a term: two
+/// servers of a stripe logging it for the same term would be split brain (the chaos suite checks).
+#[derive(Clone)]
+struct AckLog {
+    term: Arc<AtomicU64>,
+    stripe: usize,
+    server: String,
+}
+
+impl AckLog {
+    fn note(&self, term: u64) {
+        if self.term.fetch_max(term, Ordering::Relaxed) < term {
+            tracing::info!(
+                event = "stripe.active_ack",
+                stripe = self.stripe,
+                term,
+                server = %self.server,
+                "first write acknowledged as the active of this term"
+            );
+        }
+    }
+}
+
+/// Whether a write may share a log entry with others (an `OpenSession` takes its entry's index as
+/// the session id, so it goes alone).
+fn batchable(kind: &CommandKind) -> bool {
+    matches!(kind, CommandKind::Client(op) if !matches!(op, Op::OpenSession { .. }))
+}
+
+/// Key and value bytes of a write (for the batch size limit).
+fn payload_bytes(kind: &CommandKind) -> usize {
+    match kind {
+        CommandKind::Client(op) => op.payload_bytes(),
+        _ => 0,
+    }
+}
+
+/// Group commit of client writes: takes what waits in the queue, proposes it as one entry (a
+/// `Batch`, or the command itself when alone), and hands each write its own result. At most
+/// [`WRITE_BATCHES_IN_FLIGHT_MAX`] entries are proposed and unapplied at once; writes arriving
+/// meanwhile form the next batch. Entries are proposed in queue order.
+async fn write_batcher(raft: Raft, mut rx: mpsc::Receiver<PendingWrite>, names: HashMap<NodeId, String>, acks: AckLog) {
+    let names = Arc::new(names);
+    let slots = Arc::new(tokio::sync::Semaphore::new(WRITE_BATCHES_IN_FLIGHT_MAX));
+    let mut carry: Option<PendingWrite> = None;
+    loop {
+        let first = match carry.take() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        if batchable(&batch[0].kind) {
+            let mut bytes = payload_bytes(&batch[0].kind);
+            while batch.len() < WRITE_BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(w) if batchable(&w.kind) && bytes + payload_bytes(&w.kind) <= WRITE_BATCH_BYTES_MAX => {
+                        bytes += payload_bytes(&w.kind);
+                        batch.push(w);
+                    }
+                    Ok(w) => {
+                        carry = Some(w);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        let (kind, replies) = if batch.len() == 1 {
+            let w = batch.pop().expect("one write");
+            (w.kind, vec![w.reply])
+        } else {
+            let mut ops = Vec::with_capacity(batch.len());
+            let mut replies = Vec::with_capacity(batch.len());
+            for w in batch {
+                if let CommandKind::Client(op) = w.kind {
+                    ops.push(op);
+                }
+                replies.push(w.reply);
+            }
+            (CommandKind::Batch(ops), replies)
+        };
+        let submitted = raft.client_write_ff(Command { at_ms: now_ms(), kind }).await;
+        let (names, acks) = (names.clone(), acks.clone());
+        tokio::spawn(async move {
+            let n = replies.len();
+            let results: Vec<Result<Reply, ErrorReply>> = match submitted {
+                Err(_) => vec![Err(ErrorReply::ShuttingDown); n],
+                Ok(rx) => match rx.await {
+                    Ok(Ok(resp)) => {
+                        acks.note(resp.log_id.leader_id.term);
+                        match resp.data {
+                            CommandResult::One(r) => vec![r],
+                            CommandResult::Batch(rs) => rs,
+                        }
+                    }
+                    Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                        let leader = f.leader_id.and_then(|id| names.get(&id).cloned());
+                        vec![Err(ErrorReply::NotLeader { leader }); n]
+                    }
+                    Ok(Err(e)) => vec![Err(ErrorReply::Internal(e.to_string())); n],
+                    Err(_) => vec![Err(ErrorReply::ShuttingDown); n],
+                },
+            };
+            drop(slot);
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        });
     }
 }
 

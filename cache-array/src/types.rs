@@ -59,8 +59,17 @@ pub enum CommandKind {
     ExpireSessions(Vec<u64>),
     /// A lock waiter whose wait ran out gives up its place (unless it was granted meanwhile).
     LockWaitCancel { cache: String, key: Vec<u8>, session: u64 },
+    /// Client writes the active gathered while earlier entries were on their way: applied in
+    /// order, each with its own result, all made durable by one append (group commit). Never holds
+    /// an `OpenSession` (a session's id is its entry's index).
+    Batch(Vec<Op>),
 }
 
 /// The outcome of applying a command, returned to the client that proposed it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CommandResult(pub Result<Reply, ErrorReply>);
+pub enum CommandResult {
+    /// The result of a single command.
+    One(Result<Reply, ErrorReply>),
+    /// The results of a [`CommandKind::Batch`], in its order.
+    Batch(Vec<Result<Reply, ErrorReply>>),
+}

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use ferrocotta::client::Entry;
 use ferrocotta::loadgen::{self, LoadOptions, OpError, Target, Workload};
 use ferrocotta::protocol::ReadConsistency;
-use ferrocotta::client::Entry;
 use ferrocotta::{ArrayClient, ClientError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
