@@ -131,6 +131,59 @@ impl Node {
         }
     }
 
+    /// Writes `value` only if the key still holds `loaded` (`None`: only if it is absent; a new
+    /// entry gets `tti`); whether it did. A write that fails to answer in time and is applied later
+    /// can then never overwrite what a later request wrote (it finds the value changed).
+    pub async fn put_if_unchanged(
+        &self,
+        cache: &str,
+        key: &[u8],
+        loaded: Option<&[u8]>,
+        value: &[u8],
+        tti: Option<Duration>,
+    ) -> Result<bool, ServiceError> {
+        use ferrocotta::client::WriteOutcome;
+        match &self.backend {
+            Backend::Array(c) => {
+                let handle = c.cache(cache);
+                let outcome = match loaded {
+                    None => {
+                        let opts = PutOptions {
+                            tti_ms: tti.map(|d| d.as_millis() as u64),
+                            ..Default::default()
+                        };
+                        match handle.put_if_absent_with(key, value, opts).await {
+                            Ok(WriteOutcome::Applied(existing)) => WriteOutcome::Applied(existing.is_none()),
+                            Ok(WriteOutcome::NotApplied) => WriteOutcome::NotApplied,
+                            Err(e) => return Err(ServiceError::from_array(e)),
+                        }
+                    }
+                    Some(old) => handle
+                        .replace_if_equal(key, old, value)
+                        .await
+                        .map_err(ServiceError::from_array)?,
+                };
+                match outcome {
+                    WriteOutcome::Applied(done) => Ok(done),
+                    // The cache's nonstop behaviour ignores writes while the array is away.
+                    WriteOutcome::NotApplied => {
+                        tracing::debug!(event = "node.write_not_applied", cache);
+                        Ok(true)
+                    }
+                }
+            }
+            Backend::Local(m) => {
+                let mut m = m.lock().expect("local lock");
+                let slot = (cache.to_string(), key.to_vec());
+                if m.get(&slot).map(Vec::as_slice) != loaded {
+                    return Ok(false);
+                }
+                m.insert(slot, value.to_vec());
+                Ok(true)
+            }
+        }
+    }
+
     /// Removes a key; whether it was there.
     pub async fn remove(&self, cache: &str, key: &[u8]) -> Result<bool, ServiceError> {
         match &self.backend {

@@ -146,17 +146,43 @@ fn field<'a>(input: &'a Value, name: &str) -> Result<&'a str, ServiceError> {
         .ok_or_else(|| ServiceError::bad_request(format!("the input needs a string `{name}`")))
 }
 
-/// Loads the session object (empty when new or expired).
-pub async fn load_session(node: &Node, ssnid: &str) -> Result<Map<String, Value>, ServiceError> {
-    match node.get(&node.settings.sessions_cache(), ssnid.as_bytes()).await? {
-        Some(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_default()),
-        None => Ok(Map::new()),
+/// A session object as a service sees it: its fields (the object derefs to them), and what the
+/// array held when it was loaded, so that saving it never overwrites a newer version.
+#[derive(Debug, Default)]
+pub struct Session {
+    data: Map<String, Value>,
+    loaded: Option<Vec<u8>>,
+}
+
+impl std::ops::Deref for Session {
+    type Target = Map<String, Value>;
+    fn deref(&self) -> &Map<String, Value> {
+        &self.data
     }
 }
 
-/// Saves the session object with tti = session timeout; 413 beyond the size limit.
-pub async fn save_session(node: &Node, ssnid: &str, session: &Map<String, Value>) -> Result<(), ServiceError> {
-    let bytes = serde_json::to_vec(session).expect("json");
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Map<String, Value> {
+        &mut self.data
+    }
+}
+
+/// Loads the session object (empty when new or expired).
+pub async fn load_session(node: &Node, ssnid: &str) -> Result<Session, ServiceError> {
+    let loaded = node.get(&node.settings.sessions_cache(), ssnid.as_bytes()).await?;
+    let data = loaded
+        .as_deref()
+        .map(|b| serde_json::from_slice(b).unwrap_or_default())
+        .unwrap_or_default();
+    Ok(Session { data, loaded })
+}
+
+/// Saves the session object with tti = session timeout; 413 beyond the size limit; 409 when the
+/// session changed since it was loaded (another request of the same session saved first, or an
+/// earlier write of this one that timed out was applied late): nothing is saved then, so a late
+/// write can never take a session back to an older state.
+pub async fn save_session(node: &Node, ssnid: &str, session: &Session) -> Result<(), ServiceError> {
+    let bytes = serde_json::to_vec(&session.data).expect("json");
     if bytes.len() > node.settings.session_max_bytes {
         return Err(ServiceError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -168,13 +194,24 @@ pub async fn save_session(node: &Node, ssnid: &str, session: &Map<String, Value>
             ),
         ));
     }
-    node.put(
-        &node.settings.sessions_cache(),
-        ssnid.as_bytes(),
-        &bytes,
-        Some(node.settings.session_timeout),
-    )
-    .await
+    let saved = node
+        .put_if_unchanged(
+            &node.settings.sessions_cache(),
+            ssnid.as_bytes(),
+            session.loaded.as_deref(),
+            &bytes,
+            Some(node.settings.session_timeout),
+        )
+        .await?;
+    if saved {
+        Ok(())
+    } else {
+        Err(ServiceError::new(
+            StatusCode::CONFLICT,
+            "session_conflict",
+            "the session changed while this request ran; nothing was saved, retry the request",
+        ))
+    }
 }
 
 async fn counter(node: &Node, ssnid: &str) -> Result<Value, ServiceError> {
@@ -189,7 +226,7 @@ async fn session_get(node: &Node, ssnid: &str, input: Value) -> Result<Value, Se
     let session = load_session(node, ssnid).await?;
     match input.get("key").and_then(Value::as_str) {
         Some(k) => Ok(json!({"value": session.get(k).cloned().unwrap_or(Value::Null)})),
-        None => Ok(json!({"session": session})),
+        None => Ok(json!({"session": *session})),
     }
 }
 

@@ -776,11 +776,22 @@ impl ArrayClient {
 
     /// Sets a key if it is absent; returns the value already there, if any.
     pub async fn put_if_absent(&self, cache: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        self.put_if_absent_with(cache, key, value, PutOptions::default()).await
+    }
+
+    /// Like [`ArrayClient::put_if_absent`], with the new entry's own ttl/tti/session.
+    pub async fn put_if_absent_with(
+        &self,
+        cache: &str,
+        key: &[u8],
+        value: &[u8],
+        opts: PutOptions,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
         let op = Op::PutIfAbsent {
             cache: cache.into(),
             key: key.to_vec(),
             value: value.to_vec(),
-            opts: PutOptions::default(),
+            opts,
         };
         expect_value(self.keyed(key, op).await?)
     }

@@ -416,11 +416,21 @@ impl CacheHandle {
 
     /// Sets a key if absent; the value already there when applied.
     pub async fn put_if_absent(&self, key: &[u8], value: &[u8]) -> Result<WriteOutcome<Option<Vec<u8>>>, ClientError> {
+        self.put_if_absent_with(key, value, PutOptions::default()).await
+    }
+
+    /// Sets a key if absent, with the new entry's own ttl/tti/session.
+    pub async fn put_if_absent_with(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        opts: PutOptions,
+    ) -> Result<WriteOutcome<Option<Vec<u8>>>, ClientError> {
         let out = self
             .write(
                 "put_if_absent",
                 false,
-                self.client.put_if_absent(&self.name, key, value),
+                self.client.put_if_absent_with(&self.name, key, value, opts),
             )
             .await?;
         if let WriteOutcome::Applied(existing) = &out {
