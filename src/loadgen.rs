@@ -26,8 +26,8 @@ const PRELOAD_BATCH: u64 = 500;
 /// Zipfian skew of YCSB's request distribution.
 const ZIPF_THETA: f64 = 0.99;
 
-/// What each operation does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What each operation does (the command-line names are kebab-case: `get-eventual`, `ycsb-a`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Workload {
     /// Puts of uniformly chosen keys.
@@ -41,11 +41,19 @@ pub enum Workload {
     /// YCSB workload A: 50% linearizable reads, 50% updates, zipfian keys (a session store).
     YcsbA,
     /// Read and update of one session per request (through an integration node for ferrocotta; a
-    /// get and a put of the session record for stores without one).
+    /// get and a put of the session record for stores without one); each worker owns its sessions.
     Session,
 }
 
 impl Workload {
+    /// Value size unless the run says otherwise: YCSB's 1 KiB records for `ycsb-a`, else 100 bytes.
+    pub fn default_value_size(self) -> usize {
+        match self {
+            Workload::YcsbA => 1024,
+            _ => 100,
+        }
+    }
+
     /// Whether the keys must exist before the measurement.
     fn needs_preload(self) -> bool {
         !matches!(self, Workload::Put)
@@ -121,10 +129,11 @@ impl LoadOptions {
         if self.keys == 0 {
             return Err("--keys must be at least 1".into());
         }
-        if self.workload == Workload::Cas && self.keys < self.concurrency as u64 {
-            return Err(
-                "the cas workload gives every worker its own keys: --keys must be at least --concurrency".into(),
-            );
+        if matches!(self.workload, Workload::Cas | Workload::Session) && self.keys < self.concurrency as u64 {
+            return Err(format!(
+                "the {} workload gives every in-flight slot its own keys: --keys must be at least --concurrency",
+                workload_name(self.workload)
+            ));
         }
         if self.duration.is_zero() || self.duration > DURATION_MAX {
             return Err(format!("--duration must be between 1 ms and {DURATION_MAX:?}"));
@@ -287,7 +296,8 @@ async fn worker<T: Target>(
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let fixed = value(options.value_size, id as u64);
-    // The cas workload: this worker's keys (id, id + concurrency, ...) and what each holds now.
+    // The cas and session workloads: this worker's keys (id, id + concurrency, ...) and, for cas,
+    // what each holds now.
     let own: Vec<u64> = (id as u64..options.keys).step_by(options.concurrency).collect();
     let mut held: Vec<u64> = vec![0; own.len()];
     let mut n = 0u64;
@@ -323,7 +333,8 @@ async fn worker<T: Target>(
                 }
             }
             Workload::Session => {
-                let session = format!("s{}", rng.gen_range(0..options.keys));
+                // Like a browser per user: a session never has two requests at once.
+                let session = format!("s{}", own[rng.gen_range(0..own.len())]);
                 target.session(session.as_bytes(), &fixed).await
             }
         };

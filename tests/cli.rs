@@ -1,4 +1,4 @@
-//! The `ferrocotta` CLI against real processes: `up`, `status`, `cache`, with the script
+//! The `ferrocotta` CLI against real processes: `up`, `status`, `cache`, `bench`, with the script
 //! interfaces of SPEC 9 (endpoints.json, JSON fields, exit codes).
 
 mod common;
@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{binary, phase, TestArray};
+use common::{binary, phase, TestArray, TestNode};
 
 fn ferrocotta() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferrocotta"))
@@ -276,4 +276,58 @@ async fn cache_put_ttl_and_lock_unlock_from_the_shell() {
         client.list_locks(Some("cli")).await.unwrap().is_empty(),
         "--hold released it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_every_workload_and_reports_json() {
+    let array = TestArray::start(1, 3);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let mut node = TestNode::spawn(&array, "bench-node", "benchCluster", &[], "");
+    node.wait_ready(Duration::from_secs(30));
+    let with_array = cli_for(&array);
+    for workload in ["put", "get", "get --eventual", "cas", "ycsb-a", "session"] {
+        phase(&format!("ferrocotta bench --workload {workload}"));
+        let mut args = vec!["bench", "--workload"];
+        args.extend(workload.split(' '));
+        args.extend([
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+            "--keys",
+            "40",
+            "--duration",
+            "500ms",
+            "--warmup",
+            "100ms",
+            "--json",
+        ]);
+        if workload == "session" {
+            args.extend(["--nodes", node.service.as_str()]);
+        }
+        let (code, out, err) = run(&mut with_array(&args));
+        assert_eq!(code, 0, "{workload}: {out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert!(v["ops"].as_u64().unwrap() > 0, "{workload}: {out}");
+        assert_eq!(v["errors"], serde_json::json!({}), "{workload}: {out}");
+        assert!(v["latency_us_p999"].as_u64().unwrap() >= v["latency_us_p50"].as_u64().unwrap());
+        let expected_size = if workload == "ycsb-a" { 1024 } else { 100 };
+        assert_eq!(v["value_size"], expected_size, "{out}");
+    }
+    phase("bad input is refused with the flag's name");
+    let (code, _, err) = run(&mut with_array(&["bench", "--workload", "session", "--duration", "1s"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--nodes"), "{err}");
+    let (code, _, err) = run(&mut with_array(&[
+        "bench",
+        "--workload",
+        "cas",
+        "--keys",
+        "2",
+        "--concurrency",
+        "4",
+    ]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--keys"), "{err}");
 }

@@ -23,12 +23,6 @@ use super::ArrayArgs;
 /// The cache the array workloads use.
 const CACHE: &str = "ferrocotta.bench";
 
-/// Value size of the YCSB-A workload unless `--value-size` says otherwise (YCSB's 1 KiB records).
-const YCSB_VALUE_SIZE: usize = 1024;
-
-/// Value size of the other workloads unless `--value-size` says otherwise.
-const VALUE_SIZE: usize = 100;
-
 /// Idle HTTP connections kept per node for the session workload.
 const NODE_CONNECTIONS_MAX: usize = 1024;
 
@@ -102,11 +96,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         duration: args.duration,
         warmup: args.warmup,
         keys: args.keys,
-        value_size: args.value_size.unwrap_or(if workload == Workload::YcsbA {
-            YCSB_VALUE_SIZE
-        } else {
-            VALUE_SIZE
-        }),
+        value_size: args.value_size.unwrap_or(workload.default_value_size()),
         seed: args.seed,
     };
     options.validate().map_err(anyhow::Error::msg)?;
