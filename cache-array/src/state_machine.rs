@@ -421,4 +421,42 @@ mod tests {
         bytes[last] ^= 0xff;
         assert!(decode_snapshot(&bytes).unwrap_err().contains("checksum"));
     }
+
+    #[tokio::test]
+    async fn a_batch_applies_in_order_with_one_result_per_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachineStore::open(dir.path(), BTreeMap::new()).unwrap();
+        let cas = |expected: &str, value: &str| Op::ReplaceIfEqual {
+            cache: "c".into(),
+            key: b"k".to_vec(),
+            expected: expected.into(),
+            value: value.into(),
+        };
+        let put = Op::Put {
+            cache: "c".into(),
+            key: b"k".to_vec(),
+            value: b"1".to_vec(),
+            opts: Default::default(),
+        };
+        let entry = Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Command {
+                at_ms: 1,
+                kind: CommandKind::Batch(vec![put, cas("1", "2"), cas("1", "3")]),
+            }),
+        };
+        let out = sm.apply([entry]).await.unwrap();
+        assert_eq!(
+            out,
+            vec![CommandResult::Batch(vec![
+                Ok(Reply::Value(None)),
+                Ok(Reply::Bool(true)),
+                Ok(Reply::Bool(false)),
+            ])]
+        );
+        let value = sm
+            .shared()
+            .read(|d| d.store.caches["c"].entries[b"k".as_slice()].value.clone());
+        assert_eq!(value, b"2");
+    }
 }
