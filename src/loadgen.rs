@@ -116,6 +116,69 @@ pub struct LoadOptions {
     pub seed: u64,
 }
 
+/// The command-line flags every load tool shares (`ferrocotta bench`, `ferrocotta-peers run`), so
+/// their names, defaults and checks cannot drift apart.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Clients sharing the load (each pipelines its requests over its own connections).
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// Measured period.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured period before it.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Number of distinct keys (sessions for `session`).
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Value size in bytes (default 100; 1024 for ycsb-a).
+    #[arg(long)]
+    pub value_size: Option<usize>,
+    /// Seed of the key choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LoadArgs {
+    /// The checked options of a run of `workload`; the message names the bad flag.
+    pub fn options(&self, workload: Workload) -> Result<LoadOptions, String> {
+        if self.connections == 0 {
+            return Err("--connections must be at least 1".into());
+        }
+        let options = LoadOptions {
+            workload,
+            concurrency: self.concurrency,
+            duration: self.duration,
+            warmup: self.warmup,
+            keys: self.keys,
+            value_size: self.value_size.unwrap_or(workload.default_value_size()),
+            seed: self.seed,
+        };
+        options.validate()?;
+        Ok(options)
+    }
+
+    /// Prints a report as JSON or as a table (header and row).
+    pub fn print(&self, report: &LoadReport) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(report).expect("reports always encode")
+            );
+        } else {
+            println!("{}", LoadReport::header());
+            println!("{}", report.row());
+        }
+    }
+}
+
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }

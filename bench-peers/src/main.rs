@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferrocotta::loadgen::{self, LoadOptions, LoadReport, OpError, Target, Workload};
+use ferrocotta::loadgen::{self, LoadArgs, LoadOptions, LoadReport, OpError, Target, Workload};
 
 /// Pause between two probes of `ping`.
 const PING_INTERVAL: Duration = Duration::from_millis(200);
@@ -88,34 +88,11 @@ struct RunArgs {
     /// What to run.
     #[arg(long, value_enum, default_value = "put")]
     workload: Workload,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 1)]
-    concurrency: usize,
-    /// Clients sharing the load (etcd: one gRPC channel each, one HTTP/2 connection per member;
-    /// Redis: one multiplexed connection each).
-    #[arg(long, default_value_t = 1)]
-    connections: usize,
-    /// Measured period.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    duration: Duration,
-    /// Unmeasured period before it.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    warmup: Duration,
-    /// Number of distinct keys (sessions for `session`).
-    #[arg(long, default_value_t = 10_000)]
-    keys: u64,
-    /// Value size in bytes (default 100; 1024 for ycsb-a).
-    #[arg(long)]
-    value_size: Option<usize>,
-    /// Seed of the key choice.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Name of the system in the report (default: the target, e.g. `redis-aof` for a second Redis).
     #[arg(long)]
     label: Option<String>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Flags of `ferrocotta-peers ping`.
@@ -156,19 +133,7 @@ fn main() -> ExitCode {
 
 async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let workload = args.workload;
-    let options = LoadOptions {
-        workload,
-        concurrency: args.concurrency,
-        duration: args.duration,
-        warmup: args.warmup,
-        keys: args.keys,
-        value_size: args.value_size.unwrap_or(workload.default_value_size()),
-        seed: args.seed,
-    };
-    options.validate().map_err(anyhow::Error::msg)?;
-    if args.connections == 0 {
-        anyhow::bail!("--connections must be at least 1");
-    }
+    let options = args.load.options(workload).map_err(anyhow::Error::msg)?;
     let endpoints = args.peer.endpoints()?;
     let label = args.label.clone().unwrap_or_else(|| match args.peer.target {
         PeerKind::Etcd => "etcd".into(),
@@ -176,20 +141,15 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
     });
     let report = match args.peer.target {
         PeerKind::Etcd => {
-            let target = etcd::EtcdTarget::connect(&endpoints, args.connections, &args.peer).await?;
+            let target = etcd::EtcdTarget::connect(&endpoints, args.load.connections, &args.peer).await?;
             measure(target, &label, options).await?
         }
         PeerKind::Redis => {
-            let target = redis::RedisTarget::connect(&endpoints, args.connections, &args.peer).await?;
+            let target = redis::RedisTarget::connect(&endpoints, args.load.connections, &args.peer).await?;
             measure(target, &label, options).await?
         }
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{}", LoadReport::header());
-        println!("{}", report.row());
-    }
+    args.load.print(&report);
     Ok(if report.error_count() == 0 { 0 } else { 1 })
 }
 

@@ -7,12 +7,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use ferrocotta::client::Entry;
-use ferrocotta::loadgen::{self, LoadOptions, OpError, Target, Workload};
+use ferrocotta::loadgen::{self, LoadArgs, OpError, Target, Workload};
 use ferrocotta::protocol::ReadConsistency;
 use ferrocotta::{ArrayClient, ClientError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -48,36 +47,14 @@ pub struct BenchArgs {
     /// What to run.
     #[arg(long, value_enum, default_value = "put")]
     workload: WorkloadArg,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 1)]
-    concurrency: usize,
-    /// Array clients sharing the load (each has one pipelined connection per server).
-    #[arg(long, default_value_t = 1)]
-    connections: usize,
-    /// Measured period.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    duration: Duration,
-    /// Unmeasured period before it.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    warmup: Duration,
-    /// Number of distinct keys (sessions for `session`).
-    #[arg(long, default_value_t = 10_000)]
-    keys: u64,
-    /// Value size in bytes (default 100; 1024 for ycsb-a).
-    #[arg(long)]
-    value_size: Option<usize>,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Read with eventual consistency (any server) instead of linearizable.
     #[arg(long)]
     eventual: bool,
     /// Integration nodes for `--workload session`, as `host:port,host:port`.
     #[arg(long)]
     nodes: Option<String>,
-    /// Seed of the key choice.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
@@ -90,19 +67,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         (WorkloadArg::YcsbA, _) => Workload::YcsbA,
         (WorkloadArg::Session, _) => Workload::Session,
     };
-    let options = LoadOptions {
-        workload,
-        concurrency: args.concurrency,
-        duration: args.duration,
-        warmup: args.warmup,
-        keys: args.keys,
-        value_size: args.value_size.unwrap_or(workload.default_value_size()),
-        seed: args.seed,
-    };
-    options.validate().map_err(anyhow::Error::msg)?;
-    if args.connections == 0 {
-        anyhow::bail!("--connections must be at least 1");
-    }
+    let options = args.load.options(workload).map_err(anyhow::Error::msg)?;
     let report = if workload == Workload::Session {
         let nodes = args
             .nodes
@@ -112,7 +77,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         loadgen::run(target, "ferrocotta", options).await
     } else {
         let mut clients = Vec::new();
-        for _ in 0..args.connections {
+        for _ in 0..args.load.connections {
             clients.push(args.array.connect().await?);
         }
         let target = Arc::new(ArrayTarget {
@@ -122,12 +87,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         loadgen::run(target, "ferrocotta", options).await
     }
     .map_err(|e| anyhow::anyhow!("bench failed: {}", e.kind))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{}", loadgen::LoadReport::header());
-        println!("{}", report.row());
-    }
+    args.load.print(&report);
     Ok(if report.error_count() == 0 { 0 } else { 1 })
 }
 
