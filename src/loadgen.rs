@@ -54,9 +54,9 @@ impl Workload {
         }
     }
 
-    /// Whether the keys must exist before the measurement.
+    /// Whether the keys must exist before the measurement (sessions start empty, puts create).
     fn needs_preload(self) -> bool {
-        !matches!(self, Workload::Put)
+        !matches!(self, Workload::Put | Workload::Session)
     }
 }
 
@@ -310,7 +310,7 @@ pub async fn preload<T: Target>(target: &T, options: &LoadOptions) -> Result<(),
 /// Runs a workload against a target (after preloading when it needs existing keys).
 pub async fn run<T: Target>(target: Arc<T>, name: &str, options: LoadOptions) -> Result<LoadReport, OpError> {
     options.validate().map_err(OpError::new)?;
-    if options.workload.needs_preload() && options.workload != Workload::Session {
+    if options.workload.needs_preload() {
         preload(target.as_ref(), &options).await?;
     }
     let zipf = Arc::new(Zipf::new(options.keys, ZIPF_THETA));

@@ -7,7 +7,6 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use ferrocotta::config::{local_array, ClusterConfig, ConfigDuration, ServerPorts};
-use ferrocotta::protocol::{Reply, Role};
 use ferrocotta::{ArrayClient, ClientSettings};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -266,17 +265,7 @@ impl Cluster {
     /// follow it), if any.
     pub async fn active(&self, client: &ArrayClient) -> Option<String> {
         let probes = client.probe_all(Duration::from_millis(500)).await;
-        let actives: Vec<String> = probes
-            .iter()
-            .filter_map(|p| match &p.result {
-                Ok(Reply::Pong {
-                    role: Role::Active,
-                    server,
-                    ..
-                }) => Some(server.clone()),
-                _ => None,
-            })
-            .collect();
+        let actives = crate::common::claimed_actives(&probes, 0);
         // A deposed active that has not heard of its successor still says "active"; pick the one
         // the most servers name as leader.
         if actives.len() == 1 {

@@ -247,21 +247,23 @@ impl Ctx {
 
     /// Stops the workloads (their histories are kept for the checks).
     pub async fn stop_load(&mut self) {
-        if let Some(kv) = self.kv.take() {
-            self.kv_keys.extend(kv.keys.clone());
-            self.kv_history.extend(kv.finish().await);
-        }
+        self.stop_kv().await;
         if let Some(s) = self.sessions.take() {
             self.session_history.extend(s.finish().await);
         }
     }
 
-    /// Moves the key-value workload to fresh keys (a soak's history stays checkable per key).
-    pub async fn rotate_keys(&mut self, prefix: &str) {
+    /// Stops the key-value clients, keeping their keys and history for the checks.
+    async fn stop_kv(&mut self) {
         if let Some(kv) = self.kv.take() {
             self.kv_keys.extend(kv.keys.clone());
             self.kv_history.extend(kv.finish().await);
         }
+    }
+
+    /// Moves the key-value workload to fresh keys (a soak's history stays checkable per key).
+    pub async fn rotate_keys(&mut self, prefix: &str) {
+        self.stop_kv().await;
         self.kv_load.prefix = prefix.to_string();
         self.start_kv().await;
     }
@@ -366,17 +368,7 @@ impl Ctx {
 
     /// Logical names in a node's member list.
     pub async fn members(&self, name: &str) -> Vec<String> {
-        let v = self.node_admin(name, "/admin/cluster").await;
-        let mut names: Vec<String> = v["members"]
-            .as_array()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|x| x["logical_name"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        crate::common::member_names(&self.node_admin(name, "/admin/cluster").await)
     }
 
     /// Heals everything, lets the workloads run on a healed cluster, stops them, reads every key

@@ -213,21 +213,9 @@ impl TestArray {
         let deadline = Instant::now() + timeout;
         loop {
             let probes = client.probe_all(Duration::from_millis(500)).await;
-            let actives: Vec<&str> = probes
-                .iter()
-                .filter(|p| p.stripe == stripe)
-                .filter_map(|p| match &p.result {
-                    Ok(Reply::Pong {
-                        role: Role::Active,
-                        server,
-                        ..
-                    }) => Some(server.as_str()),
-                    _ => None,
-                })
-                .collect();
+            let actives = claimed_actives(&probes, stripe);
             if actives.len() == 1 {
-                // Make sure it really serves: a write through the stripe must succeed.
-                return actives[0].to_string();
+                return actives[0].clone();
             }
             assert!(
                 Instant::now() < deadline,
@@ -296,6 +284,36 @@ impl Drop for TestArray {
             let _ = child.wait();
         }
     }
+}
+
+/// Servers of a stripe that answer a probe as the active (a deposed one may still say so).
+pub fn claimed_actives(probes: &[ferrocotta::client::ServerProbe], stripe: usize) -> Vec<String> {
+    probes
+        .iter()
+        .filter(|p| p.stripe == stripe)
+        .filter_map(|p| match &p.result {
+            Ok(Reply::Pong {
+                role: Role::Active,
+                server,
+                ..
+            }) => Some(server.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Sorted logical names of a node's `/admin/cluster` answer.
+pub fn member_names(cluster: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = cluster["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|x| x["logical_name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// GET of an admin URL; returns (status, body). Panics if the server does not answer.
@@ -618,17 +636,7 @@ impl TestNode {
 
     /// Names in this node's view of the member list.
     pub fn member_names(&self) -> Vec<String> {
-        let (_, v) = self.admin_get("/admin/cluster");
-        let mut names: Vec<String> = v["members"]
-            .as_array()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|x| x["logical_name"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        member_names(&self.admin_get("/admin/cluster").1)
     }
 
     /// kill -9.
