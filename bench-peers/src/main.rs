@@ -19,6 +19,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferrocotta::loadgen::{self, LoadArgs, LoadOptions, LoadReport, OpError, Target, Workload};
 
+/// The allocator `ferrocotta bench` uses, so the load generator costs the same against every system.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Pause between two probes of `ping`.
 const PING_INTERVAL: Duration = Duration::from_millis(200);
 
