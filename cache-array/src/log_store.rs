@@ -9,10 +9,17 @@
 //! then completes them all; so under load one fsync covers many appends. The vote goes through the
 //! same flusher and is durable before `save_vote` returns. openraft is told an append is complete
 //! only after the fsync that covers it.
+//!
+//! Purging: `purge` makes the new purge point durable and returns; one background thread deletes
+//! the entries below it in small batches. Deleting tens of thousands of sled keys in one batch took
+//! seconds and held openraft's core that long: under load the mirrors started an election after
+//! every snapshot. Entries at or below the purge point are never served again: readers skip them
+//! (a lower bound shared by all clones), and opening the log deletes any that a crash left behind.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
@@ -31,6 +38,9 @@ pub const REPLICATION_BATCH_BYTES_MAX: usize = 1024 * 1024;
 
 /// Flush requests that may wait for the flusher before appenders block.
 pub const FLUSH_QUEUE_MAX: usize = 65_536;
+
+/// Log entries the purger deletes per sled batch.
+const PURGE_CHUNK: usize = 1024;
 
 /// Who waits for a flush.
 enum FlushWaiter {
@@ -56,6 +66,10 @@ pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
     flusher: std_mpsc::SyncSender<FlushWaiter>,
+    /// Purge points for the purger thread (each one deletes the entries at or below it).
+    purger: std_mpsc::Sender<u64>,
+    /// The first index that may be served: one past the durable purge point (0: nothing purged).
+    first_readable: Arc<AtomicU64>,
     stats: Arc<FlushStats>,
 }
 
@@ -68,8 +82,8 @@ fn corrupt(what: String) -> std::io::Error {
 }
 
 impl LogStore {
-    /// Opens (or creates) the log under `dir` and starts its flusher thread.
-    pub fn open(dir: &Path) -> Result<LogStore, sled::Error> {
+    /// Opens (or creates) the log under `dir` and starts its flusher and purger threads.
+    pub fn open(dir: &Path) -> anyhow::Result<LogStore> {
         let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
@@ -81,13 +95,35 @@ impl LogStore {
             .name("log-flusher".into())
             .spawn(move || flusher(flush_db, rx, flush_stats))
             .expect("spawn the log flusher thread");
-        Ok(LogStore {
+        let (purge_tx, purge_rx) = std_mpsc::channel::<u64>();
+        let purge_log = log.clone();
+        std::thread::Builder::new()
+            .name("log-purger".into())
+            .spawn(move || purger(purge_log, purge_rx))
+            .expect("spawn the log purger thread");
+        let store = LogStore {
             db,
             log,
             meta,
             flusher: tx,
+            purger: purge_tx,
+            first_readable: Arc::new(AtomicU64::new(0)),
             stats,
-        })
+        };
+        let last_purged: Option<LogId> = store
+            .get_meta(KEY_LAST_PURGED)
+            .map_err(|e| anyhow::anyhow!("cannot read the purge point: {e}"))?;
+        if let Some(purged) = last_purged {
+            // Entries a crash left below the purge point: hidden now, deleted in the background.
+            store.first_readable.store(purged.index + 1, Ordering::Release);
+            let _ = store.purger.send(purged.index);
+        }
+        Ok(store)
+    }
+
+    /// The first log index that may be served.
+    fn first_readable(&self) -> u64 {
+        self.first_readable.load(Ordering::Acquire)
     }
 
     /// Group-commit statistics.
@@ -178,11 +214,51 @@ impl LogStore {
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        self.log
+        let last = self
+            .log
             .last()
             .transpose()
             .map(|item| Self::decode_item(item).map(|(_, e)| e.log_id))
-            .transpose()
+            .transpose()?;
+        // An entry below the purge point is one the purger has not deleted yet: not part of the log.
+        Ok(last.filter(|id| id.index >= self.first_readable()))
+    }
+}
+
+/// The purger thread: deletes the entries at or below each purge point it is sent, a chunk per
+/// sled batch, so no single call holds sled (or waits on it) for long. Not flushed: after a crash
+/// the durable purge point hides what is left and `LogStore::open` sends it here again.
+fn purger(log: sled::Tree, rx: std_mpsc::Receiver<u64>) {
+    while let Ok(mut upto) = rx.recv() {
+        while let Ok(later) = rx.try_recv() {
+            upto = upto.max(later);
+        }
+        let mut deleted = 0usize;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut keys = 0usize;
+            for item in log.range(..=upto.to_be_bytes()).take(PURGE_CHUNK) {
+                match item {
+                    Ok((k, _)) => {
+                        batch.remove(k);
+                        keys += 1;
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "log_store.purge_failed", upto, error = %e);
+                        break;
+                    }
+                }
+            }
+            if keys == 0 {
+                break;
+            }
+            if let Err(e) = log.apply_batch(batch) {
+                tracing::error!(event = "log_store.purge_failed", upto, error = %e);
+                break;
+            }
+            deleted += keys;
+        }
+        tracing::debug!(event = "log_store.purged", upto, deleted);
     }
 }
 
@@ -219,6 +295,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
+        let start = start.max(self.first_readable());
+        if start >= end {
+            return Ok(out);
+        }
         for item in self.log.range(start.to_be_bytes()..end.to_be_bytes()) {
             let (len, entry) = Self::decode_item(item)?;
             if !out.is_empty() && bytes + len > REPLICATION_BATCH_BYTES_MAX {
@@ -238,7 +318,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Included(&i) => i,
             Bound::Excluded(&i) => i + 1,
             Bound::Unbounded => 0,
-        };
+        }
+        .max(self.first_readable());
         let end = match range.end_bound() {
             Bound::Included(&i) => Bound::Included(i.to_be_bytes()),
             Bound::Excluded(&i) => Bound::Excluded(i.to_be_bytes()),
@@ -257,7 +338,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
-        let last = self.last_entry_log_id()?.or(last_purged);
+        let last = self.last_entry_log_id()?.max(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -332,18 +413,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point first: a crash in between leaves extra entries, never a gap.
+        // The purge point is durable before any entry goes: a crash in between leaves extra
+        // entries below it (hidden, deleted at the next open), never a gap.
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
         self.flush().await?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=log_id.index.to_be_bytes()) {
-            let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        Ok(())
+        self.first_readable.fetch_max(log_id.index + 1, Ordering::AcqRel);
+        self.purger.send(log_id.index).map_err(|_| {
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                corrupt("the purger stopped".into()),
+            )
+        })
     }
 }
 
@@ -351,5 +432,84 @@ impl LogStore {
     /// Size of the database on disk, for status.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::testing::log_id;
+    use openraft::EntryPayload;
+
+    use super::*;
+
+    fn blank(index: u64) -> Entry {
+        Entry {
+            log_id: log_id(1, 1, index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// Waits (bounded) until the purger has deleted everything at or below `index`.
+    fn wait_deleted(log: &LogStore, index: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.log.range(..=index.to_be_bytes()).next().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the purger left entries at or below {index}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn purged_entries_are_never_served_and_are_deleted_in_the_background() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut log = LogStore::open(dir.path()).expect("open");
+        log.blocking_append((1..=5000).map(blank)).await.expect("append");
+
+        log.purge(log_id(1, 1, 4000)).await.expect("purge");
+        // Hidden at once, whatever the purger has done so far.
+        let served = log.try_get_log_entries(0..=5000).await.expect("read");
+        assert_eq!(served.first().map(|e| e.log_id.index), Some(4001));
+        assert_eq!(served.len(), 1000);
+        assert!(log.limited_get_log_entries(1, 4001).await.expect("read").is_empty());
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 4000)));
+        assert_eq!(state.last_log_id, Some(log_id(1, 1, 5000)));
+        // Deleted in chunks by the purger thread, not left behind.
+        wait_deleted(&log, 4000);
+        assert_eq!(log.log.len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn entries_a_crash_left_below_the_purge_point_are_hidden_and_deleted_at_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let mut log = LogStore::open(dir.path()).expect("open");
+            log.blocking_append((1..=100).map(blank)).await.expect("append");
+            // What a crash right after the durable purge point leaves: the point, every entry.
+            let purge_point: LogId = log_id(1, 1, 100);
+            log.put_meta(KEY_LAST_PURGED, &purge_point).expect("meta");
+            log.flush().await.expect("flush");
+        }
+        // The flusher and purger threads of the first store let go of the database when they see
+        // its channels close, a moment after the drop.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut log = loop {
+            match LogStore::open(dir.path()) {
+                Ok(log) => break log,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "the first store still holds the database");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
+        let state = log.get_log_state().await.expect("state");
+        // The last log id is the purge point, not an entry below it.
+        assert_eq!(state.last_log_id, Some(log_id(1, 1, 100)));
+        assert!(log.try_get_log_entries(..).await.expect("read").is_empty());
+        wait_deleted(&log, 100);
     }
 }
