@@ -192,12 +192,18 @@ pub struct Security {
 pub struct Storage {
     /// Take a snapshot (and compact the log behind it) after this many applied entries.
     pub snapshot_every_entries: u64,
+    /// Also take one once the log written since the last snapshot holds this many bytes or a
+    /// quarter of the last snapshot's size, whichever is more: the log (which also costs memory)
+    /// stays small next to the data however large the entries are, and a snapshot costs at most
+    /// about four times the bytes written since the one before.
+    pub snapshot_every_log_bytes: u64,
 }
 
 impl Default for Storage {
     fn default() -> Self {
         Storage {
             snapshot_every_entries: 50_000,
+            snapshot_every_log_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -339,6 +345,12 @@ impl ClusterConfig {
         }
         if self.storage.snapshot_every_entries < 100 {
             return Err(field_err("storage.snapshot_every_entries", "must be at least 100"));
+        }
+        if self.storage.snapshot_every_log_bytes < 1024 * 1024 {
+            return Err(field_err(
+                "storage.snapshot_every_log_bytes",
+                "must be at least 1 MiB (1048576)",
+            ));
         }
         if self.stripes.is_empty() {
             return Err(field_err("stripes", "at least one stripe is needed"));
@@ -588,6 +600,10 @@ data_dir = "a1"
         let bad = GOOD.replace("array_name", "arry_name");
         let err = ClusterConfig::parse(&bad).unwrap_err().to_string();
         assert!(err.contains("arry_name"), "{err}");
+
+        let bad = GOOD.replace("[timing]", "[storage]\nsnapshot_every_log_bytes = 1000\n[timing]");
+        let err = ClusterConfig::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("storage.snapshot_every_log_bytes"), "{err}");
     }
 
     /// Every cluster config shipped under `deploy/` parses and validates.

@@ -403,3 +403,80 @@ async fn a_server_without_quorum_refuses_writes_and_strong_reads() {
         .unwrap();
     assert_eq!(v, Some(b"1".to_vec()));
 }
+
+/// A mirror that was down while the active compacted its log past what the mirror has catches up
+/// by receiving the active's snapshot file, and serves the same data afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_behind_the_compacted_log_catches_up_from_a_snapshot() {
+    let mut array = TestArray::start_with(1, 3, |c| c.storage.snapshot_every_entries = 100);
+    let client = array.client().await;
+    let active = array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let mirror = array
+        .stripe_servers(0)
+        .into_iter()
+        .find(|n| *n != active)
+        .expect("a mirror");
+
+    phase("stop a mirror; write more entries than the active keeps behind its snapshots");
+    array.kill9(&mirror);
+    // The active keeps 1,000 entries behind a snapshot (max_in_snapshot_log_to_keep): write more,
+    // one entry each, so what the mirror misses is gone from every log.
+    for i in 0..1_500u32 {
+        common::put_retrying(
+            &client,
+            CACHE,
+            format!("s{i:05}").as_bytes(),
+            format!("v{i}").as_bytes(),
+        )
+        .await;
+    }
+    let big: Vec<(Vec<u8>, Vec<u8>)> = (0..2_000u32)
+        .map(|i| (format!("big{i:05}").into_bytes(), vec![b'z'; 512]))
+        .collect();
+    client.put_all(CACHE, &big).await.unwrap();
+    let written = common::read_on(
+        &array,
+        &active,
+        ferrocotta::protocol::Op::Size {
+            cache: CACHE.into(),
+            read: ferrocotta::protocol::ReadConsistency::Eventual,
+        },
+    )
+    .await;
+    assert_eq!(written, ferrocotta::protocol::Reply::Size(3_500));
+    array
+        .wait_status(&active, Duration::from_secs(30), |s| {
+            s["purged_index"].as_u64().is_some_and(|p| p > 100)
+        })
+        .await;
+
+    phase("restart the mirror: it installs the active's snapshot and has every entry");
+    array.spawn(&mirror);
+    array
+        .wait_status(&mirror, Duration::from_secs(60), |s| {
+            s["snapshot_index"].as_u64().is_some_and(|i| i > 100) && s["caches"][CACHE].as_u64() == Some(3_500)
+        })
+        .await;
+    let log = std::fs::read_to_string(array.path().join("logs").join(format!("{mirror}.log"))).unwrap_or_default();
+    assert!(
+        log.contains("state_machine.snapshot_installed"),
+        "the mirror caught up without installing a snapshot:\n{}",
+        array.log_tails()
+    );
+    for i in [0u32, 777, 1_499] {
+        let reply = common::read_on(
+            &array,
+            &mirror,
+            ferrocotta::protocol::Op::Get {
+                cache: CACHE.into(),
+                key: format!("s{i:05}").into_bytes(),
+                read: ferrocotta::protocol::ReadConsistency::Eventual,
+            },
+        )
+        .await;
+        assert_eq!(
+            reply,
+            ferrocotta::protocol::Reply::Value(Some(format!("v{i}").into_bytes()))
+        );
+    }
+}

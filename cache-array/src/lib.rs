@@ -6,6 +6,7 @@
 //! - [`sessions`]: client sessions in the store: open, end, what ending releases.
 //! - [`locks`]: exclusive and shared locks with ordered waiters.
 //! - [`state_machine`]: the store behind openraft's state machine, checksummed snapshots on disk.
+//! - [`compaction`]: snapshots by log size, staggered over the servers of a stripe.
 //! - [`upkeep`]: the active's duties: keep-alives, access-time batches, expiry sweeps.
 //! - [`network`]: Raft traffic between servers on the group port.
 //! - [`stripe`]: the Raft node of this server, stripe formation, safe writes and read-index reads.
@@ -15,6 +16,7 @@
 //! - [`server`]: wiring and shutdown.
 
 pub mod admin;
+pub mod compaction;
 pub mod locks;
 pub mod log_store;
 pub mod metrics;

@@ -39,6 +39,9 @@ pub const REPLICATION_BATCH_BYTES_MAX: usize = 1024 * 1024;
 /// Flush requests that may wait for the flusher before appenders block.
 pub const FLUSH_QUEUE_MAX: usize = 65_536;
 
+/// A flush slower than this is logged: every append of the server waited for it.
+const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Log entries the purger deletes per sled batch.
 const PURGE_CHUNK: usize = 1024;
 
@@ -70,6 +73,8 @@ pub struct LogStore {
     purger: std_mpsc::Sender<u64>,
     /// The first index that may be served: one past the durable purge point (0: nothing purged).
     first_readable: Arc<AtomicU64>,
+    /// Encoded bytes of the entries appended since the store was opened (compaction reads it).
+    appended: Arc<AtomicU64>,
     stats: Arc<FlushStats>,
 }
 
@@ -108,6 +113,7 @@ impl LogStore {
             flusher: tx,
             purger: purge_tx,
             first_readable: Arc::new(AtomicU64::new(0)),
+            appended: Arc::new(AtomicU64::new(0)),
             stats,
         };
         let last_purged: Option<LogId> = store
@@ -119,6 +125,11 @@ impl LogStore {
             let _ = store.purger.send(purged.index);
         }
         Ok(store)
+    }
+
+    /// Encoded bytes of the entries appended since the store was opened.
+    pub fn appended_bytes(&self) -> u64 {
+        self.appended.load(Ordering::Relaxed)
     }
 
     /// The first log index that may be served.
@@ -233,6 +244,7 @@ fn purger(log: sled::Tree, rx: std_mpsc::Receiver<u64>) {
         while let Ok(later) = rx.try_recv() {
             upto = upto.max(later);
         }
+        let started = std::time::Instant::now();
         let mut deleted = 0usize;
         loop {
             let mut batch = sled::Batch::default();
@@ -258,7 +270,12 @@ fn purger(log: sled::Tree, rx: std_mpsc::Receiver<u64>) {
             }
             deleted += keys;
         }
-        tracing::debug!(event = "log_store.purged", upto, deleted);
+        tracing::info!(
+            event = "log_store.purged",
+            upto,
+            deleted,
+            ms = started.elapsed().as_millis() as u64
+        );
     }
 }
 
@@ -270,7 +287,16 @@ fn flusher(db: sled::Db, rx: std_mpsc::Receiver<FlushWaiter>, stats: Arc<FlushSt
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
+        let started = std::time::Instant::now();
         let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        let took = started.elapsed();
+        if took > SLOW_FLUSH {
+            tracing::warn!(
+                event = "log_store.slow_flush",
+                ms = took.as_millis() as u64,
+                waiters = batch.len()
+            );
+        }
         if let Err(e) = &result {
             tracing::error!(event = "log_store.flush_failed", error = %e);
         }
@@ -382,9 +408,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut batch = sled::Batch::default();
+        let mut bytes = 0u64;
         for entry in entries {
-            batch.insert(&entry.log_id.index.to_be_bytes(), Self::encode_entry(&entry));
+            let encoded = Self::encode_entry(&entry);
+            bytes += encoded.len() as u64;
+            batch.insert(&entry.log_id.index.to_be_bytes(), encoded);
         }
+        self.appended.fetch_add(bytes, Ordering::Relaxed);
         self.log
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;

@@ -86,7 +86,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     let state_machine = StateMachineStore::open(&data_dir.join("snapshots"), configured).map_err(anyhow::Error::msg)?;
     let shared = state_machine.shared();
 
-    let raft = start_raft(&config, position, &secret, log_store, state_machine).await?;
+    let raft = start_raft(&config, position, &secret, log_store.clone(), state_machine).await?;
     let stripe = Arc::new(Stripe::new(raft.clone(), shared, config.clone(), position));
 
     let tracker = TaskTracker::new();
@@ -148,6 +148,13 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     );
     spawn_leader_log(&stripe, shutdown.clone());
     tracker.spawn(crate::upkeep::run(stripe.clone(), shutdown.clone()));
+    tracker.spawn(crate::compaction::run(
+        raft.clone(),
+        log_store,
+        data_dir.join("snapshots"),
+        crate::compaction::stagger(config.storage.snapshot_every_log_bytes, position.index),
+        shutdown.clone(),
+    ));
 
     shutdown.cancelled().await;
     tracing::info!(event = "server.stopping", name = %me.name);
@@ -184,7 +191,12 @@ async fn start_raft(
         // (= election_timeout_max) to the timeout, so a wide range would double the wait. Split
         // votes stay rare at 25% spread and cost one more short round when they happen.
         election_timeout_max: election_ms + election_ms / 4,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.storage.snapshot_every_entries),
+        // Staggered like the size threshold (compaction.rs): the servers of a stripe snapshot one
+        // after another.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(crate::compaction::stagger(
+            config.storage.snapshot_every_entries,
+            position.index,
+        )),
         // Keep some log behind the snapshot so a briefly lagging mirror catches up from the log.
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()

@@ -7,12 +7,17 @@
 //! whether a read may be served (read index for linearizable reads).
 //!
 //! Snapshot file layout: `FCSNAP01` magic, CRC-32 of the payload (4 bytes, big endian), payload length
-//! (8 bytes, big endian), then the postcard payload. The same bytes travel to mirrors that need a
-//! snapshot, so a mirror verifies the checksum before installing. A corrupt file is reported with
-//! its path and never loaded.
+//! (8 bytes, big endian), then the postcard payload, whose first fields are the snapshot's meta. The
+//! same bytes travel to mirrors that need a snapshot, so a mirror verifies the checksum before
+//! installing. A corrupt file is reported with its path and never loaded.
+//!
+//! A snapshot is built from a clone of the store taken under the read lock (values are shared
+//! `Bytes`, so the clone copies keys and map nodes, not values) and streamed to the file; it is
+//! sent and received as that file. No snapshot is ever held whole in memory, except while it is
+//! loaded at start or installed from the active.
 
 use std::collections::BTreeMap;
-use std::io::{Cursor, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -34,6 +39,10 @@ use crate::types::{
 const SNAPSHOT_MAGIC: &[u8; 8] = b"FCSNAP01";
 const SNAPSHOT_HEADER_BYTES: usize = 8 + 4 + 8;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
+/// Where a snapshot sent by the active is received before it is verified and installed.
+const RECEIVING_FILE: &str = "snapshot.bin.receiving";
+/// Bytes of payload read to find a snapshot's meta (its first fields) without reading it all.
+const SNAPSHOT_META_PREFIX_MAX: usize = 1024 * 1024;
 
 /// Everything the state machine holds, behind one lock.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -132,15 +141,109 @@ struct SnapshotPayload {
     store: Store,
 }
 
-/// Encodes a snapshot file.
-fn encode_snapshot(payload: &SnapshotPayload) -> Vec<u8> {
-    let body = postcard::to_allocvec(payload).expect("snapshots always encode");
-    let mut out = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + body.len());
-    out.extend_from_slice(SNAPSHOT_MAGIC);
-    out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_be_bytes());
-    out.extend_from_slice(&body);
-    out
+/// The first fields of [`SnapshotPayload`]: postcard writes fields in order, so a payload's bytes
+/// start with these.
+#[derive(Debug, Deserialize)]
+struct SnapshotHead {
+    snapshot_id: String,
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+}
+
+/// Counts and checksums what goes through to the inner writer.
+struct Checksummed<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Streams a snapshot into `out` (at its start): a header left blank, the payload, then the header
+/// filled in. Returns the bytes written.
+fn encode_snapshot_to<W: Write + Seek>(out: W, payload: &SnapshotPayload) -> std::io::Result<u64> {
+    let mut out = BufWriter::with_capacity(1024 * 1024, out);
+    out.write_all(&[0u8; SNAPSHOT_HEADER_BYTES])?;
+    let mut body = Checksummed {
+        inner: out,
+        crc: crc32fast::Hasher::new(),
+        len: 0,
+    };
+    postcard::to_io(payload, &mut body).map_err(std::io::Error::other)?;
+    let Checksummed {
+        inner: mut out,
+        crc,
+        len,
+    } = body;
+    out.seek(SeekFrom::Start(0))?;
+    out.write_all(SNAPSHOT_MAGIC)?;
+    out.write_all(&crc.finalize().to_be_bytes())?;
+    out.write_all(&len.to_be_bytes())?;
+    out.flush()?;
+    Ok(SNAPSHOT_HEADER_BYTES as u64 + len)
+}
+
+/// Writes a snapshot file atomically (temporary file, fsync, rename, fsync of the directory);
+/// returns its size.
+fn write_snapshot_file(dir: &Path, payload: &SnapshotPayload) -> std::io::Result<u64> {
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let len = {
+        let mut f = std::fs::File::create(&tmp)?;
+        let len = encode_snapshot_to(&mut f, payload)?;
+        f.sync_all()?;
+        len
+    };
+    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(len)
+}
+
+/// Writes a file atomically: temporary file, fsync, rename, fsync of the directory.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The meta of the snapshot file `f` (at `path`), from its first bytes; leaves `f` at its start.
+/// The payload's checksum is verified by whoever installs it.
+fn read_snapshot_meta(f: &mut std::fs::File, path: &Path) -> std::io::Result<SnapshotMeta> {
+    let invalid =
+        |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
+    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+    f.read_exact(&mut header)?;
+    if &header[..8] != SNAPSHOT_MAGIC {
+        return Err(invalid("not a ferrocotta snapshot (bad magic)".into()));
+    }
+    let len = u64::from_be_bytes(header[12..20].try_into().expect("8 bytes"));
+    let mut prefix = Vec::new();
+    Read::by_ref(f)
+        .take(len.min(SNAPSHOT_META_PREFIX_MAX as u64))
+        .read_to_end(&mut prefix)?;
+    f.seek(SeekFrom::Start(0))?;
+    let (head, _) = postcard::take_from_bytes::<SnapshotHead>(&prefix)
+        .map_err(|e| invalid(format!("undecodable snapshot meta: {e}")))?;
+    Ok(SnapshotMeta {
+        last_log_id: head.last_applied,
+        last_membership: head.last_membership,
+        snapshot_id: head.snapshot_id,
+    })
 }
 
 /// Decodes and verifies a snapshot file.
@@ -161,18 +264,6 @@ fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotPayload, String> {
         return Err("checksum mismatch: the snapshot is corrupt".into());
     }
     postcard::from_bytes(body).map_err(|e| format!("undecodable snapshot: {e}"))
-}
-
-/// Writes a file atomically: temporary file, fsync, rename, fsync of the directory.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The Raft state machine of a stripe member.
@@ -221,18 +312,13 @@ impl StateMachineStore {
     pub fn shared(&self) -> Arc<SharedState> {
         self.shared.clone()
     }
+}
 
-    fn read_snapshot_file(&self) -> Result<Option<(SnapshotPayload, Vec<u8>)>, StorageError> {
-        let path = self.snapshot_dir.join(SNAPSHOT_FILE);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let bytes = std::fs::read(&path).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        let payload = decode_snapshot(&bytes).map_err(|e| {
-            StorageIOError::read_snapshot(None, &std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })?;
-        Ok(Some((payload, bytes)))
-    }
+/// Size of the snapshot file in `snapshot_dir` (0 when there is none).
+pub fn snapshot_file_len(snapshot_dir: &Path) -> u64 {
+    std::fs::metadata(snapshot_dir.join(SNAPSHOT_FILE))
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 /// Builds snapshots from the shared state.
@@ -247,9 +333,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let shared = self.shared.clone();
         let dir = self.snapshot_dir.clone();
         let seq = self.seq;
-        // Encoding and fsync are blocking work: keep them off the runtime's workers.
-        let built = tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
-            let (meta, bytes) = shared.read(|d| {
+        // Cloning, encoding and fsync are blocking work: keep them off the runtime's workers. The
+        // read lock is held only for the clone (values are shared, not copied).
+        let built = tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, u64), StorageError> {
+            let (meta, payload) = shared.read(|d| {
                 let snapshot_id = match &d.last_applied {
                     Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
                     None => format!("none-{seq}"),
@@ -267,16 +354,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 };
                 (meta, payload)
             });
-            let bytes = encode_snapshot(&bytes);
-            write_atomically(&dir, SNAPSHOT_FILE, &bytes).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-            Ok((meta, bytes))
+            let len = write_snapshot_file(&dir, &payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+            Ok((meta, len))
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(None, &e))??;
-        tracing::info!(event = "state_machine.snapshot_built", last_log_id = ?built.0.last_log_id, bytes = built.1.len());
+        let (meta, len) = built;
+        tracing::info!(event = "state_machine.snapshot_built", last_log_id = ?meta.last_log_id, bytes = len);
+        let file = tokio::fs::File::open(self.snapshot_dir.join(SNAPSHOT_FILE))
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         Ok(Snapshot {
-            meta: built.0,
-            snapshot: Box::new(Cursor::new(built.1)),
+            meta,
+            snapshot: Box::new(file),
         })
     }
 }
@@ -336,48 +426,80 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self.snapshot_dir.join(RECEIVING_FILE);
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let bytes = snapshot.into_inner();
-        let payload = decode_snapshot(&bytes).map_err(|e| {
-            StorageIOError::read_snapshot(
-                Some(meta.signature()),
-                &std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            )
-        })?;
-        let dir = self.snapshot_dir.clone();
-        let to_write = bytes.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&dir, SNAPSHOT_FILE, &to_write))
+        let write_err = |e: &std::io::Error| StorageIOError::write_snapshot(Some(meta.signature()), e);
+        let mut file = snapshot;
+        tokio::io::AsyncWriteExt::flush(&mut file)
             .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+            .map_err(|e| write_err(&e))?;
+        let file = file.into_std().await;
+        // Verified before it replaces anything: a corrupt transfer leaves the current snapshot and
+        // state as they were. Read from the handle openraft gives back (usually the receiving
+        // file, but any snapshot data will do), then written as this server's snapshot.
+        let dir = self.snapshot_dir.clone();
+        let (payload, len) = tokio::task::spawn_blocking(move || -> std::io::Result<(SnapshotPayload, usize)> {
+            let mut file = file;
+            file.seek(SeekFrom::Start(0))?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)?;
+            drop(file);
+            let payload =
+                decode_snapshot(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            write_atomically(&dir, SNAPSHOT_FILE, &bytes)?;
+            if let Err(e) = std::fs::remove_file(dir.join(RECEIVING_FILE)) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(event = "state_machine.receiving_file_left", error = %e);
+                }
+            }
+            Ok((payload, bytes.len()))
+        })
+        .await
+        .map_err(|e| write_err(&std::io::Error::other(e)))?
+        .map_err(|e| write_err(&e))?;
         let mut d = self.shared.data.write().expect("state lock poisoned");
         d.last_applied = meta.last_log_id;
         d.last_membership = meta.last_membership.clone();
         d.store = payload.store;
         d.store.rebuild_indexes();
-        tracing::info!(event = "state_machine.snapshot_installed", last_log_id = ?meta.last_log_id, bytes = bytes.len());
+        tracing::info!(event = "state_machine.snapshot_installed", last_log_id = ?meta.last_log_id, bytes = len);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let Some((payload, bytes)) = self.read_snapshot_file()? else {
-            return Ok(None);
-        };
-        Ok(Some(Snapshot {
-            meta: SnapshotMeta {
-                last_log_id: payload.last_applied,
-                last_membership: payload.last_membership,
-                snapshot_id: payload.snapshot_id,
-            },
-            snapshot: Box::new(Cursor::new(bytes)),
+        let path = self.snapshot_dir.join(SNAPSHOT_FILE);
+        // Meta and data come from one open file: a snapshot built meanwhile replaces the path,
+        // never what this handle reads.
+        let opened = tokio::task::spawn_blocking(move || -> std::io::Result<Option<(SnapshotMeta, std::fs::File)>> {
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            Ok(Some((read_snapshot_meta(&mut f, &path)?, f)))
+        })
+        .await
+        .map_err(|e| StorageIOError::read_snapshot(None, &std::io::Error::other(e)))?
+        .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(opened.map(|(meta, f)| Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(f)),
         }))
     }
 }
@@ -415,7 +537,9 @@ mod tests {
             last_membership: StoredMembership::default(),
             store: Store::default(),
         };
-        let mut bytes = encode_snapshot(&payload);
+        let mut out = std::io::Cursor::new(Vec::new());
+        encode_snapshot_to(&mut out, &payload).unwrap();
+        let mut bytes = out.into_inner();
         assert!(decode_snapshot(&bytes).is_ok());
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
@@ -457,6 +581,6 @@ mod tests {
         let value = sm
             .shared()
             .read(|d| d.store.caches["c"].entries[b"k".as_slice()].value.clone());
-        assert_eq!(value, b"2");
+        assert_eq!(value, &b"2"[..]);
     }
 }

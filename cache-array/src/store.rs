@@ -18,14 +18,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use bytes::Bytes;
 use ferrocotta::protocol::{CacheSettings, ErrorReply, LockMode, Op, PutOptions, Reply, MAX_KEYS_PAGE};
 use serde::{Deserialize, Serialize};
 
 /// One cache entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheEntry {
-    /// The value, opaque bytes.
-    pub value: Vec<u8>,
+    /// The value, opaque bytes; reference-counted, so cloning the store for a snapshot copies no
+    /// value (the encoding is a Vec<u8>'s: postcard writes both as length and bytes).
+    pub value: Bytes,
     /// When it was last written (active's clock, ms since the epoch).
     pub written_ms: u64,
     /// When it was last accessed, as replicated (writes and `Touch` entries).
@@ -226,7 +228,7 @@ impl Store {
             .or_else(|| ctx.configured.get(cache).copied())
             .unwrap_or_default();
         CacheEntry {
-            value: value.to_vec(),
+            value: Bytes::copy_from_slice(value),
             written_ms: ctx.now_ms,
             accessed_ms: ctx.now_ms,
             ttl_ms: opts.ttl_ms.or(settings.ttl_ms),
@@ -272,7 +274,7 @@ impl Store {
                 opts,
             } => {
                 self.check_session(opts.session)?;
-                let prev = self.remove_entry(cache, key).map(|e| e.value);
+                let prev = self.remove_entry(cache, key).map(|e| Vec::from(e.value));
                 let entry = self.new_entry(cache, value, opts, ctx);
                 self.insert_entry(cache, key.clone(), entry, ctx);
                 Ok(Reply::Value(prev))
@@ -292,7 +294,7 @@ impl Store {
                 opts,
             } => {
                 if let Some(e) = self.live(cache, key, now) {
-                    return Ok(Reply::Value(Some(e.value.clone())));
+                    return Ok(Reply::Value(Some(e.value.to_vec())));
                 }
                 self.check_session(opts.session)?;
                 let entry = self.new_entry(cache, value, opts, ctx);
@@ -309,7 +311,7 @@ impl Store {
                 Reply::Value(prev) => Ok(Reply::Bool(prev.is_some())),
                 other => Ok(other),
             },
-            Op::Remove { cache, key } => Ok(Reply::Value(self.remove_entry(cache, key).map(|e| e.value))),
+            Op::Remove { cache, key } => Ok(Reply::Value(self.remove_entry(cache, key).map(|e| Vec::from(e.value)))),
             Op::RemoveIfEqual { cache, key, expected } => {
                 let equal = self.live(cache, key, now).is_some_and(|e| e.value == *expected);
                 if equal {
@@ -399,13 +401,13 @@ impl Store {
             return Ok(Reply::Value(None));
         }
         let entry = CacheEntry {
-            value: value.to_vec(),
+            value: Bytes::copy_from_slice(value),
             written_ms: ctx.now_ms,
             accessed_ms: ctx.now_ms,
             ..old.clone()
         };
         self.insert_entry(cache, key.to_vec(), entry, ctx);
-        Ok(Reply::Value(Some(old.value)))
+        Ok(Reply::Value(Some(Vec::from(old.value))))
     }
 
     /// Moves access times forward (a `Touch` entry): each access counts only if the entry was
@@ -461,10 +463,10 @@ impl Store {
             }
         };
         match op {
-            Op::Get { cache, key, .. } => Ok(Reply::Value(visible(cache, key).map(|e| e.value.clone()))),
+            Op::Get { cache, key, .. } => Ok(Reply::Value(visible(cache, key).map(|e| e.value.to_vec()))),
             Op::GetAll { cache, keys, .. } => Ok(Reply::Values(
                 keys.iter()
-                    .map(|k| visible(cache, k).map(|e| e.value.clone()))
+                    .map(|k| visible(cache, k).map(|e| e.value.to_vec()))
                     .collect(),
             )),
             Op::Contains { cache, key, .. } => Ok(Reply::Bool(visible(cache, key).is_some())),
@@ -534,6 +536,18 @@ impl Store {
 mod tests {
     use super::*;
     use ferrocotta::protocol::ReadConsistency;
+
+    /// Values became `Bytes`; snapshots written when they were `Vec<u8>` must still load.
+    #[test]
+    fn a_bytes_value_encodes_as_a_vec_did() {
+        let value: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        assert_eq!(
+            postcard::to_allocvec(&Bytes::from(value.clone())).unwrap(),
+            postcard::to_allocvec(&value).unwrap()
+        );
+        let decoded: Bytes = postcard::from_bytes(&postcard::to_allocvec(&value).unwrap()).unwrap();
+        assert_eq!(decoded, value);
+    }
 
     fn ctx(now_ms: u64, configured: &BTreeMap<String, CacheSettings>) -> ApplyContext<'_> {
         ApplyContext {

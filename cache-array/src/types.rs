@@ -1,7 +1,5 @@
 //! The openraft type configuration of a stripe, declared once, and the log entry payload.
 
-use std::io::Cursor;
-
 use ferrocotta::protocol::{ErrorReply, Op, Reply};
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +11,8 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::EmptyNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        // The snapshot file itself: built, sent and received on disk, never whole in memory.
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
