@@ -2,7 +2,8 @@
 //! array_figures`): time from kill -9 of the active to the first successful write (several runs,
 //! median), restart-to-serving time of a stripe holding 100k entries, and how long a client with
 //! default settings takes to notice the array is gone, to reconnect when it returns, and to rejoin
-//! after its session expired. Prints figures; asserts nothing about speed.
+//! after its session expired, and the memory of each server holding 1M entries of 1 KiB. Prints
+//! figures; asserts nothing about speed or size.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -18,6 +19,12 @@ use ferrocotta::ArrayClient;
 const CACHE: &str = "ferrocotta.figures";
 const FAILOVER_RUNS: usize = 7;
 const RESTART_ENTRIES: u64 = 100_000;
+/// Entries and value size of the memory figure (the target: 1M entries of 1 KiB).
+const MEMORY_ENTRIES: u64 = 1_000_000;
+const MEMORY_VALUE_BYTES: usize = 1024;
+/// Overwrites of random keys after the load, so sled frees the pages of purged log entries
+/// (it does as writes go on) and the figure is the steady state, not the end of a bulk load.
+const MEMORY_OVERWRITES: u64 = 300_000;
 
 async fn failover_once() -> Duration {
     let mut array = TestArray::start(1, 3);
@@ -76,7 +83,84 @@ async fn restart_with_entries() -> (Duration, Duration) {
     (load_time, restarted.elapsed())
 }
 
-async fn wait_for(events: &mut tokio::sync::broadcast::Receiver<ClientEvent>, want: fn(&ClientEvent) -> bool) {
+/// Resident memory of a process in bytes, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Loads MEMORY_ENTRIES entries, overwrites random ones, and samples every server's RSS each 200 ms
+/// throughout. Returns the raw key and value bytes, each server's peak and its RSS at the end.
+async fn memory_with_entries() -> (u64, Vec<(String, u64, u64)>) {
+    let array = TestArray::start(1, 3);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let names = array.stripe_servers(0);
+    let pids: Vec<u32> = names.iter().map(|n| array.pid(n)).collect();
+    let peaks = std::sync::Arc::new(std::sync::Mutex::new(vec![0u64; pids.len()]));
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (peaks, sampling, pids) = (peaks.clone(), sampling.clone(), pids.clone());
+        std::thread::spawn(move || {
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut p = peaks.lock().unwrap();
+                for (peak, pid) in p.iter_mut().zip(&pids) {
+                    *peak = (*peak).max(rss_bytes(*pid));
+                }
+                drop(p);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let key = |i: u64| format!("m{i:015}").into_bytes();
+    let value = vec![b'v'; MEMORY_VALUE_BYTES];
+    let mut i = 0;
+    while i < MEMORY_ENTRIES {
+        let end = (i + 200).min(MEMORY_ENTRIES);
+        let batch: Vec<(Vec<u8>, Vec<u8>)> = (i..end).map(|k| (key(k), value.clone())).collect();
+        client.put_all(CACHE, &batch).await.unwrap();
+        i = end;
+    }
+    // Overwrites, 64 in flight, keys from a fixed-seed generator.
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+    let mut done = 0;
+    while done < MEMORY_OVERWRITES {
+        let keys: Vec<Vec<u8>> = (0..64)
+            .map(|_| key(rand::Rng::gen_range(&mut rng, 0..MEMORY_ENTRIES)))
+            .collect();
+        let puts = keys.iter().map(|k| client.put(CACHE, k, &value));
+        for r in futures::future::join_all(puts).await {
+            r.unwrap();
+        }
+        done += 64;
+    }
+    assert_eq!(
+        client.size(CACHE).await.unwrap(),
+        MEMORY_ENTRIES,
+        "every entry is there"
+    );
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peaks = peaks.lock().unwrap().clone();
+    let raw = MEMORY_ENTRIES * (key(0).len() + MEMORY_VALUE_BYTES) as u64;
+    let rows = names
+        .into_iter()
+        .zip(pids)
+        .zip(peaks)
+        .map(|((name, pid), peak)| (name, peak, rss_bytes(pid)))
+        .collect();
+    (raw, rows)
+}
+
+async fn wait_for(
+    events: &mut tokio::sync::broadcast::Receiver<ClientEvent>,
+    what: &str,
+    want: fn(&ClientEvent) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(100), events.recv()).await {
@@ -85,7 +169,7 @@ async fn wait_for(events: &mut tokio::sync::broadcast::Receiver<ClientEvent>, wa
             }
         }
     }
-    panic!("event never came");
+    panic!("no {what} event within 60 s");
 }
 
 /// Notice, reconnect and rejoin times of a client with default settings (keep-alive every 1 s).
@@ -99,13 +183,13 @@ async fn client_times() -> (Duration, Duration, Duration, Duration) {
     for n in array.stripe_servers(0) {
         array.kill9(&n);
     }
-    wait_for(&mut events, |e| *e == ClientEvent::Disconnected).await;
+    wait_for(&mut events, "Disconnected", |e| *e == ClientEvent::Disconnected).await;
     let noticed = gone.elapsed();
     let back = Instant::now();
     for n in array.stripe_servers(0) {
         array.spawn(&n);
     }
-    wait_for(&mut events, |e| *e == ClientEvent::Reconnected).await;
+    wait_for(&mut events, "Reconnected", |e| *e == ClientEvent::Reconnected).await;
     let reconnected = back.elapsed();
     while client.get(CACHE, b"k").await.is_err() {}
     let serving = back.elapsed();
@@ -127,7 +211,7 @@ async fn client_times() -> (Duration, Duration, Duration, Duration) {
     tokio::time::sleep(window + Duration::from_secs(2)).await;
     let healed = Instant::now();
     proxy.heal();
-    wait_for(&mut events, |e| matches!(e, ClientEvent::Rejoined { .. })).await;
+    wait_for(&mut events, "Rejoined", |e| matches!(e, ClientEvent::Rejoined { .. })).await;
     (noticed, reconnected, serving, healed.elapsed())
 }
 
@@ -166,5 +250,18 @@ fn main() {
             serving.as_secs_f64() * 1e3,
             rejoined.as_secs_f64() * 1e3
         );
+        // Last: the heaviest (three servers with a gigabyte each).
+        let (raw, rows) = memory_with_entries().await;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        for (name, peak, end) in rows {
+            println!(
+                "memory: {name} holding {MEMORY_ENTRIES} entries of {MEMORY_VALUE_BYTES} B ({:.0} MiB of keys and values) after {MEMORY_OVERWRITES} overwrites: {:.0} MiB resident ({:.2}x), peak {:.0} MiB ({:.2}x)",
+                mib(raw),
+                mib(end),
+                end as f64 / raw as f64,
+                mib(peak),
+                peak as f64 / raw as f64
+            );
+        }
     });
 }

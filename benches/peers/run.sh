@@ -12,7 +12,7 @@ ROOT=$(pwd)
 
 DURATION=${PEERS_DURATION:-10s}
 WARMUP=${PEERS_WARMUP:-2s}
-WORKLOADS=${PEERS_WORKLOADS:-"put:1 put:64 put:256 get:1 get:64 get:256 cas:64 ycsb-a:64 session:64"}
+WORKLOADS=${PEERS_WORKLOADS:-"put:1 put:64 put:256 get:1 get:64 get:256 cas:64 ycsb-a:64 session:64 session:256"}
 SYSTEMS=${PEERS_SYSTEMS:-"ferrocotta etcd redis redis-aof"}
 CONNECTIONS=${PEERS_CONNECTIONS:-1}
 KEYS=${PEERS_KEYS:-10000}
@@ -28,8 +28,10 @@ READY_WAIT_S=90
 # ferrocotta up gives its servers 10 s between SIGTERM and SIGKILL; wait a little longer.
 STOP_WAIT_S=15
 
-FC=$ROOT/target/release/ferrocotta
-PEERS=$ROOT/target/release/ferrocotta-peers
+# cargo puts binaries under CARGO_TARGET_DIR when it is set.
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+FC=$TARGET_DIR/release/ferrocotta
+PEERS=$TARGET_DIR/release/ferrocotta-peers
 
 log() { printf '[peers %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
