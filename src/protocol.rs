@@ -177,6 +177,7 @@ pub enum Op {
     /// Value of a key.
     Get {
         cache: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         read: ReadConsistency,
     },
@@ -189,13 +190,16 @@ pub enum Op {
     /// Whether a key is present.
     Contains {
         cache: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         read: ReadConsistency,
     },
     /// Sets a key; replies with the previous value.
     Put {
         cache: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         opts: PutOptions,
     },
@@ -207,35 +211,50 @@ pub enum Op {
     /// Sets a key if absent; replies with the value already there, if any.
     PutIfAbsent {
         cache: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         opts: PutOptions,
     },
     /// Sets a key only if present; replies with the previous value.
     Replace {
         cache: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     /// Compare-and-swap: sets a key to `value` only if it holds `expected`.
     ReplaceIfEqual {
         cache: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expected: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     /// Removes a key; replies with the previous value.
-    Remove { cache: String, key: Vec<u8> },
+    Remove {
+        cache: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Removes a key only if it holds `expected`.
     RemoveIfEqual {
         cache: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expected: Vec<u8>,
     },
     /// A page of keys in byte order, with a prefix, after a cursor key.
     Keys {
         cache: String,
+        #[serde(with = "serde_bytes")]
         prefix: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         after: Option<Vec<u8>>,
         limit: u32,
         read: ReadConsistency,
@@ -245,7 +264,12 @@ pub enum Op {
     /// Removes every entry of a cache on this stripe.
     Clear { cache: String },
     /// Adds `delta` to a decimal counter (absent counts as 0); replies with the new value.
-    Increment { cache: String, key: Vec<u8>, delta: i64 },
+    Increment {
+        cache: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        delta: i64,
+    },
     /// Creates a cache with these settings unless it exists (on this stripe); replies whether it
     /// was created.
     CreateCache { cache: String, settings: CacheSettings },
@@ -259,13 +283,19 @@ pub enum Op {
     /// lock is taken, > 0 waits that long. Replies `Done` when granted, `LockTimeout` otherwise.
     Lock {
         cache: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         mode: LockMode,
         session: u64,
         wait_ms: i64,
     },
     /// Releases one hold of a lock.
-    Unlock { cache: String, key: Vec<u8>, session: u64 },
+    Unlock {
+        cache: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        session: u64,
+    },
     /// Locks held or waited for, optionally in one cache.
     ListLocks {
         cache: Option<String>,
@@ -310,6 +340,7 @@ pub struct LockInfo {
     /// Cache of the locked key.
     pub cache: String,
     /// The locked key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Mode of the current holders.
     pub mode: LockMode,
@@ -490,7 +521,7 @@ pub enum Reply {
         applied_index: u64,
     },
     /// A value or its absence.
-    Value(Option<Vec<u8>>),
+    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// Values in request order.
     Values(Vec<Option<Vec<u8>>>),
     /// A condition's outcome (contains, compare-and-swap).
@@ -586,6 +617,7 @@ pub enum ClientMessage {
         /// Which call.
         rpc: PeerRpc,
         /// The openraft request, encoded by the array server.
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
 }
@@ -609,6 +641,7 @@ pub enum ServerMessage {
         /// Id of the call.
         id: u64,
         /// The openraft result, encoded by the array server.
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// The connection broke a rule (malformed or oversized frame); it closes after this.
@@ -684,6 +717,35 @@ pub fn codec(max_frame_bytes: usize) -> tokio_util::codec::LengthDelimitedCodec 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Byte fields are `serde_bytes`; the wire format is what it was when they were sequences of
+    /// u8 (postcard writes both as a length and the bytes), so old and new peers understand each
+    /// other.
+    #[test]
+    fn byte_fields_encode_as_sequences_did() {
+        #[derive(Serialize)]
+        struct AsSeq {
+            key: Vec<u8>,
+            value: Option<Vec<u8>>,
+        }
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct AsBytes {
+            #[serde(with = "serde_bytes")]
+            key: Vec<u8>,
+            #[serde(with = "serde_bytes")]
+            value: Option<Vec<u8>>,
+        }
+        let key: Vec<u8> = (0..=255u8).collect();
+        let value = Some(vec![9u8; 300]);
+        let seq = postcard::to_allocvec(&AsSeq {
+            key: key.clone(),
+            value: value.clone(),
+        })
+        .unwrap();
+        let bytes = AsBytes { key, value };
+        assert_eq!(postcard::to_allocvec(&bytes).unwrap(), seq);
+        assert_eq!(postcard::from_bytes::<AsBytes>(&seq).unwrap(), bytes);
+    }
 
     #[test]
     fn messages_round_trip() {
