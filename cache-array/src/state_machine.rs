@@ -41,6 +41,8 @@ const SNAPSHOT_HEADER_BYTES: usize = 8 + 4 + 8;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// Where a snapshot sent by the active is received before it is verified and installed.
 const RECEIVING_FILE: &str = "snapshot.bin.receiving";
+/// Where this server writes a snapshot it builds, before it replaces `SNAPSHOT_FILE`.
+const BUILDING_FILE: &str = "snapshot.bin.building";
 /// Bytes of payload read to find a snapshot's meta (its first fields) without reading it all.
 const SNAPSHOT_META_PREFIX_MAX: usize = 1024 * 1024;
 
@@ -194,19 +196,37 @@ fn encode_snapshot_to<W: Write + Seek>(out: W, payload: &SnapshotPayload) -> std
     Ok(SNAPSHOT_HEADER_BYTES as u64 + len)
 }
 
-/// Writes a snapshot file atomically (temporary file, fsync, rename, fsync of the directory);
-/// returns its size.
-fn write_snapshot_file(dir: &Path, payload: &SnapshotPayload) -> std::io::Result<u64> {
-    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+/// Writes a snapshot this server built: to its own file, fsynced, then, under `file_lock`, renamed
+/// over the current snapshot unless that one is as new or newer (a snapshot installed from the
+/// active while this one was being built: replacing it would put an older state in front of a log
+/// already purged past it). Returns the size and an open handle on the data.
+fn write_snapshot_file(
+    dir: &Path,
+    payload: &SnapshotPayload,
+    file_lock: &Mutex<()>,
+) -> std::io::Result<(u64, std::fs::File)> {
+    let building = dir.join(BUILDING_FILE);
     let len = {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::File::create(&building)?;
         let len = encode_snapshot_to(&mut f, payload)?;
         f.sync_all()?;
         len
     };
-    std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    let _guard = file_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let current = dir.join(SNAPSHOT_FILE);
+    let superseded = std::fs::File::open(&current)
+        .and_then(|mut f| read_snapshot_meta(&mut f, &current))
+        .is_ok_and(|m| m.last_log_id >= payload.last_applied);
+    if superseded {
+        // Still returned (openraft ignores a snapshot older than the one it has): open, then unlink.
+        let f = std::fs::File::open(&building)?;
+        std::fs::remove_file(&building)?;
+        tracing::info!(event = "state_machine.snapshot_superseded", last_log_id = ?payload.last_applied);
+        return Ok((len, f));
+    }
+    std::fs::rename(&building, &current)?;
     std::fs::File::open(dir)?.sync_all()?;
-    Ok(len)
+    Ok((len, std::fs::File::open(&current)?))
 }
 
 /// Writes a file atomically: temporary file, fsync, rename, fsync of the directory.
@@ -274,6 +294,8 @@ pub struct StateMachineStore {
     snapshot_dir: PathBuf,
     /// Snapshots built so far, to give each a unique id.
     snapshots_built: u64,
+    /// Held while the snapshot file is replaced, by a build or an install.
+    file_lock: Arc<Mutex<()>>,
     /// Settings of caches named in the config (identical on every server).
     configured: BTreeMap<String, CacheSettings>,
 }
@@ -304,6 +326,7 @@ impl StateMachineStore {
             shared,
             snapshot_dir: snapshot_dir.to_path_buf(),
             snapshots_built: 0,
+            file_lock: Arc::default(),
             configured,
         })
     }
@@ -326,6 +349,7 @@ pub struct SnapshotBuilder {
     shared: Arc<SharedState>,
     snapshot_dir: PathBuf,
     seq: u64,
+    file_lock: Arc<Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -333,9 +357,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let shared = self.shared.clone();
         let dir = self.snapshot_dir.clone();
         let seq = self.seq;
+        let file_lock = self.file_lock.clone();
         // Cloning, encoding and fsync are blocking work: keep them off the runtime's workers. The
         // read lock is held only for the clone (values are shared, not copied).
-        let built = tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, u64), StorageError> {
+        let built = tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, u64, std::fs::File), StorageError> {
             let (meta, payload) = shared.read(|d| {
                 let snapshot_id = match &d.last_applied {
                     Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
@@ -354,19 +379,17 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 };
                 (meta, payload)
             });
-            let len = write_snapshot_file(&dir, &payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-            Ok((meta, len))
+            let (len, file) = write_snapshot_file(&dir, &payload, &file_lock)
+                .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+            Ok((meta, len, file))
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(None, &e))??;
-        let (meta, len) = built;
+        let (meta, len, file) = built;
         tracing::info!(event = "state_machine.snapshot_built", last_log_id = ?meta.last_log_id, bytes = len);
-        let file = tokio::fs::File::open(self.snapshot_dir.join(SNAPSHOT_FILE))
-            .await
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }
@@ -423,6 +446,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             shared: self.shared.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
             seq: self.snapshots_built,
+            file_lock: self.file_lock.clone(),
         }
     }
 
@@ -454,6 +478,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // state as they were. Read from the handle openraft gives back (usually the receiving
         // file, but any snapshot data will do), then written as this server's snapshot.
         let dir = self.snapshot_dir.clone();
+        let file_lock = self.file_lock.clone();
         let (payload, len) = tokio::task::spawn_blocking(move || -> std::io::Result<(SnapshotPayload, usize)> {
             let mut file = file;
             file.seek(SeekFrom::Start(0))?;
@@ -462,7 +487,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             drop(file);
             let payload =
                 decode_snapshot(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            write_atomically(&dir, SNAPSHOT_FILE, &bytes)?;
+            {
+                let _guard = file_lock.lock().unwrap_or_else(|e| e.into_inner());
+                write_atomically(&dir, SNAPSHOT_FILE, &bytes)?;
+            }
             if let Err(e) = std::fs::remove_file(dir.join(RECEIVING_FILE)) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(event = "state_machine.receiving_file_left", error = %e);
@@ -544,6 +572,36 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         assert!(decode_snapshot(&bytes).unwrap_err().contains("checksum"));
+    }
+
+    /// A snapshot built from an older state never replaces a newer one (one installed from the
+    /// active while the build ran).
+    #[test]
+    fn an_older_build_does_not_replace_a_newer_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = Mutex::new(());
+        let at = |index: u64| SnapshotPayload {
+            snapshot_id: format!("s{index}"),
+            last_applied: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index)),
+            last_membership: StoredMembership::default(),
+            store: Store::default(),
+        };
+        let current_index = || {
+            let path = dir.path().join(SNAPSHOT_FILE);
+            let mut f = std::fs::File::open(&path).unwrap();
+            read_snapshot_meta(&mut f, &path).unwrap().last_log_id.unwrap().index
+        };
+        write_snapshot_file(dir.path(), &at(20), &lock).unwrap();
+        assert_eq!(current_index(), 20);
+        let (_, mut older) = write_snapshot_file(dir.path(), &at(15), &lock).unwrap();
+        assert_eq!(current_index(), 20, "an older build replaced the snapshot");
+        // What the older build returns is still its own, readable data.
+        let mut bytes = Vec::new();
+        older.read_to_end(&mut bytes).unwrap();
+        assert_eq!(decode_snapshot(&bytes).unwrap().last_applied.unwrap().index, 15);
+        assert!(!dir.path().join(BUILDING_FILE).exists());
+        write_snapshot_file(dir.path(), &at(30), &lock).unwrap();
+        assert_eq!(current_index(), 30);
     }
 
     #[tokio::test]
