@@ -43,6 +43,8 @@ const SNAPSHOT_FILE: &str = "snapshot.bin";
 const RECEIVING_FILE: &str = "snapshot.bin.receiving";
 /// Where this server writes a snapshot it builds, before it replaces `SNAPSHOT_FILE`.
 const BUILDING_FILE: &str = "snapshot.bin.building";
+/// Where a verified snapshot from the active is written before it replaces `SNAPSHOT_FILE`.
+const INSTALLING_FILE: &str = "snapshot.bin.installing";
 /// Bytes of payload read to find a snapshot's meta (its first fields) without reading it all.
 const SNAPSHOT_META_PREFIX_MAX: usize = 1024 * 1024;
 
@@ -135,21 +137,40 @@ impl SharedState {
     }
 }
 
+/// What a snapshot file holds. postcard writes a nested struct's fields in place, so the payload's
+/// bytes start with the head's: the meta is read from a file's first bytes alone.
 #[derive(Debug, Serialize, Deserialize)]
 struct SnapshotPayload {
-    snapshot_id: String,
-    last_applied: Option<LogId>,
-    last_membership: StoredMembership,
+    head: SnapshotHead,
     store: Store,
 }
 
-/// The first fields of [`SnapshotPayload`]: postcard writes fields in order, so a payload's bytes
-/// start with these.
-#[derive(Debug, Deserialize)]
+/// A snapshot's meta, in the order the file has always stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct SnapshotHead {
     snapshot_id: String,
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
+}
+
+impl SnapshotHead {
+    fn meta(&self) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.last_membership.clone(),
+            snapshot_id: self.snapshot_id.clone(),
+        }
+    }
+}
+
+/// Checks a file's header; returns the payload's CRC-32 and length.
+fn parse_header(header: &[u8]) -> Result<(u32, u64), String> {
+    if header.len() < SNAPSHOT_HEADER_BYTES || &header[..8] != SNAPSHOT_MAGIC {
+        return Err("not a ferrocotta snapshot (bad magic or truncated header)".into());
+    }
+    let crc = u32::from_be_bytes(header[8..12].try_into().expect("4 bytes"));
+    let len = u64::from_be_bytes(header[12..20].try_into().expect("8 bytes"));
+    Ok((crc, len))
 }
 
 /// Counts and checksums what goes through to the inner writer.
@@ -196,19 +217,24 @@ fn encode_snapshot_to<W: Write + Seek>(out: W, payload: &SnapshotPayload) -> std
     Ok(SNAPSHOT_HEADER_BYTES as u64 + len)
 }
 
-/// Writes a snapshot this server built: to its own file, fsynced, then, under `file_lock`, renamed
-/// over the current snapshot unless that one is as new or newer (a snapshot installed from the
-/// active while this one was being built: replacing it would put an older state in front of a log
-/// already purged past it). Returns the size and an open handle on the data.
-fn write_snapshot_file(
+/// Replaces the snapshot file with one `write` produces, atomically (its own temporary file
+/// `tmp_name`, fsync, rename, fsync of the directory), unless the current file is at least as new
+/// as `last_applied`: the snapshot file only moves forward. A build and an install may run at once
+/// (a mirror building its own snapshot while it receives the active's); each has its own temporary
+/// file and the check and rename happen under `file_lock`, so neither can put an older state in
+/// front of a log already purged past it. Returns the size and a handle on the data written (still
+/// readable when it did not replace the current file).
+fn replace_snapshot_file(
     dir: &Path,
-    payload: &SnapshotPayload,
+    tmp_name: &str,
+    last_applied: Option<LogId>,
     file_lock: &Mutex<()>,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<u64>,
 ) -> std::io::Result<(u64, std::fs::File)> {
-    let building = dir.join(BUILDING_FILE);
+    let tmp = dir.join(tmp_name);
     let len = {
-        let mut f = std::fs::File::create(&building)?;
-        let len = encode_snapshot_to(&mut f, payload)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        let len = write(&mut f)?;
         f.sync_all()?;
         len
     };
@@ -216,29 +242,17 @@ fn write_snapshot_file(
     let current = dir.join(SNAPSHOT_FILE);
     let superseded = std::fs::File::open(&current)
         .and_then(|mut f| read_snapshot_meta(&mut f, &current))
-        .is_ok_and(|m| m.last_log_id >= payload.last_applied);
+        .is_ok_and(|m| m.last_log_id >= last_applied);
     if superseded {
-        // Still returned (openraft ignores a snapshot older than the one it has): open, then unlink.
-        let f = std::fs::File::open(&building)?;
-        std::fs::remove_file(&building)?;
-        tracing::info!(event = "state_machine.snapshot_superseded", last_log_id = ?payload.last_applied);
+        // Open, then unlink: the caller still gets the data it wrote.
+        let f = std::fs::File::open(&tmp)?;
+        std::fs::remove_file(&tmp)?;
+        tracing::info!(event = "state_machine.snapshot_superseded", last_log_id = ?last_applied);
         return Ok((len, f));
     }
-    std::fs::rename(&building, &current)?;
+    std::fs::rename(&tmp, &current)?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok((len, std::fs::File::open(&current)?))
-}
-
-/// Writes a file atomically: temporary file, fsync, rename, fsync of the directory.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The meta of the snapshot file `f` (at `path`), from its first bytes; leaves `f` at its start.
@@ -248,10 +262,7 @@ fn read_snapshot_meta(f: &mut std::fs::File, path: &Path) -> std::io::Result<Sna
         |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
     let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
     f.read_exact(&mut header)?;
-    if &header[..8] != SNAPSHOT_MAGIC {
-        return Err(invalid("not a ferrocotta snapshot (bad magic)".into()));
-    }
-    let len = u64::from_be_bytes(header[12..20].try_into().expect("8 bytes"));
+    let (_, len) = parse_header(&header).map_err(invalid)?;
     let mut prefix = Vec::new();
     Read::by_ref(f)
         .take(len.min(SNAPSHOT_META_PREFIX_MAX as u64))
@@ -259,20 +270,13 @@ fn read_snapshot_meta(f: &mut std::fs::File, path: &Path) -> std::io::Result<Sna
     f.seek(SeekFrom::Start(0))?;
     let (head, _) = postcard::take_from_bytes::<SnapshotHead>(&prefix)
         .map_err(|e| invalid(format!("undecodable snapshot meta: {e}")))?;
-    Ok(SnapshotMeta {
-        last_log_id: head.last_applied,
-        last_membership: head.last_membership,
-        snapshot_id: head.snapshot_id,
-    })
+    Ok(head.meta())
 }
 
 /// Decodes and verifies a snapshot file.
 fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotPayload, String> {
-    if bytes.len() < SNAPSHOT_HEADER_BYTES || &bytes[..8] != SNAPSHOT_MAGIC {
-        return Err("not a ferrocotta snapshot (bad magic or truncated header)".into());
-    }
-    let crc = u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    let len = u64::from_be_bytes(bytes[12..20].try_into().expect("8 bytes")) as usize;
+    let (crc, len) = parse_header(bytes)?;
+    let len = len as usize;
     let body = &bytes[SNAPSHOT_HEADER_BYTES..];
     if body.len() != len {
         return Err(format!(
@@ -311,8 +315,8 @@ impl StateMachineStore {
             let bytes = std::fs::read(&path).map_err(|e| format!("cannot read snapshot {}: {e}", path.display()))?;
             let payload = decode_snapshot(&bytes).map_err(|e| format!("snapshot {}: {e}", path.display()))?;
             let mut d = shared.data.write().expect("state lock poisoned");
-            d.last_applied = payload.last_applied;
-            d.last_membership = payload.last_membership;
+            d.last_applied = payload.head.last_applied;
+            d.last_membership = payload.head.last_membership;
             d.store = payload.store;
             d.store.rebuild_indexes();
             tracing::info!(
@@ -361,27 +365,22 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // Cloning, encoding and fsync are blocking work: keep them off the runtime's workers. The
         // read lock is held only for the clone (values are shared, not copied).
         let built = tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, u64, std::fs::File), StorageError> {
-            let (meta, payload) = shared.read(|d| {
-                let snapshot_id = match &d.last_applied {
-                    Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
-                    None => format!("none-{seq}"),
-                };
-                let payload = SnapshotPayload {
-                    snapshot_id: snapshot_id.clone(),
+            let payload = shared.read(|d| SnapshotPayload {
+                head: SnapshotHead {
+                    snapshot_id: match &d.last_applied {
+                        Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
+                        None => format!("none-{seq}"),
+                    },
                     last_applied: d.last_applied,
                     last_membership: d.last_membership.clone(),
-                    store: d.store.clone(),
-                };
-                let meta = SnapshotMeta {
-                    last_log_id: d.last_applied,
-                    last_membership: d.last_membership.clone(),
-                    snapshot_id,
-                };
-                (meta, payload)
+                },
+                store: d.store.clone(),
             });
-            let (len, file) = write_snapshot_file(&dir, &payload, &file_lock)
-                .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-            Ok((meta, len, file))
+            let (len, file) = replace_snapshot_file(&dir, BUILDING_FILE, payload.head.last_applied, &file_lock, |f| {
+                encode_snapshot_to(f, &payload)
+            })
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+            Ok((payload.head.meta(), len, file))
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(None, &e))??;
@@ -487,10 +486,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             drop(file);
             let payload =
                 decode_snapshot(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            {
-                let _guard = file_lock.lock().unwrap_or_else(|e| e.into_inner());
-                write_atomically(&dir, SNAPSHOT_FILE, &bytes)?;
-            }
+            replace_snapshot_file(&dir, INSTALLING_FILE, payload.head.last_applied, &file_lock, |f| {
+                f.write_all(&bytes)?;
+                Ok(bytes.len() as u64)
+            })?;
             if let Err(e) = std::fs::remove_file(dir.join(RECEIVING_FILE)) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(event = "state_machine.receiving_file_left", error = %e);
@@ -560,9 +559,11 @@ mod tests {
     #[test]
     fn corrupt_snapshots_are_refused() {
         let payload = SnapshotPayload {
-            snapshot_id: "x".into(),
-            last_applied: None,
-            last_membership: StoredMembership::default(),
+            head: SnapshotHead {
+                snapshot_id: "x".into(),
+                last_applied: None,
+                last_membership: StoredMembership::default(),
+            },
             store: Store::default(),
         };
         let mut out = std::io::Cursor::new(Vec::new());
@@ -574,6 +575,37 @@ mod tests {
         assert!(decode_snapshot(&bytes).unwrap_err().contains("checksum"));
     }
 
+    /// The payload nests its head; the bytes are those of the flat payload files were written
+    /// with before, so those files still load.
+    #[test]
+    fn the_nested_payload_reads_files_of_the_flat_layout() {
+        #[derive(Serialize)]
+        struct Flat {
+            snapshot_id: String,
+            last_applied: Option<LogId>,
+            last_membership: StoredMembership,
+            store: Store,
+        }
+        let last_applied = Some(openraft::LogId::new(openraft::CommittedLeaderId::new(2, 3), 9));
+        let bytes = postcard::to_allocvec(&Flat {
+            snapshot_id: "2-9-1".into(),
+            last_applied,
+            last_membership: StoredMembership::default(),
+            store: Store::default(),
+        })
+        .unwrap();
+        let payload: SnapshotPayload = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(payload.head.snapshot_id, "2-9-1");
+        assert_eq!(payload.head.last_applied, last_applied);
+    }
+
+    /// A build's way of writing the snapshot file, as `build_snapshot` does.
+    fn build(dir: &Path, payload: &SnapshotPayload, lock: &Mutex<()>) -> std::io::Result<(u64, std::fs::File)> {
+        replace_snapshot_file(dir, BUILDING_FILE, payload.head.last_applied, lock, |f| {
+            encode_snapshot_to(f, payload)
+        })
+    }
+
     /// A snapshot built from an older state never replaces a newer one (one installed from the
     /// active while the build ran).
     #[test]
@@ -581,9 +613,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lock = Mutex::new(());
         let at = |index: u64| SnapshotPayload {
-            snapshot_id: format!("s{index}"),
-            last_applied: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index)),
-            last_membership: StoredMembership::default(),
+            head: SnapshotHead {
+                snapshot_id: format!("s{index}"),
+                last_applied: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index)),
+                last_membership: StoredMembership::default(),
+            },
             store: Store::default(),
         };
         let current_index = || {
@@ -591,16 +625,16 @@ mod tests {
             let mut f = std::fs::File::open(&path).unwrap();
             read_snapshot_meta(&mut f, &path).unwrap().last_log_id.unwrap().index
         };
-        write_snapshot_file(dir.path(), &at(20), &lock).unwrap();
+        build(dir.path(), &at(20), &lock).unwrap();
         assert_eq!(current_index(), 20);
-        let (_, mut older) = write_snapshot_file(dir.path(), &at(15), &lock).unwrap();
+        let (_, mut older) = build(dir.path(), &at(15), &lock).unwrap();
         assert_eq!(current_index(), 20, "an older build replaced the snapshot");
         // What the older build returns is still its own, readable data.
         let mut bytes = Vec::new();
         older.read_to_end(&mut bytes).unwrap();
-        assert_eq!(decode_snapshot(&bytes).unwrap().last_applied.unwrap().index, 15);
+        assert_eq!(decode_snapshot(&bytes).unwrap().head.last_applied.unwrap().index, 15);
         assert!(!dir.path().join(BUILDING_FILE).exists());
-        write_snapshot_file(dir.path(), &at(30), &lock).unwrap();
+        build(dir.path(), &at(30), &lock).unwrap();
         assert_eq!(current_index(), 30);
     }
 
