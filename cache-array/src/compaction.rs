@@ -51,6 +51,10 @@ pub async fn run(raft: Raft, log: LogStore, snapshot_dir: PathBuf, min_bytes: u6
             continue;
         }
         let since = appended.saturating_sub(base);
+        if since < min_bytes {
+            // Below every threshold whatever the last snapshot's size: no need to look at it.
+            continue;
+        }
         let last_bytes = crate::state_machine::snapshot_file_len(&snapshot_dir);
         let limit = threshold(min_bytes, last_bytes);
         if since < limit {

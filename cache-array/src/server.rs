@@ -83,7 +83,8 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         .with_context(|| format!("cannot open the log under {}", data_dir.join("raft").display()))?;
     let flush_stats = log_store.flush_stats();
     let configured = config.caches.iter().map(|(n, c)| (n.clone(), c.settings())).collect();
-    let state_machine = StateMachineStore::open(&data_dir.join("snapshots"), configured).map_err(anyhow::Error::msg)?;
+    let snapshot_dir = data_dir.join("snapshots");
+    let state_machine = StateMachineStore::open(&snapshot_dir, configured).map_err(anyhow::Error::msg)?;
     let shared = state_machine.shared();
 
     let raft = start_raft(&config, position, &secret, log_store.clone(), state_machine).await?;
@@ -151,7 +152,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     tracker.spawn(crate::compaction::run(
         raft.clone(),
         log_store,
-        data_dir.join("snapshots"),
+        snapshot_dir,
         crate::compaction::stagger(config.storage.snapshot_every_log_bytes, position.index),
         shutdown.clone(),
     ));
