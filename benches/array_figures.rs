@@ -83,14 +83,9 @@ async fn restart_with_entries() -> (Duration, Duration) {
     (load_time, restarted.elapsed())
 }
 
-/// Resident memory of a process in bytes, from /proc.
+/// Resident memory of a process in bytes.
 fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
+    common::rss_kib_of(pid) * 1024
 }
 
 /// Loads MEMORY_ENTRIES entries, overwrites random ones, and samples every server's RSS each 200 ms
@@ -101,19 +96,19 @@ async fn memory_with_entries() -> (u64, Vec<(String, u64, u64)>) {
     array.wait_active(&client, 0, Duration::from_secs(20)).await;
     let names = array.stripe_servers(0);
     let pids: Vec<u32> = names.iter().map(|n| array.pid(n)).collect();
-    let peaks = std::sync::Arc::new(std::sync::Mutex::new(vec![0u64; pids.len()]));
+    // The sampler keeps the peaks and hands them back when it is told to stop.
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
-        let (peaks, sampling, pids) = (peaks.clone(), sampling.clone(), pids.clone());
+        let (sampling, pids) = (sampling.clone(), pids.clone());
         std::thread::spawn(move || {
+            let mut peaks = vec![0u64; pids.len()];
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut p = peaks.lock().unwrap();
-                for (peak, pid) in p.iter_mut().zip(&pids) {
+                for (peak, pid) in peaks.iter_mut().zip(&pids) {
                     *peak = (*peak).max(rss_bytes(*pid));
                 }
-                drop(p);
                 std::thread::sleep(Duration::from_millis(200));
             }
+            peaks
         })
     };
     let key = |i: u64| format!("m{i:015}").into_bytes();
@@ -144,8 +139,7 @@ async fn memory_with_entries() -> (u64, Vec<(String, u64, u64)>) {
         "every entry is there"
     );
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    sampler.join().unwrap();
-    let peaks = peaks.lock().unwrap().clone();
+    let peaks = sampler.join().unwrap();
     let raw = MEMORY_ENTRIES * (key(0).len() + MEMORY_VALUE_BYTES) as u64;
     let rows = names
         .into_iter()

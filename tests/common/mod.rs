@@ -464,7 +464,12 @@ pub async fn read_on(array: &TestArray, server: &str, op: ferrocotta::protocol::
 
 /// Resident memory of this process in KiB.
 pub fn rss_kib() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    rss_kib_of(std::process::id())
+}
+
+/// Resident memory of process `pid` in KiB (0 when it cannot be read).
+pub fn rss_kib_of(pid: u32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
     let pages: u64 = statm
         .split_whitespace()
         .nth(1)
