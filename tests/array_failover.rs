@@ -1,5 +1,6 @@
-//! A stripe of real processes: operations, kill -9 of the active under load, restart of every
-//! server, two stripes, and loss of quorum.
+//! A stripe of real processes: operations, formation without the first server, kill -9 of the
+//! active under load, restart of every server, two stripes, loss of quorum, and catch-up from a
+//! snapshot.
 
 mod common;
 
@@ -171,6 +172,47 @@ async fn verify_all_present(client: &ArrayClient, acknowledged: &BTreeMap<String
             );
         }
     }
+}
+
+/// Pristine servers take turns to initialize the stripe (the first at once, so a cold start does
+/// not split its first vote); without the first, the next one's turn comes and the stripe forms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripe_forms_without_its_first_server_which_joins_later() {
+    let mut array = TestArray::configured(1, 3, |_| {});
+    let servers = array.stripe_servers(0);
+    let (first, rest) = servers.split_first().expect("three servers");
+
+    phase("only the second and third servers start, on pristine stores");
+    for name in rest {
+        array.spawn(name);
+    }
+    let client = array.client().await;
+    let active = array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    assert_ne!(&active, first);
+    common::put_retrying(&client, CACHE, b"formed", b"without the first").await;
+
+    phase("the first server starts later: it is reached by the stripe and catches up");
+    array.spawn(first);
+    array
+        .wait_status(first, Duration::from_secs(30), |s| {
+            s["caches"][CACHE].as_u64() == Some(1)
+        })
+        .await;
+    let reply = common::read_on(
+        &array,
+        first,
+        ferrocotta::protocol::Op::Get {
+            cache: CACHE.into(),
+            key: b"formed".to_vec(),
+            read: ferrocotta::protocol::ReadConsistency::Eventual,
+        },
+    )
+    .await;
+    assert_eq!(
+        reply,
+        ferrocotta::protocol::Reply::Value(Some(b"without the first".to_vec()))
+    );
+    assert_eq!(array.wait_active(&client, 0, Duration::from_secs(20)).await, active);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,11 @@
 //! Formation: every server of a stripe knows the whole stripe from the config. A server whose
 //! store is pristine initializes the group with that full membership; every server writes the
 //! same membership entry at log id (0, 0), so it does not matter in which order they start or how
-//! many of them initialize. A restarted server finds its log and simply rejoins.
+//! many of them initialize. Initializing also starts an election at once, so servers started
+//! together would split the first vote and the stripe would wait a whole election round for an
+//! active: the servers take turns instead, the first of the stripe at once and each next one an
+//! election timeout later, and only while no peer has reached it yet. A restarted server finds
+//! its log and simply rejoins.
 //!
 //! No quorum, no service: the active tracks when a majority last acknowledged it; when that is
 //! older than the election timeout it answers `NoQuorum` at once instead of accepting writes it
@@ -25,6 +29,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::state_machine::SharedState;
 use crate::types::{Command, CommandKind, CommandResult, NodeId, Raft};
 use crate::upkeep::ActiveState;
+
+/// How often a pristine server waiting for its turn to initialize the stripe looks whether a peer
+/// has reached it (see the module doc).
+const FORM_POLL: Duration = Duration::from_millis(50);
 
 /// Linearizable reads that may wait for the next read-index round before callers block.
 pub const READ_QUEUE_MAX: usize = 65_536;
@@ -120,6 +128,15 @@ impl Stripe {
         if self.raft.is_initialized().await? {
             tracing::info!(event = "stripe.rejoin", "store holds a log: rejoining the stripe");
             return Ok(());
+        }
+        let turn = Duration::from_millis(self.raft.config().election_timeout_max) * self.position.index as u32;
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < turn {
+            tokio::time::sleep(FORM_POLL).await;
+            if self.raft.is_initialized().await? {
+                tracing::info!(event = "stripe.rejoin", "reached by a peer before this server's turn");
+                return Ok(());
+            }
         }
         let members: BTreeSet<NodeId> = self.names.keys().copied().collect();
         match self.raft.initialize(members).await {

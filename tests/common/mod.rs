@@ -87,6 +87,16 @@ impl TestArray {
 
     /// Like [`TestArray::start`], with a chance to change the config first.
     pub fn start_with(stripes: usize, per_stripe: usize, edit: impl FnOnce(&mut ClusterConfig)) -> TestArray {
+        let mut array = Self::configured(stripes, per_stripe, edit);
+        let names: Vec<String> = array.config.servers().map(|(_, s)| s.name.clone()).collect();
+        for name in names {
+            array.spawn(&name);
+        }
+        array
+    }
+
+    /// Writes the config (changed by `edit`) and starts nothing: the test spawns the servers.
+    pub fn configured(stripes: usize, per_stripe: usize, edit: impl FnOnce(&mut ClusterConfig)) -> TestArray {
         let lock = cluster_lock();
         let dir = tempfile::tempdir().expect("temp dir");
         let n = stripes * per_stripe;
@@ -110,7 +120,7 @@ impl TestArray {
         let secret = b"test-secret-0123456789abcdef".to_vec();
         std::fs::write(dir.path().join("secret"), &secret).unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
-        let mut array = TestArray {
+        TestArray {
             dir,
             config_path,
             config,
@@ -118,12 +128,7 @@ impl TestArray {
             procs: HashMap::new(),
             bin: binary("cache-array"),
             _lock: lock,
-        };
-        let names: Vec<String> = array.config.servers().map(|(_, s)| s.name.clone()).collect();
-        for name in names {
-            array.spawn(&name);
         }
-        array
     }
 
     /// Starts (or restarts) one server.
