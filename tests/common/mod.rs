@@ -700,6 +700,20 @@ pub async fn put_retrying(client: &ferrocotta::ArrayClient, cache: &str, key: &[
     }
 }
 
+/// [`put_retrying`] for a batch (as safe: every value is fixed, so applying the batch twice leaves
+/// the same state).
+pub async fn put_all_retrying(client: &ferrocotta::ArrayClient, cache: &str, entries: &[(Vec<u8>, Vec<u8>)]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.put_all(cache, entries).await {
+            Ok(()) => return,
+            Err(e) if Instant::now() < deadline => eprintln!("retrying a put_all: {e}"),
+            Err(e) => panic!("put_all never succeeded: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until a TCP port accepts connections (`open`) or refuses them (`!open`); panics after
 /// `timeout`.
 pub fn wait_port(addr: &str, open: bool, timeout: Duration) {
