@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{phase, rss_kib, ProxiedArray, TestArray};
+use common::{phase, retry_until, rss_kib, ProxiedArray, TestArray};
 use ferrocotta::client::{ClientEvent, ConnectionState, LockWait, NonstopSettings, TimeoutBehavior, WriteOutcome};
 use ferrocotta::config::ConfigDuration;
 use ferrocotta::protocol::LockMode;
@@ -88,39 +88,34 @@ async fn every_timeout_behaviour_answers_within_its_timeout_when_the_array_is_go
     // a retried put may find its own earlier, timed-out attempt applied.
     for name in caches.keys() {
         let c = client.cache(name);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (r, took) = timed(c.put(b"k", b"v")).await;
-            if matches!(r, Ok(WriteOutcome::Applied(_))) {
-                break;
-            }
-            let state = client.connection_state();
-            assert!(
-                Instant::now() < deadline,
-                "{name} put: {r:?} after {took:?}, client {state:?}\n{}",
+        let within = Duration::from_secs(20);
+        let put = retry_until(
+            &format!("{name} put"),
+            within,
+            || c.put(b"k", b"v"),
+            |r| matches!(r, Ok(WriteOutcome::Applied(_))),
+        )
+        .await;
+        assert!(
+            put.is_ok(),
+            "{name} put: {put:?}, client {:?}\n{}",
+            client.connection_state(),
+            array.log_tails()
+        );
+        match retry_until(
+            &format!("{name} get"),
+            within,
+            || c.get(b"k"),
+            |r| matches!(r, Ok(Some(_))),
+        )
+        .await
+        {
+            Ok(Ok(v)) => assert_eq!(v, Some(b"v".to_vec()), "{name} get"),
+            last => panic!(
+                "{name} get: {last:?}, client {:?}\n{}",
+                client.connection_state(),
                 array.log_tails()
-            );
-            eprintln!("set-up: retrying {name} put: {r:?} after {took:?}, client {state:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        loop {
-            let (r, took) = timed(c.get(b"k")).await;
-            match r {
-                Ok(Some(v)) => {
-                    assert_eq!(v, b"v".to_vec(), "{name} get");
-                    break;
-                }
-                r => {
-                    let state = client.connection_state();
-                    assert!(
-                        Instant::now() < deadline,
-                        "{name} get: {r:?} after {took:?}, client {state:?}\n{}",
-                        array.log_tails()
-                    );
-                    eprintln!("set-up: retrying {name} get: {r:?} after {took:?}, client {state:?}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+            ),
         }
     }
     // The kill below must be the change the client reports next.

@@ -685,32 +685,61 @@ impl Drop for TestNode {
     }
 }
 
-/// A put retried while the outcome is unknown or the stripe is between actives (safe for a put of
-/// a fixed value: applying it twice leaves the same state). For set-up phases of tests, where an
-/// election on a loaded machine must not fail the test.
-pub async fn put_retrying(client: &ferrocotta::ArrayClient, cache: &str, key: &[u8], value: &[u8]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Pause between the attempts of [`retry_until`].
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Repeats a step until `done` holds for its result (each retry printed with the result and how
+/// long the attempt took); `Err` with the last result once `within` has passed. For set-up phases
+/// of tests, where an election or a slow flush on a loaded machine must not fail the test, and
+/// only for steps that are safe to repeat.
+pub async fn retry_until<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    what: &str,
+    within: Duration,
+    mut attempt: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> Result<T, T> {
+    let deadline = Instant::now() + within;
     loop {
-        match client.put(cache, key, value).await {
-            Ok(_) => return,
-            Err(e) if Instant::now() < deadline => eprintln!("retrying a put: {e}"),
-            Err(e) => panic!("put never succeeded: {e}"),
+        let started = Instant::now();
+        let result = attempt().await;
+        if done(&result) {
+            return Ok(result);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if Instant::now() >= deadline {
+            return Err(result);
+        }
+        eprintln!("retrying {what}: {result:?} after {:?}", started.elapsed());
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+}
+
+/// A put retried while the outcome is unknown or the stripe is between actives (safe for a put of
+/// a fixed value: applying it twice leaves the same state). For set-up phases of tests.
+pub async fn put_retrying(client: &ferrocotta::ArrayClient, cache: &str, key: &[u8], value: &[u8]) {
+    let done = retry_until(
+        "a put",
+        Duration::from_secs(20),
+        || client.put(cache, key, value),
+        Result::is_ok,
+    )
+    .await;
+    if let Err(last) = done {
+        panic!("put never succeeded: {last:?}");
     }
 }
 
 /// [`put_retrying`] for a batch (as safe: every value is fixed, so applying the batch twice leaves
 /// the same state).
 pub async fn put_all_retrying(client: &ferrocotta::ArrayClient, cache: &str, entries: &[(Vec<u8>, Vec<u8>)]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match client.put_all(cache, entries).await {
-            Ok(()) => return,
-            Err(e) if Instant::now() < deadline => eprintln!("retrying a put_all: {e}"),
-            Err(e) => panic!("put_all never succeeded: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let done = retry_until(
+        "a put_all",
+        Duration::from_secs(30),
+        || client.put_all(cache, entries),
+        Result::is_ok,
+    )
+    .await;
+    if let Err(last) = done {
+        panic!("put_all never succeeded: {last:?}");
     }
 }
 
