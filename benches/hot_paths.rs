@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ferrocotta::config::{local_array, ServerPorts};
+use ferrocotta::config::{local_array, Security, ServerPorts};
 use ferrocotta::protocol::{
     self, ClientMessage, Op, PutOptions, Reply, Request, Response, ServerMessage, HANDSHAKE_MAX_FRAME_BYTES,
 };
@@ -150,7 +150,7 @@ fn routing(c: &mut Criterion) {
     // at bootstrap, there is no offline constructor), so this measures what it calls:
     // `ClusterConfig::stripe_of_key` on a 2-stripe config. The client adds one read of its
     // routing `RwLock` and an `Arc` clone per call; `stripe_of_key_behind_rwlock` models that.
-    let config = local_array("bench", "127.0.0.1", 2, 3, None, |i| {
+    let config = local_array("bench", "127.0.0.1", 2, 3, Security::default(), |i| {
         let base = 7000 + 3 * i as u16;
         ServerPorts {
             port: base,

@@ -155,16 +155,32 @@ impl Default for Timing {
     }
 }
 
-/// Bounds on everything that arrives from the network.
+/// Bounds on everything that arrives from the network (docs/security.md lists each with its reason).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Largest frame accepted on the client and group ports, in bytes.
+    /// Largest frame accepted on the client and group ports, in bytes; also the largest reply.
     pub max_frame_bytes: u32,
     /// Largest key, in bytes.
     pub max_key_bytes: u32,
     /// Largest value, in bytes.
     pub max_value_bytes: u32,
+    /// Client connections one server holds at most (authenticated or not); beyond it a new
+    /// connection is told the server is busy and closed.
+    pub max_connections: u32,
+    /// Client connections from one IP address at most, so one host cannot take them all.
+    pub max_connections_per_ip: u32,
+    /// Connections still in their handshake at most, per server; the rest wait in the kernel's
+    /// accept queue.
+    pub max_pending_handshakes: u32,
+    /// Longest a new connection may take for its TLS and protocol handshakes.
+    pub handshake_timeout: ConfigDuration,
+    /// Longest one frame may take to arrive once its first byte has: a client that sends a byte
+    /// a second is closed after this.
+    pub frame_timeout: ConfigDuration,
+    /// An authenticated connection that sends nothing for this long is closed (clients ping idle
+    /// connections well within it).
+    pub idle_timeout: ConfigDuration,
 }
 
 impl Default for Limits {
@@ -173,17 +189,96 @@ impl Default for Limits {
             max_frame_bytes: 16 * 1024 * 1024,
             max_key_bytes: 4 * 1024,
             max_value_bytes: 4 * 1024 * 1024,
+            max_connections: 4096,
+            max_connections_per_ip: 1024,
+            max_pending_handshakes: 256,
+            handshake_timeout: ConfigDuration(Duration::from_secs(5)),
+            frame_timeout: ConfigDuration(Duration::from_secs(30)),
+            idle_timeout: ConfigDuration(Duration::from_secs(600)),
         }
     }
 }
 
-/// Authentication settings.
+impl Limits {
+    /// Bytes of keys and values one reply may carry: the frame limit less room for the encoding
+    /// around them, so a reply that passes this check always fits its frame.
+    pub fn max_reply_payload_bytes(&self) -> usize {
+        (self.max_frame_bytes as usize).saturating_sub(REPLY_ENCODING_ALLOWANCE_BYTES)
+    }
+}
+
+/// Room left in a reply's frame for the encoding around its keys and values (lengths, ids, tags):
+/// at most a few bytes per element, and a reply has at most `MAX_BATCH_KEYS` of them.
+pub const REPLY_ENCODING_ALLOWANCE_BYTES: usize = 64 * 1024;
+
+/// Authentication and encryption (docs/security.md).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Security {
-    /// Path of the file holding the shared secret (relative paths are relative to the config
-    /// file). When absent, the array accepts any client: fine on a laptop, never in production.
+    /// Path of the file holding the cluster secret, which gives a client full access (relative
+    /// paths are relative to the config file). When absent, the array accepts any client: fine on
+    /// a laptop, never in production.
     pub secret_file: Option<PathBuf>,
+    /// Path of the file holding the peer secret: the servers of the array prove it to each other
+    /// on the group port. Required, and different from the cluster secret, so that no client
+    /// credential ever reaches the Raft layer.
+    pub peer_secret_file: Option<PathBuf>,
+    /// Path of a credentials file (`[[credential]]` name, secret, access by cache-name prefix):
+    /// clients with less than full access. Never sent to clients.
+    pub credentials_file: Option<PathBuf>,
+    /// TLS on the client, group and admin ports.
+    pub tls: Option<TlsSettings>,
+}
+
+impl Security {
+    /// A cluster secret and a peer secret in these files (the layout `ferrocotta up` and the
+    /// tests write), nothing else.
+    pub fn secret_files(secret_file: impl Into<PathBuf>, peer_secret_file: impl Into<PathBuf>) -> Security {
+        Security {
+            secret_file: Some(secret_file.into()),
+            peer_secret_file: Some(peer_secret_file.into()),
+            ..Security::default()
+        }
+    }
+}
+
+/// TLS of an array server. Paths may hold `{name}`, replaced by the server's name, so one document
+/// serves every server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// This server's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// The CA that signs every server's certificate (and client certificates), PEM. Peers always
+    /// verify each other with it (mutual TLS on the group port); clients verify the servers.
+    pub ca_file: PathBuf,
+    /// Whether clients on the client and admin ports must show a certificate signed by the CA.
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// How often the files are looked at again (they are also re-read on SIGHUP).
+    #[serde(default = "default_tls_reload_interval")]
+    pub reload_interval: ConfigDuration,
+}
+
+fn default_tls_reload_interval() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(60))
+}
+
+impl TlsSettings {
+    /// The paths for one server: `{name}` replaced, relative paths resolved next to the config.
+    pub fn files_for(&self, config_file: &Path, server_name: &str) -> crate::tls::TlsFiles {
+        let resolve = |p: &Path| {
+            let text = p.to_string_lossy().replace("{name}", server_name);
+            ClusterConfig::resolve_path(config_file, Path::new(&text))
+        };
+        crate::tls::TlsFiles {
+            cert_file: Some(resolve(&self.cert_file)),
+            key_file: Some(resolve(&self.key_file)),
+            ca_file: resolve(&self.ca_file),
+        }
+    }
 }
 
 /// Snapshot and compaction policy.
@@ -343,6 +438,42 @@ impl ClusterConfig {
                 "must be between 1 and half of max_frame_bytes",
             ));
         }
+        if l.max_connections == 0 || l.max_connections_per_ip == 0 || l.max_pending_handshakes == 0 {
+            return Err(field_err(
+                "limits",
+                "max_connections, max_connections_per_ip and max_pending_handshakes must be at least 1",
+            ));
+        }
+        for (field, d, min) in [
+            ("handshake_timeout", l.handshake_timeout, Duration::from_millis(100)),
+            ("frame_timeout", l.frame_timeout, Duration::from_millis(100)),
+            ("idle_timeout", l.idle_timeout, Duration::from_secs(1)),
+        ] {
+            if d.0 < min {
+                return Err(field_err(
+                    format!("limits.{field}"),
+                    format!("must be at least {min:?}"),
+                ));
+            }
+        }
+        if self.security.peer_secret_file.is_none() {
+            return Err(field_err(
+                "security.peer_secret_file",
+                "required: the servers authenticate to each other with a secret that clients do not hold \
+                 (a file of at least 16 random bytes, different from secret_file)",
+            ));
+        }
+        if self.security.peer_secret_file.is_some() && self.security.peer_secret_file == self.security.secret_file {
+            return Err(field_err(
+                "security.peer_secret_file",
+                "must name another file than secret_file: a client credential must never be a peer's",
+            ));
+        }
+        if let Some(tls) = &self.security.tls {
+            if tls.reload_interval.0 < Duration::from_secs(1) {
+                return Err(field_err("security.tls.reload_interval", "must be at least 1s"));
+            }
+        }
         if self.storage.snapshot_every_entries < 100 {
             return Err(field_err("storage.snapshot_every_entries", "must be at least 100"));
         }
@@ -356,11 +487,8 @@ impl ClusterConfig {
             return Err(field_err("stripes", "at least one stripe is needed"));
         }
         for (name, c) in &self.caches {
-            if name.is_empty() || name.len() > crate::protocol::MAX_CACHE_NAME_BYTES {
-                return Err(field_err(
-                    format!("caches.\"{name}\""),
-                    "cache names are 1 to 256 bytes",
-                ));
+            if let Err(why) = crate::protocol::check_cache_name(name) {
+                return Err(field_err(format!("caches.{name:?}"), why));
             }
             if c.max_entries == Some(0) {
                 return Err(field_err(
@@ -520,7 +648,7 @@ pub fn local_array(
     host: &str,
     stripes: usize,
     servers_per_stripe: usize,
-    secret_file: Option<PathBuf>,
+    security: Security,
     mut ports: impl FnMut(usize) -> ServerPorts,
 ) -> ClusterConfig {
     let mut n = 0;
@@ -547,7 +675,7 @@ pub fn local_array(
         array_name: array_name.to_string(),
         timing: Timing::default(),
         limits: Limits::default(),
-        security: Security { secret_file },
+        security,
         storage: Storage::default(),
         stripes,
         caches: Default::default(),
@@ -560,6 +688,8 @@ mod tests {
 
     const GOOD: &str = r#"
 array_name = "test"
+[security]
+peer_secret_file = "peer-secret"
 [timing]
 election_timeout = "500ms"
 heartbeat_interval = "100ms"

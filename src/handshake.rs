@@ -4,32 +4,130 @@
 //! The client side is used by [`crate::client::ArrayClient`] and by array servers dialling their
 //! peers; the server side by both listeners of an array server. Each side is bounded by a timeout
 //! given by the caller, and frames are limited to [`HANDSHAKE_MAX_FRAME_BYTES`] until it is done.
+//!
+//! Order of the server's checks: the proof first, with the secret of the role the hello claims
+//! (the cluster secret, a credential's, or the peer secret); only a caller that passed it learns
+//! anything about the array (its version, its name). A stranger gets "authentication failed" and
+//! nothing else.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::protocol::{
     client_proof, codec, decode, encode, nonce, proofs_equal, server_proof, versions_compatible, ClientMessage,
     ConnectionRole, Hello, Refusal, ServerMessage, Welcome, HANDSHAKE_MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
+use crate::tls::{ClientTls, NetStream};
 
-/// A framed TCP connection.
-pub type FramedConn = Framed<TcpStream, LengthDelimitedCodec>;
+/// A framed connection, plain or TLS.
+pub type FramedConn = Framed<NetStream, LengthDelimitedCodec>;
+
+/// The read half of a framed connection.
+pub type FrameReader = FramedRead<ReadHalf<NetStream>, LengthDelimitedCodec>;
+
+/// The write half of a framed connection.
+pub type FrameWriter = FramedWrite<WriteHalf<NetStream>, LengthDelimitedCodec>;
+
+/// Splits a framed connection into halves that can be read and written by two tasks, keeping
+/// whatever the handshake had already read ahead (a client may pipeline requests right behind its
+/// hello).
+pub fn split_framed(framed: FramedConn) -> (FrameReader, FrameWriter) {
+    let parts = framed.into_parts();
+    let (read, write) = tokio::io::split(parts.io);
+    let mut reader = FramedRead::new(read, parts.codec.clone());
+    reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+    (reader, FramedWrite::new(write, parts.codec))
+}
+
+/// How long a server waits on a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameDeadlines {
+    /// Longest silence (no frame at all) before the connection is closed.
+    pub idle: Duration,
+    /// Longest one frame may take from its first byte to its last.
+    pub frame: Duration,
+}
+
+/// Why a connection stopped yielding frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The frame broke the codec's rules (too large) or the connection failed.
+    #[error("bad frame: {0}")]
+    Bad(std::io::Error),
+    /// A frame started but did not complete in time (a slow or stalled client).
+    #[error("a frame took longer than {0:?} to arrive")]
+    Slow(Duration),
+    /// Nothing arrived for the idle timeout.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+}
+
+/// How often [`next_frame`] looks at its deadlines while it waits.
+const DEADLINE_TICK: Duration = Duration::from_millis(500);
+
+/// The next frame, within the deadlines: `Ok(None)` when the other side closed the connection.
+pub async fn next_frame(
+    reader: &mut FrameReader,
+    deadlines: FrameDeadlines,
+) -> Result<Option<bytes::BytesMut>, FrameError> {
+    let idle_since = tokio::time::Instant::now();
+    let mut partial_since = (!reader.read_buffer().is_empty()).then_some(idle_since);
+    loop {
+        match tokio::time::timeout(DEADLINE_TICK, reader.next()).await {
+            Ok(Some(Ok(frame))) => return Ok(Some(frame)),
+            Ok(Some(Err(e))) => return Err(FrameError::Bad(e)),
+            Ok(None) => return Ok(None),
+            Err(_) => {
+                // `next` is cancel safe: what arrived stays in the reader's buffer.
+                let now = tokio::time::Instant::now();
+                if partial_since.is_none() && !reader.read_buffer().is_empty() {
+                    partial_since = Some(now);
+                }
+                match partial_since {
+                    Some(t) if now.duration_since(t) > deadlines.frame => {
+                        return Err(FrameError::Slow(deadlines.frame))
+                    }
+                    None if now.duration_since(idle_since) > deadlines.idle => {
+                        return Err(FrameError::Idle(deadlines.idle))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
 
 /// Writes queued frames to a connection until the queue closes, with one flush per burst:
 /// whatever was queued while the previous write went out is written and flushed together. Used
-/// by clients, the client port and the group port alike. Returns the write error that ended it.
-pub async fn write_frames(
-    mut sink: futures::stream::SplitSink<FramedConn, bytes::Bytes>,
-    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
-) -> std::io::Result<()> {
-    while let Some(frame) = rx.recv().await {
+/// by clients, the client port and the group port alike. With `idle`, a frame of its own is
+/// written whenever nothing was queued for its duration (a client's idle ping). Returns the write
+/// error that ended it.
+pub async fn write_frames<S, T>(
+    mut sink: S,
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+    idle: Option<(Duration, bytes::Bytes)>,
+) -> std::io::Result<()>
+where
+    S: futures::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+    T: Into<bytes::Bytes>,
+{
+    loop {
+        let next = match &idle {
+            None => rx.recv().await.map(Into::into),
+            Some((every, ping)) => match tokio::time::timeout(*every, rx.recv()).await {
+                Ok(next) => next.map(Into::into),
+                Err(_) => Some(ping.clone()),
+            },
+        };
+        let Some(frame) = next else { break };
         sink.feed(frame).await?;
         while let Ok(frame) = rx.try_recv() {
-            sink.feed(frame).await?;
+            sink.feed(frame.into()).await?;
         }
         sink.flush().await?;
     }
@@ -45,7 +143,7 @@ pub enum HandshakeError {
     /// No answer in time.
     #[error("no handshake answer within {0:?}")]
     Timeout(Duration),
-    /// The server refused; final, retrying will not help.
+    /// The server refused; final unless it was only busy.
     #[error("{0}")]
     Refused(Refusal),
     /// The server could not prove it knows the secret (or spoke nonsense).
@@ -54,9 +152,9 @@ pub enum HandshakeError {
 }
 
 impl HandshakeError {
-    /// Whether trying again (or another URL) may succeed.
+    /// Whether trying again (or another URL) may not help.
     pub fn is_final(&self) -> bool {
-        matches!(self, HandshakeError::Refused(_))
+        matches!(self, HandshakeError::Refused(r) if !matches!(r, Refusal::Busy(_)))
     }
 }
 
@@ -67,14 +165,18 @@ pub struct ClientIdentity {
     pub software_version: String,
     /// Array name expected; `None` accepts any array.
     pub array_name: Option<String>,
-    /// Shared secret; empty when none is configured.
+    /// The secret proven: the cluster secret, a credential's, or the peer secret; empty when none
+    /// is configured.
     pub secret: Vec<u8>,
-    /// Client or peer.
+    /// Client, credential or peer.
     pub role: ConnectionRole,
+    /// TLS, when the other side speaks it.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
-/// Connects to `addr` and runs the client side of the handshake, all within `timeout`. On
-/// success the connection is ready for requests and its frame bound raised to `max_frame_bytes`.
+/// Connects to `addr` (`host:port`) and runs TLS (when configured) and the client side of the
+/// handshake, all within `timeout`. On success the connection is ready for requests and its frame
+/// bound raised to `max_frame_bytes`.
 pub async fn connect(
     addr: &str,
     identity: &ClientIdentity,
@@ -92,16 +194,28 @@ async fn connect_inner(
     identity: &ClientIdentity,
     max_frame_bytes: usize,
 ) -> Result<(FramedConn, Welcome), HandshakeError> {
-    let stream = TcpStream::connect(addr)
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| HandshakeError::Io(format!("connect: {e}")))?;
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let stream = match &identity.tls {
+        None => NetStream::Plain(tcp),
+        Some(tls) => {
+            let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            tls.connect(host, tcp)
+                .await
+                .map_err(|e| HandshakeError::Io(format!("TLS handshake: {e}")))?
+        }
+    };
     let mut framed = Framed::new(stream, codec(HANDSHAKE_MAX_FRAME_BYTES));
-    let server_nonce = match recv(&mut framed).await? {
+    let server_nonce = match recv(&mut framed, identity.tls.is_none()).await? {
         ServerMessage::Challenge { server_nonce } => server_nonce,
+        ServerMessage::Refused(r) => return Err(HandshakeError::Refused(r)),
         other => {
             return Err(HandshakeError::BadServer(format!(
-                "expected a challenge, got {other:?}"
+                "expected a challenge, got {}",
+                message_kind(&other)
             )))
         }
     };
@@ -126,45 +240,73 @@ async fn connect_inner(
         .send(encode(&ClientMessage::Hello(hello)))
         .await
         .map_err(|e| HandshakeError::Io(format!("send hello: {e}")))?;
-    match recv(&mut framed).await? {
+    match recv(&mut framed, false).await? {
         ServerMessage::Welcome(welcome) => {
             let expected = server_proof(&identity.secret, &server_nonce, &client_nonce);
             if !proofs_equal(&expected, &welcome.proof) {
                 return Err(HandshakeError::BadServer(
-                    "its proof does not match our shared secret (is the secret file the same?)".into(),
+                    "its proof does not match our secret (is the secret file the same?)".into(),
                 ));
             }
             framed.codec_mut().set_max_frame_length(max_frame_bytes);
             Ok((framed, welcome))
         }
         ServerMessage::Refused(r) => Err(HandshakeError::Refused(r)),
-        other => Err(HandshakeError::BadServer(format!("expected a welcome, got {other:?}"))),
+        other => Err(HandshakeError::BadServer(format!(
+            "expected a welcome, got {}",
+            message_kind(&other)
+        ))),
     }
 }
 
-async fn recv(framed: &mut FramedConn) -> Result<ServerMessage, HandshakeError> {
+/// The name of a message's kind (never its content, which may be large or hostile).
+fn message_kind(msg: &ServerMessage) -> &'static str {
+    match msg {
+        ServerMessage::Challenge { .. } => "a challenge",
+        ServerMessage::Welcome(_) => "a welcome",
+        ServerMessage::Refused(_) => "a refusal",
+        ServerMessage::Response(_) => "a response",
+        ServerMessage::PeerReply { .. } => "a peer reply",
+        ServerMessage::Fatal(_) => "a fatal error",
+    }
+}
+
+async fn recv(framed: &mut FramedConn, plain: bool) -> Result<ServerMessage, HandshakeError> {
+    // A TLS listener waits for a TLS hello and a plain client for our challenge: both wait until
+    // the server's handshake deadline closes the connection. Say what probably happened.
+    let hint = if plain {
+        " (if the array uses TLS, give the client its CA: --tls-ca-file)"
+    } else {
+        ""
+    };
     match framed.next().await {
         Some(Ok(bytes)) => {
             decode::<ServerMessage>(&bytes).map_err(|e| HandshakeError::BadServer(format!("undecodable frame: {e}")))
         }
-        Some(Err(e)) => Err(HandshakeError::Io(format!("read: {e}"))),
-        None => Err(HandshakeError::Io("the server closed the connection".into())),
+        Some(Err(e)) => Err(HandshakeError::Io(format!("read: {e}{hint}"))),
+        None => Err(HandshakeError::Io(format!("the server closed the connection{hint}"))),
     }
 }
 
+/// Which secret a hello in a given role must prove, as one port sees it.
+pub trait Authority: Send + Sync {
+    /// `Ok(Some(secret))`: the secret to check the proof with (empty when the array has none);
+    /// `Ok(None)`: no such identity (refused as an authentication failure, like a wrong secret);
+    /// `Err(refusal)`: the role is not served on this port at all.
+    fn secret_for(&self, role: &ConnectionRole) -> Result<Option<Vec<u8>>, Refusal>;
+}
+
 /// What the server side checks a hello against.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerIdentity {
     /// Name of this server.
     pub server_name: String,
     /// Array this server belongs to.
     pub array_name: String,
-    /// Shared secret (empty when none is configured).
-    pub secret: Vec<u8>,
-    /// The configuration document sent in the welcome.
+    /// The configuration document sent in the welcome (empty on the group port).
     pub config_toml: String,
-    /// Whether this port takes peers (group port) or clients (client port).
-    pub accepts_peers: bool,
+    /// Which secrets prove which roles on this port.
+    pub authority: Arc<dyn Authority>,
 }
 
 /// Why a server-side handshake did not complete.
@@ -179,14 +321,14 @@ pub enum AcceptError {
 }
 
 /// Runs the server side of the handshake on a fresh connection within `timeout`. On success the
-/// frame bound is raised to `max_frame_bytes` and the client's hello is returned.
-pub async fn accept(
-    stream: TcpStream,
+/// frame bound is raised to `max_frame_bytes` and the client's hello is returned. Generic over the
+/// stream so that it can be driven over memory (the fuzz tests do).
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
     identity: &ServerIdentity,
     timeout: Duration,
     max_frame_bytes: usize,
-) -> Result<(FramedConn, Hello), AcceptError> {
-    let _ = stream.set_nodelay(true);
+) -> Result<(Framed<S, LengthDelimitedCodec>, Hello), AcceptError> {
     let mut framed = Framed::new(stream, codec(HANDSHAKE_MAX_FRAME_BYTES));
     let result = tokio::time::timeout(timeout, accept_inner(&mut framed, identity)).await;
     match result {
@@ -199,19 +341,51 @@ pub async fn accept(
     }
 }
 
-async fn accept_inner(framed: &mut FramedConn, identity: &ServerIdentity) -> Result<Hello, AcceptError> {
+/// Tells a connection that the server will not take it (too many connections) and closes it.
+pub async fn refuse_busy(stream: NetStream, why: String, timeout: Duration) {
+    let mut framed = Framed::new(stream, codec(HANDSHAKE_MAX_FRAME_BYTES));
+    let _ = tokio::time::timeout(
+        timeout,
+        framed.send(encode(&ServerMessage::Refused(Refusal::Busy(why)))),
+    )
+    .await;
+}
+
+async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, LengthDelimitedCodec>,
+    identity: &ServerIdentity,
+) -> Result<Hello, AcceptError> {
     let server_nonce = nonce();
     send(framed, &ServerMessage::Challenge { server_nonce }).await?;
     let hello = match framed.next().await {
         Some(Ok(bytes)) => match decode::<ClientMessage>(&bytes) {
             Ok(ClientMessage::Hello(h)) => h,
             Ok(_) => return Err(fatal(framed, "the first message must be a hello").await),
-            Err(e) => return Err(fatal(framed, &format!("malformed hello: {e}")).await),
+            Err(_) => return Err(fatal(framed, "malformed hello").await),
         },
         Some(Err(e)) => return Err(fatal(framed, &format!("bad frame: {e}")).await),
         None => return Err(AcceptError::Broken("closed before hello".into())),
     };
-    let refusal = if hello.protocol_version != PROTOCOL_VERSION
+    let secret = match identity.authority.secret_for(&hello.role) {
+        Err(refusal) => {
+            send(framed, &ServerMessage::Refused(refusal.clone())).await?;
+            return Err(AcceptError::Refused(refusal));
+        }
+        Ok(secret) => secret,
+    };
+    // An unknown identity costs the same HMAC as a known one with a wrong secret.
+    let known = secret.is_some();
+    let secret = secret.unwrap_or_else(|| nonce().to_vec());
+    let expected = client_proof(
+        &secret,
+        &server_nonce,
+        &hello.client_nonce,
+        &hello.array_name,
+        &hello.role,
+    );
+    let refusal = if !(proofs_equal(&hello.proof, &expected) && known) {
+        Some(Refusal::AuthenticationFailed)
+    } else if hello.protocol_version != PROTOCOL_VERSION
         || !versions_compatible(&hello.software_version, crate::protocol::SOFTWARE_VERSION)
     {
         // Same software version but another protocol (a development build): say so in the versions.
@@ -237,27 +411,8 @@ async fn accept_inner(framed: &mut FramedConn, identity: &ServerIdentity) -> Res
             expected: hello.array_name.clone(),
             actual: identity.array_name.clone(),
         })
-    } else if !proofs_equal(
-        &hello.proof,
-        &client_proof(
-            &identity.secret,
-            &server_nonce,
-            &hello.client_nonce,
-            &hello.array_name,
-            &hello.role,
-        ),
-    ) {
-        Some(Refusal::AuthenticationFailed)
     } else {
-        match (&hello.role, identity.accepts_peers) {
-            (ConnectionRole::Client, true) => Some(Refusal::WrongPort(
-                "this is a group port; clients use the client port".into(),
-            )),
-            (ConnectionRole::Peer { .. }, false) => Some(Refusal::WrongPort(
-                "this is a client port; peers use the group port".into(),
-            )),
-            _ => None,
-        }
+        None
     };
     if let Some(refusal) = refusal {
         send(framed, &ServerMessage::Refused(refusal.clone())).await?;
@@ -266,25 +421,27 @@ async fn accept_inner(framed: &mut FramedConn, identity: &ServerIdentity) -> Res
     let welcome = Welcome {
         software_version: crate::protocol::SOFTWARE_VERSION.to_string(),
         server_name: identity.server_name.clone(),
-        proof: server_proof(&identity.secret, &server_nonce, &hello.client_nonce),
-        config_toml: if identity.accepts_peers {
-            String::new()
-        } else {
-            identity.config_toml.clone()
-        },
+        proof: server_proof(&secret, &server_nonce, &hello.client_nonce),
+        config_toml: identity.config_toml.clone(),
     };
     send(framed, &ServerMessage::Welcome(welcome)).await?;
     Ok(hello)
 }
 
-async fn send(framed: &mut FramedConn, msg: &ServerMessage) -> Result<(), AcceptError> {
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, LengthDelimitedCodec>,
+    msg: &ServerMessage,
+) -> Result<(), AcceptError> {
     framed
         .send(encode(msg))
         .await
         .map_err(|e| AcceptError::Broken(format!("send: {e}")))
 }
 
-async fn fatal(framed: &mut FramedConn, why: &str) -> AcceptError {
+async fn fatal<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, LengthDelimitedCodec>,
+    why: &str,
+) -> AcceptError {
     let _ = framed.send(encode(&ServerMessage::Fatal(why.to_string()))).await;
     AcceptError::Broken(why.to_string())
 }

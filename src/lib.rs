@@ -5,16 +5,26 @@
 //!
 //! - [`protocol`]: every type that crosses a process boundary, the framing and the handshake proofs.
 //! - [`handshake`]: both sides of the connection handshake.
+//! - [`security`]: secrets, credentials and what a connection may do.
+//! - [`tls`]: TLS for every port (rustls), certificate rotation, a local CA for `up --tls`.
+//! - [`admission`]: bounds on the connections a listener takes.
+//! - [`http`]: serving an HTTP router with those bounds, plain or TLS.
+//! - [`log_throttle`]: rate-limited logging of events strangers can cause.
 //! - [`config`]: the cluster configuration document, its loading and validation.
 //! - [`slots`]: hash slots, how keys are spread over stripes.
 //! - [`client`]: `ArrayClient`, bootstrap from a URL list, routing and failover.
 //! - [`loadgen`]: the load generator of `ferrocotta bench` and the peer comparison.
 
+pub mod admission;
 pub mod client;
 pub mod config;
 pub mod handshake;
+pub mod http;
 pub mod loadgen;
+pub mod log_throttle;
 pub mod protocol;
+pub mod security;
 pub mod slots;
+pub mod tls;
 
 pub use client::{ArrayClient, ClientError, ClientSettings};

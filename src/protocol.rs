@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 /// Version of this protocol; a server refuses a client with another one.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The software version of this build.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -36,6 +36,18 @@ pub const NONCE_BYTES: usize = 32;
 
 /// Largest cache name.
 pub const MAX_CACHE_NAME_BYTES: usize = 256;
+
+/// Whether a cache name is acceptable: 1 to [`MAX_CACHE_NAME_BYTES`] bytes and no control
+/// characters (names appear in logs, metrics labels and pages, where a newline would forge a line).
+pub fn check_cache_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_CACHE_NAME_BYTES {
+        return Err(format!("cache names are 1 to {MAX_CACHE_NAME_BYTES} bytes"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("cache names may not hold control characters".into());
+    }
+    Ok(())
+}
 
 /// Largest number of keys in one `get_all` or `put_all` request.
 pub const MAX_BATCH_KEYS: usize = 10_000;
@@ -66,10 +78,16 @@ pub fn version_mismatch_message(client: &str, server: &str) -> String {
 pub enum ConnectionRole {
     /// An application client (ArrayClient).
     Client,
-    /// Another server of the array, sending Raft traffic.
+    /// Another server of the array, sending Raft traffic; proves the peer secret.
     Peer {
         /// Name of the connecting server.
         from: String,
+    },
+    /// An application client with a named credential of the credentials file (less than full
+    /// access); proves that credential's secret.
+    Credential {
+        /// Name of the credential.
+        name: String,
     },
 }
 
@@ -115,6 +133,8 @@ pub enum Refusal {
     AuthenticationFailed,
     /// The role is not served on this port.
     WrongPort(String),
+    /// The server holds as many connections as it may; try again later or elsewhere.
+    Busy(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -127,8 +147,11 @@ impl std::fmt::Display for Refusal {
                     "wrong array name: the client expects `{expected}`, the server belongs to `{actual}`"
                 )
             }
-            Refusal::AuthenticationFailed => f.write_str("authentication failed: the shared secret does not match"),
+            Refusal::AuthenticationFailed => {
+                f.write_str("authentication failed: the secret (or credential) does not match")
+            }
             Refusal::WrongPort(why) => write!(f, "wrong port: {why}"),
+            Refusal::Busy(why) => write!(f, "the server is busy: {why}"),
         }
     }
 }
@@ -581,6 +604,9 @@ pub enum ErrorReply {
     /// Anything else; the message says what.
     #[error("server error: {0}")]
     Internal(String),
+    /// The connection's credential may not do this (read or write this cache).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
 }
 
 /// A reply with the id of its request.
@@ -601,6 +627,9 @@ pub enum PeerRpc {
     Vote,
     /// openraft InstallSnapshot (one chunk).
     InstallSnapshot,
+    /// What the peer holds, for stripe formation (no payload; answered even before the peer's
+    /// Raft group is initialized).
+    Probe,
 }
 
 /// Messages a client (or peer) sends.
@@ -685,7 +714,7 @@ pub fn server_proof(secret: &[u8], server_nonce: &[u8; NONCE_BYTES], client_nonc
 
 /// Compares two proofs in constant time.
 pub fn proofs_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    crate::security::constant_time_eq(a, b)
 }
 
 /// A fresh nonce.

@@ -174,45 +174,56 @@ async fn verify_all_present(client: &ArrayClient, acknowledged: &BTreeMap<String
     }
 }
 
-/// Pristine servers take turns to initialize the stripe (the first at once, so a cold start does
-/// not split its first vote); without the first, the next one's turn comes and the stripe forms.
+/// A stripe is founded once, and only when all of its servers are present and empty: two of three
+/// pristine servers cannot tell a new stripe from one whose data only the third holds, so they
+/// wait; when the third starts, its first server founds the stripe and one election makes an
+/// active.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stripe_forms_without_its_first_server_which_joins_later() {
+async fn a_stripe_is_founded_only_when_all_its_servers_are_present() {
     let mut array = TestArray::configured(1, 3, |_| {});
     let servers = array.stripe_servers(0);
     let (first, rest) = servers.split_first().expect("three servers");
 
-    phase("only the second and third servers start, on pristine stores");
+    phase("only the second and third servers start, on pristine stores: they wait, nobody serves");
     for name in rest {
         array.spawn(name);
     }
-    let client = array.client().await;
-    let active = array.wait_active(&client, 0, Duration::from_secs(20)).await;
-    assert_ne!(&active, first);
-    common::put_retrying(&client, CACHE, b"formed", b"without the first").await;
-
-    phase("the first server starts later: it is reached by the stripe and catches up");
-    array.spawn(first);
-    array
-        .wait_status(first, Duration::from_secs(30), |s| {
-            s["caches"][CACHE].as_u64() == Some(1)
-        })
-        .await;
-    let reply = common::read_on(
-        &array,
-        first,
-        ferrocotta::protocol::Op::Get {
-            cache: CACHE.into(),
-            key: b"formed".to_vec(),
-            read: ferrocotta::protocol::ReadConsistency::Eventual,
-        },
-    )
-    .await;
-    assert_eq!(
-        reply,
-        ferrocotta::protocol::Reply::Value(Some(b"without the first".to_vec()))
+    let mut settings = array.settings();
+    settings.request_timeout = Duration::from_secs(2);
+    let client = ArrayClient::bootstrap(settings).await.expect("bootstrap");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for p in client.probe_all(Duration::from_secs(1)).await {
+        match p.result {
+            Ok(ferrocotta::protocol::Reply::Pong { role, term, leader, .. }) => {
+                assert_eq!(role, ferrocotta::protocol::Role::Mirror, "{}", p.name);
+                assert_eq!(
+                    (term, leader),
+                    (0, None),
+                    "{}: no election without the whole stripe",
+                    p.name
+                );
+            }
+            Ok(other) => panic!("{}: {other:?}", p.name),
+            Err(_) => assert_eq!(&p.name, first, "only the first server is absent"),
+        }
+    }
+    assert!(
+        client.put(CACHE, b"k", b"v").await.is_err(),
+        "a half-present stripe serves nothing"
     );
-    assert_eq!(array.wait_active(&client, 0, Duration::from_secs(20)).await, active);
+
+    phase("the first server starts: the stripe is founded and serves");
+    array.spawn(first);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    common::put_retrying(&client, CACHE, b"formed", b"with all three").await;
+    for name in &servers {
+        array
+            .wait_status(name, Duration::from_secs(20), |s| {
+                s["caches"][CACHE].as_u64() == Some(1)
+            })
+            .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,11 +134,12 @@ async fn authenticated_stream(array: &TestArray, name: &str) -> std::net::TcpStr
         array_name: Some(array.config.array_name.clone()),
         secret: array.secret.clone(),
         role: ConnectionRole::Client,
+        tls: None,
     };
     let (framed, _) = handshake::connect(&array.client_addr(name), &identity, Duration::from_secs(5), 1 << 20)
         .await
         .expect("handshake");
-    let stream = framed.into_inner().into_std().unwrap();
+    let stream = framed.into_inner().into_plain().expect("plain TCP").into_std().unwrap();
     stream.set_nonblocking(false).unwrap();
     stream
 }

@@ -109,7 +109,7 @@ fn log_append_flush(c: &mut Criterion) {
     // Under target/, not /tmp: the fsync must hit the disk the server's data would be on, and
     // /tmp may be a tmpfs where fsync costs nothing.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    let mut log = LogStore::open(&dir.path().join("raft")).expect("open the log store");
+    let (mut log, _) = LogStore::open(dir.path()).expect("open the log store");
     let stats = log.flush_stats();
     let mut next_index = 1u64;
 

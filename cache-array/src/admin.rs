@@ -1,6 +1,8 @@
 //! Admin HTTP (axum): config, status, health, metrics and a small dashboard.
 //!
-//! Every endpoint here only reads; none needs the admin token.
+//! Every endpoint here only reads and none needs a token; nothing here shows a secret (the config
+//! document names the files that hold them, never their content). Served by
+//! [`ferrocotta::http::serve`] with its bounds, plain or TLS.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,6 +18,9 @@ use serde::Serialize;
 use crate::log_store::FlushStats;
 use crate::metrics::Metrics;
 use crate::stripe::Stripe;
+
+/// Largest request body the admin port reads (its endpoints take none).
+pub const ADMIN_BODY_MAX_BYTES: usize = 4096;
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -76,6 +81,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/config", get(config))
         .route("/v1/status", get(status))
+        // Nothing here takes a body.
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_MAX_BYTES))
         .with_state(state)
 }
 
@@ -127,7 +134,7 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     let st = status_of(&s);
     let mut out = String::new();
     s.metrics.render(&mut out);
-    let labels = format!("server=\"{}\",stripe=\"{}\"", st.name, st.stripe);
+    let labels = format!("server=\"{}\",stripe=\"{}\"", label_value(&st.name), st.stripe);
     let _ = writeln!(out, "# TYPE ferrocotta_raft_term gauge");
     let _ = writeln!(out, "ferrocotta_raft_term{{{labels}}} {}", st.term);
     let _ = writeln!(out, "# TYPE ferrocotta_raft_is_active gauge");
@@ -153,10 +160,25 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         let _ = writeln!(
             out,
             "ferrocotta_cache_entries{{{labels},cache=\"{}\"}} {n}",
-            cache.replace('"', "'")
+            label_value(cache)
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// A label value escaped as the Prometheus text format requires (backslash, double quote and
+/// newline), so no name can end a line or forge another metric.
+pub fn label_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn escape(s: &str) -> String {
@@ -192,4 +214,15 @@ async fn dashboard(State(s): State<Arc<AdminState>>) -> Html<String> {
         applied = st.applied_index,
         conns = st.client_connections,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_cannot_break_a_line() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert!(!label_value("x\nferrocotta_forged 1").contains('\n'));
+    }
 }

@@ -1,14 +1,17 @@
 //! One ferrocotta array server: a member of a stripe, replicated with openraft, durable in sled.
 //!
 //! - [`types`]: the openraft type configuration and the log entry payload.
-//! - [`log_store`]: the Raft log and vote in sled, with group commit.
+//! - [`log_store`]: the Raft log and vote in sled, with group commit, verified at open.
+//! - [`mark`]: the small file that tells a log that lost entries from a healthy one.
+//! - [`data_folder`]: a server's data folder opened verified, and `cache-array repair`.
+//! - [`formation`]: founding a stripe once, joining after lost data, when a server may vote.
 //! - [`store`]: the replicated data: caches with expiry and eviction, sessions, locks.
 //! - [`sessions`]: client sessions in the store: open, end, what ending releases.
 //! - [`locks`]: exclusive and shared locks with ordered waiters.
 //! - [`state_machine`]: the store behind openraft's state machine, checksummed snapshots on disk.
 //! - [`compaction`]: snapshots by log size, staggered over the servers of a stripe.
 //! - [`upkeep`]: the active's duties: keep-alives, access-time batches, expiry sweeps.
-//! - [`network`]: Raft traffic between servers on the group port.
+//! - [`network`]: Raft traffic between servers on the group port, peers authenticated as themselves.
 //! - [`stripe`]: the Raft node of this server, stripe formation, safe writes and read-index reads.
 //! - [`service`]: the client port.
 //! - [`admin`]: admin HTTP.
@@ -17,8 +20,11 @@
 
 pub mod admin;
 pub mod compaction;
+pub mod data_folder;
+pub mod formation;
 pub mod locks;
 pub mod log_store;
+pub mod mark;
 pub mod metrics;
 pub mod network;
 pub mod server;

@@ -1,14 +1,21 @@
 //! The Raft log, vote and committed index, durable in sled.
 //!
-//! Layout: tree `log` maps the big-endian index to `crc32 || postcard(entry)`; tree `meta` holds the
-//! vote, the committed log id and the last purged log id. Every read of an entry verifies its
-//! checksum, so a corrupt log is reported, never served.
+//! Layout: under the server's data folder, `raft/` is the sled database and `raft.mark` the mark
+//! ([`crate::mark`]). Tree `log` maps the big-endian index to `crc32 || postcard(entry)`; tree
+//! `meta` holds the format version, the vote, the committed log id and the last purged log id.
+//! Every read of an entry verifies its checksum, so a corrupt entry is reported, never served.
+//!
+//! Damage: opening the store verifies every entry (checksum, decoding, no gap) and that the log
+//! holds at least what the mark says: the vote, the purge point and the last durable entry. sled
+//! drops whatever follows a damaged record in its own files without an error, so only the mark
+//! can tell a log that lost acknowledged entries from a healthy one. A damaged store is refused
+//! with [`StoreDamage`], naming the folder and what is wrong; the server does not start.
 //!
 //! Group commit: appends write into sled without syncing and hand their completion callback to
-//! one flusher thread. The flusher takes every callback that is waiting, runs one `flush` (fsync),
-//! then completes them all; so under load one fsync covers many appends. The vote goes through the
-//! same flusher and is durable before `save_vote` returns. openraft is told an append is complete
-//! only after the fsync that covers it.
+//! one flusher thread. The flusher takes every callback that is waiting, copies the mark as it
+//! stands, runs one `flush` (fsync), writes that mark (a second, small fsync), then completes them
+//! all; so under load two fsyncs cover many appends. The vote goes through the same flusher and
+//! is durable before `save_vote` returns. openraft is told an append is complete only after both.
 //!
 //! Purging: `purge` makes the new purge point durable and returns; one background thread deletes
 //! the entries below it in small batches. Deleting tens of thousands of sled keys in one batch took
@@ -18,20 +25,59 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
 use tokio::sync::oneshot;
 
+use crate::mark::{Mark, MarkFile, Standing};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
+const KEY_FORMAT: &[u8] = b"format";
+
+/// Format version of the log store this build writes: the layout above, entries encoded as
+/// `crate::types::Entry`, and the mark. A store of a newer format is refused at start.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+
+/// The sled database's folder inside a server's data folder.
+pub const LOG_DIR: &str = "raft";
+/// The mark's file inside a server's data folder.
+pub const MARK_FILE: &str = "raft.mark";
+
+/// A log store that must not be used, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("the Raft log in {dir} is damaged: {what}")]
+pub struct StoreDamage {
+    /// The server's data folder.
+    pub dir: PathBuf,
+    /// What is wrong.
+    pub what: String,
+}
+
+/// What opening a store found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenedLog {
+    /// No vote, no entry, nothing purged: this server has never been part of a stripe (or its
+    /// data is gone).
+    pub pristine: bool,
+    /// Its standing in the stripe.
+    pub standing: Standing,
+    /// The last entry's log id (or the purge point when every entry was purged).
+    pub last_log_id: Option<LogId>,
+    /// The purge point.
+    pub purged: Option<LogId>,
+    /// The vote.
+    pub vote: Option<Vote>,
+    /// Entries verified.
+    pub entries: u64,
+}
 
 /// Encoded log bytes one AppendEntries call carries at most (a single larger entry goes alone).
 pub const REPLICATION_BATCH_BYTES_MAX: usize = 1024 * 1024;
@@ -44,6 +90,15 @@ const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Log entries the purger deletes per sled batch.
 const PURGE_CHUNK: usize = 1024;
+
+/// The mark file and what the next mark will say.
+struct Marker {
+    /// The file (written by the flusher thread only, and at open).
+    file: Mutex<MarkFile>,
+    /// The next mark: appends, votes, purges and truncations update it before they ask for a
+    /// flush; the flusher copies it before its fsync and writes the copy after.
+    next: Mutex<Mark>,
+}
 
 /// Who waits for a flush.
 enum FlushWaiter {
@@ -76,6 +131,8 @@ pub struct LogStore {
     /// Encoded bytes of the entries appended since the store was opened (compaction reads it).
     appended: Arc<AtomicU64>,
     stats: Arc<FlushStats>,
+    /// The mark.
+    marker: Arc<Marker>,
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
@@ -86,19 +143,223 @@ fn corrupt(what: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what)
 }
 
+/// What a store holds, read and verified at open.
+struct Found {
+    format: Option<u32>,
+    vote: Option<Vote>,
+    purged: Option<LogId>,
+    /// Log id of the last entry above the purge point.
+    last_entry: Option<LogId>,
+    /// Entries above the purge point, each verified.
+    entries: u64,
+    /// The entries' log ids, by index (to check the mark's last entry).
+    ids: std::collections::BTreeMap<u64, LogId>,
+}
+
+fn read_meta<T: serde::de::DeserializeOwned>(meta: &sled::Tree, key: &[u8]) -> Result<Option<T>, String> {
+    let name = String::from_utf8_lossy(key).into_owned();
+    match meta.get(key).map_err(|e| format!("cannot read `{name}`: {e}"))? {
+        None => Ok(None),
+        Some(bytes) => postcard::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|e| format!("the stored `{name}` is undecodable: {e}")),
+    }
+}
+
+impl Found {
+    /// Reads the meta and verifies every entry above the purge point: checksum, decoding, index,
+    /// and no gap.
+    fn read(log: &sled::Tree, meta: &sled::Tree) -> Result<Found, String> {
+        let format: Option<u32> = read_meta(meta, KEY_FORMAT)?;
+        let vote: Option<Vote> = read_meta(meta, KEY_VOTE)?;
+        let purged: Option<LogId> = read_meta(meta, KEY_LAST_PURGED)?;
+        let first = purged.map_or(0, |p| p.index + 1);
+        let mut ids = std::collections::BTreeMap::new();
+        for (expected, item) in (first..).zip(log.range(first.to_be_bytes()..)) {
+            let (k, v) = item.map_err(|e| format!("the log cannot be read: {e}"))?;
+            let index = k
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| "a log key is not an index".to_string())?;
+            if index != expected {
+                return Err(format!(
+                    "entry {expected} is missing (the next one is {index}): the log has a gap"
+                ));
+            }
+            let entry = LogStore::decode_entry(index, &v).map_err(|e| e.to_string())?;
+            if entry.log_id.index != index {
+                return Err(format!("entry {index} holds the entry of index {}", entry.log_id.index));
+            }
+            ids.insert(index, entry.log_id);
+        }
+        Ok(Found {
+            format,
+            vote,
+            purged,
+            last_entry: ids.values().next_back().copied(),
+            entries: ids.len() as u64,
+            ids,
+        })
+    }
+
+    fn is_pristine(&self) -> bool {
+        self.vote.is_none() && self.purged.is_none() && self.ids.is_empty()
+    }
+
+    /// Whether the log holds at least what the mark says it held.
+    fn check_against(&self, mark: &Mark, format: u32) -> Result<(), String> {
+        if format > STORE_FORMAT_VERSION || mark.format > STORE_FORMAT_VERSION {
+            return Err(format!(
+                "it was written in store format {}, and this build reads formats up to {STORE_FORMAT_VERSION}: \
+                 run the newer ferrocotta that wrote it",
+                format.max(mark.format)
+            ));
+        }
+        if let Some(want) = mark.vote {
+            let ok = self.vote.is_some_and(|have| {
+                matches!(
+                    have.partial_cmp(&want),
+                    Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+                )
+            });
+            if !ok {
+                return Err(format!(
+                    "its vote went back: the mark says {want}, the database {}",
+                    self.vote.map(|v| v.to_string()).unwrap_or_else(|| "none".into())
+                ));
+            }
+        }
+        if mark.purged > self.purged {
+            return Err(format!(
+                "its purge point went back: the mark says {:?}, the database {:?}",
+                mark.purged.map(|p| p.index),
+                self.purged.map(|p| p.index)
+            ));
+        }
+        if let Some(last) = mark.last_log_id {
+            let covered_by_purge = self.purged.is_some_and(|p| p.index >= last.index);
+            if !covered_by_purge {
+                match self.ids.get(&last.index) {
+                    Some(id) if *id == last => {}
+                    Some(id) => {
+                        return Err(format!(
+                            "entry {} is from term {}, but the mark says term {}: the log was rewritten",
+                            last.index, id.leader_id.term, last.leader_id.term
+                        ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "it ends at entry {}, but the mark says entries up to {} were durable: acknowledged entries are lost",
+                            self.last_entry.map(|l| l.index.to_string()).unwrap_or_else(|| "none".into()),
+                            last.index
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl LogStore {
-    /// Opens (or creates) the log under `dir` and starts its flusher and purger threads.
-    pub fn open(dir: &Path) -> anyhow::Result<LogStore> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+    /// Opens (or creates) the log in the server's data folder `data_dir`, verifies it against its
+    /// mark, and starts its flusher and purger threads. A damaged log is a [`StoreDamage`].
+    pub fn open(data_dir: &Path) -> anyhow::Result<(LogStore, OpenedLog)> {
+        let damage = |what: String| StoreDamage {
+            dir: data_dir.to_path_buf(),
+            what,
+        };
+        std::fs::create_dir_all(data_dir)?;
+        let mark_path = data_dir.join(MARK_FILE);
+        let mark = MarkFile::open(&mark_path).map_err(|e| damage(e.to_string()))?;
+        let db = match sled::Config::new()
+            .path(data_dir.join(LOG_DIR))
+            .mode(sled::Mode::HighThroughput)
+            .open()
+        {
+            Ok(db) => db,
+            // Another process holds the folder: not damage, and nothing to repair.
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                anyhow::bail!(
+                    "the data folder {} is in use by another process (is this server already running?): {e}",
+                    data_dir.display()
+                )
+            }
+            Err(e) => return Err(damage(format!("the database cannot be opened: {e}")).into()),
+        };
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
+        let found = Found::read(&log, &meta).map_err(damage)?;
+        let (mark_file, mark) = match (mark, found.format) {
+            (Some((file, mark)), Some(format)) => {
+                found.check_against(&mark, format).map_err(damage)?;
+                (file, mark)
+            }
+            (None, None) => {
+                // Pristine, or a store written before the mark existed: adopt what is there.
+                if !found.is_pristine() {
+                    tracing::info!(
+                        event = "log_store.adopted",
+                        entries = found.entries,
+                        "a log without a mark: adopting it"
+                    );
+                }
+                meta.insert(KEY_FORMAT, postcard::to_allocvec(&STORE_FORMAT_VERSION)?)?;
+                db.flush()?;
+                let mark = Mark {
+                    format: STORE_FORMAT_VERSION,
+                    vote: found.vote,
+                    last_log_id: found.last_entry,
+                    purged: found.purged,
+                    ..Mark::default()
+                };
+                (
+                    MarkFile::create(&mark_path, &mark).map_err(|e| damage(e.to_string()))?,
+                    mark,
+                )
+            }
+            (None, Some(_)) => {
+                return Err(damage(format!(
+                    "its mark ({}) is missing, so lost entries cannot be ruled out",
+                    mark_path.display()
+                ))
+                .into())
+            }
+            (Some(_), None) => {
+                return Err(damage(format!(
+                    "the database in {} is empty or was replaced, but the mark says it held a log",
+                    data_dir.join(LOG_DIR).display()
+                ))
+                .into())
+            }
+        };
+        let opened = OpenedLog {
+            pristine: found.is_pristine(),
+            standing: mark.standing,
+            last_log_id: found.last_entry.max(found.purged),
+            purged: found.purged,
+            vote: found.vote,
+            entries: found.entries,
+        };
+        let marker = Arc::new(Marker {
+            file: Mutex::new(mark_file),
+            next: Mutex::new(Mark {
+                format: STORE_FORMAT_VERSION,
+                vote: found.vote,
+                last_log_id: found.last_entry.max(found.purged),
+                purged: found.purged,
+                ..mark
+            }),
+        });
         let (tx, rx) = std_mpsc::sync_channel::<FlushWaiter>(FLUSH_QUEUE_MAX);
         let stats = Arc::new(FlushStats::default());
         let flush_db = db.clone();
         let flush_stats = stats.clone();
+        let flush_marker = marker.clone();
         std::thread::Builder::new()
             .name("log-flusher".into())
-            .spawn(move || flusher(flush_db, rx, flush_stats))
+            .spawn(move || flusher(flush_db, flush_marker, rx, flush_stats))
             .expect("spawn the log flusher thread");
         let (purge_tx, purge_rx) = std_mpsc::channel::<u64>();
         let purge_log = log.clone();
@@ -115,16 +376,25 @@ impl LogStore {
             first_readable: Arc::new(AtomicU64::new(0)),
             appended: Arc::new(AtomicU64::new(0)),
             stats,
+            marker,
         };
-        let last_purged: Option<LogId> = store
-            .get_meta(KEY_LAST_PURGED)
-            .map_err(|e| anyhow::anyhow!("cannot read the purge point: {e}"))?;
-        if let Some(purged) = last_purged {
+        if let Some(purged) = found.purged {
             // Entries a crash left below the purge point: hidden now, deleted in the background.
             store.first_readable.store(purged.index + 1, Ordering::Release);
             let _ = store.purger.send(purged.index);
         }
-        Ok(store)
+        Ok((store, opened))
+    }
+
+    /// Records this server's standing in its stripe, durably.
+    pub async fn set_standing(&self, standing: Standing) -> Result<(), StorageError> {
+        self.marker.next.lock().expect("mark lock").standing = standing;
+        self.flush().await
+    }
+
+    /// This server's standing as last set.
+    pub fn standing(&self) -> Standing {
+        self.marker.next.lock().expect("mark lock").standing
     }
 
     /// Encoded bytes of the entries appended since the store was opened.
@@ -279,8 +549,8 @@ fn purger(log: sled::Tree, rx: std_mpsc::Receiver<u64>) {
     }
 }
 
-/// The flusher thread: one fsync per batch of waiters.
-fn flusher(db: sled::Db, rx: std_mpsc::Receiver<FlushWaiter>, stats: Arc<FlushStats>) {
+/// The flusher thread: per batch of waiters, one fsync of the database and one write of the mark.
+fn flusher(db: sled::Db, marker: Arc<Marker>, rx: std_mpsc::Receiver<FlushWaiter>, stats: Arc<FlushStats>) {
     use std::sync::atomic::Ordering::Relaxed;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -288,7 +558,17 @@ fn flusher(db: sled::Db, rx: std_mpsc::Receiver<FlushWaiter>, stats: Arc<FlushSt
             batch.push(more);
         }
         let started = std::time::Instant::now();
-        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        // Copied before the fsync: everything the copy counts was written to sled before it, so
+        // the mark never claims more than the fsync made durable.
+        let mark = marker.next.lock().expect("mark lock").clone();
+        let result = db.flush().map_err(|e| e.to_string()).and_then(|_| {
+            marker
+                .file
+                .lock()
+                .expect("mark lock")
+                .write(mark)
+                .map_err(|e| e.to_string())
+        });
         let took = started.elapsed();
         if took > SLOW_FLUSH {
             tracing::warn!(
@@ -377,6 +657,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         self.put_meta(KEY_VOTE, vote)?;
+        self.marker.next.lock().expect("mark lock").vote = Some(*vote);
         self.flush().await
     }
 
@@ -409,15 +690,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         let mut bytes = 0u64;
+        let mut last = None;
         for entry in entries {
             let encoded = Self::encode_entry(&entry);
             bytes += encoded.len() as u64;
             batch.insert(&entry.log_id.index.to_be_bytes(), encoded);
+            last = Some(entry.log_id);
         }
         self.appended.fetch_add(bytes, Ordering::Relaxed);
         self.log
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        if last.is_some() {
+            self.marker.next.lock().expect("mark lock").last_log_id = last;
+        }
         self.flusher.send(FlushWaiter::Append(callback)).map_err(|_| {
             io_err(
                 ErrorSubject::Logs,
@@ -429,6 +715,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // The mark moves back first, and durably: a crash before the entries go leaves the log
+        // ahead of the mark (allowed), never behind it.
+        let new_last = match log_id.index.checked_sub(1) {
+            None => None,
+            Some(prev) if prev < self.first_readable() => self.get_meta::<LogId>(KEY_LAST_PURGED)?,
+            Some(prev) => self.try_get_log_entries(prev..=prev).await?.pop().map(|e| e.log_id),
+        };
+        self.marker.next.lock().expect("mark lock").last_log_id = new_last;
+        self.flush().await?;
         let mut batch = sled::Batch::default();
         for item in self.log.range(log_id.index.to_be_bytes()..) {
             let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
@@ -446,6 +741,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // The purge point is durable before any entry goes: a crash in between leaves extra
         // entries below it (hidden, deleted at the next open), never a gap.
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
+        {
+            let mut next = self.marker.next.lock().expect("mark lock");
+            next.purged = Some(log_id);
+            next.last_log_id = next.last_log_id.max(Some(log_id));
+        }
         self.flush().await?;
         self.first_readable.fetch_max(log_id.index + 1, Ordering::AcqRel);
         self.purger.send(log_id.index).map_err(|_| {
@@ -470,6 +770,7 @@ mod tests {
     use openraft::storage::RaftLogStorageExt;
     use openraft::testing::log_id;
     use openraft::EntryPayload;
+    use std::path::Path;
 
     use super::*;
 
@@ -478,6 +779,144 @@ mod tests {
             log_id: log_id(1, 1, index),
             payload: EntryPayload::Blank,
         }
+    }
+
+    /// Opens a store in `dir` again once the threads of a dropped one let go of the database.
+    fn reopen(dir: &Path) -> anyhow::Result<(LogStore, OpenedLog)> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match LogStore::open(dir) {
+                Err(e) if e.downcast_ref::<StoreDamage>().is_none() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A store in `dir` holding entries 0..=last (blank, term 1), then closed.
+    async fn store_with(dir: &Path, last: u64) {
+        let (mut log, opened) = LogStore::open(dir).expect("open");
+        assert!(opened.pristine);
+        log.save_vote(&Vote::new_committed(1, 1)).await.expect("vote");
+        log.blocking_append((0..=last).map(blank)).await.expect("append");
+    }
+
+    /// Opens the sled database of a closed store directly, as damage would find it.
+    fn raw_db(dir: &Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match sled::open(dir.join(LOG_DIR)) {
+                Ok(db) => return db,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("open sled: {e}"),
+            }
+        }
+    }
+
+    fn damage_of(result: anyhow::Result<(LogStore, OpenedLog)>) -> String {
+        match result {
+            Ok(_) => panic!("a damaged log was opened"),
+            Err(e) => e
+                .downcast::<StoreDamage>()
+                .map(|d| d.to_string())
+                .unwrap_or_else(|e| panic!("not a damage report: {e:#}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_healthy_store_reopens_with_what_it_held() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with(dir.path(), 50).await;
+        let (_, opened) = reopen(dir.path()).expect("reopen");
+        assert!(!opened.pristine);
+        assert_eq!(opened.entries, 51);
+        assert_eq!(opened.last_log_id.map(|l| l.index), Some(50));
+        assert_eq!(opened.standing, Standing::Member);
+    }
+
+    /// What sled does to a damaged file (replays up to the damage, drops the rest, no error):
+    /// entries the mark counts as durable are gone.
+    #[tokio::test]
+    async fn a_log_that_lost_its_tail_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with(dir.path(), 100).await;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        {
+            let db = raw_db(dir.path());
+            let log = db.open_tree("log").unwrap();
+            for i in 60..=100u64 {
+                log.remove(i.to_be_bytes()).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let what = damage_of(reopen(dir.path()));
+        assert!(
+            what.contains("acknowledged entries are lost") && what.contains("100"),
+            "{what}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_entry_or_a_gap_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with(dir.path(), 20).await;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        {
+            let db = raw_db(dir.path());
+            let log = db.open_tree("log").unwrap();
+            let mut bytes = log.get(7u64.to_be_bytes()).unwrap().unwrap().to_vec();
+            let at = bytes.len() - 1;
+            bytes[at] ^= 0x55;
+            log.insert(7u64.to_be_bytes(), bytes).unwrap();
+            db.flush().unwrap();
+        }
+        let what = damage_of(reopen(dir.path()));
+        assert!(what.contains("log entry 7") && what.contains("checksum"), "{what}");
+        {
+            let db = raw_db(dir.path());
+            let log = db.open_tree("log").unwrap();
+            log.remove(7u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let what = damage_of(reopen(dir.path()));
+        assert!(what.contains("entry 7 is missing"), "{what}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_mark_or_a_missing_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with(dir.path(), 5).await;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mark = dir.path().join(MARK_FILE);
+        std::fs::rename(&mark, dir.path().join("mark.aside")).unwrap();
+        let what = damage_of(reopen(dir.path()));
+        assert!(what.contains("mark") && what.contains("missing"), "{what}");
+        std::fs::rename(dir.path().join("mark.aside"), &mark).unwrap();
+        std::fs::remove_dir_all(dir.path().join(LOG_DIR)).unwrap();
+        let what = damage_of(reopen(dir.path()));
+        assert!(what.contains("the mark says it held a log"), "{what}");
+    }
+
+    #[tokio::test]
+    async fn a_vote_that_went_back_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut log, _) = LogStore::open(dir.path()).expect("open");
+            log.save_vote(&Vote::new(3, 2)).await.expect("vote");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        {
+            let db = raw_db(dir.path());
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(KEY_VOTE, postcard::to_allocvec(&Vote::new(2, 2)).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let what = damage_of(reopen(dir.path()));
+        assert!(what.contains("vote went back"), "{what}");
     }
 
     /// Waits (bounded) until the purger has deleted everything at or below `index`.
@@ -495,7 +934,7 @@ mod tests {
     #[tokio::test]
     async fn purged_entries_are_never_served_and_are_deleted_in_the_background() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut log = LogStore::open(dir.path()).expect("open");
+        let mut log = LogStore::open(dir.path()).expect("open").0;
         log.blocking_append((1..=5000).map(blank)).await.expect("append");
 
         log.purge(log_id(1, 1, 4000)).await.expect("purge");
@@ -516,7 +955,7 @@ mod tests {
     async fn entries_a_crash_left_below_the_purge_point_are_hidden_and_deleted_at_open() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
-            let mut log = LogStore::open(dir.path()).expect("open");
+            let mut log = LogStore::open(dir.path()).expect("open").0;
             log.blocking_append((1..=100).map(blank)).await.expect("append");
             // What a crash right after the durable purge point leaves: the point, every entry.
             let purge_point: LogId = log_id(1, 1, 100);
@@ -528,7 +967,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut log = loop {
             match LogStore::open(dir.path()) {
-                Ok(log) => break log,
+                Ok((log, _)) => break log,
                 Err(e) if std::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "the first store still holds the database");
                     std::thread::sleep(std::time::Duration::from_millis(20));

@@ -1,9 +1,12 @@
 //! `cache-array --config cluster.toml --name a1`: runs one array server.
+//! `cache-array repair --config cluster.toml --name a1 [--wipe | --allow-vote]`: checks its data
+//! folder, or sets a damaged one aside (docs/security.md).
 
 use std::path::PathBuf;
 
+use cache_array::data_folder::{repair, RepairAction};
 use cache_array::server::{run, ServerOptions};
-use clap::Parser;
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of the system allocator: see docs/performance.md (allocation was about 16% of
@@ -13,17 +16,56 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// One server of a ferrocotta cache array.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    server: Server,
+    /// Log format: `text` or `json`.
+    #[arg(long, default_value = "text", global = true)]
+    log_format: String,
+}
+
+#[derive(Debug, ClapArgs)]
+struct Server {
     /// The cluster configuration file (identical on every server).
+    #[arg(long, env = "FERROCOTTA_CONFIG", required = true)]
+    config: Option<PathBuf>,
+    /// The name of this server in the configuration.
+    #[arg(long, env = "FERROCOTTA_NAME", required = true)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a stopped server's data folder (exit 0 healthy, 1 damaged); with --wipe set it aside
+    /// so the server rejoins its stripe empty and is caught up by its peers.
+    Repair(RepairArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+struct RepairArgs {
+    /// The cluster configuration file.
     #[arg(long, env = "FERROCOTTA_CONFIG")]
     config: PathBuf,
-    /// The name of this server in the configuration.
+    /// The server whose data folder to look at.
     #[arg(long, env = "FERROCOTTA_NAME")]
     name: String,
-    /// Log format: `text` or `json`.
-    #[arg(long, default_value = "text")]
-    log_format: String,
+    /// Rename the data folder (kept as `<folder>.damaged-<time>`) and start an empty one that
+    /// joins its stripe: it neither votes nor campaigns until the active has caught it up.
+    #[arg(long, conflicts_with = "allow_vote")]
+    wipe: bool,
+    /// Let a joining server vote before it is caught up: only when most of its stripe lost its
+    /// data and the servers that kept theirs must be elected (what only the lost folders held is
+    /// gone).
+    #[arg(long)]
+    allow_vote: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +78,30 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Some(Command::Repair(r)) = args.command {
+        let action = if r.wipe {
+            RepairAction::Wipe
+        } else if r.allow_vote {
+            RepairAction::AllowVote
+        } else {
+            RepairAction::Check
+        };
+        return match runtime.block_on(repair(&r.config, &r.name, action)) {
+            Ok(code) => std::process::ExitCode::from(code),
+            Err(e) => {
+                eprintln!("cache-array repair: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
+    match ferrocotta::admission::raise_open_files_limit() {
+        Ok(n) => tracing::debug!(event = "server.open_files_limit", limit = n),
+        Err(e) => tracing::warn!(event = "server.open_files_limit", error = %e),
+    }
+    let (Some(config), Some(name)) = (args.server.config, args.server.name) else {
+        eprintln!("cache-array: --config and --name are required");
+        return std::process::ExitCode::from(2);
+    };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
@@ -46,8 +112,8 @@ fn main() -> std::process::ExitCode {
         });
         run(
             ServerOptions {
-                config_path: args.config,
-                name: args.name,
+                config_path: config,
+                name,
             },
             shutdown,
         )

@@ -2,8 +2,15 @@
 //!
 //! Outgoing: openraft asks [`PeerNetworkFactory`] for a client per target; every client for the
 //! same target shares one pipelined, authenticated connection (the root crate's
-//! [`Connection`]), re-dialled when it breaks. Incoming: [`serve_peers`] accepts authenticated
-//! peers and hands each call to the local Raft node.
+//! [`Connection`]), re-dialled when it breaks. Incoming: [`PeerService::serve`] accepts
+//! authenticated peers and hands each call to the local Raft node.
+//!
+//! Who may talk here: a peer proves the **peer secret**, which no client holds (a client
+//! credential is refused on this port whatever its secret), names itself, and must be another
+//! server of this stripe; with TLS its certificate must name it too. Every Raft message it then
+//! sends must come from the node it authenticated as: an AppendEntries, Vote or InstallSnapshot
+//! whose vote names another node is a forgery, logged, and ends the connection. Votes also pass
+//! the [`VoteGate`]: a server that is joining after losing its data does not vote.
 //!
 //! openraft's messages travel as postcard bytes inside the protocol's `PeerCall`/`PeerReply`
 //! frames, so the protocol module stays free of openraft.
@@ -12,10 +19,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferrocotta::admission::Admission;
 use ferrocotta::client::{CallError, Connection};
-use ferrocotta::handshake::{self, ClientIdentity, ServerIdentity};
-use ferrocotta::protocol::{decode, encode, ClientMessage, PeerRpc, ServerMessage};
-use futures::StreamExt;
+use ferrocotta::handshake::{self, ClientIdentity, FrameDeadlines, ServerIdentity};
+use ferrocotta::log_throttle::LogThrottle;
+use ferrocotta::protocol::{decode, encode, ClientMessage, ConnectionRole, PeerRpc, Refusal, ServerMessage};
+use ferrocotta::tls::{NetStream, ServerTls};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -29,6 +38,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::formation::{ProbeReply, VoteGate};
+use crate::log_store::LogStore;
+use crate::mark::Standing;
 use crate::types::{NodeId, Raft, TypeConfig};
 
 /// Longest a dial to a peer may take before the call is reported unreachable.
@@ -130,7 +142,7 @@ impl PeerNetwork {
         )
         .await
         .map_err(|e| LinkError(format!("dial {}: {e}", self.link.addr)))?;
-        let conn = Connection::start(framed, welcome);
+        let conn = Connection::start(framed, welcome, None);
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -201,107 +213,265 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     }
 }
 
-/// Accepts peers on the group port until `shutdown`.
-pub async fn serve_peers(
-    listener: TcpListener,
-    raft: Raft,
-    identity: Arc<ServerIdentity>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, remote) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(event = "peer.accept_failed", error = %e);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let raft = raft.clone();
-        let identity = identity.clone();
-        let shutdown = shutdown.clone();
-        let inner_tracker = tracker.clone();
-        tracker.spawn(async move {
-            let (framed, hello) =
-                match handshake::accept(stream, &identity, Duration::from_secs(5), PEER_MAX_FRAME_BYTES).await {
-                    Ok(ok) => ok,
-                    Err(e) => {
-                        tracing::warn!(event = "peer.handshake_failed", remote = %remote, error = %e);
-                        return;
-                    }
-                };
-            tracing::debug!(event = "peer.connected", remote = %remote, role = ?hello.role);
-            serve_peer_connection(framed, raft, shutdown, inner_tracker).await;
-        });
+/// Asks a peer what it holds (stripe formation), over a connection of its own.
+pub async fn probe_peer(addr: &str, identity: &ClientIdentity, timeout: Duration) -> Result<ProbeReply, String> {
+    let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_MAX_FRAME_BYTES)
+        .await
+        .map_err(|e| e.to_string())?;
+    let conn = Connection::start(framed, welcome, None);
+    let bytes = conn
+        .call_peer(PeerRpc::Probe, Vec::new(), timeout)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    postcard::from_bytes(&bytes).map_err(|e| format!("undecodable probe reply: {e}"))
+}
+
+/// Which secret proves which role on the group port: only the peer secret, only for the other
+/// servers of this stripe.
+pub struct PeerAuthority {
+    /// The peer secret.
+    pub peer_secret: Vec<u8>,
+    /// Names of the other servers of this stripe.
+    pub peers: HashMap<String, NodeId>,
+}
+
+impl handshake::Authority for PeerAuthority {
+    fn secret_for(&self, role: &ConnectionRole) -> Result<Option<Vec<u8>>, Refusal> {
+        match role {
+            ConnectionRole::Peer { from } => Ok(self.peers.contains_key(from).then(|| self.peer_secret.clone())),
+            ConnectionRole::Client | ConnectionRole::Credential { .. } => Err(Refusal::WrongPort(
+                "this is a group port; clients use the client port".into(),
+            )),
+        }
     }
 }
 
-async fn serve_peer_connection(
-    framed: handshake::FramedConn,
-    raft: Raft,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let (sink, mut stream) = framed.split();
-    let (tx, rx) = mpsc::channel::<bytes::Bytes>(PEER_REPLY_QUEUE_MAX);
-    let writer = tokio::spawn(handshake::write_frames(sink, rx));
-    let in_flight = Arc::new(Semaphore::new(PEER_CALLS_IN_FLIGHT_MAX));
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            n = stream.next() => n,
-        };
-        let bytes = match next {
-            None => break,
-            Some(Err(e)) => {
-                tracing::warn!(event = "peer.bad_frame", error = %e);
-                let _ = tx.send(encode(&ServerMessage::Fatal(format!("bad frame: {e}")))).await;
-                break;
-            }
-            Some(Ok(b)) => b,
-        };
-        let (id, rpc, payload) = match decode::<ClientMessage>(&bytes) {
-            Ok(ClientMessage::PeerCall { id, rpc, payload }) => (id, rpc, payload),
-            Ok(_) => {
-                let _ = tx
-                    .send(encode(&ServerMessage::Fatal("only Raft calls are served here".into())))
+/// The group port.
+pub struct PeerService {
+    /// The local Raft node.
+    pub raft: Raft,
+    /// Handshake identity (group port flavour, with a [`PeerAuthority`]).
+    pub identity: ServerIdentity,
+    /// The other servers of this stripe by name.
+    pub peers: HashMap<String, NodeId>,
+    /// TLS; with it, a peer's certificate must name the server it claims to be.
+    pub tls: Option<Arc<ServerTls>>,
+    /// Connection bounds.
+    pub admission: Admission,
+    /// Handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Frame deadlines after it.
+    pub deadlines: FrameDeadlines,
+    /// Whether this server may vote.
+    pub gate: Arc<VoteGate>,
+    /// The log, for the standing a probe reports.
+    pub log: LogStore,
+}
+
+static HANDSHAKE_FAILED: LogThrottle = LogThrottle::new();
+static REFUSED: LogThrottle = LogThrottle::new();
+
+impl PeerService {
+    /// Accepts peers on the group port until `shutdown`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, tracker: TaskTracker) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(event = "peer.accept_failed", error = %e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let mut admitted = match self.admission.admit(remote.ip()) {
+                Ok(a) => a,
+                Err(why) => {
+                    if let Some(suppressed) = REFUSED.allow() {
+                        tracing::warn!(event = "peer.connection_refused", remote = %remote, reason = %why, suppressed);
+                    }
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            let inner_tracker = tracker.clone();
+            tracker.spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let accepted = tokio::time::timeout(this.handshake_timeout, async {
+                    let stream = match &this.tls {
+                        None => NetStream::Plain(tcp),
+                        Some(t) => t.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?,
+                    };
+                    handshake::accept(stream, &this.identity, this.handshake_timeout, PEER_MAX_FRAME_BYTES)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|_| Err(format!("no handshake within {:?}", this.handshake_timeout)));
+                let (framed, hello) = match accepted {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
+                            tracing::warn!(event = "peer.handshake_failed", remote = %remote, error = %e, suppressed);
+                        }
+                        return;
+                    }
+                };
+                admitted.handshake_done();
+                let ConnectionRole::Peer { from } = &hello.role else {
+                    return;
+                };
+                let Some(&node) = this.peers.get(from) else {
+                    return;
+                };
+                if this.tls.is_some() && !framed.get_ref().peer_certificate_names(from) {
+                    tracing::error!(
+                        event = "peer.certificate_mismatch",
+                        remote = %remote,
+                        claimed = %from,
+                        "a peer proved the peer secret but its certificate does not name the server it claims to be"
+                    );
+                    return;
+                }
+                tracing::debug!(event = "peer.connected", remote = %remote, peer = %from);
+                this.serve_connection(framed, node, from.clone(), shutdown, inner_tracker)
                     .await;
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(event = "peer.malformed_frame", error = %e);
-                let _ = tx
-                    .send(encode(&ServerMessage::Fatal(format!("malformed frame: {e}"))))
-                    .await;
-                break;
-            }
-        };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            break;
-        };
-        let raft = raft.clone();
-        let tx = tx.clone();
-        tracker.spawn(async move {
-            let reply = handle_call(&raft, rpc, &payload).await;
-            match reply {
-                Ok(payload) => {
-                    let _ = tx.send(encode(&ServerMessage::PeerReply { id, payload })).await;
+                drop(admitted);
+            });
+        }
+    }
+
+    async fn serve_connection(
+        self: &Arc<Self>,
+        framed: handshake::FramedConn,
+        node: NodeId,
+        name: String,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let (mut reader, writer) = handshake::split_framed(framed);
+        let (tx, rx) = mpsc::channel::<bytes::Bytes>(PEER_REPLY_QUEUE_MAX);
+        let writer = tokio::spawn(handshake::write_frames(writer, rx, None));
+        let in_flight = Arc::new(Semaphore::new(PEER_CALLS_IN_FLIGHT_MAX));
+        let forged = CancellationToken::new();
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = forged.cancelled() => break,
+                n = handshake::next_frame(&mut reader, self.deadlines) => n,
+            };
+            let bytes = match next {
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(event = "peer.bad_frame", peer = %name, error = %e);
+                    let _ = tx.send(encode(&ServerMessage::Fatal(e.to_string()))).await;
+                    break;
+                }
+                Ok(Some(b)) => b,
+            };
+            let (id, rpc, payload) = match decode::<ClientMessage>(&bytes) {
+                Ok(ClientMessage::PeerCall { id, rpc, payload }) => (id, rpc, payload),
+                Ok(_) => {
+                    let _ = tx
+                        .send(encode(&ServerMessage::Fatal("only Raft calls are served here".into())))
+                        .await;
+                    break;
                 }
                 Err(e) => {
-                    tracing::warn!(event = "peer.undecodable_call", rpc = ?rpc, error = %e);
-                    let _ = tx.send(encode(&ServerMessage::Fatal(e))).await;
+                    tracing::warn!(event = "peer.malformed_frame", peer = %name, error = %e);
+                    let _ = tx
+                        .send(encode(&ServerMessage::Fatal(format!("malformed frame: {e}"))))
+                        .await;
+                    break;
+                }
+            };
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            let this = self.clone();
+            let tx = tx.clone();
+            let forged = forged.clone();
+            let name = name.clone();
+            tracker.spawn(async move {
+                match this.handle_call(node, rpc, &payload).await {
+                    Ok(payload) => {
+                        let _ = tx.send(encode(&ServerMessage::PeerReply { id, payload })).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "peer.rejected_call", peer = %name, rpc = ?rpc, error = %e);
+                        let _ = tx.send(encode(&ServerMessage::Fatal(e))).await;
+                        forged.cancel();
+                    }
+                }
+                drop(permit);
+            });
+        }
+        drop(tx);
+        let _ = writer.await;
+    }
+
+    /// Serves one Raft call from the peer authenticated as `node`.
+    async fn handle_call(&self, node: NodeId, rpc: PeerRpc, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let from_peer = |claimed: Option<NodeId>, what: &str| {
+            if claimed == Some(node) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "forged {what}: the peer authenticated as node {node} sent one in the name of {claimed:?}"
+                ))
+            }
+        };
+        Ok(match rpc {
+            PeerRpc::AppendEntries => {
+                let req: AppendEntriesRequest<TypeConfig> = decode_payload(payload)?;
+                from_peer(req.vote.leader_id().voted_for(), "AppendEntries")?;
+                let commit = req.leader_commit.map(|c| c.index);
+                let resp = self.raft.append_entries(req).await;
+                if let (Ok(r), Some(c)) = (&resp, commit) {
+                    if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                        self.gate.note_leader_commit(c);
+                    }
+                }
+                encode_payload(&resp)
+            }
+            PeerRpc::Vote => {
+                let req: VoteRequest<NodeId> = decode_payload(payload)?;
+                from_peer(req.vote.leader_id().voted_for(), "vote request")?;
+                if !self.gate.may_vote() {
+                    let mine = self.raft.metrics().borrow().vote;
+                    tracing::info!(
+                        event = "stripe.vote_withheld",
+                        candidate = node,
+                        term = req.vote.leader_id().term,
+                        "not voting: this server is joining (or still deciding) and may have lost a vote it made"
+                    );
+                    let refused: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+                        Ok(VoteResponse::new(mine, None, false));
+                    encode_payload(&refused)
+                } else {
+                    encode_payload(&self.raft.vote(req).await)
                 }
             }
-            drop(permit);
-        });
+            PeerRpc::InstallSnapshot => {
+                let req: InstallSnapshotRequest<TypeConfig> = decode_payload(payload)?;
+                from_peer(req.vote.leader_id().voted_for(), "InstallSnapshot")?;
+                encode_payload(&self.raft.install_snapshot(req).await)
+            }
+            PeerRpc::Probe => {
+                let m = self.raft.metrics().borrow().clone();
+                let reply = ProbeReply {
+                    initialized: self.raft.is_initialized().await.unwrap_or(false),
+                    last_log_index: m.last_log_index.max(m.purged.map(|p| p.index)),
+                    joining: matches!(self.log.standing(), Standing::Joining { .. }),
+                };
+                encode_payload(&reply)
+            }
+        })
     }
-    drop(tx);
-    let _ = writer.await;
 }
 
 fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
@@ -310,21 +480,4 @@ fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
 
 fn encode_payload<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("Raft replies always encode")
-}
-
-async fn handle_call(raft: &Raft, rpc: PeerRpc, payload: &[u8]) -> Result<Vec<u8>, String> {
-    Ok(match rpc {
-        PeerRpc::AppendEntries => {
-            let req: AppendEntriesRequest<TypeConfig> = decode_payload(payload)?;
-            encode_payload(&raft.append_entries(req).await)
-        }
-        PeerRpc::Vote => {
-            let req: VoteRequest<NodeId> = decode_payload(payload)?;
-            encode_payload(&raft.vote(req).await)
-        }
-        PeerRpc::InstallSnapshot => {
-            let req: InstallSnapshotRequest<TypeConfig> = decode_payload(payload)?;
-            encode_payload(&raft.install_snapshot(req).await)
-        }
-    })
 }

@@ -1,26 +1,45 @@
-//! Wiring of one array server: storage, Raft, the three listeners, and shutdown.
+//! Wiring of one array server: secrets and TLS, storage (verified), Raft, the three listeners,
+//! stripe formation, and shutdown.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ferrocotta::admission::{Admission, AdmissionLimits};
 use ferrocotta::config::{ClusterConfig, ServerPosition};
-use ferrocotta::handshake::{ClientIdentity, ServerIdentity};
+use ferrocotta::handshake::{ClientIdentity, FrameDeadlines, ServerIdentity};
 use ferrocotta::protocol::{ConnectionRole, SOFTWARE_VERSION};
+use ferrocotta::security::{read_secret_file, Credentials};
+use ferrocotta::tls::{ClientTls, Reloadable, ServerTls, TlsError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::data_folder::{self, FolderError, OpenedFolder};
+use crate::formation::{Formation, Prober, VoteGate};
 use crate::log_store::LogStore;
 use crate::metrics::Metrics;
-use crate::network::{serve_peers, PeerNetworkFactory};
-use crate::service::ClientService;
+use crate::network::{probe_peer, PeerAuthority, PeerNetworkFactory, PeerService};
+use crate::service::{ClientAuthority, ClientService};
 use crate::state_machine::StateMachineStore;
 use crate::stripe::Stripe;
 use crate::types::{NodeId, Raft};
+
+/// Connections the group port takes at most: a stripe has at most 7 servers, each holding one
+/// connection to each peer, plus short-lived probes and reconnects.
+pub const GROUP_CONNECTIONS_MAX: u32 = 256;
+
+/// Group-port connections from one address at most (several servers may share a host).
+pub const GROUP_CONNECTIONS_PER_IP_MAX: u32 = 64;
+
+/// Group-port connections in their handshake at most.
+pub const GROUP_PENDING_HANDSHAKES_MAX: u32 = 32;
+
+/// Longest a probe of a peer may take during stripe formation.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Everything needed to start a server.
 #[derive(Debug, Clone)]
@@ -31,21 +50,113 @@ pub struct ServerOptions {
     pub name: String,
 }
 
-/// Reads the shared secret named by the config, if any.
-pub fn read_secret(config_path: &Path, config: &ClusterConfig) -> anyhow::Result<Vec<u8>> {
-    let Some(file) = &config.security.secret_file else {
-        return Ok(Vec::new());
-    };
-    let path = ClusterConfig::resolve_path(config_path, file);
-    let text = std::fs::read(&path).with_context(|| format!("security.secret_file: cannot read {}", path.display()))?;
-    let secret: Vec<u8> = text.trim_ascii().to_vec();
-    if secret.len() < 16 {
-        bail!(
-            "security.secret_file: {} holds fewer than 16 bytes; use a long random secret",
-            path.display()
-        );
+/// The secrets of a server, read from the files the config names.
+pub struct Secrets {
+    /// The cluster secret (empty when the array has none).
+    pub cluster: Vec<u8>,
+    /// The peer secret.
+    pub peer: Vec<u8>,
+    /// The credentials file, if any, and its current content.
+    pub credentials: Option<(PathBuf, Arc<RwLock<Credentials>>)>,
+}
+
+impl Secrets {
+    /// Reads every secret the config names; errors name the field and file.
+    pub fn load(config_path: &Path, config: &ClusterConfig) -> anyhow::Result<Secrets> {
+        let sec = &config.security;
+        let cluster = match &sec.secret_file {
+            None => Vec::new(),
+            Some(f) => {
+                read_secret_file(&ClusterConfig::resolve_path(config_path, f)).context("security.secret_file")?
+            }
+        };
+        let peer_file = sec
+            .peer_secret_file
+            .as_ref()
+            .context("security.peer_secret_file is required")?;
+        let peer = read_secret_file(&ClusterConfig::resolve_path(config_path, peer_file))
+            .context("security.peer_secret_file")?;
+        if ferrocotta::security::constant_time_eq(&peer, &cluster) {
+            bail!("security.peer_secret_file holds the same secret as secret_file: a client credential must never be a peer's");
+        }
+        let credentials = match &sec.credentials_file {
+            None => None,
+            Some(f) => {
+                let path = ClusterConfig::resolve_path(config_path, f);
+                let c = Credentials::load(&path).context("security.credentials_file")?;
+                Some((path, Arc::new(RwLock::new(c))))
+            }
+        };
+        Ok(Secrets {
+            cluster,
+            peer,
+            credentials,
+        })
     }
-    Ok(secret)
+}
+
+/// The credentials file as a [`Reloadable`]: re-read on SIGHUP and when it changes.
+struct CredentialsReloader {
+    path: PathBuf,
+    current: Arc<RwLock<Credentials>>,
+    stamp: std::sync::Mutex<Option<(u64, std::time::SystemTime)>>,
+}
+
+impl Reloadable for CredentialsReloader {
+    fn reload(&self, force: bool) -> Result<bool, TlsError> {
+        let now = std::fs::metadata(&self.path)
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?)));
+        let mut stamp = self.stamp.lock().expect("stamp lock");
+        if !force && *stamp == now {
+            return Ok(false);
+        }
+        let fresh = Credentials::load(&self.path).map_err(|e| TlsError(e.to_string()))?;
+        *self.current.write().expect("credentials lock") = fresh;
+        *stamp = now;
+        Ok(true)
+    }
+
+    fn describe(&self) -> String {
+        format!("credentials {}", self.path.display())
+    }
+}
+
+/// TLS of the three ports and of the dialler of peers.
+struct ServerTlsSet {
+    client: Arc<ServerTls>,
+    group: Arc<ServerTls>,
+    admin: Arc<ServerTls>,
+    peer_dialler: Arc<ClientTls>,
+}
+
+impl ServerTlsSet {
+    fn load(config_path: &Path, config: &ClusterConfig, name: &str) -> anyhow::Result<Option<ServerTlsSet>> {
+        let Some(tls) = &config.security.tls else {
+            return Ok(None);
+        };
+        let files = tls.files_for(config_path, name);
+        Ok(Some(ServerTlsSet {
+            client: ServerTls::load(
+                &format!("client port of {name}"),
+                files.clone(),
+                tls.require_client_cert,
+            )?,
+            // Peers always show their certificates to each other (mutual TLS).
+            group: ServerTls::load(&format!("group port of {name}"), files.clone(), true)?,
+            admin: ServerTls::load(&format!("admin port of {name}"), files.clone(), tls.require_client_cert)?,
+            peer_dialler: ClientTls::load(&format!("peer dialler of {name}"), files)?,
+        }))
+    }
+
+    fn reloadables(&self) -> Vec<Arc<dyn Reloadable>> {
+        vec![
+            self.client.clone(),
+            self.group.clone(),
+            self.admin.clone(),
+            self.peer_dialler.clone(),
+        ]
+    }
 }
 
 async fn bind(what: &str, host: &str, port: u16) -> anyhow::Result<TcpListener> {
@@ -68,7 +179,8 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         )
     })?;
     let me = me.clone();
-    let secret = read_secret(&opts.config_path, &config)?;
+    let secrets = Secrets::load(&opts.config_path, &config)?;
+    let tls = ServerTlsSet::load(&opts.config_path, &config, &me.name)?;
     let data_dir = ClusterConfig::resolve_path(&opts.config_path, &me.data_dir);
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
     let config_toml = std::fs::read_to_string(&opts.config_path)?;
@@ -79,44 +191,100 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     let group_listener = bind("group port", &me.host, me.group_port).await?;
     let admin_listener = bind("admin port", &me.host, me.admin_port).await?;
 
-    let log_store = LogStore::open(&data_dir.join("raft"))
-        .with_context(|| format!("cannot open the log under {}", data_dir.join("raft").display()))?;
-    let flush_stats = log_store.flush_stats();
     let configured = config.caches.iter().map(|(n, c)| (n.clone(), c.settings())).collect();
-    let snapshot_dir = data_dir.join("snapshots");
-    let state_machine = StateMachineStore::open(&snapshot_dir, configured).map_err(anyhow::Error::msg)?;
+    let folder = match data_folder::open(&data_dir, configured) {
+        Ok(f) => f,
+        Err(FolderError::Damaged(d)) => {
+            tracing::error!(event = "store.damaged", error = %d);
+            bail!("{d}; {}", data_folder::repair_advice(&opts.config_path, &me.name));
+        }
+        Err(FolderError::Other(e)) => return Err(e.context(format!("cannot open {}", data_dir.display()))),
+    };
+    let OpenedFolder {
+        log: log_store,
+        opened,
+        state_machine,
+        snapshot_dir,
+    } = folder;
+    let flush_stats = log_store.flush_stats();
     let shared = state_machine.shared();
+    let gate = Arc::new(VoteGate::new(&opened));
 
-    let raft = start_raft(&config, position, &secret, log_store.clone(), state_machine).await?;
+    let peer_client_identity = ClientIdentity {
+        software_version: SOFTWARE_VERSION.to_string(),
+        array_name: Some(config.array_name.clone()),
+        secret: secrets.peer.clone(),
+        role: ConnectionRole::Peer { from: me.name.clone() },
+        tls: tls.as_ref().map(|t| t.peer_dialler.clone()),
+    };
+    let raft = start_raft(
+        &config,
+        position,
+        peer_client_identity.clone(),
+        log_store.clone(),
+        state_machine,
+    )
+    .await?;
     let stripe = Arc::new(Stripe::new(raft.clone(), shared, config.clone(), position));
 
     let tracker = TaskTracker::new();
-    let peer_identity = Arc::new(ServerIdentity {
-        server_name: me.name.clone(),
-        array_name: config.array_name.clone(),
-        secret: secret.clone(),
-        config_toml: String::new(),
-        accepts_peers: true,
+    let limits = &config.limits;
+    let deadlines = FrameDeadlines {
+        idle: limits.idle_timeout.0,
+        frame: limits.frame_timeout.0,
+    };
+    let peers: HashMap<String, NodeId> = stripe
+        .members()
+        .iter()
+        .filter(|(id, _)| **id != position.node_id())
+        .map(|(id, name)| (name.clone(), *id))
+        .collect();
+    let peer_service = Arc::new(PeerService {
+        raft: raft.clone(),
+        identity: ServerIdentity {
+            server_name: me.name.clone(),
+            array_name: config.array_name.clone(),
+            config_toml: String::new(),
+            authority: Arc::new(PeerAuthority {
+                peer_secret: secrets.peer.clone(),
+                peers: peers.clone(),
+            }),
+        },
+        peers,
+        tls: tls.as_ref().map(|t| t.group.clone()),
+        admission: Admission::new(AdmissionLimits {
+            connections_max: GROUP_CONNECTIONS_MAX,
+            connections_per_ip_max: GROUP_CONNECTIONS_PER_IP_MAX,
+            pending_handshakes_max: GROUP_PENDING_HANDSHAKES_MAX,
+        }),
+        handshake_timeout: limits.handshake_timeout.0,
+        deadlines,
+        gate: gate.clone(),
+        log: log_store.clone(),
     });
-    tracker.spawn(serve_peers(
-        group_listener,
-        raft.clone(),
-        peer_identity,
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    tracker.spawn(peer_service.serve(group_listener, shutdown.clone(), tracker.clone()));
 
+    let credentials = secrets.credentials.as_ref().map(|(_, c)| c.clone()).unwrap_or_default();
     let metrics = Arc::new(Metrics::default());
     let service = Arc::new(ClientService {
         stripe: stripe.clone(),
         identity: ServerIdentity {
             server_name: me.name.clone(),
             array_name: config.array_name.clone(),
-            secret,
             config_toml: config_toml.clone(),
-            accepts_peers: false,
+            authority: Arc::new(ClientAuthority {
+                cluster_secret: secrets.cluster.clone(),
+                credentials: credentials.clone(),
+            }),
         },
+        credentials,
         metrics: metrics.clone(),
+        tls: tls.as_ref().map(|t| t.client.clone()),
+        admission: Admission::new(AdmissionLimits {
+            connections_max: limits.max_connections,
+            connections_per_ip_max: limits.max_connections_per_ip,
+            pending_handshakes_max: limits.max_pending_handshakes,
+        }),
     });
     tracker.spawn(service.serve(client_listener, shutdown.clone(), tracker.clone()));
 
@@ -126,18 +294,58 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         flush_stats,
         config_toml,
     });
-    let admin_shutdown = shutdown.clone();
-    tracker.spawn(async move {
-        let app = admin::router(admin_state);
-        if let Err(e) = axum::serve(admin_listener, app)
-            .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
-            .await
-        {
-            tracing::error!(event = "admin.failed", error = %e);
-        }
-    });
+    tracker.spawn(ferrocotta::http::serve(
+        "admin",
+        admin_listener,
+        tls.as_ref().map(|t| t.admin.clone()),
+        ferrocotta::http::HttpLimits::default(),
+        admin::router(admin_state),
+        shutdown.clone(),
+    ));
 
-    stripe.form().await?;
+    let mut reloadables: Vec<Arc<dyn Reloadable>> = tls.as_ref().map(|t| t.reloadables()).unwrap_or_default();
+    if let Some((path, current)) = &secrets.credentials {
+        reloadables.push(Arc::new(CredentialsReloader {
+            path: path.clone(),
+            current: current.clone(),
+            stamp: std::sync::Mutex::new(
+                std::fs::metadata(path)
+                    .ok()
+                    .and_then(|m| Some((m.len(), m.modified().ok()?))),
+            ),
+        }));
+    }
+    let reload_every = config
+        .security
+        .tls
+        .as_ref()
+        .map(|t| t.reload_interval.0)
+        .unwrap_or(Duration::from_secs(60));
+    ferrocotta::tls::spawn_reloader(reloadables, reload_every, shutdown.clone());
+
+    let addrs: HashMap<NodeId, String> = config.stripes[position.stripe]
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as NodeId + 1, s.group_addr()))
+        .collect();
+    let prober: Prober = {
+        let identity = peer_client_identity.clone();
+        Arc::new(move |id: NodeId| {
+            let identity = identity.clone();
+            let addr = addrs.get(&id).cloned().unwrap_or_default();
+            Box::pin(async move { probe_peer(&addr, &identity, PROBE_TIMEOUT).await })
+        })
+    };
+    let formation = Formation {
+        raft: raft.clone(),
+        log: log_store.clone(),
+        gate,
+        me: position.node_id(),
+        members: stripe.members().clone(),
+    };
+    tracker.spawn(formation.run(opened, prober, shutdown.clone()));
+
     tracing::info!(
         event = "server.serving",
         name = %me.name,
@@ -145,6 +353,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         client = %me.client_addr(),
         group = %me.group_addr(),
         admin = %me.admin_addr(),
+        tls = tls.is_some(),
         version = SOFTWARE_VERSION,
     );
     spawn_leader_log(&stripe, shutdown.clone());
@@ -157,7 +366,26 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         shutdown.clone(),
     ));
 
-    shutdown.cancelled().await;
+    // A Raft core that stopped on its own (a storage failure, a bug) leaves a server that answers
+    // nothing useful: stop the process so that its supervisor restarts it and says why.
+    let mut raft_state = raft.metrics();
+    let failure = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        failure = async {
+            loop {
+                if let Err(e) = &raft_state.borrow_and_update().running_state {
+                    return Some(e.to_string());
+                }
+                if raft_state.changed().await.is_err() {
+                    return Some("the Raft core stopped".to_string());
+                }
+            }
+        } => failure,
+    };
+    if let Some(why) = &failure {
+        tracing::error!(event = "server.raft_failed", error = %why);
+        shutdown.cancel();
+    }
     tracing::info!(event = "server.stopping", name = %me.name);
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
@@ -172,13 +400,16 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(event = "server.raft_shutdown_failed", error = %e);
     }
-    Ok(())
+    match failure {
+        Some(why) => bail!("the Raft core failed: {why}"),
+        None => Ok(()),
+    }
 }
 
 async fn start_raft(
     config: &Arc<ClusterConfig>,
     position: ServerPosition,
-    secret: &[u8],
+    identity: ClientIdentity,
     log_store: LogStore,
     state_machine: StateMachineStore,
 ) -> anyhow::Result<Raft> {
@@ -210,16 +441,7 @@ async fn start_raft(
         .enumerate()
         .map(|(i, s)| (i as NodeId + 1, s.group_addr()))
         .collect();
-    let me = config.server(position);
-    let network = PeerNetworkFactory::new(
-        ClientIdentity {
-            software_version: SOFTWARE_VERSION.to_string(),
-            array_name: Some(config.array_name.clone()),
-            secret: secret.to_vec(),
-            role: ConnectionRole::Peer { from: me.name.clone() },
-        },
-        addrs,
-    );
+    let network = PeerNetworkFactory::new(identity, addrs);
     let raft = Raft::new(position.node_id(), raft_config, network, log_store, state_machine)
         .await
         .context("starting raft")?;

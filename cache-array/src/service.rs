@@ -1,23 +1,32 @@
 //! The client port: authenticated, pipelined request handling.
 //!
 //! Each connection has a reader (this task) and a writer task. Every request is checked against the
-//! limits and the stripe's slots before anything else, then served: writes through the Raft log,
-//! linearizable reads after a batched read-index round, eventual reads straight from memory.
-//! A malformed or oversized frame gets a `Fatal` message and the connection closes; other
-//! connections are not affected.
+//! limits, the connection's grant (full access, or a credential's rules) and the stripe's slots
+//! before anything else, then served: writes through the Raft log, linearizable reads after a
+//! batched read-index round, eventual reads straight from memory.
+//!
+//! Bounds (docs/security.md): connections through an [`Admission`]; a deadline for the handshake,
+//! for each frame and for silence; per connection, requests in flight by count and by bytes, and
+//! replies queued by bytes, so a client that sends without reading is simply not read any more.
+//! A reply that would not fit a frame becomes an error reply. A malformed or oversized frame gets a
+//! `Fatal` message and the connection closes; other connections are not affected. If the writer
+//! stops (the socket broke), the reader stops too: no request is served that cannot be answered.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use ferrocotta::handshake::{self, FramedConn, ServerIdentity};
+use ferrocotta::admission::Admission;
+use ferrocotta::handshake::{self, FrameDeadlines, FramedConn, ServerIdentity};
+use ferrocotta::log_throttle::LogThrottle;
 use ferrocotta::protocol::{
-    decode, encode, ClientMessage, ErrorReply, Op, ReadConsistency, Reply, Request, Response, ServerMessage,
-    MAX_BATCH_KEYS, MAX_CACHE_NAME_BYTES, MAX_KEYS_PAGE,
+    check_cache_name, decode, encode, ClientMessage, ConnectionRole, ErrorReply, Op, ReadConsistency, Refusal, Reply,
+    Request, Response, ServerMessage, MAX_BATCH_KEYS, MAX_KEYS_PAGE,
 };
-use futures::StreamExt;
+use ferrocotta::security::{Credentials, Grant};
+use ferrocotta::tls::{NetStream, ServerTls};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -28,34 +37,93 @@ use crate::stripe::{now_ms, Stripe};
 /// connection until some finish (backpressure instead of unbounded memory).
 pub const REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX: usize = 4096;
 
+/// Bytes of requests one connection may have in flight (a larger single request still goes, alone).
+pub const REQUEST_BYTES_IN_FLIGHT_PER_CONNECTION_MAX: usize = 64 * 1024 * 1024;
+
 /// Replies queued for the writer of one connection.
 pub const REPLY_QUEUE_MAX: usize = 4096;
 
-/// Longest a new connection may take to complete its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of replies queued for one connection's writer: a client that does not read its replies
+/// holds at most this much (plus the burst being written) before the server stops serving it.
+pub const REPLY_BYTES_QUEUED_PER_CONNECTION_MAX: usize = 32 * 1024 * 1024;
 
 /// Longest deadline a request may ask for.
 pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(600);
+
+/// Longest client name a session may carry.
+pub const CLIENT_NAME_MAX_BYTES: usize = 256;
+
+/// Which secret proves which role on the client port.
+pub struct ClientAuthority {
+    /// The cluster secret (empty: the array has none and anyone has full access).
+    pub cluster_secret: Vec<u8>,
+    /// Named credentials; re-read on SIGHUP.
+    pub credentials: Arc<RwLock<Credentials>>,
+}
+
+impl handshake::Authority for ClientAuthority {
+    fn secret_for(&self, role: &ConnectionRole) -> Result<Option<Vec<u8>>, Refusal> {
+        match role {
+            ConnectionRole::Client => Ok(Some(self.cluster_secret.clone())),
+            ConnectionRole::Credential { name } => {
+                Ok(self.credentials.read().expect("credentials lock").secret_of(name))
+            }
+            ConnectionRole::Peer { .. } => Err(Refusal::WrongPort(
+                "this is a client port; peers use the group port".into(),
+            )),
+        }
+    }
+}
 
 /// What the client port needs.
 pub struct ClientService {
     /// This server's stripe membership.
     pub stripe: Arc<Stripe>,
-    /// Handshake identity (client port flavour).
+    /// Handshake identity (client port flavour, with a [`ClientAuthority`]).
     pub identity: ServerIdentity,
+    /// Credentials, to turn a credential's hello into its grant.
+    pub credentials: Arc<RwLock<Credentials>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// TLS, if the port speaks it.
+    pub tls: Option<Arc<ServerTls>>,
+    /// Connection bounds.
+    pub admission: Admission,
+}
+
+static HANDSHAKE_FAILED: LogThrottle = LogThrottle::new();
+static BAD_FRAME: LogThrottle = LogThrottle::new();
+static REFUSED: LogThrottle = LogThrottle::new();
+
+/// A reply queued for the writer, holding its share of the connection's reply budget until the
+/// writer takes it.
+struct QueuedReply {
+    frame: bytes::Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl From<QueuedReply> for bytes::Bytes {
+    fn from(r: QueuedReply) -> bytes::Bytes {
+        r.frame
+    }
+}
+
+/// Permits of a byte budget for `bytes` (a single item larger than the budget takes all of it).
+async fn take_budget(budget: &Arc<Semaphore>, bytes: usize, max: usize) -> Option<OwnedSemaphorePermit> {
+    budget.clone().acquire_many_owned(bytes.clamp(1, max) as u32).await.ok()
 }
 
 impl ClientService {
     /// Accepts clients until `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, tracker: TaskTracker) {
+        let limits = &self.stripe.config.limits;
+        let handshake_timeout = limits.handshake_timeout.0;
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 a = listener.accept() => a,
             };
-            let (stream, remote) = match accepted {
+            let (tcp, remote) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(event = "client.accept_failed", error = %e);
@@ -63,22 +131,62 @@ impl ClientService {
                     continue;
                 }
             };
+            let admitted = self.admission.admit(remote.ip());
             let this = self.clone();
             let shutdown = shutdown.clone();
             let inner = tracker.clone();
             tracker.spawn(async move {
-                let max_frame = this.stripe.config.limits.max_frame_bytes as usize;
-                match handshake::accept(stream, &this.identity, HANDSHAKE_TIMEOUT, max_frame).await {
-                    Ok((framed, _hello)) => {
+                let _ = tcp.set_nodelay(true);
+                let mut admitted = match admitted {
+                    Ok(a) => a,
+                    Err(why) => {
+                        this.metrics.rejected_connections.fetch_add(1, Relaxed);
+                        if let Some(suppressed) = REFUSED.allow() {
+                            tracing::warn!(event = "client.connection_refused", remote = %remote, reason = %why, suppressed);
+                        }
+                        // Plain connections are told why; a TLS one would need a handshake first.
+                        if this.tls.is_none() {
+                            handshake::refuse_busy(NetStream::Plain(tcp), why.to_string(), Duration::from_millis(200)).await;
+                        }
+                        return;
+                    }
+                };
+                let accepted = tokio::time::timeout(handshake_timeout, async {
+                    let stream = match &this.tls {
+                        None => NetStream::Plain(tcp),
+                        Some(t) => t.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?,
+                    };
+                    let max_frame = this.stripe.config.limits.max_frame_bytes as usize;
+                    handshake::accept(stream, &this.identity, handshake_timeout, max_frame)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|_| Err(format!("no handshake within {handshake_timeout:?}")));
+                match accepted {
+                    Ok((framed, hello)) => {
+                        admitted.handshake_done();
+                        let grant = match &hello.role {
+                            ConnectionRole::Credential { name } => {
+                                match this.credentials.read().expect("credentials lock").grant_of(name) {
+                                    Some(g) => g,
+                                    None => return,
+                                }
+                            }
+                            _ => Grant::Full,
+                        };
                         this.metrics.client_connections.fetch_add(1, Relaxed);
-                        this.connection(framed, remote, shutdown, inner).await;
+                        this.connection(framed, remote, grant, shutdown, inner).await;
                         this.metrics.client_connections.fetch_sub(1, Relaxed);
                     }
                     Err(e) => {
                         this.metrics.rejected_connections.fetch_add(1, Relaxed);
-                        tracing::warn!(event = "client.handshake_failed", remote = %remote, error = %e);
+                        if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
+                            tracing::warn!(event = "client.handshake_failed", remote = %remote, error = %e, suppressed);
+                        }
                     }
                 }
+                drop(admitted);
             });
         }
     }
@@ -87,54 +195,92 @@ impl ClientService {
         self: &Arc<Self>,
         framed: FramedConn,
         remote: std::net::SocketAddr,
+        grant: Grant,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let (sink, mut stream) = framed.split();
-        let (tx, rx) = mpsc::channel::<bytes::Bytes>(REPLY_QUEUE_MAX);
-        let writer = tokio::spawn(handshake::write_frames(sink, rx));
+        let limits = &self.stripe.config.limits;
+        let deadlines = FrameDeadlines {
+            idle: limits.idle_timeout.0,
+            frame: limits.frame_timeout.0,
+        };
+        let max_frame = limits.max_frame_bytes as usize;
+        let (mut reader, writer) = handshake::split_framed(framed);
+        let (tx, rx) = mpsc::channel::<QueuedReply>(REPLY_QUEUE_MAX);
+        let mut writer = tokio::spawn(handshake::write_frames(writer, rx, None));
         let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX));
+        let request_bytes = Arc::new(Semaphore::new(REQUEST_BYTES_IN_FLIGHT_PER_CONNECTION_MAX));
+        let reply_bytes = Arc::new(Semaphore::new(REPLY_BYTES_QUEUED_PER_CONNECTION_MAX));
+        let grant = Arc::new(grant);
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                n = stream.next() => n,
+                // The writer stopped (the socket broke): nothing could be answered any more.
+                _ = &mut writer => return,
+                n = handshake::next_frame(&mut reader, deadlines) => n,
             };
             let bytes = match next {
-                None => break,
-                Some(Err(e)) => {
-                    self.metrics.rejected_connections.fetch_add(1, Relaxed);
-                    tracing::warn!(event = "client.bad_frame", remote = %remote, error = %e);
-                    let _ = tx.send(encode(&ServerMessage::Fatal(format!("bad frame: {e}")))).await;
-                    break;
-                }
-                Some(Ok(b)) => b,
-            };
-            let request = match decode::<ClientMessage>(&bytes) {
-                Ok(ClientMessage::Request(r)) => r,
-                Ok(_) => {
-                    let _ = tx
-                        .send(encode(&ServerMessage::Fatal("only requests are served here".into())))
-                        .await;
+                Ok(None) => break,
+                Err(handshake::FrameError::Idle(d)) => {
+                    tracing::debug!(event = "client.idle_closed", remote = %remote, idle = ?d);
+                    let _ = tx.send(fatal(&format!("idle for {d:?}; closing"))).await;
                     break;
                 }
                 Err(e) => {
                     self.metrics.rejected_connections.fetch_add(1, Relaxed);
-                    tracing::warn!(event = "client.malformed_frame", remote = %remote, error = %e);
-                    let _ = tx
-                        .send(encode(&ServerMessage::Fatal(format!("malformed frame: {e}"))))
-                        .await;
+                    if let Some(suppressed) = BAD_FRAME.allow() {
+                        tracing::warn!(event = "client.bad_frame", remote = %remote, error = %e, suppressed);
+                    }
+                    let _ = tx.send(fatal(&e.to_string())).await;
+                    break;
+                }
+                Ok(Some(b)) => b,
+            };
+            let request = match decode::<ClientMessage>(&bytes) {
+                Ok(ClientMessage::Request(r)) => r,
+                Ok(_) => {
+                    let _ = tx.send(fatal("only requests are served here")).await;
+                    break;
+                }
+                Err(e) => {
+                    self.metrics.rejected_connections.fetch_add(1, Relaxed);
+                    if let Some(suppressed) = BAD_FRAME.allow() {
+                        tracing::warn!(event = "client.malformed_frame", remote = %remote, error = %e, suppressed);
+                    }
+                    let _ = tx.send(fatal(&format!("malformed frame: {e}"))).await;
                     break;
                 }
             };
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            let frame_len = bytes.len();
+            drop(bytes);
+            // Backpressure: wait for room by count and by bytes before reading on.
+            let (Ok(permit), Some(bytes_permit)) = (
+                in_flight.clone().acquire_owned().await,
+                take_budget(&request_bytes, frame_len, REQUEST_BYTES_IN_FLIGHT_PER_CONNECTION_MAX).await,
+            ) else {
                 break;
             };
             let this = self.clone();
             let tx = tx.clone();
+            let grant = grant.clone();
+            let reply_bytes = reply_bytes.clone();
             tracker.spawn(async move {
                 let id = request.id;
-                let result = this.handle(request).await;
-                let _ = tx.send(encode(&ServerMessage::Response(Response { id, result }))).await;
+                let result = this.handle(request, &grant).await;
+                let mut frame = encode(&ServerMessage::Response(Response { id, result }));
+                if frame.len() > max_frame {
+                    let why = format!(
+                        "the reply takes {} bytes, more than the frame limit of {max_frame}; ask for less",
+                        frame.len()
+                    );
+                    frame = encode(&ServerMessage::Response(Response {
+                        id,
+                        result: Err(ErrorReply::Invalid(why)),
+                    }));
+                }
+                drop(bytes_permit);
+                let budget = take_budget(&reply_bytes, frame.len(), REPLY_BYTES_QUEUED_PER_CONNECTION_MAX).await;
+                let _ = tx.send(QueuedReply { frame, _budget: budget }).await;
                 drop(permit);
             });
         }
@@ -142,18 +288,19 @@ impl ClientService {
         let _ = writer.await;
     }
 
-    async fn handle(&self, request: Request) -> Result<Reply, ErrorReply> {
+    async fn handle(&self, request: Request, grant: &Grant) -> Result<Reply, ErrorReply> {
         let started = Instant::now();
         let kind = request.op.kind();
-        let result = self.serve_request(request).await;
+        let result = self.serve_request(request, grant).await;
         self.metrics
             .record(kind, result.is_ok(), started.elapsed().as_micros() as u64);
         result
     }
 
-    async fn serve_request(&self, request: Request) -> Result<Reply, ErrorReply> {
-        let Request { op, timeout_ms, .. } = request;
+    async fn serve_request(&self, request: Request, grant: &Grant) -> Result<Reply, ErrorReply> {
+        let Request { mut op, timeout_ms, .. } = request;
         self.validate(&op)?;
+        self.authorize(&op, grant)?;
         let timeout = Duration::from_millis(timeout_ms as u64).min(REQUEST_TIMEOUT_MAX);
         let stripe = &self.stripe;
         if let Op::Ping = op {
@@ -171,7 +318,8 @@ impl ClientService {
         match op {
             Op::KeepAlive { session } => return stripe.keep_alive(session),
             Op::Lock { .. } => return stripe.lock(op, timeout).await,
-            Op::OpenSession { .. } => {
+            Op::OpenSession { ref mut client_name } => {
+                *client_name = grant.session_name(client_name);
                 return match stripe.write(op, timeout).await? {
                     Reply::Session { id, .. } => {
                         stripe.active.saw_session(id);
@@ -192,11 +340,59 @@ impl ClientService {
             stripe.read_barrier(timeout).await?;
         }
         let now = now_ms();
+        let budget = stripe.config.limits.max_reply_payload_bytes();
         let reply = stripe
             .shared
-            .serve_read(&op, now, &|c, k| stripe.active.pending_access(c, k))?;
+            .serve_read(&op, now, budget, &|c, k| stripe.active.pending_access(c, k))?;
         stripe.record_reads(&op, now);
-        Ok(reply)
+        Ok(match (reply, grant) {
+            (Reply::Locks(locks), Grant::Limited { .. }) => {
+                Reply::Locks(locks.into_iter().filter(|l| grant.may_read(&l.cache)).collect())
+            }
+            (reply, _) => reply,
+        })
+    }
+
+    /// Checks what the connection's grant allows: reads and writes by cache, sessions by owner.
+    fn authorize(&self, op: &Op, grant: &Grant) -> Result<(), ErrorReply> {
+        let Grant::Limited { credential, .. } = grant else {
+            return Ok(());
+        };
+        let forbidden = |what: String| {
+            Err(ErrorReply::Forbidden(format!(
+                "credential `{credential}` may not {what}"
+            )))
+        };
+        if let Some(cache) = op.cache() {
+            let write = op.is_write();
+            let allowed = if write {
+                grant.may_write(cache)
+            } else {
+                grant.may_read(cache)
+            };
+            if !allowed {
+                return forbidden(format!("{} cache `{cache}`", if write { "write" } else { "read" }));
+            }
+        }
+        let session = match op {
+            Op::OpenSession { .. } if !grant.may_open_sessions() => return forbidden("open sessions".into()),
+            Op::KeepAlive { session }
+            | Op::CloseSession { session }
+            | Op::Lock { session, .. }
+            | Op::Unlock { session, .. } => Some(*session),
+            Op::Put { opts, .. } | Op::PutIfAbsent { opts, .. } => opts.session,
+            _ => None,
+        };
+        if let Some(id) = session {
+            let owner = self
+                .stripe
+                .shared
+                .read(|d| d.store.sessions.get(&id).map(|s| s.client_name.clone()));
+            if owner.is_some_and(|name| !grant.owns_session(&name)) {
+                return forbidden(format!("use session {id}, which another client opened"));
+            }
+        }
+        Ok(())
     }
 
     /// Checks limits and slot ownership.
@@ -204,11 +400,7 @@ impl ClientService {
         let config = &self.stripe.config;
         let limits = &config.limits;
         if let Some(cache) = op.cache() {
-            if cache.is_empty() || cache.len() > MAX_CACHE_NAME_BYTES {
-                return Err(ErrorReply::Invalid(format!(
-                    "cache names must be 1 to {MAX_CACHE_NAME_BYTES} bytes"
-                )));
-            }
+            check_cache_name(cache).map_err(ErrorReply::Invalid)?;
         }
         let keys = op.keys();
         if keys.len() > MAX_BATCH_KEYS {
@@ -228,10 +420,16 @@ impl ClientService {
                 return Err(ErrorReply::WrongStripe { owner: owner as u32 });
             }
         }
+        if let Op::OpenSession { client_name } = op {
+            if client_name.len() > CLIENT_NAME_MAX_BYTES {
+                return Err(ErrorReply::Invalid(format!(
+                    "client names are at most {CLIENT_NAME_MAX_BYTES} bytes"
+                )));
+            }
+        }
         let too_big = |v: &Vec<u8>| v.len() > limits.max_value_bytes as usize;
         let value_too_big = match op {
             Op::Put { value, .. } | Op::PutIfAbsent { value, .. } | Op::Replace { value, .. } => too_big(value),
-            Op::OpenSession { client_name } => client_name.len() > 256,
             Op::ReplaceIfEqual { expected, value, .. } => too_big(expected) || too_big(value),
             Op::RemoveIfEqual { expected, .. } => too_big(expected),
             Op::PutAll { entries, .. } => entries.iter().any(|(_, v)| too_big(v)),
@@ -251,5 +449,12 @@ impl ClientService {
             }
         }
         Ok(())
+    }
+}
+
+fn fatal(why: &str) -> QueuedReply {
+    QueuedReply {
+        frame: encode(&ServerMessage::Fatal(why.to_string())),
+        _budget: None,
     }
 }

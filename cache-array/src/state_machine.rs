@@ -89,9 +89,10 @@ impl SharedState {
         &self,
         op: &Op,
         now_ms: u64,
+        budget: usize,
         pending_access: &dyn Fn(&str, &[u8]) -> Option<u64>,
     ) -> Result<Reply, ErrorReply> {
-        self.read(|d| d.store.read_op(op, now_ms, pending_access))
+        self.read(|d| d.store.read_op(op, now_ms, budget, pending_access))
     }
 
     /// Registers interest in a lock grant. Register first, then check whether the lock is already

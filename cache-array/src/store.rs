@@ -447,13 +447,22 @@ impl Store {
     }
 
     /// Serves a read at `now_ms`. `pending_access` gives accesses the active has seen but not yet
-    /// replicated, so an entry kept alive by recent reads is not reported expired.
+    /// replicated, so an entry kept alive by recent reads is not reported expired. A reply carries
+    /// at most `budget` bytes of keys and values: a `keys` page ends early (`more` says so), and a
+    /// `get_all` or `list_locks` that would carry more is refused before anything is copied (one
+    /// request naming a 4 MiB key 100 times must not cost the server 400 MiB).
     pub fn read_op(
         &self,
         op: &Op,
         now_ms: u64,
+        budget: usize,
         pending_access: &dyn Fn(&str, &[u8]) -> Option<u64>,
     ) -> Result<Reply, ErrorReply> {
+        let too_large = |bytes: usize, what: &str| {
+            Err(ErrorReply::Invalid(format!(
+                "the reply would carry {bytes} bytes, more than the limit of {budget}; {what}"
+            )))
+        };
         let visible = |cache: &str, key: &[u8]| -> Option<&CacheEntry> {
             let e = self.caches.get(cache)?.entries.get(key)?;
             let accessed = pending_access(cache, key).map_or(e.accessed_ms, |p| p.max(e.accessed_ms));
@@ -464,11 +473,20 @@ impl Store {
         };
         match op {
             Op::Get { cache, key, .. } => Ok(Reply::Value(visible(cache, key).map(|e| e.value.to_vec()))),
-            Op::GetAll { cache, keys, .. } => Ok(Reply::Values(
-                keys.iter()
-                    .map(|k| visible(cache, k).map(|e| e.value.to_vec()))
-                    .collect(),
-            )),
+            Op::GetAll { cache, keys, .. } => {
+                let bytes: usize = keys
+                    .iter()
+                    .map(|k| visible(cache, k).map_or(0, |e| e.value.len()))
+                    .sum();
+                if bytes > budget {
+                    return too_large(bytes, "ask for fewer keys at a time");
+                }
+                Ok(Reply::Values(
+                    keys.iter()
+                        .map(|k| visible(cache, k).map(|e| e.value.to_vec()))
+                        .collect(),
+                ))
+            }
             Op::Contains { cache, key, .. } => Ok(Reply::Bool(visible(cache, key).is_some())),
             Op::Keys {
                 cache,
@@ -489,6 +507,7 @@ impl Store {
                     _ => std::ops::Bound::Included(prefix.clone()),
                 };
                 let mut keys = Vec::with_capacity(limit.min(1024));
+                let mut bytes = 0usize;
                 let mut more = false;
                 for (k, _) in c.entries.range((start, std::ops::Bound::Unbounded)) {
                     if !k.starts_with(prefix) {
@@ -497,10 +516,11 @@ impl Store {
                     if visible(cache, k).is_none() {
                         continue;
                     }
-                    if keys.len() == limit {
+                    if keys.len() == limit || (!keys.is_empty() && bytes + k.len() > budget) {
                         more = true;
                         break;
                     }
+                    bytes += k.len();
                     keys.push(k.clone());
                 }
                 Ok(Reply::Keys { keys, more })
@@ -518,7 +538,17 @@ impl Store {
                     .count();
                 Ok(Reply::Size(c.entries.len().saturating_sub(hidden) as u64))
             }
-            Op::ListLocks { cache, .. } => Ok(Reply::Locks(self.list_locks(cache.as_deref()))),
+            Op::ListLocks { cache, .. } => {
+                let locks = self.list_locks(cache.as_deref());
+                let bytes: usize = locks
+                    .iter()
+                    .map(|l| l.cache.len() + l.key.len() + 16 * (l.holders.len() + l.waiters.len()))
+                    .sum();
+                if bytes > budget {
+                    return too_large(bytes, "list the locks of one cache at a time");
+                }
+                Ok(Reply::Locks(locks))
+            }
             write => Err(ErrorReply::Internal(format!("`{}` is not a read", write.kind()))),
         }
     }
@@ -577,7 +607,7 @@ mod tests {
             key: k.into(),
             read: ReadConsistency::Linearizable,
         };
-        match s.read_op(&op, now, &|_, _| None).unwrap() {
+        match s.read_op(&op, now, usize::MAX, &|_, _| None).unwrap() {
             Reply::Value(v) => v,
             other => panic!("{other:?}"),
         }

@@ -1,38 +1,27 @@
 //! This server's membership in its stripe: the Raft node, how the stripe forms, and the safe
 //! paths for writes and linearizable reads.
 //!
-//! Formation: every server of a stripe knows the whole stripe from the config. A server whose
-//! store is pristine initializes the group with that full membership; every server writes the
-//! same membership entry at log id (0, 0), so it does not matter in which order they start or how
-//! many of them initialize. Initializing also starts an election at once, so servers started
-//! together would split the first vote and the stripe would wait a whole election round for an
-//! active: the servers take turns instead, the first of the stripe at once and each next one an
-//! election timeout later, and only while no peer has reached it yet. A restarted server finds
-//! its log and simply rejoins.
+//! How a server takes its place in the stripe (founding, joining) is [`crate::formation`].
 //!
 //! No quorum, no service: the active tracks when a majority last acknowledged it; when that is
 //! older than the election timeout it answers `NoQuorum` at once instead of accepting writes it
 //! cannot commit or serving reads it cannot prove fresh. A mirror names the active it knows of
 //! (`NotLeader`), or answers `NoQuorum` when it knows none.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrocotta::config::{ClusterConfig, ServerPosition};
 use ferrocotta::protocol::{ErrorReply, Op, Reply, Role};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::ServerState;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::state_machine::SharedState;
 use crate::types::{Command, CommandKind, CommandResult, NodeId, Raft};
 use crate::upkeep::ActiveState;
-
-/// How often a pristine server waiting for its turn to initialize the stripe looks whether a peer
-/// has reached it (see the module doc).
-const FORM_POLL: Duration = Duration::from_millis(50);
 
 /// Linearizable reads that may wait for the next read-index round before callers block.
 pub const READ_QUEUE_MAX: usize = 65_536;
@@ -123,40 +112,14 @@ impl Stripe {
         }
     }
 
-    /// Initializes the group if this server's store is pristine (see the module doc).
-    pub async fn form(&self) -> anyhow::Result<()> {
-        if self.raft.is_initialized().await? {
-            tracing::info!(event = "stripe.rejoin", "store holds a log: rejoining the stripe");
-            return Ok(());
-        }
-        let turn = Duration::from_millis(self.raft.config().election_timeout_max) * self.position.index as u32;
-        let started = tokio::time::Instant::now();
-        while started.elapsed() < turn {
-            tokio::time::sleep(FORM_POLL).await;
-            if self.raft.is_initialized().await? {
-                tracing::info!(event = "stripe.rejoin", "reached by a peer before this server's turn");
-                return Ok(());
-            }
-        }
-        let members: BTreeSet<NodeId> = self.names.keys().copied().collect();
-        match self.raft.initialize(members).await {
-            Ok(()) => {
-                tracing::info!(
-                    event = "stripe.initialized",
-                    "pristine store: initialized the stripe's membership"
-                )
-            }
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
-                tracing::info!(event = "stripe.rejoin", "already initialized by a peer")
-            }
-            Err(e) => return Err(e.into()),
-        }
-        Ok(())
-    }
-
     /// This server's name.
     pub fn name(&self) -> &str {
         &self.config.server(self.position).name
+    }
+
+    /// The stripe's servers by node id, with their names.
+    pub fn members(&self) -> &HashMap<NodeId, String> {
+        &self.names
     }
 
     /// The name of a stripe member.

@@ -10,7 +10,7 @@ struct SledBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for SledBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = LogStore::open(&dir.path().join("raft")).expect("open log store");
+        let (log, _) = LogStore::open(dir.path()).expect("open log store");
         let sm =
             StateMachineStore::open(&dir.path().join("snapshots"), Default::default()).expect("open state machine");
         Ok((dir, log, sm))

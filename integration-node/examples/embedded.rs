@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
                 items.push(item.clone());
             }
             session.insert("cart".into(), cart.clone());
-            save_session(node, ssnid, &session).await?;
+            save_session(node, &session).await?;
             Ok::<Value, _>(json!({"cart": cart, "node": node.logical_name}))
         })
     });

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ferrocotta::http::HttpLimits;
 use ferrocotta::{ArrayClient, ClientError, ClientSettings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -74,9 +75,14 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-async fn connect(settings: &NodeSettings) -> Result<Option<ArrayClient>, StartError> {
+async fn connect(
+    settings: &NodeSettings,
+    array_tls: Option<Arc<ferrocotta::tls::ClientTls>>,
+) -> Result<Option<ArrayClient>, StartError> {
     let mut cs = ClientSettings::new(&settings.array_urls).map_err(|e| StartError::Other(e.into()))?;
     cs.secret = settings.secret.clone();
+    cs.credential = settings.credential.clone();
+    cs.tls = array_tls;
     cs.connect_timeout = settings.connect_timeout;
     cs.request_timeout = settings.request_timeout;
     cs.keepalive_interval = settings.keepalive_interval;
@@ -118,6 +124,20 @@ pub struct RunningNode {
 /// Starts a node: binds its ports, joins the array (or runs stand-alone), registers in the member
 /// list and serves until `shutdown` is cancelled.
 pub async fn start(settings: NodeSettings, registry: Registry) -> Result<RunningNode, StartError> {
+    let tls = match &settings.tls {
+        None => None,
+        Some(t) => Some(
+            ferrocotta::tls::ServerTls::load("node ports", t.files.clone(), t.require_client_cert)
+                .map_err(|e| StartError::Other(e.into()))?,
+        ),
+    };
+    let array_tls = match &settings.array_tls {
+        None => None,
+        Some(files) => Some(
+            ferrocotta::tls::ClientTls::load("array client of the node", files.clone())
+                .map_err(|e| StartError::Other(e.into()))?,
+        ),
+    };
     let service = TcpListener::bind(&settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))
@@ -141,7 +161,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         effective_cluster = %settings.effective_cluster_name,
         logical_name = %logical_name
     );
-    let backend = match connect(&settings).await? {
+    let backend = match connect(&settings, array_tls.clone()).await? {
         Some(c) => Backend::Array(c),
         None => Backend::Local(Default::default()),
     };
@@ -160,6 +180,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         registry,
         requests: AtomicU64::new(0),
         held_locks: Default::default(),
+        tls,
     });
     if let Backend::Array(c) = &node.backend {
         let cache = node.settings.members_cache();
@@ -173,6 +194,14 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         node.register().await.map_err(|e| StartError::NoArray(e.to_string()))?;
     }
     let shutdown = CancellationToken::new();
+    let mut reloadables: Vec<Arc<dyn ferrocotta::tls::Reloadable>> = Vec::new();
+    if let Some(t) = &node.tls {
+        reloadables.push(t.clone());
+    }
+    if let Some(t) = array_tls {
+        reloadables.push(t);
+    }
+    ferrocotta::tls::spawn_reloader(reloadables, TLS_RELOAD_INTERVAL, shutdown.clone());
     let done = tokio::spawn(serve(node.clone(), service, admin, shutdown.clone()));
     tracing::info!(
         event = "node.serving",
@@ -184,16 +213,33 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
     Ok(RunningNode { node, shutdown, done })
 }
 
+/// How often the node looks whether its certificate files changed (they are also re-read on
+/// SIGHUP).
+pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Bounds of the service port: many keep-alive connections from load balancers and clients.
+fn service_limits() -> HttpLimits {
+    HttpLimits {
+        admission: ferrocotta::admission::AdmissionLimits {
+            connections_max: 4096,
+            connections_per_ip_max: 2048,
+            pending_handshakes_max: 256,
+        },
+        ..HttpLimits::default()
+    }
+}
+
 async fn serve(node: Arc<Node>, service: TcpListener, admin: TcpListener, shutdown: CancellationToken) {
     let refresh = tokio::spawn(node::member_refresh(node.clone(), shutdown.clone()));
     let service_task = tokio::spawn(service_loop(node.clone(), service, shutdown.clone()));
-    let s2 = shutdown.clone();
-    let admin_node = node.clone();
-    let admin_task = tokio::spawn(async move {
-        let _ = axum::serve(admin, node::admin_router(admin_node))
-            .with_graceful_shutdown(async move { s2.cancelled().await })
-            .await;
-    });
+    let admin_task = tokio::spawn(ferrocotta::http::serve(
+        "node admin",
+        admin,
+        node.tls.clone(),
+        HttpLimits::default(),
+        node::admin_router(node.clone()),
+        shutdown.clone(),
+    ));
     shutdown.cancelled().await;
     // Stop accepting and finish in-flight requests (bounded), then leave the member list.
     let _ = tokio::time::timeout(Duration::from_secs(10), service_task).await;
@@ -237,10 +283,15 @@ async fn service_loop(node: Arc<Node>, first: TcpListener, shutdown: Cancellatio
             }
             stopper.cancel();
         });
-        let graceful = stop.clone();
-        let _ = axum::serve(l, node::service_router(node.clone()))
-            .with_graceful_shutdown(async move { graceful.cancelled().await })
-            .await;
+        ferrocotta::http::serve(
+            "node service",
+            l,
+            node.tls.clone(),
+            service_limits(),
+            node::service_router(node.clone()),
+            stop.clone(),
+        )
+        .await;
         watcher.abort();
         if shutdown.is_cancelled() {
             return;

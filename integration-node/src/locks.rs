@@ -2,12 +2,15 @@
 //!
 //! `pub.cache.lock:acquireLock` takes an array lock for this node's array session (so a node that
 //! dies loses its locks when its session expires); `lockWaitTime` is in milliseconds (<0 forever,
-//! 0 at once). The node remembers the handles so a later request can release them.
+//! 0 at once). The node remembers the handles so a later request can release them, and counts
+//! holds as the array does (locks are reentrant): acquiring twice needs two releases. It holds at
+//! most `locks_held_max` locks, and never one on a cache of its own (`ferrocotta.`).
 //!
 //! `pub.storage` keeps named stores of JSON values in the array, and locks on their keys as lock
 //! records written with compare-and-swap: `{owner, acquired_ms}`. A lock held longer than
 //! `lock_max_duration` (default 180 s) is broken by the next requester, as the seed's repository
-//! locks are; `waitLength` (ms) bounds how long a requester waits.
+//! locks are; `waitLength` (ms) bounds how long a requester waits. A store's values and its lock
+//! records live in caches of different prefixes, so no store name reaches another store's locks.
 
 use std::time::{Duration, Instant};
 
@@ -75,16 +78,33 @@ async fn acquire(node: &Node, input: Value) -> Result<Value, ServiceError> {
             "locks need the array",
         ));
     };
-    let cache = field(&input, "cacheName")?.to_string();
+    let cache = crate::services::user_cache(&input)?;
     let key = field(&input, "key")?.to_string();
     let wait = LockWait::from_millis(input.get("lockWaitTime").and_then(Value::as_i64).unwrap_or(0));
+    let id = (cache.clone(), key.clone().into_bytes());
+    {
+        let held = node.held_locks.lock().expect("held locks");
+        if !held.contains_key(&id) && held.len() >= node.settings.locks_held_max {
+            return Err(ServiceError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_locks",
+                format!(
+                    "this node holds {} locks, its limit (locks_held_max); release some first",
+                    held.len()
+                ),
+            ));
+        }
+    }
     match client.lock(&cache, key.as_bytes(), LockMode::Exclusive, wait).await {
         Ok(handle) => {
-            node.held_locks
-                .lock()
-                .expect("held locks")
-                .insert((cache, key.into_bytes()), handle);
-            Ok(json!({"acquired": true}))
+            let mut held = node.held_locks.lock().expect("held locks");
+            let entry = held.entry(id).or_insert((handle.clone(), 0));
+            // A hold taken under a newer session (after a rejoin) replaces the voided one.
+            if entry.0 != handle {
+                *entry = (handle, 0);
+            }
+            entry.1 += 1;
+            Ok(json!({"acquired": true, "holds": entry.1}))
         }
         Err(ClientError::LockTimeout) => Err(lock_timeout("the lock")),
         Err(e) => Err(ServiceError::from_array(e)),
@@ -100,11 +120,26 @@ async fn release(node: &Node, input: Value) -> Result<Value, ServiceError> {
         ));
     };
     let id = (
-        field(&input, "cacheName")?.to_string(),
+        crate::services::user_cache(&input)?,
         field(&input, "key")?.as_bytes().to_vec(),
     );
-    let handle: Option<LockHandle> = node.held_locks.lock().expect("held locks").remove(&id);
-    let Some(handle) = handle else {
+    // One hold is given back per release; the handle stays while holds remain.
+    let handle: Option<(LockHandle, u32)> = {
+        let mut held = node.held_locks.lock().expect("held locks");
+        match held.get_mut(&id) {
+            None => None,
+            Some((handle, holds)) => {
+                *holds -= 1;
+                let left = *holds;
+                let handle = handle.clone();
+                if left == 0 {
+                    held.remove(&id);
+                }
+                Some((handle, left))
+            }
+        }
+    };
+    let Some((handle, left)) = handle else {
         return Err(ServiceError::new(
             StatusCode::CONFLICT,
             "not_held",
@@ -112,28 +147,41 @@ async fn release(node: &Node, input: Value) -> Result<Value, ServiceError> {
         ));
     };
     match client.unlock(&handle).await {
-        Ok(()) => Ok(json!({"released": true})),
-        Err(ClientError::InvalidLockAfterRejoin) => Err(ServiceError::new(
-            StatusCode::CONFLICT,
-            "invalid_lock_after_rejoin",
-            "the lock was taken before the node rejoined the array; it is no longer held",
-        )),
+        Ok(()) => Ok(json!({"released": true, "holds": left})),
+        Err(ClientError::InvalidLockAfterRejoin) => {
+            node.held_locks.lock().expect("held locks").remove(&id);
+            Err(ServiceError::new(
+                StatusCode::CONFLICT,
+                "invalid_lock_after_rejoin",
+                "the lock was taken before the node rejoined the array; it is no longer held",
+            ))
+        }
         Err(e) => Err(ServiceError::from_array(e)),
     }
 }
 
-fn store(node: &Node, input: &Value) -> Result<String, ServiceError> {
+/// Longest store name.
+pub const STORE_NAME_MAX_BYTES: usize = 128;
+
+fn store_name(input: &Value) -> Result<&str, ServiceError> {
     let name = field(input, "storeName")?;
-    if name.is_empty() || name.len() > 128 || name.contains(char::is_whitespace) {
-        return Err(ServiceError::bad_request(
-            "storeName must be 1 to 128 characters without spaces",
-        ));
+    if name.is_empty() || name.len() > STORE_NAME_MAX_BYTES || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ServiceError::bad_request(format!(
+            "storeName must be 1 to {STORE_NAME_MAX_BYTES} characters without spaces or control characters"
+        )));
     }
-    Ok(node.settings.storage_cache(name))
+    Ok(name)
 }
 
-fn lock_cache(data_cache: &str) -> String {
-    format!("{data_cache}.locks")
+/// The cache of a store's values.
+fn store(node: &Node, input: &Value) -> Result<String, ServiceError> {
+    Ok(node.settings.storage_cache(store_name(input)?))
+}
+
+/// The cache of a store's lock records (another prefix than any store's values).
+fn lock_cache(node: &Node, input: &Value) -> Result<String, ServiceError> {
+    Ok(node.settings.storage_locks_cache(store_name(input)?))
 }
 
 async fn storage_put(node: &Node, input: Value) -> Result<Value, ServiceError> {
@@ -160,7 +208,7 @@ async fn storage_keys(node: &Node, input: Value) -> Result<Value, ServiceError> 
 
 async fn storage_delete(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = store(node, &input)?;
-    let removed = node.remove_all(&cache).await? + node.remove_all(&lock_cache(&cache)).await?;
+    let removed = node.remove_all(&cache).await? + node.remove_all(&lock_cache(node, &input)?).await?;
     Ok(json!({"removed": removed}))
 }
 
@@ -174,7 +222,7 @@ fn ours(node: &Node, record: &[u8]) -> bool {
 }
 
 async fn storage_lock(node: &Node, input: Value) -> Result<Value, ServiceError> {
-    let locks = lock_cache(&store(node, &input)?);
+    let locks = lock_cache(node, &input)?;
     let key = field(&input, "key")?.as_bytes().to_vec();
     let wait = Duration::from_millis(input.get("waitLength").and_then(Value::as_u64).unwrap_or(0));
     let started = Instant::now();
@@ -205,7 +253,7 @@ async fn storage_lock(node: &Node, input: Value) -> Result<Value, ServiceError> 
 }
 
 async fn storage_unlock(node: &Node, input: Value) -> Result<Value, ServiceError> {
-    let locks = lock_cache(&store(node, &input)?);
+    let locks = lock_cache(node, &input)?;
     let key = field(&input, "key")?.as_bytes().to_vec();
     match node.get(&locks, &key).await? {
         Some(record) if ours(node, &record) => {
@@ -220,7 +268,7 @@ async fn storage_unlock(node: &Node, input: Value) -> Result<Value, ServiceError
 }
 
 async fn storage_list_locks(node: &Node, input: Value) -> Result<Value, ServiceError> {
-    let locks = lock_cache(&store(node, &input)?);
+    let locks = lock_cache(node, &input)?;
     let mut out = Vec::new();
     for k in node.keys(&locks).await? {
         if let Some(record) = node.get(&locks, &k).await? {
@@ -233,7 +281,7 @@ async fn storage_list_locks(node: &Node, input: Value) -> Result<Value, ServiceE
 }
 
 async fn storage_release_locks(node: &Node, input: Value) -> Result<Value, ServiceError> {
-    let locks = lock_cache(&store(node, &input)?);
+    let locks = lock_cache(node, &input)?;
     let mut released = 0u64;
     for k in node.keys(&locks).await? {
         if let Some(record) = node.get(&locks, &k).await? {

@@ -21,11 +21,21 @@ use ferrocotta::{ArrayClient, ClientError};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::services::{Registry, ServiceError};
+use crate::services::{new_session_id, with_session_cookie, Registry, ServiceError, SessionCookie};
 use crate::settings::NodeSettings;
 
 /// Largest request body the service port reads.
 pub const REQUEST_BODY_MAX_BYTES: usize = 1024 * 1024;
+
+/// Largest request body the admin port reads (its endpoints take none).
+pub const ADMIN_BODY_MAX_BYTES: usize = 4096;
+
+/// Longest session id taken from a cookie (anything else, or other characters than ASCII letters
+/// and digits, counts as no cookie).
+pub const SESSION_ID_MAX_BYTES: usize = 64;
+
+/// Locks held through `pub.cache.lock` by (cache, key): the array's handle and the holds taken.
+pub type HeldLocks = HashMap<(String, Vec<u8>), (ferrocotta::client::LockHandle, u32)>;
 
 /// Stand-alone state: values by (cache, key).
 pub type LocalState = Mutex<HashMap<(String, Vec<u8>), Vec<u8>>>;
@@ -64,8 +74,10 @@ pub struct Node {
     pub registry: Registry,
     /// Requests served.
     pub requests: AtomicU64,
-    /// `pub.cache.lock` locks this node holds, by (cache, key).
-    pub held_locks: Mutex<HashMap<(String, Vec<u8>), ferrocotta::client::LockHandle>>,
+    /// `pub.cache.lock` locks this node holds, by (cache, key), with the holds taken on each.
+    pub held_locks: Mutex<HeldLocks>,
+    /// TLS of both ports, if they speak it.
+    pub tls: Option<Arc<ferrocotta::tls::ServerTls>>,
 }
 
 /// Milliseconds since the epoch.
@@ -323,6 +335,19 @@ impl Node {
         })
     }
 
+    /// The members as the public service `wm.server.cluster:getMembers` shows them: without
+    /// their admin addresses and instance ids, which only the admin port gives out.
+    pub async fn public_members(&self) -> Vec<Value> {
+        let mut members = self.members().await;
+        for m in &mut members {
+            if let Some(o) = m.as_object_mut() {
+                o.remove("admin");
+                o.remove("instance");
+            }
+        }
+        members
+    }
+
     /// Members of the cluster as this node sees them. A node cut from the array sees an empty
     /// list (as in the seed guide); in stand-alone mode it sees itself.
     pub async fn members(&self) -> Vec<Value> {
@@ -429,7 +454,7 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == "ssnid")
         .map(|(_, v)| v.to_string())
-        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric()))
+        .filter(|v| !v.is_empty() && v.len() <= SESSION_ID_MAX_BYTES && v.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
 async fn invoke(
@@ -446,6 +471,16 @@ async fn invoke(
             "the node is offline",
         ));
     }
+    if let Err(e) = crate::services::check_service_name(&service) {
+        return error_response(e);
+    }
+    if node.registry.is_administrative(&service) && !authorized(&node, &headers) {
+        return error_response(ServiceError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "an administrative service: the admin token is missing or wrong",
+        ));
+    }
     let input: Value = if body.trim().is_empty() {
         json!({})
     } else {
@@ -454,20 +489,22 @@ async fn invoke(
             Err(e) => return error_response(ServiceError::bad_request(format!("the body is not JSON: {e}"))),
         }
     };
-    let (ssnid, fresh) = match session_cookie(&headers) {
-        Some(s) => (s, false),
-        None => {
-            let id: [u8; 16] = rand::random();
-            (id.iter().map(|b| format!("{b:02x}")).collect::<String>(), true)
-        }
+    let cookie = match session_cookie(&headers) {
+        Some(id) => SessionCookie { id, issued: false },
+        None => SessionCookie {
+            id: new_session_id(),
+            issued: true,
+        },
     };
-    let result = node.registry.call(&node, &service, &ssnid, input).await;
+    let ssnid = cookie.id.clone();
+    let (result, cookie) = with_session_cookie(cookie, node.registry.call(&node, &service, &ssnid, input)).await;
     let mut response = match result {
         Ok(v) => Json(v).into_response(),
         Err(e) => error_response(e),
     };
-    if fresh {
-        if let Ok(v) = format!("ssnid={ssnid}; Path=/; HttpOnly").parse() {
+    if cookie.issued {
+        let secure = if node.tls.is_some() { "; Secure" } else { "" };
+        if let Ok(v) = format!("ssnid={}; Path=/; HttpOnly; SameSite=Lax{secure}", cookie.id).parse() {
             response.headers_mut().insert(header::SET_COOKIE, v);
         }
     }
@@ -480,7 +517,7 @@ fn authorized(node: &Node, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()));
-    given.is_some_and(|g| g.as_bytes() == node.settings.admin_token.as_bytes())
+    given.is_some_and(|g| ferrocotta::security::constant_time_eq(g.as_bytes(), node.settings.admin_token.as_bytes()))
 }
 
 fn unauthorized() -> Response {
@@ -515,6 +552,7 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .route("/admin/online", post(online))
         .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_MAX_BYTES))
         .with_state(node)
 }
 

@@ -53,13 +53,24 @@ impl ServiceError {
         )
     }
 
-    /// Maps an array client error.
+    /// Maps an array client error: the caller's bad input is 400, what the node's credential
+    /// may not do is 403, an array that does not answer is 503, anything else 500.
     pub fn from_array(e: ClientError) -> ServiceError {
+        use ferrocotta::protocol::ErrorReply;
         if e.is_unavailability() {
             tracing::warn!(event = "node.array_unavailable", error = %e);
             return Self::unavailable();
         }
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "array_error", e.to_string())
+        match &e {
+            ClientError::Invalid(_) | ClientError::Server(ErrorReply::Invalid(_)) => Self::bad_request(e.to_string()),
+            ClientError::Server(ErrorReply::Forbidden(_)) => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+            _ => {
+                tracing::warn!(event = "node.array_error", error = %e);
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "array_error", e.to_string())
+            }
+        }
     }
 }
 
@@ -68,10 +79,34 @@ type ServiceFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, ServiceError>
 /// A service: gets the node, the caller's session id and the input; returns the output.
 pub type Service = Arc<dyn for<'a> Fn(&'a Node, &'a str, Value) -> ServiceFuture<'a> + Send + Sync>;
 
+/// Longest service name (`folder:service`).
+pub const SERVICE_NAME_MAX_BYTES: usize = 128;
+
+/// Whether a service name is acceptable: 1 to [`SERVICE_NAME_MAX_BYTES`] of ASCII letters, digits
+/// and `.`, `:`, `_`, `-`.
+pub fn check_service_name(name: &str) -> Result<(), ServiceError> {
+    if name.is_empty() || name.len() > SERVICE_NAME_MAX_BYTES {
+        return Err(ServiceError::bad_request(format!(
+            "service names are 1 to {SERVICE_NAME_MAX_BYTES} characters"
+        )));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '_' | '-'))
+    {
+        return Err(ServiceError::bad_request(
+            "service names hold only ASCII letters, digits, `.`, `:`, `_` and `-`",
+        ));
+    }
+    Ok(())
+}
+
 /// Services by `folder:service`.
 #[derive(Clone, Default)]
 pub struct Registry {
     services: HashMap<String, Service>,
+    /// Services that change the cluster (administrative): callers need the admin token.
+    administrative: std::collections::HashSet<String>,
 }
 
 impl Registry {
@@ -97,10 +132,11 @@ impl Registry {
         });
         r.register("pub.cache:put", |node, _, input| Box::pin(cache_put(node, input)));
         r.register("pub.cache:remove", |node, _, input| Box::pin(cache_remove(node, input)));
+        // Public: the members without their admin addresses or instance ids.
         r.register("wm.server.cluster:getMembers", |node, _, _| {
-            Box::pin(async move { Ok(json!({"members": node.members().await})) })
+            Box::pin(async move { Ok(json!({"members": node.public_members().await})) })
         });
-        r.register("wm.server.cluster:clearClusterMemberList", |node, _, _| {
+        r.register_admin("wm.server.cluster:clearClusterMemberList", |node, _, _| {
             Box::pin(clear_members(node))
         });
         r.register("pub.cache:putIfAbsent", |node, _, input| {
@@ -126,6 +162,21 @@ impl Registry {
         self.services.insert(name.to_string(), Arc::new(f));
     }
 
+    /// Adds (or replaces) an administrative service: one that changes the cluster, which callers
+    /// of the service port may invoke only with the admin token.
+    pub fn register_admin<F>(&mut self, name: &str, f: F)
+    where
+        F: for<'a> Fn(&'a Node, &'a str, Value) -> ServiceFuture<'a> + Send + Sync + 'static,
+    {
+        self.register(name, f);
+        self.administrative.insert(name.to_string());
+    }
+
+    /// Whether a service is administrative.
+    pub fn is_administrative(&self, name: &str) -> bool {
+        self.administrative.contains(name)
+    }
+
     /// Calls a service.
     pub async fn call(&self, node: &Node, name: &str, ssnid: &str, input: Value) -> Result<Value, ServiceError> {
         let Some(service) = self.services.get(name) else {
@@ -146,12 +197,55 @@ fn field<'a>(input: &'a Value, name: &str) -> Result<&'a str, ServiceError> {
         .ok_or_else(|| ServiceError::bad_request(format!("the input needs a string `{name}`")))
 }
 
-/// A session object as a service sees it: its fields (the object derefs to them), and what the
-/// array held when it was loaded, so that saving it never overwrites a newer version.
+tokio::task_local! {
+    /// The session cookie of the request being served (set by the service port around each call).
+    static COOKIE: std::cell::RefCell<SessionCookie>;
+}
+
+/// The session id of one request: what the client sent, and whether the node issued a new one.
+#[derive(Debug, Clone)]
+pub struct SessionCookie {
+    /// The id in use.
+    pub id: String,
+    /// Whether the node issued `id` (the client must be sent a cookie).
+    pub issued: bool,
+}
+
+/// A fresh session id: 128 bits from the operating system's CSPRNG, as hex.
+pub fn new_session_id() -> String {
+    let id: [u8; 16] = rand::random();
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `f` with `cookie` as the request's session cookie; returns what it returned and the cookie
+/// as it ended (a new one when the client's id was unknown to the array).
+pub async fn with_session_cookie<T>(
+    cookie: SessionCookie,
+    f: impl std::future::Future<Output = T>,
+) -> (T, SessionCookie) {
+    let cell = std::cell::RefCell::new(cookie);
+    COOKIE
+        .scope(cell, async move {
+            let out = f.await;
+            (out, COOKIE.with(|c| c.borrow().clone()))
+        })
+        .await
+}
+
+/// A session object as a service sees it: its fields (the object derefs to them), its id, and
+/// what the array held when it was loaded, so that saving it never overwrites a newer version.
 #[derive(Debug, Default)]
 pub struct Session {
+    id: String,
     data: Map<String, Value>,
     loaded: Option<Vec<u8>>,
+}
+
+impl Session {
+    /// The session's id (the client's cookie, or a new one when the array did not know it).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
 }
 
 impl std::ops::Deref for Session {
@@ -167,21 +261,42 @@ impl std::ops::DerefMut for Session {
     }
 }
 
-/// Loads the session object (empty when new or expired).
+/// Loads the session object (empty when new or expired). A session id the client chose that the
+/// array does not know is never taken over: the request gets a fresh id (and the client a new
+/// cookie), so nobody can plant a session id on someone else (session fixation).
 pub async fn load_session(node: &Node, ssnid: &str) -> Result<Session, ServiceError> {
-    let loaded = node.get(&node.settings.sessions_cache(), ssnid.as_bytes()).await?;
+    let current = COOKIE.try_with(|c| c.borrow().clone()).ok();
+    let id = current.as_ref().map_or(ssnid.to_string(), |c| c.id.clone());
+    let loaded = node.get(&node.settings.sessions_cache(), id.as_bytes()).await?;
+    let id = match (&loaded, &current) {
+        (None, Some(c)) if !c.issued => {
+            let fresh = new_session_id();
+            let _ = COOKIE.try_with(|c| {
+                *c.borrow_mut() = SessionCookie {
+                    id: fresh.clone(),
+                    issued: true,
+                }
+            });
+            tracing::debug!(
+                event = "node.session_reissued",
+                "a session id unknown to the array was replaced"
+            );
+            fresh
+        }
+        _ => id,
+    };
     let data = loaded
         .as_deref()
         .map(|b| serde_json::from_slice(b).unwrap_or_default())
         .unwrap_or_default();
-    Ok(Session { data, loaded })
+    Ok(Session { id, data, loaded })
 }
 
 /// Saves the session object with tti = session timeout; 413 beyond the size limit; 409 when the
 /// session changed since it was loaded (another request of the same session saved first, or an
 /// earlier write of this one that timed out was applied late): nothing is saved then, so a late
 /// write can never take a session back to an older state.
-pub async fn save_session(node: &Node, ssnid: &str, session: &Session) -> Result<(), ServiceError> {
+pub async fn save_session(node: &Node, session: &Session) -> Result<(), ServiceError> {
     let bytes = serde_json::to_vec(&session.data).expect("json");
     if bytes.len() > node.settings.session_max_bytes {
         return Err(ServiceError::new(
@@ -197,7 +312,7 @@ pub async fn save_session(node: &Node, ssnid: &str, session: &Session) -> Result
     let saved = node
         .put_if_unchanged(
             &node.settings.sessions_cache(),
-            ssnid.as_bytes(),
+            session.id.as_bytes(),
             session.loaded.as_deref(),
             &bytes,
             Some(node.settings.session_timeout),
@@ -218,7 +333,7 @@ async fn counter(node: &Node, ssnid: &str) -> Result<Value, ServiceError> {
     let mut session = load_session(node, ssnid).await?;
     let count = session.get("counter").and_then(Value::as_i64).unwrap_or(0) + 1;
     session.insert("counter".into(), json!(count));
-    save_session(node, ssnid, &session).await?;
+    save_session(node, &session).await?;
     Ok(json!({"counter": count, "node": node.logical_name}))
 }
 
@@ -235,7 +350,7 @@ async fn session_put(node: &Node, ssnid: &str, input: Value) -> Result<Value, Se
     let value = input.get("value").cloned().unwrap_or(Value::Null);
     let mut session = load_session(node, ssnid).await?;
     session.insert(key, value);
-    save_session(node, ssnid, &session).await?;
+    save_session(node, &session).await?;
     Ok(json!({"ok": true}))
 }
 
@@ -243,17 +358,22 @@ async fn session_remove(node: &Node, ssnid: &str, input: Value) -> Result<Value,
     let key = field(&input, "key")?;
     let mut session = load_session(node, ssnid).await?;
     let removed = session.remove(key).is_some();
-    save_session(node, ssnid, &session).await?;
+    save_session(node, &session).await?;
     Ok(json!({"removed": removed}))
 }
 
-fn user_cache(input: &Value) -> Result<String, ServiceError> {
+/// The cache a public service names: never one of the node's own (`ferrocotta.`: sessions,
+/// members, stores, checkpoints), and a valid cache name.
+pub fn user_cache(input: &Value) -> Result<String, ServiceError> {
     let name = field(input, "cacheName")?;
-    if name.starts_with("ferrocotta.node.") {
-        return Err(ServiceError::bad_request(
-            "caches under `ferrocotta.node.` belong to the node itself",
+    if name.starts_with("ferrocotta.") {
+        return Err(ServiceError::new(
+            StatusCode::FORBIDDEN,
+            "reserved_cache",
+            "caches under `ferrocotta.` belong to the node and the array themselves",
         ));
     }
+    ferrocotta::protocol::check_cache_name(name).map_err(ServiceError::bad_request)?;
     Ok(name.to_string())
 }
 

@@ -45,9 +45,31 @@ pub struct Args {
     /// A node.toml with further settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// File with the array's shared secret.
+    /// File with the array's cluster secret, or with `--credential` that credential's secret.
     #[arg(long, env = "FERROCOTTA_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Reach the array with this named credential (the node's own, less than full access)
+    /// instead of the cluster secret.
+    #[arg(long, env = "FERROCOTTA_CREDENTIAL")]
+    pub credential: Option<String>,
+    /// The CA that signed the array's certificates: reach the array with TLS.
+    #[arg(long)]
+    pub array_tls_ca_file: Option<PathBuf>,
+    /// The node's certificate for the array, when the array requires client certificates.
+    #[arg(long, requires = "array_tls_ca_file")]
+    pub array_tls_cert_file: Option<PathBuf>,
+    /// The key of --array-tls-cert-file.
+    #[arg(long, requires = "array_tls_cert_file")]
+    pub array_tls_key_file: Option<PathBuf>,
+    /// Serve the service and admin ports with TLS, with this certificate (with --tls-key-file).
+    #[arg(long, requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of --tls-cert-file.
+    #[arg(long, requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Require callers of the node's ports to show a certificate signed by this CA (mutual TLS).
+    #[arg(long, requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
     /// File with the admin token (default: a random token written next to nothing, printed once).
     #[arg(long, env = "FERROCOTTA_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
@@ -69,8 +91,12 @@ struct NodeFile {
     admin_listen: Option<String>,
     logical_name: Option<String>,
     secret_file: Option<PathBuf>,
+    credential: Option<String>,
     admin_token_file: Option<PathBuf>,
     on_startup_error: Option<OnStartupError>,
+    array_tls: Option<TlsFileSection>,
+    tls: Option<TlsFileSection>,
+    locks_held_max: Option<usize>,
     connect_timeout: Option<String>,
     session_timeout: Option<String>,
     session_max_bytes: Option<usize>,
@@ -79,6 +105,26 @@ struct NodeFile {
     client_keepalive_interval: Option<String>,
     lock_max_duration: Option<String>,
     sessions_nonstop: Option<ferrocotta::client::NonstopSettings>,
+}
+
+/// A `[tls]` or `[array_tls]` section of node.toml.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFileSection {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    /// `[tls]`: callers must show a certificate signed by this CA. `[array_tls]`: the CA that
+    /// signed the array's certificates.
+    ca_file: Option<PathBuf>,
+}
+
+/// TLS of the node's own ports.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    /// Certificate, key, and the CA client certificates must be signed by.
+    pub files: ferrocotta::tls::TlsFiles,
+    /// Whether callers must show a certificate.
+    pub require_client_cert: bool,
 }
 
 /// Everything the node runs with.
@@ -96,8 +142,16 @@ pub struct NodeSettings {
     pub admin_listen: String,
     /// Logical name, if given (else derived from the bound service port).
     pub logical_name: Option<String>,
-    /// Shared secret of the array.
+    /// The array secret the node proves: the cluster secret, or its credential's.
     pub secret: Vec<u8>,
+    /// The node's credential, if it has one (else `secret` is the cluster secret).
+    pub credential: Option<String>,
+    /// TLS to the array: the CA (and a client certificate when the array requires one).
+    pub array_tls: Option<ferrocotta::tls::TlsFiles>,
+    /// TLS of the node's own ports.
+    pub tls: Option<NodeTls>,
+    /// `pub.cache.lock` locks the node holds at most (each is held for the caller until released).
+    pub locks_held_max: usize,
     /// Token the admin endpoints require.
     pub admin_token: String,
     /// Start-up failure policy.
@@ -120,6 +174,12 @@ pub struct NodeSettings {
     /// does not answer); the default raises, which the services answer with 503.
     pub sessions_nonstop: Option<ferrocotta::client::NonstopSettings>,
 }
+
+/// Shortest admin token accepted.
+pub const ADMIN_TOKEN_MIN_BYTES: usize = 16;
+
+/// Default of `locks_held_max`.
+pub const LOCKS_HELD_MAX_DEFAULT: usize = 10_000;
 
 fn duration(field: &str, v: Option<String>, default: Duration) -> anyhow::Result<Duration> {
     match v {
@@ -158,6 +218,40 @@ impl NodeSettings {
                 .to_vec(),
             None => Vec::new(),
         };
+        let credential = args.credential.or(file.credential);
+        if let Some(c) = &credential {
+            ferrocotta::security::check_credential_name(c).map_err(|e| anyhow::anyhow!("--credential: {e}"))?;
+        }
+        let array_tls_file = file.array_tls.unwrap_or_default();
+        let array_tls = match args.array_tls_ca_file.or(array_tls_file.ca_file) {
+            None => None,
+            Some(ca_file) => Some(ferrocotta::tls::TlsFiles {
+                cert_file: args.array_tls_cert_file.or(array_tls_file.cert_file),
+                key_file: args.array_tls_key_file.or(array_tls_file.key_file),
+                ca_file,
+            }),
+        };
+        let tls_file = file.tls.unwrap_or_default();
+        let tls = match (
+            args.tls_cert_file.or(tls_file.cert_file),
+            args.tls_key_file.or(tls_file.key_file),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let client_ca = args.tls_client_ca_file.or(tls_file.ca_file);
+                let require_client_cert = client_ca.is_some();
+                Some(NodeTls {
+                    files: ferrocotta::tls::TlsFiles {
+                        cert_file: Some(cert.clone()),
+                        key_file: Some(key),
+                        // Without a client CA the verifier is never asked; the node's own chain serves.
+                        ca_file: client_ca.unwrap_or(cert),
+                    },
+                    require_client_cert,
+                })
+            }
+            _ => bail!("TLS of the node's ports needs both a certificate and its key"),
+        };
         let admin_token = match args.admin_token_file.or(file.admin_token_file) {
             Some(p) => String::from_utf8_lossy(
                 std::fs::read(&p)
@@ -172,8 +266,10 @@ impl NodeSettings {
                 token
             }
         };
-        if admin_token.len() < 8 {
-            bail!("the admin token must be at least 8 characters");
+        if admin_token.len() < ADMIN_TOKEN_MIN_BYTES {
+            bail!(
+                "the admin token must be at least {ADMIN_TOKEN_MIN_BYTES} characters (a random one: 128 bits or more)"
+            );
         }
         let connect_timeout = match args.connect_timeout {
             Some(d) => d,
@@ -190,6 +286,10 @@ impl NodeSettings {
                 .unwrap_or_else(|| "0.0.0.0:9999".into()),
             logical_name,
             secret,
+            credential,
+            array_tls,
+            tls,
+            locks_held_max: file.locks_held_max.unwrap_or(LOCKS_HELD_MAX_DEFAULT),
             admin_token,
             on_startup_error: args
                 .on_startup_error
@@ -222,6 +322,12 @@ impl NodeSettings {
     /// The array cache of a `pub.storage` store.
     pub fn storage_cache(&self, store: &str) -> String {
         format!("ferrocotta.node.storage.{}.{store}", self.effective_cluster_name)
+    }
+
+    /// The array cache of a `pub.storage` store's lock records: another prefix than every store's
+    /// values, so a store named `x.locks` never reaches the locks of store `x`.
+    pub fn storage_locks_cache(&self, store: &str) -> String {
+        format!("ferrocotta.node.storage_locks.{}.{store}", self.effective_cluster_name)
     }
 
     /// The array cache of `demo:checkpointed` jobs.

@@ -54,7 +54,7 @@ async fn an_application_registers_its_own_service() {
             let mut cart = session.get("cart").cloned().unwrap_or_else(|| json!([]));
             cart.as_array_mut().unwrap().push(input["item"].clone());
             session.insert("cart".into(), cart.clone());
-            save_session(node, ssnid, &session).await?;
+            save_session(node, &session).await?;
             Ok(json!({"cart": cart}))
         })
     });

@@ -25,6 +25,9 @@ const CACHE: &str = "ferrocotta.bench";
 /// Idle HTTP connections kept per node for the session workload.
 const NODE_CONNECTIONS_MAX: usize = 1024;
 
+/// Session cookies the session workload remembers (one per session key).
+const SESSION_COOKIES_MAX: usize = 1_000_000;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum WorkloadArg {
     /// Puts of uniformly chosen keys.
@@ -162,9 +165,14 @@ impl Target for ArrayTarget {
 
 /// Integration nodes over HTTP/1.1 keep-alive: `demo:counter` reads and updates the session.
 struct NodeTarget {
+    /// Service addresses of the nodes.
     nodes: Vec<String>,
+    /// Round-robin position.
     next: AtomicUsize,
+    /// Idle keep-alive connections, by node.
     idle: Mutex<Vec<(usize, BufReader<TcpStream>)>>,
+    /// The session cookie the nodes issued for each session key.
+    cookies: Mutex<std::collections::HashMap<Vec<u8>, String>>,
 }
 
 impl NodeTarget {
@@ -182,6 +190,7 @@ impl NodeTarget {
             nodes,
             next: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
+            cookies: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -222,10 +231,13 @@ impl Target for NodeTarget {
 
     async fn session(&self, session: &[u8], _: &[u8]) -> Result<(), OpError> {
         let (node, mut conn) = self.connection().await?;
+        // The workload's session keys name sessions; the cookie of each is the one the node issued
+        // for it (nodes do not take session ids a client made up).
+        let known = self.cookies.lock().expect("cookies lock").get(session).cloned();
+        let cookie = known.map(|c| format!("Cookie: ssnid={c}\r\n")).unwrap_or_default();
         let request = format!(
-            "POST /invoke/demo:counter HTTP/1.1\r\nHost: {}\r\nCookie: ssnid={}\r\nContent-Length: 0\r\n\r\n",
+            "POST /invoke/demo:counter HTTP/1.1\r\nHost: {}\r\n{cookie}Content-Length: 0\r\n\r\n",
             self.nodes[node],
-            String::from_utf8_lossy(session)
         );
         let io = |_| OpError::new("connection");
         conn.get_mut().write_all(request.as_bytes()).await.map_err(io)?;
@@ -249,6 +261,13 @@ impl Target for NodeTarget {
             if let Some((k, v)) = line.split_once(':') {
                 if k.eq_ignore_ascii_case("content-length") {
                     length = v.trim().parse().unwrap_or(0);
+                } else if k.eq_ignore_ascii_case("set-cookie") {
+                    if let Some(id) = v.trim().split(';').next().and_then(|c| c.strip_prefix("ssnid=")) {
+                        let mut cookies = self.cookies.lock().expect("cookies lock");
+                        if cookies.len() < SESSION_COOKIES_MAX || cookies.contains_key(session) {
+                            cookies.insert(session.to_vec(), id.to_string());
+                        }
+                    }
                 }
             }
         }

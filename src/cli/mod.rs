@@ -44,9 +44,24 @@ pub struct ArrayArgs {
     /// Array servers as `host:port,host:port`, tried in order for the config download.
     #[arg(long, env = "FERROCOTTA_ARRAY_URLS")]
     pub array_urls: String,
-    /// File holding the array's shared secret (`ferrocotta up` writes one into its folder).
+    /// File holding the array's cluster secret (`ferrocotta up` writes one into its folder), or
+    /// with `--credential` that credential's secret.
     #[arg(long, env = "FERROCOTTA_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Connect with this named credential of the array's credentials file (less than full
+    /// access) instead of the cluster secret.
+    #[arg(long, env = "FERROCOTTA_CREDENTIAL")]
+    pub credential: Option<String>,
+    /// The CA that signed the array's certificates: connect with TLS (`ferrocotta up --tls` makes
+    /// `DIR/tls/ca.crt`).
+    #[arg(long, env = "FERROCOTTA_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// This client's certificate, when the array requires one (with --tls-key-file).
+    #[arg(long, env = "FERROCOTTA_TLS_CERT_FILE", requires = "tls_ca_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of --tls-cert-file.
+    #[arg(long, env = "FERROCOTTA_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
     /// The array name to expect; refused if the servers belong to another array.
     #[arg(long, env = "FERROCOTTA_ARRAY_NAME")]
     pub array_name: Option<String>,
@@ -70,6 +85,15 @@ impl ArrayArgs {
         if let Some(path) = &self.secret_file {
             let bytes = std::fs::read(path).with_context(|| format!("--secret-file {}", path.display()))?;
             s.secret = bytes.trim_ascii().to_vec();
+        }
+        s.credential = self.credential.clone();
+        if let Some(ca) = &self.tls_ca_file {
+            let files = ferrocotta::tls::TlsFiles {
+                cert_file: self.tls_cert_file.clone(),
+                key_file: self.tls_key_file.clone(),
+                ca_file: ca.clone(),
+            };
+            s.tls = Some(ferrocotta::tls::ClientTls::load("ferrocotta", files)?);
         }
         Ok(s)
     }

@@ -1,9 +1,13 @@
 //! `ferrocotta up`: a whole local array in one command.
 //!
-//! Writes `DIR/cluster.toml` and `DIR/secret` (kept and reused on the next run, so the data
-//! survives), starts one `cache-array` process per server with its log in `DIR/logs/`, waits until
-//! every stripe has an active, writes `DIR/endpoints.json` (SPEC 9) and prints the same facts.
-//! Ctrl-C (or SIGTERM) stops every process it started: SIGTERM first, SIGKILL after a grace period.
+//! Writes `DIR/cluster.toml`, the secrets (`secret` for clients, `peer-secret` for the servers,
+//! `credentials.toml` with the nodes' credential and `node-credential` holding its secret) and,
+//! with `--tls`, a local CA and a certificate per process in `DIR/tls/` (all kept and reused on the
+//! next run, so the data survives). The folder is 0700 and every secret 0600. Starts one
+//! `cache-array` process per server with its log in `DIR/logs/`, waits until every stripe has an
+//! active, writes `DIR/endpoints.json` (SPEC 9, 0600: it holds the admin token) and prints the same
+//! facts. Ctrl-C (or SIGTERM) stops every process it started: SIGTERM first, SIGKILL after a grace
+//! period.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -12,8 +16,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferrocotta::config::{local_array, ClusterConfig, ServerPorts};
+use ferrocotta::config::{local_array, ClusterConfig, ConfigDuration, Security, ServerPorts, TlsSettings};
 use ferrocotta::protocol::{Reply, Role};
+use ferrocotta::security::{new_secret_hex, write_private_file, AccessMode, AccessRule, Credential, CredentialsFile};
+use ferrocotta::tls::{names_for, ClientTls, LocalCa, TlsFiles};
 use ferrocotta::{ArrayClient, ClientSettings};
 use serde::Serialize;
 use tokio::process::{Child, Command};
@@ -66,7 +72,29 @@ pub struct UpArgs {
     /// The `integration-node` binary (default: next to this `ferrocotta` binary).
     #[arg(long, env = "FERROCOTTA_INTEGRATION_NODE_BIN")]
     integration_node_bin: Option<PathBuf>,
+    /// TLS on every port: a local CA and a certificate per process are made in `DIR/tls/`
+    /// (clients trust `DIR/tls/ca.crt`). Only for a new folder (or with `--fresh`).
+    #[arg(long)]
+    tls: bool,
 }
+
+/// Files `up` keeps in its folder (and `--fresh` removes).
+const FOLDER_ENTRIES: [&str; 10] = [
+    "cluster.toml",
+    "secret",
+    "peer-secret",
+    "credentials.toml",
+    "node-credential",
+    "admin-token",
+    "tls",
+    "data",
+    "logs",
+    "endpoints.json",
+];
+
+/// The credential the integration nodes use (read-write on every cache: they serve
+/// `pub.cache` for any cache name), so that they never hold the cluster secret.
+const NODE_CREDENTIAL: &str = "node";
 
 /// One process in `endpoints.json` (field names are a stable interface, SPEC 9).
 #[derive(Debug, Serialize)]
@@ -96,6 +124,9 @@ struct Endpoints {
     array_name: String,
     config: PathBuf,
     secret_file: PathBuf,
+    /// The CA clients trust, when the ports speak TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_ca_file: Option<PathBuf>,
     array_urls: String,
     /// Token of the nodes' admin ports.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -125,6 +156,12 @@ fn pick_ports(host: &str, base: u16, count: usize) -> anyhow::Result<Vec<ServerP
         if count > 10 {
             bail!("--base-port lays out at most 10 servers; use --base-port 0 for free ports");
         }
+        // The last port laid out is BASE+30+count-1; it must not wrap round past 65535.
+        if base.checked_add(30 + count as u16).is_none() {
+            bail!(
+                "--base-port {base}: the ports of {count} server(s) would go past 65535 (the admin ports are BASE+30..); pick a lower base"
+            );
+        }
         return Ok((0..count as u16)
             .map(|i| ServerPorts {
                 port: base + i,
@@ -152,9 +189,22 @@ fn pick_ports(host: &str, base: u16, count: usize) -> anyhow::Result<Vec<ServerP
         .collect())
 }
 
+/// Writes a secret file (0600) unless it exists; an existing one is made 0600 too.
+fn ensure_secret(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", path.display()))?;
+        return Ok(());
+    }
+    write_private_file(path, (new_secret_hex() + "\n").as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn prepare(args: &UpArgs) -> anyhow::Result<(PathBuf, ClusterConfig)> {
+    use std::os::unix::fs::PermissionsExt;
     if args.fresh && args.dir.exists() {
-        for sub in ["cluster.toml", "secret", "data", "logs", "endpoints.json"] {
+        for sub in FOLDER_ENTRIES {
             let p = args.dir.join(sub);
             if p.is_dir() {
                 std::fs::remove_dir_all(&p).with_context(|| format!("--fresh: cannot remove {}", p.display()))?;
@@ -164,15 +214,21 @@ fn prepare(args: &UpArgs) -> anyhow::Result<(PathBuf, ClusterConfig)> {
         }
     }
     std::fs::create_dir_all(args.dir.join("logs")).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    // Secrets, keys and the admin token live here: only the owner may look in.
+    std::fs::set_permissions(&args.dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", args.dir.display()))?;
     let config_path = args.dir.join("cluster.toml");
-    let secret_path = args.dir.join("secret");
-    if !secret_path.exists() {
-        let secret: [u8; 32] = rand::random();
-        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(&secret_path, hex + "\n").context("cannot write the secret file")?;
-    }
+    ensure_secret(&args.dir.join("secret"))?;
+    ensure_secret(&args.dir.join("peer-secret"))?;
+    ensure_node_credential(&args.dir)?;
     if config_path.exists() {
         let config = ClusterConfig::load(&config_path)?;
+        if args.tls && config.security.tls.is_none() {
+            bail!(
+                "{} was made without TLS; start over with `--tls --fresh` (or run without --tls)",
+                config_path.display()
+            );
+        }
         eprintln!(
             "reusing {} ({} stripe(s)); pass --fresh to start over",
             config_path.display(),
@@ -184,17 +240,70 @@ fn prepare(args: &UpArgs) -> anyhow::Result<(PathBuf, ClusterConfig)> {
         bail!("--stripes and --servers-per-stripe must be at least 1");
     }
     let ports = pick_ports(&args.host, args.base_port, args.stripes * args.servers_per_stripe)?;
+    let security = Security {
+        credentials_file: Some(PathBuf::from("credentials.toml")),
+        tls: args.tls.then(|| TlsSettings {
+            cert_file: PathBuf::from("tls/{name}.crt"),
+            key_file: PathBuf::from("tls/{name}.key"),
+            ca_file: PathBuf::from("tls/ca.crt"),
+            require_client_cert: false,
+            reload_interval: ConfigDuration(Duration::from_secs(60)),
+        }),
+        ..Security::secret_files("secret", "peer-secret")
+    };
     let config = local_array(
         &args.array_name,
         &args.host,
         args.stripes,
         args.servers_per_stripe,
-        Some(PathBuf::from("secret")),
+        security,
         |i| ports[i],
     );
     config.validate()?;
     std::fs::write(&config_path, config.to_toml()).context("cannot write cluster.toml")?;
     Ok((config_path, config))
+}
+
+/// Writes `credentials.toml` with the nodes' credential and `node-credential` with its secret,
+/// unless they exist.
+fn ensure_node_credential(dir: &Path) -> anyhow::Result<()> {
+    let file = dir.join("credentials.toml");
+    let secret_file = dir.join("node-credential");
+    if file.exists() && secret_file.exists() {
+        return Ok(());
+    }
+    let secret = new_secret_hex();
+    let credentials = CredentialsFile {
+        credential: vec![Credential {
+            name: NODE_CREDENTIAL.into(),
+            secret: secret.clone(),
+            access: vec![AccessRule {
+                prefix: String::new(),
+                mode: AccessMode::ReadWrite,
+            }],
+        }],
+    };
+    let text = format!(
+        "# Client credentials of the array (ferrocotta up): the integration nodes use `{NODE_CREDENTIAL}`.\n{}",
+        toml::to_string_pretty(&credentials)?
+    );
+    write_private_file(&file, text.as_bytes()).with_context(|| format!("cannot write {}", file.display()))?;
+    write_private_file(&secret_file, (secret + "\n").as_bytes())
+        .with_context(|| format!("cannot write {}", secret_file.display()))
+}
+
+/// Makes the local CA and a certificate for every process that lacks one, in `DIR/tls/`.
+fn ensure_certificates(dir: &Path, config: &ClusterConfig, host: &str, nodes: usize) -> anyhow::Result<PathBuf> {
+    let tls_dir = dir.join("tls");
+    let ca = LocalCa::in_dir(&tls_dir)?;
+    let servers = config.servers().map(|(_, s)| (s.name.clone(), s.host.clone()));
+    let nodes = (1..=nodes).map(|i| (format!("node{i}"), host.to_string()));
+    for (name, host) in servers.chain(nodes) {
+        if !tls_dir.join(format!("{name}.crt")).exists() {
+            ca.issue_files(&tls_dir, &name, &names_for(&name, &host))?;
+        }
+    }
+    Ok(LocalCa::cert_path(&tls_dir))
 }
 
 /// The log file of a process in `DIR/logs/`, opened for appending (kept across runs).
@@ -222,10 +331,16 @@ fn spawn_server(bin: &Path, config_path: &Path, dir: &Path, name: &str) -> anyho
         .with_context(|| format!("cannot start {}", bin.display()))
 }
 
-async fn wait_ready(config: &ClusterConfig, secret: Vec<u8>, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_ready(
+    config: &ClusterConfig,
+    secret: Vec<u8>,
+    tls: Option<std::sync::Arc<ClientTls>>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let urls: Vec<String> = config.servers().map(|(_, s)| s.client_addr()).collect();
     let mut settings = ClientSettings::new(&urls.join(","))?;
     settings.secret = secret;
+    settings.tls = tls;
     settings.connect_timeout = timeout;
     settings.array_name = Some(config.array_name.clone());
     let deadline = tokio::time::Instant::now() + timeout;
@@ -280,7 +395,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
     let config_path = std::fs::canonicalize(&config_path)?;
     let dir = config_path.parent().expect("config has a folder").to_path_buf();
     let secret_path = dir.join("secret");
-    let secret = std::fs::read(&secret_path)?.trim_ascii().to_vec();
+    let secret = ferrocotta::security::read_secret_file(&secret_path)?;
+    let ca_file = match &config.security.tls {
+        Some(_) => Some(ensure_certificates(&dir, &config, &args.host, args.nodes)?),
+        None => None,
+    };
+    let client_tls = match &ca_file {
+        Some(ca) => Some(ClientTls::load(
+            "ferrocotta up",
+            TlsFiles {
+                cert_file: None,
+                key_file: None,
+                ca_file: ca.clone(),
+            },
+        )?),
+        None => None,
+    };
 
     let mut children: Vec<(String, Child)> = Vec::new();
     let mut entries = Vec::new();
@@ -309,7 +439,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         children.len(),
         dir.join("logs").display()
     );
-    if let Err(e) = wait_ready(&config, secret, args.ready_timeout).await {
+    if let Err(e) = wait_ready(&config, secret, client_tls, args.ready_timeout).await {
         stop_all(&mut children).await;
         return Err(e);
     }
@@ -319,7 +449,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         .collect::<Vec<_>>()
         .join(",");
     let admin_token = if args.nodes > 0 {
-        match start_nodes(&args, &dir, &array_urls, &secret_path, &mut children, &mut entries).await {
+        match start_nodes(
+            &args,
+            &dir,
+            &array_urls,
+            ca_file.as_deref(),
+            &mut children,
+            &mut entries,
+        )
+        .await
+        {
             Ok(token) => Some(token),
             Err(e) => {
                 stop_all(&mut children).await;
@@ -333,12 +472,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         array_name: config.array_name.clone(),
         config: config_path.clone(),
         secret_file: secret_path.clone(),
+        tls_ca_file: ca_file.clone(),
         array_urls: array_urls.clone(),
         admin_token: admin_token.clone(),
         processes: entries,
     };
     let endpoints_path = dir.join("endpoints.json");
-    std::fs::write(&endpoints_path, serde_json::to_string_pretty(&endpoints)? + "\n")?;
+    // It holds the admin token.
+    write_private_file(
+        &endpoints_path,
+        (serde_json::to_string_pretty(&endpoints)? + "\n").as_bytes(),
+    )?;
+    let scheme = if ca_file.is_some() { "https" } else { "http" };
 
     println!(
         "array `{}` is up ({} stripe(s)), {} integration node(s)",
@@ -355,10 +500,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         let front = e
             .client
             .clone()
-            .or(e.service.clone().map(|s| format!("http://{s}")))
+            .or(e.service.clone().map(|s| format!("{scheme}://{s}")))
             .unwrap_or_default();
         println!(
-            "{:<6} {:<6} {:>6} {:>8} {:<22} {:<22} http://{}",
+            "{:<6} {:<6} {:>6} {:>8} {:<22} {:<22} {scheme}://{}",
             e.role,
             e.name,
             stripe,
@@ -378,6 +523,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         "  export FERROCOTTA_ARRAY_URLS={array_urls} FERROCOTTA_SECRET_FILE={}",
         secret_path.display()
     );
+    let cacert = match &ca_file {
+        Some(ca) => {
+            println!("  export FERROCOTTA_TLS_CA_FILE={}", ca.display());
+            format!(" --cacert {}", ca.display())
+        }
+        None => String::new(),
+    };
     println!("  ferrocotta cache put --cache demo hello world && ferrocotta cache get --cache demo hello");
     println!("  ferrocotta status");
     let nodes: Vec<&str> = endpoints
@@ -387,11 +539,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<u8> {
         .collect();
     if nodes.len() >= 2 {
         println!(
-            "  curl -s -c jar -b jar -X POST http://{}/invoke/demo:counter   # counter 1, on node1",
+            "  curl -s{cacert} -c jar -b jar -X POST {scheme}://{}/invoke/demo:counter   # counter 1, on node1",
             nodes[0]
         );
         println!(
-            "  curl -s -c jar -b jar -X POST http://{}/invoke/demo:counter   # counter 2, same session on node2",
+            "  curl -s{cacert} -c jar -b jar -X POST {scheme}://{}/invoke/demo:counter   # counter 2, same session on node2",
             nodes[1]
         );
     }
@@ -408,17 +560,13 @@ async fn start_nodes(
     args: &UpArgs,
     dir: &Path,
     array_urls: &str,
-    secret_path: &Path,
+    ca_file: Option<&Path>,
     children: &mut Vec<(String, Child)>,
     entries: &mut Vec<ProcessEntry>,
 ) -> anyhow::Result<String> {
     let bin = sibling_binary("integration-node", args.integration_node_bin.clone())?;
     let token_path = dir.join("admin-token");
-    if !token_path.exists() {
-        let t: [u8; 16] = rand::random();
-        let token: String = t.iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(&token_path, token + "\n").context("cannot write the admin token file")?;
-    }
+    ensure_secret(&token_path)?;
     let token = std::fs::read_to_string(&token_path)?.trim().to_string();
     let ports: Vec<(u16, u16)> = if args.base_port == 0 {
         let free = pick_ports(&args.host, 0, args.nodes)?;
@@ -434,13 +582,26 @@ async fn start_nodes(
         let service = format!("{}:{service_port}", args.host);
         let admin = format!("{}:{admin_port}", args.host);
         let log = open_log(dir, &name)?;
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        command
             .args(["--array-urls", array_urls, "--cluster-name", &args.cluster_name])
             .args(["--listen", &service, "--admin-listen", &admin, "--logical-name", &name])
+            .args(["--credential", NODE_CREDENTIAL])
             .arg("--secret-file")
-            .arg(secret_path)
+            .arg(dir.join("node-credential"))
             .arg("--admin-token-file")
-            .arg(&token_path)
+            .arg(&token_path);
+        if let Some(ca) = ca_file {
+            let tls_dir = dir.join("tls");
+            command
+                .arg("--array-tls-ca-file")
+                .arg(ca)
+                .arg("--tls-cert-file")
+                .arg(tls_dir.join(format!("{name}.crt")))
+                .arg("--tls-key-file")
+                .arg(tls_dir.join(format!("{name}.key")));
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -18,6 +18,10 @@ use crate::protocol::{decode, encode, ClientMessage, ErrorReply, Op, PeerRpc, Re
 /// Requests queued for the writer of one connection before callers wait for room.
 pub const OUTGOING_QUEUE_MAX: usize = 4096;
 
+/// Id of the pings a client sends on a connection that has been idle (no caller waits for them;
+/// request ids start at 1).
+const IDLE_PING_ID: u64 = 0;
+
 /// How a call on a connection failed.
 #[derive(Debug, Clone)]
 pub enum CallError {
@@ -29,6 +33,13 @@ pub enum CallError {
     Server(ErrorReply),
     /// No answer within the caller's timeout; the outcome is unknown.
     TimedOut,
+    /// The request is larger than the frame limit: it was not sent (a definite refusal).
+    TooLarge {
+        /// Bytes of the encoded request.
+        bytes: usize,
+        /// The frame limit.
+        max: usize,
+    },
 }
 
 /// What a waiter receives.
@@ -58,24 +69,39 @@ pub struct Connection {
     pending: Arc<Mutex<Pending>>,
     /// Source of request ids.
     next_id: AtomicU64,
+    /// Largest frame the server accepts; a larger request is refused here, before it is sent.
+    max_frame_bytes: usize,
 }
 
 impl Connection {
     /// Takes over a connection that finished its handshake and starts its reader and writer.
-    pub fn start(framed: FramedConn, welcome: Welcome) -> Arc<Connection> {
+    /// With `idle_ping`, a connection that has sent nothing for that long sends a ping, so the
+    /// server's idle timeout never closes a connection a client still holds (which could race with
+    /// a request and make its outcome unknown). Peer connections carry heartbeats and pass `None`.
+    pub fn start(framed: FramedConn, welcome: Welcome, idle_ping: Option<Duration>) -> Arc<Connection> {
+        let max_frame_bytes = framed.codec().max_frame_length();
         let (sink, stream) = framed.split();
         let (tx, rx) = mpsc::channel::<bytes::Bytes>(OUTGOING_QUEUE_MAX);
         let pending = Arc::new(Mutex::new(Pending {
             waiters: HashMap::new(),
             closed: None,
         }));
-        tokio::spawn(write_loop(sink, rx, pending.clone()));
+        let ping = idle_ping.map(|every| {
+            let frame = encode(&ClientMessage::Request(Request {
+                id: IDLE_PING_ID,
+                timeout_ms: every.as_millis().min(u32::MAX as u128) as u32,
+                op: Op::Ping,
+            }));
+            (every, frame)
+        });
+        tokio::spawn(write_loop(sink, rx, pending.clone(), ping));
         tokio::spawn(read_loop(stream, pending.clone()));
         Arc::new(Connection {
             welcome,
             outgoing: tx,
             pending,
             next_id: AtomicU64::new(1),
+            max_frame_bytes,
         })
     }
 
@@ -118,6 +144,13 @@ impl Connection {
         message: impl FnOnce(u64) -> ClientMessage,
     ) -> Result<Answer, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode(&message(id));
+        if frame.len() > self.max_frame_bytes {
+            return Err(CallError::TooLarge {
+                bytes: frame.len(),
+                max: self.max_frame_bytes,
+            });
+        }
         let (tx, rx) = oneshot::channel();
         {
             let mut p = self.pending.lock().expect("pending lock");
@@ -126,7 +159,6 @@ impl Connection {
             }
             p.waiters.insert(id, tx);
         }
-        let frame = encode(&message(id));
         let outcome = tokio::time::timeout(timeout, async {
             if self.outgoing.send(frame).await.is_err() {
                 return Err(CallError::NotSent("connection closed".into()));
@@ -166,8 +198,9 @@ async fn write_loop(
     sink: futures::stream::SplitSink<FramedConn, bytes::Bytes>,
     rx: mpsc::Receiver<bytes::Bytes>,
     pending: Arc<Mutex<Pending>>,
+    idle_ping: Option<(Duration, bytes::Bytes)>,
 ) {
-    if let Err(e) = crate::handshake::write_frames(sink, rx).await {
+    if let Err(e) = crate::handshake::write_frames(sink, rx, idle_ping).await {
         close(&pending, format!("write failed: {e}"));
     }
 }

@@ -68,6 +68,12 @@ pub struct ClientSettings {
     /// Addresses to dial instead of the ones in the config (`config address -> address to use`),
     /// for clients that reach the array through port forwarding (and tests, through a fault proxy).
     pub address_map: HashMap<String, String>,
+    /// A named credential of the array's credentials file (less than full access); `secret` is
+    /// then that credential's secret. `None`: `secret` is the cluster secret.
+    pub credential: Option<String>,
+    /// TLS, when the array's ports speak it: the CA that signed the servers' certificates, and
+    /// this client's own certificate when the array requires one.
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 impl ClientSettings {
@@ -105,6 +111,8 @@ impl ClientSettings {
             default_nonstop: NonstopSettings::default(),
             nonstop: HashMap::new(),
             address_map: HashMap::new(),
+            credential: None,
+            tls: None,
         })
     }
 
@@ -113,7 +121,11 @@ impl ClientSettings {
             software_version: self.software_version.clone(),
             array_name: self.array_name.clone(),
             secret: self.secret.clone(),
-            role: ConnectionRole::Client,
+            role: match &self.credential {
+                Some(name) => ConnectionRole::Credential { name: name.clone() },
+                None => ConnectionRole::Client,
+            },
+            tls: self.tls.clone(),
         }
     }
 }
@@ -234,6 +246,7 @@ impl ClientError {
                 ClientError::AuthenticationFailed("the server refused our proof of the shared secret".into())
             }
             Refusal::WrongPort(why) => ClientError::Invalid(why),
+            Refusal::Busy(why) => ClientError::Invalid(format!("the server is busy: {why}")),
         }
     }
 }
@@ -333,9 +346,14 @@ impl ArrayClient {
     /// array whose servers are partly down.
     pub async fn bootstrap(settings: ClientSettings) -> Result<ArrayClient, ClientError> {
         let identity = settings.identity();
-        let (url, config_toml, first) = download_config(&settings, &identity).await?;
+        let (url, mut framed, welcome) = download_config(&settings, &identity).await?;
+        let config_toml = welcome.config_toml.clone();
         let config = ClusterConfig::parse(&config_toml)
             .map_err(|e| ClientError::Invalid(format!("the array sent a config this client cannot read: {e}")))?;
+        framed
+            .codec_mut()
+            .set_max_frame_length(config.limits.max_frame_bytes as usize);
+        let first = Connection::start(framed, welcome, Some(idle_ping_interval(&config)));
         tracing::info!(
             event = "client.config_downloaded",
             array = %config.array_name,
@@ -433,7 +451,7 @@ impl ArrayClient {
             Ok((framed, welcome)) => {
                 *handle.last_failure.lock().expect("failure lock") = None;
                 let config_toml = welcome.config_toml.clone();
-                let conn = Connection::start(framed, welcome);
+                let conn = Connection::start(framed, welcome, Some(idle_ping_interval(&self.routing().config)));
                 *slot = Some(conn.clone());
                 drop(slot);
                 self.maybe_refresh_config(config_toml);
@@ -581,6 +599,11 @@ impl ArrayClient {
                         )))
                     }
                     Err(CallError::Server(e)) => return Err(ClientError::Server(e)),
+                    Err(CallError::TooLarge { bytes, max }) => {
+                        return Err(ClientError::Invalid(format!(
+                        "the request takes {bytes} bytes, more than the array's frame limit of {max}; it was not sent"
+                    )))
+                    }
                     Err(CallError::NotSent(why)) => {
                         failures.insert(name.clone(), why);
                     }
@@ -1082,7 +1105,7 @@ fn recently_failed(routing: &Routing, name: &str, window: Duration) -> bool {
 async fn download_config(
     settings: &ClientSettings,
     identity: &ClientIdentity,
-) -> Result<(String, String, Arc<Connection>), ClientError> {
+) -> Result<(String, handshake::FramedConn, crate::protocol::Welcome), ClientError> {
     let started = Instant::now();
     let deadline = started + settings.connect_timeout;
     let mut failures: Vec<(String, String)> = settings
@@ -1097,10 +1120,7 @@ async fn download_config(
                 break;
             }
             match handshake::connect(url, identity, left, crate::config::MAX_FRAME_BYTES_CEILING as usize).await {
-                Ok((framed, welcome)) => {
-                    let toml = welcome.config_toml.clone();
-                    return Ok((url.clone(), toml, Connection::start(framed, welcome)));
-                }
+                Ok((framed, welcome)) => return Ok((url.clone(), framed, welcome)),
                 Err(HandshakeError::Refused(r)) => {
                     tracing::error!(event = "client.refused", url = %url, reason = %r);
                     return Err(ClientError::from_refusal(r));
@@ -1120,6 +1140,11 @@ async fn download_config(
         }
         tokio::time::sleep(settings.reconnect_wait_interval.min(left)).await;
     }
+}
+
+/// How often a connection that sent nothing pings the server: well within the array's idle timeout.
+fn idle_ping_interval(config: &ClusterConfig) -> Duration {
+    config.limits.idle_timeout.0 / 3
 }
 
 fn unexpected(reply: Reply) -> ClientError {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use ferrocotta::config::{local_array, ClusterConfig, ConfigDuration, ServerPorts};
+use ferrocotta::config::{local_array, ClusterConfig, ConfigDuration, Security, ServerPorts};
 use ferrocotta::{ArrayClient, ClientSettings};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -47,13 +47,18 @@ impl Cluster {
     /// Writes the config of one stripe of `servers` (host names of `net`) and starts them.
     pub fn start(net: &Net, servers: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = local_array("chaos", "0.0.0.0", 1, servers.len(), Some("secret".into()), |_| {
-            ServerPorts {
+        let mut config = local_array(
+            "chaos",
+            "0.0.0.0",
+            1,
+            servers.len(),
+            Security::secret_files("secret", "peer-secret"),
+            |_| ServerPorts {
                 port: CLIENT_PORT,
                 group_port: CLIENT_PORT + 1,
                 admin_port: CLIENT_PORT + 2,
-            }
-        });
+            },
+        );
         config.timing.client_reconnect_window = ConfigDuration(RECONNECT_WINDOW);
         for (s, name) in config.stripes[0].servers.iter_mut().zip(servers) {
             s.name = name.to_string();
@@ -63,6 +68,7 @@ impl Cluster {
         config.validate().expect("chaos config is valid");
         std::fs::write(dir.path().join("cluster.toml"), config.to_toml()).unwrap();
         std::fs::write(dir.path().join("secret"), b"chaos-secret-0123456789abcdef").unwrap();
+        std::fs::write(dir.path().join("peer-secret"), b"chaos-peer-secret-0123456789abcdef").unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let mut cluster = Cluster {
             dir,

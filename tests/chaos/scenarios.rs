@@ -117,12 +117,15 @@ fn seed_split_brain() {
                     ctx.wait_node("n3", Duration::from_secs(30)).await;
                     // It serves sessions from the majority's array.
                     let n3 = ctx.cluster.node_addr(&ctx.net, "n3");
-                    let ssnid = format!("split{}", ctx.seed);
+                    let mut ssnid: Option<String> = None;
                     let mut counters = Vec::new();
                     let deadline = Instant::now() + Duration::from_secs(30);
                     while counters.len() < 3 {
-                        match invoke_counter(&n3, &ssnid).await {
-                            Ok(c) => counters.push(c),
+                        match invoke_counter(&n3, ssnid.as_deref()).await {
+                            Ok((c, set)) => {
+                                counters.push(c);
+                                ssnid = set.or(ssnid);
+                            }
                             Err(e) => assert!(Instant::now() < deadline, "n3 never served: {e}"),
                         }
                     }
@@ -256,9 +259,10 @@ fn node_cut_from_array() {
                 }
                 // Nonstop: a session request through the cut node is answered, not hung.
                 let asked = Instant::now();
-                let (status, body) = http_post(&n1, "/invoke/demo:counter", "cutprobe", Duration::from_secs(20))
-                    .await
-                    .expect("the cut node answers");
+                let (status, _, body) =
+                    http_post(&n1, "/invoke/demo:counter", Some("cutprobe"), Duration::from_secs(20))
+                        .await
+                        .expect("the cut node answers");
                 let answered = asked.elapsed();
                 assert_eq!(status, 503, "{body}");
                 ctx.notes.push(format!(
@@ -283,7 +287,7 @@ fn node_cut_from_array() {
                 let healed = Instant::now();
                 let deadline = healed + Duration::from_secs(30);
                 loop {
-                    if invoke_counter(&n1, "cutprobe").await.is_ok() {
+                    if invoke_counter(&n1, Some("cutprobe")).await.is_ok() {
                         break;
                     }
                     assert!(Instant::now() < deadline, "n1 never served again after the heal");

@@ -194,7 +194,7 @@ impl SessionRun {
                 let nodes = nodes.clone();
                 let stop = stop.clone();
                 let rng = StdRng::seed_from_u64(seed ^ (s as u64 * 104_729));
-                // Cookie values are alphanumeric (the node issues a new session for anything else).
+                // The checker's name of the session; the cookie is the one the node issues.
                 let id = format!("chaos{seed:x}s{s}");
                 tokio::spawn(session_driver(id, nodes, pause, clock, rng, stop))
             })
@@ -226,10 +226,21 @@ async fn session_driver(
     stop: Arc<AtomicBool>,
 ) -> Vec<SessionEntry> {
     let mut out = Vec::new();
+    // As a browser does: no cookie at first, then whatever the nodes set. A node sets a new one
+    // when the array does not know the session, so a lost session shows as its counter going back.
+    let mut cookie: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
         let node = &nodes[rng.gen_range(0..nodes.len())];
         let invoke = clock.now();
-        let counter = invoke_counter(node, &id).await.ok();
+        let counter = match invoke_counter(node, cookie.as_deref()).await {
+            Ok((counter, set)) => {
+                if set.is_some() {
+                    cookie = set;
+                }
+                Some(counter)
+            }
+            Err(_) => None,
+        };
         out.push(SessionEntry {
             session: id.clone(),
             invoke,
@@ -240,23 +251,31 @@ async fn session_driver(
     out
 }
 
-/// POST /invoke/demo:counter for a session; the counter it answered.
-pub async fn invoke_counter(node: &str, ssnid: &str) -> Result<i64, String> {
-    let (status, body) = http_post(node, "/invoke/demo:counter", ssnid, SESSION_CLIENT_TIMEOUT).await?;
+/// POST /invoke/demo:counter for a session (`None`: a new one); the counter it answered and the
+/// session cookie the node set, if it set one.
+pub async fn invoke_counter(node: &str, ssnid: Option<&str>) -> Result<(i64, Option<String>), String> {
+    let (status, set_cookie, body) = http_post(node, "/invoke/demo:counter", ssnid, SESSION_CLIENT_TIMEOUT).await?;
     if status != 200 {
         return Err(format!("status {status}: {body}"));
     }
     let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
-    v["counter"].as_i64().ok_or_else(|| format!("no counter in {body}"))
+    let counter = v["counter"].as_i64().ok_or_else(|| format!("no counter in {body}"))?;
+    Ok((counter, set_cookie))
 }
 
-/// One HTTP/1.1 POST with a session cookie and `Connection: close`; (status, body).
-pub async fn http_post(addr: &str, path: &str, ssnid: &str, timeout: Duration) -> Result<(u16, String), String> {
+/// One HTTP/1.1 POST with a session cookie (if any) and `Connection: close`; (status, the ssnid
+/// the answer set, body).
+pub async fn http_post(
+    addr: &str,
+    path: &str,
+    ssnid: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, Option<String>, String), String> {
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nCookie: ssnid={ssnid}\r\nContent-Length: 0\r\n\r\n"
-        );
+        let cookie = ssnid.map(|c| format!("Cookie: ssnid={c}\r\n")).unwrap_or_default();
+        let req =
+            format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{cookie}Content-Length: 0\r\n\r\n");
         s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
@@ -267,5 +286,11 @@ pub async fn http_post(addr: &str, path: &str, ssnid: &str, timeout: Duration) -
         .map_err(|_| format!("no answer within {timeout:?}"))??;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((status, body.to_string()))
+    let set_cookie = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("set-cookie"))
+        .filter_map(|(_, v)| v.trim().split(';').next()?.strip_prefix("ssnid=").map(str::to_string))
+        .next();
+    Ok((status, set_cookie, body.to_string()))
 }

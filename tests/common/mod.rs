@@ -13,11 +13,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferrocotta::config::{local_array, ClusterConfig, ServerPorts};
+use ferrocotta::config::{local_array, ClusterConfig, Security, ServerPorts};
 use ferrocotta::protocol::{Reply, Role};
 use ferrocotta::{ArrayClient, ClientSettings};
 
 static CLUSTER_LOCK: Mutex<()> = Mutex::new(());
+
+/// The peer secret of every test array (servers only; clients never hold it).
+pub const PEER_SECRET: &[u8] = b"test-peer-secret-0123456789abcdef";
 
 /// Takes the process-wide cluster lock (for tests that start processes without a [`TestArray`]).
 pub fn cluster_lock() -> MutexGuard<'static, ()> {
@@ -34,12 +37,18 @@ pub fn phase(what: &str) {
 /// which makes this a quick no-op; `cargo test --test X` or `cargo bench` may not have.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let root_bin = PathBuf::from(env!("CARGO_BIN_EXE_ferrocotta"));
+    // The root package's tests know the CLI's path, cache-array's tests the server's: both are in
+    // the folder every binary of the workspace is built into.
+    let known_bin = option_env!("CARGO_BIN_EXE_ferrocotta")
+        .or(option_env!("CARGO_BIN_EXE_cache-array"))
+        .expect("a workspace binary's path");
+    let root_bin = PathBuf::from(known_bin);
     let path = root_bin.parent().expect("bin folder").join(name);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !built.iter().any(|b| b == name) {
         let release = root_bin.components().any(|c| c.as_os_str() == "release");
-        let mut args = vec!["build", "--quiet", "--bin", name];
+        let package = if name == "ferrocotta" { "ferrocotta" } else { name };
+        let mut args = vec!["build", "--quiet", "-p", package, "--bin", name];
         if release {
             args.push("--release");
         }
@@ -106,7 +115,7 @@ impl TestArray {
             "127.0.0.1",
             stripes,
             per_stripe,
-            Some("secret".into()),
+            Security::secret_files("secret", "peer-secret"),
             |i| ServerPorts {
                 port: ports[i * 3],
                 group_port: ports[i * 3 + 1],
@@ -119,6 +128,7 @@ impl TestArray {
         std::fs::write(&config_path, config.to_toml()).unwrap();
         let secret = b"test-secret-0123456789abcdef".to_vec();
         std::fs::write(dir.path().join("secret"), &secret).unwrap();
+        std::fs::write(dir.path().join("peer-secret"), PEER_SECRET).unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         TestArray {
             dir,
@@ -280,6 +290,51 @@ impl TestArray {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The data folder of a server.
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        ClusterConfig::resolve_path(&self.config_path, &self.config.find_server(name).unwrap().1.data_dir)
+    }
+
+    /// Everything a server has logged (all its lives).
+    pub fn log_text(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until a server's process exits by itself; its exit code (`None`: still running after
+    /// `timeout`). The process is forgotten once it exited.
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.procs.get_mut(name).and_then(|c| c.try_wait().ok().flatten()) {
+                self.procs.remove(name);
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `cache-array repair` for a server with extra flags; (exit code, stdout and stderr).
+    pub fn repair(&self, name: &str, flags: &[&str]) -> (i32, String) {
+        let out = Command::new(&self.bin)
+            .arg("repair")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--name")
+            .arg(name)
+            .args(flags)
+            .output()
+            .expect("run cache-array repair");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
 }
 
 impl Drop for TestArray {
@@ -287,6 +342,11 @@ impl Drop for TestArray {
         for (_, mut child) in self.procs.drain() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // FERROCOTTA_TEST_KEEP=1 keeps the folder (config, data, logs) of a test for a look.
+        if std::env::var_os("FERROCOTTA_TEST_KEEP").is_some() {
+            let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir")).keep();
+            eprintln!("kept the test array's folder: {}", path.display());
         }
     }
 }
@@ -458,12 +518,13 @@ pub async fn read_on(array: &TestArray, server: &str, op: ferrocotta::protocol::
         array_name: Some(array.config.array_name.clone()),
         secret: array.secret.clone(),
         role: ferrocotta::protocol::ConnectionRole::Client,
+        tls: None,
     };
     let (framed, welcome) =
         ferrocotta::handshake::connect(&array.client_addr(server), &identity, Duration::from_secs(5), 1 << 24)
             .await
             .expect("handshake");
-    let conn = ferrocotta::client::Connection::start(framed, welcome);
+    let conn = ferrocotta::client::Connection::start(framed, welcome, None);
     conn.call(op, Duration::from_secs(5)).await.expect("read on one server")
 }
 

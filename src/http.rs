@@ -1,0 +1,135 @@
+//! Serving an axum router over HTTP/1.1, plain or TLS, with bounds: connections through an
+//! [`Admission`], a deadline for the TLS handshake and for each request's headers, the size and
+//! number of headers. Used by the array's admin port and by both ports of an integration node.
+//!
+//! axum's own `serve` takes a plain `TcpListener` and has none of these bounds, so this runs
+//! hyper's connection builder under its own accept loop (as axum's low-level examples do).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::{Admission, AdmissionLimits};
+use crate::log_throttle::LogThrottle;
+use crate::tls::{NetStream, ServerTls};
+
+/// Bounds of one HTTP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Connections held, per address, and in their TLS handshake.
+    pub admission: AdmissionLimits,
+    /// Bytes of a request's head (request line and headers) at most; beyond it the connection
+    /// is answered 431 and closed. hyper allows no less than 8 KiB.
+    pub header_bytes_max: usize,
+    /// Headers of one request at most.
+    pub headers_max: usize,
+    /// Longest a request's head may take to arrive (also how long an idle keep-alive connection
+    /// is kept).
+    pub header_read_timeout: Duration,
+    /// Longest a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// Longest in-flight requests get to finish at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            admission: AdmissionLimits {
+                connections_max: 1024,
+                connections_per_ip_max: 512,
+                pending_handshakes_max: 128,
+            },
+            header_bytes_max: 16 * 1024,
+            headers_max: 64,
+            header_read_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+static REFUSED: LogThrottle = LogThrottle::new();
+static TLS_FAILED: LogThrottle = LogThrottle::new();
+
+/// Serves `router` on `listener` until `shutdown`, then lets in-flight requests finish (bounded by
+/// `shutdown_grace`). `what` names the port in logs.
+pub async fn serve(
+    what: &'static str,
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    limits: HttpLimits,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) {
+    let admission = Arc::new(Admission::new(limits.admission));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.header_bytes_max.max(8192))
+        .max_headers(limits.headers_max);
+    let builder = Arc::new(builder);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(event = "http.accept_failed", port = what, error = %e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mut admitted = match admission.admit(remote.ip()) {
+            Ok(a) => a,
+            Err(why) => {
+                if let Some(suppressed) = REFUSED.allow() {
+                    tracing::warn!(event = "http.connection_refused", port = what, remote = %remote, reason = %why, suppressed);
+                }
+                continue;
+            }
+        };
+        let tls = tls.clone();
+        let builder = builder.clone();
+        let router = router.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let stream = match &tls {
+                None => NetStream::Plain(tcp),
+                Some(t) => match tokio::time::timeout(limits.tls_handshake_timeout, t.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        if let Some(suppressed) = TLS_FAILED.allow() {
+                            tracing::warn!(event = "http.tls_failed", port = what, remote = %remote, error = %e, suppressed);
+                        }
+                        return;
+                    }
+                    Err(_) => return,
+                },
+            };
+            admitted.handshake_done();
+            let service = TowerToHyperService::new(router);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let _ = watcher.watch(conn.into_owned()).await;
+            drop(admitted);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(event = "http.shutdown_timeout", port = what);
+    }
+}
