@@ -134,6 +134,9 @@ where
     Ok(())
 }
 
+/// What a plain client that got no answer is told: the server may speak TLS.
+const TLS_HINT: &str = " (if the array uses TLS, give the client its CA: --tls-ca-file)";
+
 /// Why a client-side handshake failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HandshakeError {
@@ -141,8 +144,13 @@ pub enum HandshakeError {
     #[error("{0}")]
     Io(String),
     /// No answer in time.
-    #[error("no handshake answer within {0:?}")]
-    Timeout(Duration),
+    #[error("no handshake answer within {after:?}{}", if *.plain { TLS_HINT } else { "" })]
+    Timeout {
+        /// How long the client waited.
+        after: Duration,
+        /// Whether the client spoke plain TCP (a TLS server waits for a TLS hello, silently).
+        plain: bool,
+    },
     /// The server refused; final unless it was only busy.
     #[error("{0}")]
     Refused(Refusal),
@@ -185,7 +193,10 @@ pub async fn connect(
 ) -> Result<(FramedConn, Welcome), HandshakeError> {
     match tokio::time::timeout(timeout, connect_inner(addr, identity, max_frame_bytes)).await {
         Ok(r) => r,
-        Err(_) => Err(HandshakeError::Timeout(timeout)),
+        Err(_) => Err(HandshakeError::Timeout {
+            after: timeout,
+            plain: identity.tls.is_none(),
+        }),
     }
 }
 
@@ -274,11 +285,7 @@ fn message_kind(msg: &ServerMessage) -> &'static str {
 async fn recv(framed: &mut FramedConn, plain: bool) -> Result<ServerMessage, HandshakeError> {
     // A TLS listener waits for a TLS hello and a plain client for our challenge: both wait until
     // the server's handshake deadline closes the connection. Say what probably happened.
-    let hint = if plain {
-        " (if the array uses TLS, give the client its CA: --tls-ca-file)"
-    } else {
-        ""
-    };
+    let hint = if plain { TLS_HINT } else { "" };
     match framed.next().await {
         Some(Ok(bytes)) => {
             decode::<ServerMessage>(&bytes).map_err(|e| HandshakeError::BadServer(format!("undecodable frame: {e}")))

@@ -224,6 +224,12 @@ impl ClientTls {
         })
     }
 
+    /// The rustls configuration in force (for callers that run TLS themselves, like a blocking
+    /// HTTP client in the tests).
+    pub fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.current.read().expect("tls lock").config.clone()
+    }
+
     /// Runs the TLS handshake on a fresh connection to `host`, verifying the server's certificate
     /// against the CA and the host name (or IP address) dialled.
     pub async fn connect(&self, host: &str, tcp: TcpStream) -> io::Result<NetStream> {

@@ -179,6 +179,7 @@ fn startup_rules_no_array_standalone_and_name_clash() {
             "standalone",
         ])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(array.node_tls_args("standalone"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

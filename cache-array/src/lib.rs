@@ -22,6 +22,8 @@ pub mod admin;
 pub mod compaction;
 pub mod data_folder;
 pub mod formation;
+#[cfg(test)]
+mod fuzz;
 pub mod locks;
 pub mod log_store;
 pub mod mark;

@@ -412,7 +412,7 @@ impl LogStore {
         self.stats.clone()
     }
 
-    fn encode_entry(entry: &Entry) -> Vec<u8> {
+    pub(crate) fn encode_entry(entry: &Entry) -> Vec<u8> {
         let body = postcard::to_allocvec(entry).expect("log entries always encode");
         let mut out = Vec::with_capacity(body.len() + 4);
         out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
@@ -420,7 +420,7 @@ impl LogStore {
         out
     }
 
-    fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StorageError> {
+    pub(crate) fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StorageError> {
         let fail = |what: String| {
             io_err(
                 ErrorSubject::LogIndex(index),

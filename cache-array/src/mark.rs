@@ -91,7 +91,7 @@ pub enum MarkError {
     Unreadable(PathBuf),
 }
 
-fn encode_slot(mark: &Mark) -> Vec<u8> {
+pub(crate) fn encode_slot(mark: &Mark) -> Vec<u8> {
     let body = postcard::to_allocvec(mark).expect("marks always encode");
     assert!(HEADER_BYTES + body.len() <= SLOT_BYTES, "a mark fits its slot");
     let mut slot = Vec::with_capacity(SLOT_BYTES);

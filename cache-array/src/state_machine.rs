@@ -141,17 +141,17 @@ impl SharedState {
 /// What a snapshot file holds. postcard writes a nested struct's fields in place, so the payload's
 /// bytes start with the head's: the meta is read from a file's first bytes alone.
 #[derive(Debug, Serialize, Deserialize)]
-struct SnapshotPayload {
-    head: SnapshotHead,
-    store: Store,
+pub(crate) struct SnapshotPayload {
+    pub(crate) head: SnapshotHead,
+    pub(crate) store: Store,
 }
 
 /// A snapshot's meta, in the order the file has always stored it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SnapshotHead {
-    snapshot_id: String,
-    last_applied: Option<LogId>,
-    last_membership: StoredMembership,
+pub(crate) struct SnapshotHead {
+    pub(crate) snapshot_id: String,
+    pub(crate) last_applied: Option<LogId>,
+    pub(crate) last_membership: StoredMembership,
 }
 
 impl SnapshotHead {
@@ -196,7 +196,7 @@ impl<W: Write> Write for Checksummed<W> {
 
 /// Streams a snapshot into `out` (at its start): a header left blank, the payload, then the header
 /// filled in. Returns the bytes written.
-fn encode_snapshot_to<W: Write + Seek>(out: W, payload: &SnapshotPayload) -> std::io::Result<u64> {
+pub(crate) fn encode_snapshot_to<W: Write + Seek>(out: W, payload: &SnapshotPayload) -> std::io::Result<u64> {
     let mut out = BufWriter::with_capacity(1024 * 1024, out);
     out.write_all(&[0u8; SNAPSHOT_HEADER_BYTES])?;
     let mut body = Checksummed {
@@ -275,7 +275,7 @@ fn read_snapshot_meta(f: &mut std::fs::File, path: &Path) -> std::io::Result<Sna
 }
 
 /// Decodes and verifies a snapshot file.
-fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotPayload, String> {
+pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotPayload, String> {
     let (crc, len) = parse_header(bytes)?;
     let len = len as usize;
     let body = &bytes[SNAPSHOT_HEADER_BYTES..];

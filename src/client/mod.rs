@@ -30,8 +30,9 @@ use crate::protocol::{
     ConnectionRole, ErrorReply, Op, PutOptions, ReadConsistency, Refusal, Reply, Role, SOFTWARE_VERSION,
 };
 
-/// Longest a single attempt to connect to one server of the config may take (capped further by
-/// the request's own deadline); a server that does not answer in this time is skipped for now.
+/// Longest a single attempt to connect to one server may take (capped further by the request's
+/// own deadline), for a URL of the list as for a server of the config: a server that does not
+/// answer in this time is skipped for now, so one hung server never holds up a client.
 pub const SERVER_CONNECT_ATTEMPT_MAX: Duration = Duration::from_secs(2);
 
 /// Pause between rounds once every server of a stripe has been tried without success.
@@ -1119,7 +1120,10 @@ async fn download_config(
             if left.is_zero() {
                 break;
             }
-            match handshake::connect(url, identity, left, crate::config::MAX_FRAME_BYTES_CEILING as usize).await {
+            // One silent server (paused, cut off) must not spend the whole deadline: each URL gets
+            // at most one attempt's time, then the next is tried.
+            let attempt = left.min(SERVER_CONNECT_ATTEMPT_MAX);
+            match handshake::connect(url, identity, attempt, crate::config::MAX_FRAME_BYTES_CEILING as usize).await {
                 Ok((framed, welcome)) => return Ok((url.clone(), framed, welcome)),
                 Err(HandshakeError::Refused(r)) => {
                     tracing::error!(event = "client.refused", url = %url, reason = %r);

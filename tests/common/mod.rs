@@ -71,6 +71,15 @@ pub fn free_ports(count: usize) -> Vec<u16> {
     listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
+/// Whether test arrays and nodes speak TLS on every port: `FERROCOTTA_TEST_TLS=1` runs a test
+/// binary over TLS (CI runs the array and node tests so).
+pub fn tls_by_env() -> bool {
+    std::env::var("FERROCOTTA_TEST_TLS").is_ok_and(|v| v == "1")
+}
+
+/// The TLS configuration the HTTP helpers use, once a TLS array exists in this process.
+static HTTP_TLS: Mutex<Option<std::sync::Arc<rustls::ClientConfig>>> = Mutex::new(None);
+
 /// A running array.
 pub struct TestArray {
     /// Temporary folder with config, secret, data and logs.
@@ -81,6 +90,9 @@ pub struct TestArray {
     pub config: ClusterConfig,
     /// The shared secret.
     pub secret: Vec<u8>,
+    /// With TLS: the folder of the CA and the certificates (`ca.crt`, `<name>.crt`, `<name>.key`)
+    /// and the client side clients use.
+    pub tls: Option<(PathBuf, std::sync::Arc<ferrocotta::tls::ClientTls>)>,
     /// Running processes by server name.
     procs: HashMap<String, Child>,
     /// The cache-array binary.
@@ -106,6 +118,16 @@ impl TestArray {
 
     /// Writes the config (changed by `edit`) and starts nothing: the test spawns the servers.
     pub fn configured(stripes: usize, per_stripe: usize, edit: impl FnOnce(&mut ClusterConfig)) -> TestArray {
+        Self::configured_tls(stripes, per_stripe, tls_by_env(), edit)
+    }
+
+    /// [`TestArray::configured`] with TLS on every port (a CA and certificates in `tls/`) or not.
+    pub fn configured_tls(
+        stripes: usize,
+        per_stripe: usize,
+        tls: bool,
+        edit: impl FnOnce(&mut ClusterConfig),
+    ) -> TestArray {
         let lock = cluster_lock();
         let dir = tempfile::tempdir().expect("temp dir");
         let n = stripes * per_stripe;
@@ -122,6 +144,32 @@ impl TestArray {
                 admin_port: ports[i * 3 + 2],
             },
         );
+        let tls = tls.then(|| {
+            let tls_dir = dir.path().join("tls");
+            let ca = ferrocotta::tls::LocalCa::in_dir(&tls_dir).expect("a CA");
+            for (_, s) in config.servers() {
+                ca.issue_files(&tls_dir, &s.name, &ferrocotta::tls::names_for(&s.name, &s.host))
+                    .expect("a certificate");
+            }
+            config.security.tls = Some(ferrocotta::config::TlsSettings {
+                cert_file: "tls/{name}.crt".into(),
+                key_file: "tls/{name}.key".into(),
+                ca_file: "tls/ca.crt".into(),
+                require_client_cert: false,
+                reload_interval: ferrocotta::config::ConfigDuration(Duration::from_secs(1)),
+            });
+            let client = ferrocotta::tls::ClientTls::load(
+                "test client",
+                ferrocotta::tls::TlsFiles {
+                    cert_file: None,
+                    key_file: None,
+                    ca_file: ferrocotta::tls::LocalCa::cert_path(&tls_dir),
+                },
+            )
+            .expect("client TLS");
+            *HTTP_TLS.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.rustls_config());
+            (tls_dir, client)
+        });
         edit(&mut config);
         config.validate().expect("test config is valid");
         let config_path = dir.path().join("cluster.toml");
@@ -137,6 +185,7 @@ impl TestArray {
             secret,
             procs: HashMap::new(),
             bin: binary("cache-array"),
+            tls,
             _lock: lock,
         }
     }
@@ -215,6 +264,7 @@ impl TestArray {
         s.array_name = Some(self.config.array_name.clone());
         s.connect_timeout = Duration::from_secs(20);
         s.request_timeout = Duration::from_secs(10);
+        s.tls = self.tls.as_ref().map(|(_, t)| t.clone());
         s
     }
 
@@ -289,6 +339,25 @@ impl TestArray {
     /// The folder of the array.
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Flags that make an integration node speak TLS with this array and on its own ports (with
+    /// a certificate issued for `stem`); none when the array has no TLS.
+    pub fn node_tls_args(&self, stem: &str) -> Vec<std::ffi::OsString> {
+        let Some((tls_dir, _)) = &self.tls else {
+            return Vec::new();
+        };
+        let (cert, key) = ferrocotta::tls::LocalCa::in_dir(tls_dir)
+            .and_then(|ca| ca.issue_files(tls_dir, stem, &ferrocotta::tls::names_for(stem, "127.0.0.1")))
+            .expect("a node certificate");
+        vec![
+            "--array-tls-ca-file".into(),
+            ferrocotta::tls::LocalCa::cert_path(tls_dir).into_os_string(),
+            "--tls-cert-file".into(),
+            cert.into_os_string(),
+            "--tls-key-file".into(),
+            key.into_os_string(),
+        ]
     }
 
     /// The data folder of a server.
@@ -381,6 +450,34 @@ pub fn member_names(cluster: &serde_json::Value) -> Vec<String> {
     names
 }
 
+/// A blocking connection for one HTTP exchange: TLS when a TLS array exists in this process.
+pub fn http_stream(addr: &str, read_timeout: Duration) -> std::io::Result<Box<dyn ReadWrite>> {
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(read_timeout))?;
+    let config = HTTP_TLS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match config {
+        None => Ok(Box::new(tcp)),
+        Some(config) => {
+            let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).to_string();
+            let name = rustls::pki_types::ServerName::try_from(host).map_err(std::io::Error::other)?;
+            let conn = rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+            Ok(Box::new(rustls::StreamOwned::new(conn, tcp)))
+        }
+    }
+}
+
+/// Read and write, plain or TLS.
+pub trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// Reads until the server closes (a TLS peer that closes without its close_notify counts too).
+fn read_to_close(s: &mut Box<dyn ReadWrite>, out: &mut Vec<u8>) -> std::io::Result<()> {
+    match s.read_to_end(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
 /// GET of an admin URL; returns (status, body). Panics if the server does not answer.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     try_http_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
@@ -388,12 +485,12 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// GET of an admin URL; an error when the server does not answer.
 pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    use std::io::Write;
+    let mut s = http_stream(addr, Duration::from_secs(5))?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
+    let mut raw = Vec::new();
+    read_to_close(&mut s, &mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text
         .split_once("\r\n\r\n")
@@ -518,7 +615,7 @@ pub async fn read_on(array: &TestArray, server: &str, op: ferrocotta::protocol::
         array_name: Some(array.config.array_name.clone()),
         secret: array.secret.clone(),
         role: ferrocotta::protocol::ConnectionRole::Client,
-        tls: None,
+        tls: array.tls.as_ref().map(|(_, t)| t.clone()),
     };
     let (framed, welcome) =
         ferrocotta::handshake::connect(&array.client_addr(server), &identity, Duration::from_secs(5), 1 << 24)
@@ -552,9 +649,8 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, Vec<(String, String)>, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    use std::io::Write;
+    let mut s = http_stream(addr, Duration::from_secs(30)).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -569,7 +665,7 @@ pub fn http(
     req.push_str(body);
     s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    read_to_close(&mut s, &mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
@@ -614,6 +710,7 @@ impl TestNode {
         std::fs::write(dir.join("node.toml"), extra_toml).unwrap();
         let log = dir.join("node.log");
         let out = std::fs::File::create(&log).unwrap();
+        let tls_args = array.node_tls_args(&format!("node-{name}"));
         let child = Command::new(binary("integration-node"))
             .args([
                 "--array-urls",
@@ -631,6 +728,7 @@ impl TestNode {
             .arg(dir.join("token"))
             .arg("--config")
             .arg(dir.join("node.toml"))
+            .args(tls_args)
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -1,0 +1,146 @@
+//! What the fuzz tests of every crate share: running a property for a number of cases, and
+//! damaging valid encodings. Included by `tests/fuzz_decoders.rs` and by cache-array's
+//! `src/fuzz.rs` (`#[path]`), so both crates fuzz the same way.
+
+#![allow(dead_code)] // each includer uses its own part
+
+use ferrocotta::protocol::{LockMode, Op, PutOptions, ReadConsistency};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+/// Cases of each property in the normal suite.
+pub const SUITE_CASES: u32 = 512;
+
+/// Cases of each property in a `fuzz_*` run, unless FERROCOTTA_FUZZ_CASES says otherwise.
+pub const FUZZ_CASES_DEFAULT: u32 = 50_000;
+
+/// Cases of a `fuzz_*` run.
+pub fn fuzz_cases() -> u32 {
+    std::env::var("FERROCOTTA_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(FUZZ_CASES_DEFAULT)
+}
+
+/// Runs a property for `cases` cases; panics with the minimized failing input.
+pub fn run<S: Strategy>(cases: u32, strategy: S, property: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
+    S::Value: std::fmt::Debug,
+{
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    if let Err(e) = runner.run(&strategy, property) {
+        panic!("{e}");
+    }
+    eprintln!("{cases} cases passed");
+}
+
+/// Random bytes, fewer than `max`.
+pub fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> + Clone {
+    prop::collection::vec(any::<u8>(), 0..max)
+}
+
+/// Random text of any characters, fewer than `max`.
+pub fn text(max: usize) -> impl Strategy<Value = String> + Clone {
+    prop::collection::vec(any::<char>(), 0..max).prop_map(|c| c.into_iter().collect())
+}
+
+/// How to damage an encoding: bytes to flip, where to cut it, bytes to put in.
+pub type Mutation = (Vec<(usize, u8)>, Option<usize>, Vec<u8>);
+
+/// Damages to apply to a valid encoding.
+pub fn mutations() -> impl Strategy<Value = Mutation> {
+    (
+        prop::collection::vec((any::<usize>(), 1..=255u8), 0..6),
+        any::<Option<usize>>(),
+        bytes(8),
+    )
+}
+
+/// A valid encoding damaged: bytes flipped, cut short, or random bytes put in.
+pub fn mutated(valid: Vec<u8>, (flips, cut, insert): &Mutation) -> Vec<u8> {
+    let mut out = valid;
+    for &(at, x) in flips {
+        if !out.is_empty() {
+            let i = at % out.len();
+            out[i] ^= x;
+        }
+    }
+    if let Some(c) = cut {
+        out.truncate(c % (out.len() + 1));
+    }
+    if !insert.is_empty() {
+        let at = insert[0] as usize % (out.len() + 1);
+        out.splice(at..at, insert.iter().copied());
+    }
+    out
+}
+
+/// Either consistency.
+pub fn read() -> impl Strategy<Value = ReadConsistency> {
+    prop_oneof![Just(ReadConsistency::Linearizable), Just(ReadConsistency::Eventual)]
+}
+
+/// Operations of every kind, with small random fields.
+pub fn op() -> impl Strategy<Value = Op> {
+    let cache = text(12);
+    prop_oneof![
+        Just(Op::Ping),
+        (cache.clone(), bytes(16), read()).prop_map(|(cache, key, read)| Op::Get { cache, key, read }),
+        (cache.clone(), prop::collection::vec(bytes(8), 0..5), read()).prop_map(|(cache, keys, read)| Op::GetAll {
+            cache,
+            keys,
+            read
+        }),
+        (
+            cache.clone(),
+            bytes(16),
+            bytes(64),
+            any::<Option<u64>>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(|(cache, key, value, ttl_ms, session)| Op::Put {
+                cache,
+                key,
+                value,
+                opts: PutOptions {
+                    ttl_ms,
+                    tti_ms: None,
+                    session
+                }
+            }),
+        (cache.clone(), prop::collection::vec((bytes(8), bytes(16)), 0..5))
+            .prop_map(|(cache, entries)| Op::PutAll { cache, entries }),
+        (cache.clone(), bytes(8), bytes(8), bytes(8)).prop_map(|(cache, key, expected, value)| Op::ReplaceIfEqual {
+            cache,
+            key,
+            expected,
+            value
+        }),
+        (cache.clone(), bytes(8), any::<Option<Vec<u8>>>(), any::<u32>(), read()).prop_map(
+            |(cache, prefix, after, limit, read)| Op::Keys {
+                cache,
+                prefix,
+                after,
+                limit,
+                read
+            }
+        ),
+        (cache.clone(), bytes(8), any::<i64>()).prop_map(|(cache, key, delta)| Op::Increment { cache, key, delta }),
+        text(16).prop_map(|client_name| Op::OpenSession { client_name }),
+        any::<u64>().prop_map(|session| Op::KeepAlive { session }),
+        (cache.clone(), bytes(8), any::<bool>(), any::<u64>(), any::<i64>()).prop_map(
+            |(cache, key, shared, session, wait_ms)| Op::Lock {
+                cache,
+                key,
+                mode: if shared { LockMode::Shared } else { LockMode::Exclusive },
+                session,
+                wait_ms
+            }
+        ),
+        (any::<Option<String>>(), read()).prop_map(|(cache, read)| Op::ListLocks { cache, read }),
+    ]
+}
