@@ -208,11 +208,23 @@ async fn connect_inner(
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| HandshakeError::Io(format!("connect: {e}")))?;
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    handshake_on(tcp, host, identity, max_frame_bytes).await
+}
+
+/// Runs TLS (when configured) and the client side of the handshake on a connection made by the
+/// caller (for example from a chosen source address) to `host`. Not bounded in time: wrap it in a
+/// timeout, as [`connect`] does.
+pub async fn handshake_on(
+    tcp: TcpStream,
+    host: &str,
+    identity: &ClientIdentity,
+    max_frame_bytes: usize,
+) -> Result<(FramedConn, Welcome), HandshakeError> {
     let _ = tcp.set_nodelay(true);
     let stream = match &identity.tls {
         None => NetStream::Plain(tcp),
         Some(tls) => {
-            let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
             let host = host.trim_start_matches('[').trim_end_matches(']');
             tls.connect(host, tcp)
                 .await

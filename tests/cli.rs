@@ -165,6 +165,21 @@ fn up_starts_an_array_writes_endpoints_and_stops_everything() {
     assert!(endpoints["admin_token"].as_str().is_some_and(|t| t.len() >= 16));
     assert!(dir.path().join("cluster.toml").exists());
 
+    phase("only the owner may read the folder, the secrets, the token and endpoints.json");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir.path()), 0o700);
+    for f in [
+        "secret",
+        "peer-secret",
+        "credentials.toml",
+        "node-credential",
+        "admin-token",
+        "endpoints.json",
+    ] {
+        assert_eq!(mode(&dir.path().join(f)), 0o600, "{f}");
+    }
+
     phase("a session moves between the two nodes (the README's curl sequence)");
     let (n1, n2) = (
         nodes[0]["service"].as_str().unwrap(),
@@ -209,6 +224,97 @@ fn up_starts_an_array_writes_endpoints_and_stops_everything() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+#[test]
+fn up_refuses_ports_past_65535() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(ferrocotta()
+        .args(["up", "--base-port", "65530", "--nodes", "0", "--dir"])
+        .arg(dir.path()));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("65535"), "{err}");
+}
+
+/// `ferrocotta up --tls`: an encrypted cluster in one command (a local CA and a certificate per
+/// process), used the way the README says.
+#[test]
+fn up_tls_gives_an_encrypted_cluster_in_one_command() {
+    let _lock = common::cluster_lock();
+    let _cache_array = binary("cache-array");
+    let _node = binary("integration-node");
+    let dir = tempfile::tempdir().unwrap();
+    phase("ferrocotta up --tls");
+    let mut up = ferrocotta()
+        .args(["up", "--tls", "--base-port", "0", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(up.stdout.take().unwrap());
+    let mut printed = Vec::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let done = line.contains("Ctrl-C");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let printed = printed.join("\n");
+    assert!(
+        printed.contains("https://") && printed.contains("--cacert"),
+        "{printed}"
+    );
+    let endpoints: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("endpoints.json")).unwrap()).unwrap();
+    let ca = endpoints["tls_ca_file"]
+        .as_str()
+        .expect("endpoints.json names the CA")
+        .to_string();
+    let urls = endpoints["array_urls"].as_str().unwrap().to_string();
+    let secret = endpoints["secret_file"].as_str().unwrap().to_string();
+
+    phase("the CLI with the CA works; without it, it is refused with a hint");
+    let (code, _, err) = run(ferrocotta()
+        .args(["cache", "put", "--cache", "up", "k", "v"])
+        .env("FERROCOTTA_ARRAY_URLS", &urls)
+        .env("FERROCOTTA_SECRET_FILE", &secret)
+        .env("FERROCOTTA_TLS_CA_FILE", &ca));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(ferrocotta()
+        .args(["cache", "get", "--cache", "up", "k", "--connect-timeout", "3s"])
+        .env("FERROCOTTA_ARRAY_URLS", &urls)
+        .env("FERROCOTTA_SECRET_FILE", &secret));
+    assert_eq!(code, 2);
+    assert!(err.contains("--tls-ca-file"), "{err}");
+
+    phase("a session moves between the two nodes over HTTPS");
+    common::trust_for_http(std::path::Path::new(&ca));
+    let nodes: Vec<String> = endpoints["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["service"].as_str().map(str::to_string))
+        .collect();
+    let (code, headers, body) = common::http(&nodes[0], "POST", "/invoke/demo:counter", &[], "");
+    assert_eq!(code, 200, "{body}");
+    let cookie = headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.split(';').next().unwrap().to_string())
+        .expect("ssnid cookie");
+    let (_, _, body) = common::http(&nodes[1], "POST", "/invoke/demo:counter", &[("Cookie", &cookie)], "");
+    assert!(body.contains("\"counter\":2"), "{body}");
+
+    phase("stopped with SIGTERM");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(up.wait().unwrap().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,9 @@ pub const REPLY_QUEUE_MAX: usize = 4096;
 /// holds at most this much (plus the burst being written) before the server stops serving it.
 pub const REPLY_BYTES_QUEUED_PER_CONNECTION_MAX: usize = 32 * 1024 * 1024;
 
+/// Bytes a reply takes besides its keys and values (its id, tags, lengths), for the reply budget.
+const REPLY_OVERHEAD_BYTES: usize = 64;
+
 /// Longest deadline a request may ask for.
 pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(600);
 
@@ -266,6 +269,13 @@ impl ClientService {
             let reply_bytes = reply_bytes.clone();
             tracker.spawn(async move {
                 let id = request.id;
+                // The reply's share of the budget is taken before any value is copied, so a client
+                // that does not read its replies makes its requests wait, not the server allocate.
+                let hint = this.stripe.shared.read(|d| {
+                    d.store
+                        .reply_size_hint(&request.op, this.stripe.config.limits.max_reply_payload_bytes())
+                }) + REPLY_OVERHEAD_BYTES;
+                let budget = take_budget(&reply_bytes, hint, REPLY_BYTES_QUEUED_PER_CONNECTION_MAX).await;
                 let result = this.handle(request, &grant).await;
                 let mut frame = encode(&ServerMessage::Response(Response { id, result }));
                 if frame.len() > max_frame {
@@ -279,7 +289,6 @@ impl ClientService {
                     }));
                 }
                 drop(bytes_permit);
-                let budget = take_budget(&reply_bytes, frame.len(), REPLY_BYTES_QUEUED_PER_CONNECTION_MAX).await;
                 let _ = tx.send(QueuedReply { frame, _budget: budget }).await;
                 drop(permit);
             });

@@ -553,6 +553,30 @@ impl Store {
         }
     }
 
+    /// About how many bytes of keys and values the reply to `op` will carry (at most `budget`),
+    /// read before the operation is served so that a connection's reply budget is taken before
+    /// any value is copied: a client that asks for large values without reading its replies makes
+    /// the server wait, not allocate.
+    pub fn reply_size_hint(&self, op: &Op, budget: usize) -> usize {
+        let value_len = |cache: &str, key: &[u8]| {
+            self.caches
+                .get(cache)
+                .and_then(|c| c.entries.get(key))
+                .map_or(0, |e| e.value.len())
+        };
+        let bytes = match op {
+            Op::Get { cache, key, .. }
+            | Op::Put { cache, key, .. }
+            | Op::PutIfAbsent { cache, key, .. }
+            | Op::Replace { cache, key, .. }
+            | Op::Remove { cache, key, .. } => value_len(cache, key),
+            Op::GetAll { cache, keys, .. } => keys.iter().map(|k| value_len(cache, k)).sum(),
+            Op::Keys { .. } | Op::ListLocks { .. } => budget,
+            _ => 0,
+        };
+        bytes.min(budget)
+    }
+
     /// Entry counts by cache, for status (as stored, expired-but-unswept included).
     pub fn entry_counts(&self) -> BTreeMap<String, u64> {
         self.caches

@@ -450,6 +450,21 @@ pub fn member_names(cluster: &serde_json::Value) -> Vec<String> {
     names
 }
 
+/// Makes the HTTP helpers speak TLS, trusting the CA in `ca_file` (for clusters the test did not
+/// start as a [`TestArray`], like `ferrocotta up --tls`).
+pub fn trust_for_http(ca_file: &Path) {
+    let tls = ferrocotta::tls::ClientTls::load(
+        "test HTTP client",
+        ferrocotta::tls::TlsFiles {
+            cert_file: None,
+            key_file: None,
+            ca_file: ca_file.to_path_buf(),
+        },
+    )
+    .expect("the CA");
+    *HTTP_TLS.lock().unwrap_or_else(|e| e.into_inner()) = Some(tls.rustls_config());
+}
+
 /// A blocking connection for one HTTP exchange: TLS when a TLS array exists in this process.
 pub fn http_stream(addr: &str, read_timeout: Duration) -> std::io::Result<Box<dyn ReadWrite>> {
     let tcp = std::net::TcpStream::connect(addr)?;
