@@ -166,8 +166,8 @@ impl HandshakeError {
     }
 }
 
-/// What the client side states in its hello.
-#[derive(Debug, Clone)]
+/// What the client side states in its hello (its `Debug` never shows the secret).
+#[derive(Clone)]
 pub struct ClientIdentity {
     /// Software version announced (the build's own unless overridden for testing).
     pub software_version: String,
@@ -180,6 +180,18 @@ pub struct ClientIdentity {
     pub role: ConnectionRole,
     /// TLS, when the other side speaks it.
     pub tls: Option<Arc<ClientTls>>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("software_version", &self.software_version)
+            .field("array_name", &self.array_name)
+            .field("role", &self.role)
+            .field("secret", &format_args!("<{} bytes>", self.secret.len()))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 /// Connects to `addr` (`host:port`) and runs TLS (when configured) and the client side of the

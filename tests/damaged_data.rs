@@ -133,6 +133,41 @@ async fn a_truncated_log_is_refused_and_the_repaired_server_is_caught_up_by_its_
         None,
         "a3 keeps running"
     );
+
+    phase("a2 stopped and 64 KiB of random bytes written into the middle of its log database");
+    let victim = "a2";
+    array.kill9(victim);
+    let db = sled_file(&array, victim);
+    let len = std::fs::metadata(&db).unwrap().len();
+    let noise: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(&db).unwrap(),
+        &noise,
+        len / 2,
+    )
+    .unwrap();
+
+    phase("a2 either refuses to start, or (the noise fell where sled keeps nothing) serves every write");
+    array.spawn(victim);
+    match array.wait_exit(victim, Duration::from_secs(15)) {
+        Some(code) => {
+            let log = array.log_text(victim);
+            assert_eq!(code, 2, "a clear refusal, not a crash:\n{log}");
+            assert!(
+                log.contains("is damaged") && log.contains("cache-array repair"),
+                "{log}"
+            );
+            eprintln!("a2 refused its damaged log");
+        }
+        None => {
+            eprintln!("a2 started: the noise hit no live data; checking that it holds everything");
+            let (k, v) = data.last().unwrap();
+            assert_eq!(read_on(&array, victim, k).await, Reply::Value(Some(v.clone())));
+        }
+    }
+    assert_eq!(count_present(&client, &data).await.unwrap(), data.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

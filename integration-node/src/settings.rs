@@ -127,8 +127,8 @@ pub struct NodeTls {
     pub require_client_cert: bool,
 }
 
-/// Everything the node runs with.
-#[derive(Debug, Clone)]
+/// Everything the node runs with (its `Debug` shows neither the secret nor the admin token).
+#[derive(Clone)]
 pub struct NodeSettings {
     /// The array's URL list.
     pub array_urls: String,
@@ -180,6 +180,21 @@ pub const ADMIN_TOKEN_MIN_BYTES: usize = 16;
 
 /// Default of `locks_held_max`.
 pub const LOCKS_HELD_MAX_DEFAULT: usize = 10_000;
+
+impl std::fmt::Debug for NodeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeSettings")
+            .field("array_urls", &self.array_urls)
+            .field("cluster_name", &self.cluster_name)
+            .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("logical_name", &self.logical_name)
+            .field("credential", &self.credential)
+            .field("secret", &format_args!("<{} bytes>", self.secret.len()))
+            .field("admin_token", &"<hidden>")
+            .finish_non_exhaustive()
+    }
+}
 
 fn duration(field: &str, v: Option<String>, default: Duration) -> anyhow::Result<Duration> {
     match v {

@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 use ferrocotta::client::Entry;
 use ferrocotta::loadgen::{self, LoadArgs, OpError, Target, Workload};
 use ferrocotta::protocol::ReadConsistency;
+use ferrocotta::tls::NetStream;
 use ferrocotta::{ArrayClient, ClientError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -76,7 +77,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
             .nodes
             .as_deref()
             .context("--workload session needs --nodes host:port,... (the integration nodes)")?;
-        let target = Arc::new(NodeTarget::new(nodes)?);
+        // Nodes that speak HTTPS are verified against the same CA as the array (`up --tls` makes one).
+        let tls = args.array.settings()?.tls;
+        let target = Arc::new(NodeTarget::new(nodes, tls)?);
         loadgen::run(target, "ferrocotta", options).await
     } else {
         let mut clients = Vec::new();
@@ -170,13 +173,15 @@ struct NodeTarget {
     /// Round-robin position.
     next: AtomicUsize,
     /// Idle keep-alive connections, by node.
-    idle: Mutex<Vec<(usize, BufReader<TcpStream>)>>,
+    idle: Mutex<Vec<(usize, BufReader<NetStream>)>>,
+    /// TLS to the nodes, when they speak HTTPS.
+    tls: Option<Arc<ferrocotta::tls::ClientTls>>,
     /// The session cookie the nodes issued for each session key.
     cookies: Mutex<std::collections::HashMap<Vec<u8>, String>>,
 }
 
 impl NodeTarget {
-    fn new(list: &str) -> anyhow::Result<NodeTarget> {
+    fn new(list: &str, tls: Option<Arc<ferrocotta::tls::ClientTls>>) -> anyhow::Result<NodeTarget> {
         let nodes: Vec<String> = list
             .split(',')
             .map(str::trim)
@@ -190,12 +195,13 @@ impl NodeTarget {
             nodes,
             next: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
+            tls,
             cookies: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
     /// An idle connection to the next node, or a new one.
-    async fn connection(&self) -> Result<(usize, BufReader<TcpStream>), OpError> {
+    async fn connection(&self) -> Result<(usize, BufReader<NetStream>), OpError> {
         let node = self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len();
         let idle = {
             let mut idle = self.idle.lock().expect("idle lock");
@@ -204,10 +210,16 @@ impl NodeTarget {
         if let Some(c) = idle {
             return Ok(c);
         }
-        let stream = TcpStream::connect(&self.nodes[node])
-            .await
-            .map_err(|_| OpError::new("connect"))?;
-        let _ = stream.set_nodelay(true);
+        let addr = &self.nodes[node];
+        let tcp = TcpStream::connect(addr).await.map_err(|_| OpError::new("connect"))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = match &self.tls {
+            None => NetStream::Plain(tcp),
+            Some(tls) => {
+                let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+                tls.connect(host, tcp).await.map_err(|_| OpError::new("tls"))?
+            }
+        };
         Ok((node, BufReader::new(stream)))
     }
 }

@@ -38,8 +38,9 @@ pub const SERVER_CONNECT_ATTEMPT_MAX: Duration = Duration::from_secs(2);
 /// Pause between rounds once every server of a stripe has been tried without success.
 pub const ROUND_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
-/// Settings of an [`ArrayClient`]; the defaults are those of Terracotta's client.
-#[derive(Debug, Clone)]
+/// Settings of an [`ArrayClient`]; the defaults are those of Terracotta's client. Their `Debug`
+/// never shows the secret.
+#[derive(Clone)]
 pub struct ClientSettings {
     /// `host:port` of array servers, tried in order for the config download.
     pub array_urls: Vec<String>,
@@ -75,6 +76,21 @@ pub struct ClientSettings {
     /// TLS, when the array's ports speak it: the CA that signed the servers' certificates, and
     /// this client's own certificate when the array requires one.
     pub tls: Option<Arc<crate::tls::ClientTls>>,
+}
+
+impl std::fmt::Debug for ClientSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSettings")
+            .field("array_urls", &self.array_urls)
+            .field("array_name", &self.array_name)
+            .field("credential", &self.credential)
+            .field("secret", &format_args!("<{} bytes>", self.secret.len()))
+            .field("tls", &self.tls.is_some())
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("client_name", &self.client_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientSettings {
