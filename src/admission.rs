@@ -7,6 +7,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+/// Pause after a failed accept before the next.
+const ACCEPT_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Bounds of one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdmissionLimits {
@@ -101,6 +104,33 @@ impl Admission {
             ip,
             pending: true,
         })
+    }
+
+    /// The next connection on `listener` with its admission (or why it was refused); `None` once
+    /// `shutdown` is cancelled. A failed accept (out of file descriptors) is logged with `port`
+    /// and tried again after a pause, so a full table never spins the loop.
+    pub async fn next(
+        &self,
+        listener: &tokio::net::TcpListener,
+        shutdown: &tokio_util::sync::CancellationToken,
+        port: &'static str,
+    ) -> Option<(tokio::net::TcpStream, std::net::SocketAddr, Result<Admitted, Refused>)> {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((tcp, remote)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some((tcp, remote, self.admit(remote.ip())));
+                }
+                Err(e) => {
+                    tracing::warn!(event = "listener.accept_failed", port, error = %e);
+                    tokio::time::sleep(ACCEPT_RETRY_PAUSE).await;
+                }
+            }
+        }
     }
 
     /// Connections held now.

@@ -77,20 +77,8 @@ pub async fn serve(
         .max_buf_size(limits.header_bytes_max.max(8192))
         .max_headers(limits.headers_max);
     let builder = Arc::new(builder);
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let (tcp, remote) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(event = "http.accept_failed", port = what, error = %e);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let mut admitted = match admission.admit(remote.ip()) {
+    while let Some((tcp, remote, admitted)) = admission.next(&listener, &shutdown, what).await {
+        let mut admitted = match admitted {
             Ok(a) => a,
             Err(why) => {
                 if let Some(suppressed) = REFUSED.allow() {
@@ -104,7 +92,6 @@ pub async fn serve(
         let router = router.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
             let stream = match &tls {
                 None => NetStream::Plain(tcp),
                 Some(t) => match tokio::time::timeout(limits.tls_handshake_timeout, t.accept(tcp)).await {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{phase, TestArray, TestNode};
 use ferrocotta::config::ConfigDuration;
-use ferrocotta::handshake::{self, ClientIdentity, HandshakeError};
+use ferrocotta::handshake::{self, HandshakeError};
 use ferrocotta::protocol::{
     self, client_proof, ClientMessage, ConnectionRole, ErrorReply, Hello, Op, ReadConsistency, Refusal, Request,
     ServerMessage, NONCE_BYTES, PROTOCOL_VERSION, SOFTWARE_VERSION,
@@ -61,16 +61,6 @@ fn after_challenge(addr: &str, bytes: &[u8]) -> String {
             }
             Err(_) => return format!("{} then closed", out.join(", ")),
         }
-    }
-}
-
-fn identity(array: &TestArray, secret: &[u8], role: ConnectionRole) -> ClientIdentity {
-    ClientIdentity {
-        software_version: SOFTWARE_VERSION.to_string(),
-        array_name: Some(array.config.array_name.clone()),
-        secret: secret.to_vec(),
-        role,
-        tls: None,
     }
 }
 
@@ -124,7 +114,7 @@ async fn strangers_get_clear_refusals_and_learn_nothing() {
     }
 
     phase("wrong or missing secrets, another array's name, another version: 'authentication failed', nothing more");
-    let mut stranger = identity(&array, b"not-the-secret-0123456789", ConnectionRole::Client);
+    let mut stranger = array.identity(b"not-the-secret-0123456789", ConnectionRole::Client);
     stranger.array_name = Some("another-array".into());
     stranger.software_version = "9.9.9".into();
     for secret in [b"not-the-secret-0123456789".to_vec(), Vec::new()] {
@@ -136,8 +126,7 @@ async fn strangers_get_clear_refusals_and_learn_nothing() {
     }
     let refusal = Refusal::AuthenticationFailed.to_string();
     assert!(!refusal.contains(&array.config.array_name) && !refusal.contains(SOFTWARE_VERSION));
-    let unknown = identity(
-        &array,
+    let unknown = array.identity(
         b"whatever-secret-0123456789",
         ConnectionRole::Credential { name: "nobody".into() },
     );
@@ -145,7 +134,7 @@ async fn strangers_get_clear_refusals_and_learn_nothing() {
         handshake::connect(&addr, &unknown, Duration::from_secs(5), 1 << 20).await,
         Err(HandshakeError::Refused(Refusal::AuthenticationFailed))
     ));
-    let peer_here = identity(&array, &array.secret, ConnectionRole::Peer { from: "a2".into() });
+    let peer_here = array.identity(&array.secret, ConnectionRole::Peer { from: "a2".into() });
     assert!(matches!(
         handshake::connect(&addr, &peer_here, Duration::from_secs(5), 1 << 20).await,
         Err(HandshakeError::Refused(Refusal::WrongPort(_)))
@@ -176,7 +165,7 @@ async fn strangers_get_clear_refusals_and_learn_nothing() {
 
     phase("300 failed handshakes: each refused, and the log holds a few throttled lines, not 300");
     let before = array.log_text(&active).matches("client.handshake_failed").count();
-    let stranger = Arc::new(identity(&array, b"not-the-secret-0123456789", ConnectionRole::Client));
+    let stranger = Arc::new(array.identity(b"not-the-secret-0123456789", ConnectionRole::Client));
     let tries = (0..300).map(|_| {
         let (addr, stranger) = (addr.clone(), stranger.clone());
         async move {
@@ -257,7 +246,7 @@ async fn floods_of_idle_and_slow_connections_do_not_starve_a_real_client() {
             Err(_) => refused_at_once += 1,
         }
     }
-    let idle_identity = identity(&array, &array.secret, ConnectionRole::Client);
+    let idle_identity = array.identity(&array.secret, ConnectionRole::Client);
     let mut idle = Vec::new();
     for _ in 0..50 {
         let tcp = from("127.0.0.3", &addr).await.unwrap();
@@ -396,7 +385,7 @@ async fn replies_are_bounded_by_bytes_and_a_client_that_does_not_read_is_not_rea
     let tcp = tokio::net::TcpStream::connect(array.client_addr(&active))
         .await
         .unwrap();
-    let me = identity(&array, &array.secret, ConnectionRole::Client);
+    let me = array.identity(&array.secret, ConnectionRole::Client);
     let (framed, _) = handshake::handshake_on(tcp, "127.0.0.1", &me, 1 << 24).await.unwrap();
     let mut raw = framed.into_inner().into_plain().unwrap();
     {

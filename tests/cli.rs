@@ -33,6 +33,31 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
+/// Starts `ferrocotta up` with `flags` in `dir`; the process and what it printed once everything
+/// serves (up to its "press Ctrl-C" line).
+fn start_up(flags: &[&str], dir: &std::path::Path) -> (std::process::Child, String) {
+    let mut up = ferrocotta()
+        .arg("up")
+        .args(flags)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(up.stdout.take().unwrap());
+    let mut printed = Vec::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let done = line.contains("Ctrl-C");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    (up, printed.join("\n"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_and_status_commands_follow_the_script_interface() {
     let array = TestArray::start(1, 3);
@@ -122,24 +147,7 @@ fn up_starts_an_array_writes_endpoints_and_stops_everything() {
     let _node = binary("integration-node");
     let dir = tempfile::tempdir().unwrap();
     phase("ferrocotta up --base-port 0 in a fresh folder");
-    let mut up = ferrocotta()
-        .args(["up", "--base-port", "0", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(up.stdout.take().unwrap());
-    let mut printed = Vec::new();
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        let done = line.contains("Ctrl-C");
-        printed.push(line);
-        if done {
-            break;
-        }
-    }
-    let printed = printed.join("\n");
+    let (mut up, printed) = start_up(&["--base-port", "0"], dir.path());
     assert!(printed.contains("is up"), "{printed}");
 
     phase("endpoints.json lists every process with its addresses");
@@ -245,24 +253,7 @@ fn up_tls_gives_an_encrypted_cluster_in_one_command() {
     let _node = binary("integration-node");
     let dir = tempfile::tempdir().unwrap();
     phase("ferrocotta up --tls");
-    let mut up = ferrocotta()
-        .args(["up", "--tls", "--base-port", "0", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(up.stdout.take().unwrap());
-    let mut printed = Vec::new();
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        let done = line.contains("Ctrl-C");
-        printed.push(line);
-        if done {
-            break;
-        }
-    }
-    let printed = printed.join("\n");
+    let (mut up, printed) = start_up(&["--tls", "--base-port", "0"], dir.path());
     assert!(
         printed.contains("https://") && printed.contains("--cacert"),
         "{printed}"

@@ -274,20 +274,8 @@ static REFUSED: LogThrottle = LogThrottle::new();
 impl PeerService {
     /// Accepts peers on the group port until `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, tracker: TaskTracker) {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let (tcp, remote) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(event = "peer.accept_failed", error = %e);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let mut admitted = match self.admission.admit(remote.ip()) {
+        while let Some((tcp, remote, admitted)) = self.admission.next(&listener, &shutdown, "group").await {
+            let mut admitted = match admitted {
                 Ok(a) => a,
                 Err(why) => {
                     if let Some(suppressed) = REFUSED.allow() {
@@ -300,7 +288,6 @@ impl PeerService {
             let shutdown = shutdown.clone();
             let inner_tracker = tracker.clone();
             tracker.spawn(async move {
-                let _ = tcp.set_nodelay(true);
                 let accepted = tokio::time::timeout(this.handshake_timeout, async {
                     let stream = match &this.tls {
                         None => NetStream::Plain(tcp),

@@ -121,25 +121,11 @@ impl ClientService {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, tracker: TaskTracker) {
         let limits = &self.stripe.config.limits;
         let handshake_timeout = limits.handshake_timeout.0;
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let (tcp, remote) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(event = "client.accept_failed", error = %e);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let admitted = self.admission.admit(remote.ip());
+        while let Some((tcp, remote, admitted)) = self.admission.next(&listener, &shutdown, "client").await {
             let this = self.clone();
             let shutdown = shutdown.clone();
             let inner = tracker.clone();
             tracker.spawn(async move {
-                let _ = tcp.set_nodelay(true);
                 let mut admitted = match admitted {
                     Ok(a) => a,
                     Err(why) => {

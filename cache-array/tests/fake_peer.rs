@@ -13,21 +13,11 @@ use cache_array::types::{Command, CommandKind, Entry, TypeConfig};
 use common::{phase, TestArray, PEER_SECRET};
 use ferrocotta::client::{CallError, Connection};
 use ferrocotta::handshake::{self, ClientIdentity, HandshakeError};
-use ferrocotta::protocol::{ConnectionRole, Op, PeerRpc, PutOptions, Refusal, SOFTWARE_VERSION};
+use ferrocotta::protocol::{ConnectionRole, Op, PeerRpc, PutOptions, Refusal};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, SnapshotMeta, StoredMembership, Vote};
 
 const CACHE: &str = "c";
-
-fn identity(array: &TestArray, secret: &[u8], role: ConnectionRole) -> ClientIdentity {
-    ClientIdentity {
-        software_version: SOFTWARE_VERSION.to_string(),
-        array_name: Some(array.config.array_name.clone()),
-        secret: secret.to_vec(),
-        role,
-        tls: None,
-    }
-}
 
 fn group_addr(array: &TestArray, name: &str) -> String {
     array.config.find_server(name).unwrap().1.group_addr()
@@ -71,7 +61,7 @@ async fn a_fake_peer_can_neither_vote_append_nor_install_a_snapshot() {
 
     phase("the client secret does not open the group port, in any role");
     for role in [ConnectionRole::Peer { from: active.clone() }, ConnectionRole::Client] {
-        match dial(&array, &mirror, &identity(&array, &array.secret, role.clone())).await {
+        match dial(&array, &mirror, &array.identity(&array.secret, role.clone())).await {
             Err(HandshakeError::Refused(r)) => {
                 assert!(
                     matches!(r, Refusal::AuthenticationFailed | Refusal::WrongPort(_)),
@@ -86,7 +76,7 @@ async fn a_fake_peer_can_neither_vote_append_nor_install_a_snapshot() {
     match dial(
         &array,
         &mirror,
-        &identity(&array, PEER_SECRET, ConnectionRole::Peer { from: "a99".into() }),
+        &array.identity(PEER_SECRET, ConnectionRole::Peer { from: "a99".into() }),
     )
     .await
     {
@@ -95,7 +85,7 @@ async fn a_fake_peer_can_neither_vote_append_nor_install_a_snapshot() {
     }
 
     phase("authenticated as a member, Raft messages in another node's name are refused and end the connection");
-    let as_active = identity(&array, PEER_SECRET, ConnectionRole::Peer { from: active.clone() });
+    let as_active = array.identity(PEER_SECRET, ConnectionRole::Peer { from: active.clone() });
     let forged_term = term + 1000;
     let forged_vote = Vote::new_committed(forged_term, 99);
     let entry = Entry {

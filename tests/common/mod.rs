@@ -268,6 +268,22 @@ impl TestArray {
         s
     }
 
+    /// What a raw connection states in its handshake: this array's name and version, the given
+    /// secret and role, and TLS when the array speaks it.
+    pub fn identity(
+        &self,
+        secret: &[u8],
+        role: ferrocotta::protocol::ConnectionRole,
+    ) -> ferrocotta::handshake::ClientIdentity {
+        ferrocotta::handshake::ClientIdentity {
+            software_version: ferrocotta::protocol::SOFTWARE_VERSION.to_string(),
+            array_name: Some(self.config.array_name.clone()),
+            secret: secret.to_vec(),
+            role,
+            tls: self.tls.as_ref().map(|(_, t)| t.clone()),
+        }
+    }
+
     /// A connected client.
     pub async fn client(&self) -> ArrayClient {
         ArrayClient::connect(self.settings()).await.expect("client connects")
@@ -625,13 +641,7 @@ impl ProxiedArray {
 
 /// Reads through one particular server with eventual consistency (what that server has applied).
 pub async fn read_on(array: &TestArray, server: &str, op: ferrocotta::protocol::Op) -> ferrocotta::protocol::Reply {
-    let identity = ferrocotta::handshake::ClientIdentity {
-        software_version: ferrocotta::protocol::SOFTWARE_VERSION.to_string(),
-        array_name: Some(array.config.array_name.clone()),
-        secret: array.secret.clone(),
-        role: ferrocotta::protocol::ConnectionRole::Client,
-        tls: array.tls.as_ref().map(|(_, t)| t.clone()),
-    };
+    let identity = array.identity(&array.secret, ferrocotta::protocol::ConnectionRole::Client);
     let (framed, welcome) =
         ferrocotta::handshake::connect(&array.client_addr(server), &identity, Duration::from_secs(5), 1 << 24)
             .await
