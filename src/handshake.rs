@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::protocol::{
     client_proof, codec, decode, encode, nonce, proofs_equal, server_proof, versions_compatible, ClientMessage,
@@ -27,21 +27,60 @@ use crate::tls::{ClientTls, NetStream};
 /// A framed connection, plain or TLS.
 pub type FramedConn = Framed<NetStream, LengthDelimitedCodec>;
 
-/// The read half of a framed connection.
-pub type FrameReader = FramedRead<ReadHalf<NetStream>, LengthDelimitedCodec>;
+/// The length-delimited codec of a server-side connection, telling its reader how many bytes of a
+/// frame not yet complete it holds (for the frame deadline).
+pub struct WatchedCodec {
+    inner: LengthDelimitedCodec,
+    /// Bytes left in the read buffer after the last decode.
+    buffered: Arc<std::sync::atomic::AtomicUsize>,
+}
 
-/// The write half of a framed connection.
-pub type FrameWriter = FramedWrite<WriteHalf<NetStream>, LengthDelimitedCodec>;
+impl tokio_util::codec::Decoder for WatchedCodec {
+    type Item = bytes::BytesMut;
+    type Error = std::io::Error;
 
-/// Splits a framed connection into halves that can be read and written by two tasks, keeping
-/// whatever the handshake had already read ahead (a client may pipeline requests right behind its
-/// hello).
-pub fn split_framed(framed: FramedConn) -> (FrameReader, FrameWriter) {
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<bytes::BytesMut>, std::io::Error> {
+        let frame = self.inner.decode(src);
+        self.buffered.store(src.len(), std::sync::atomic::Ordering::Relaxed);
+        frame
+    }
+}
+
+impl tokio_util::codec::Encoder<bytes::Bytes> for WatchedCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, item: bytes::Bytes, dst: &mut bytes::BytesMut) -> Result<(), std::io::Error> {
+        self.inner.encode(item, dst)
+    }
+}
+
+/// A server-side framed connection.
+type WatchedConn = Framed<NetStream, WatchedCodec>;
+
+/// The read half of a server-side connection.
+pub type FrameReader = futures::stream::SplitStream<WatchedConn>;
+
+/// The write half of a server-side connection.
+pub type FrameWriter = futures::stream::SplitSink<WatchedConn, bytes::Bytes>;
+
+/// Splits a server-side framed connection into a reader with `deadlines` and a writer, for two
+/// tasks, keeping whatever the handshake had already read ahead (a client may pipeline requests
+/// right behind its hello). The halves share the connection through a lock that never blocks a
+/// thread: a task that finds it taken waits as any future does.
+pub fn split_framed(framed: FramedConn, deadlines: FrameDeadlines) -> (DeadlineReader, FrameWriter) {
     let parts = framed.into_parts();
-    let (read, write) = tokio::io::split(parts.io);
-    let mut reader = FramedRead::new(read, parts.codec.clone());
-    reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
-    (reader, FramedWrite::new(write, parts.codec))
+    let buffered = Arc::new(std::sync::atomic::AtomicUsize::new(parts.read_buf.len()));
+    let mut watched = tokio_util::codec::FramedParts::new::<bytes::Bytes>(
+        parts.io,
+        WatchedCodec {
+            inner: parts.codec,
+            buffered: buffered.clone(),
+        },
+    );
+    watched.read_buf = parts.read_buf;
+    watched.write_buf = parts.write_buf;
+    let (writer, reader) = Framed::from_parts(watched).split();
+    (DeadlineReader::new(reader, buffered, deadlines), writer)
 }
 
 /// How long a server waits on a connection.
@@ -67,35 +106,73 @@ pub enum FrameError {
     Idle(Duration),
 }
 
-/// How often [`next_frame`] looks at its deadlines while it waits.
+/// How often a [`DeadlineReader`] looks at its deadlines while it waits.
 const DEADLINE_TICK: Duration = Duration::from_millis(500);
 
-/// The next frame, within the deadlines: `Ok(None)` when the other side closed the connection.
-pub async fn next_frame(
-    reader: &mut FrameReader,
+/// The read half of a connection with the server's deadlines: silence, and a frame that started
+/// but does not complete. One ticking timer per connection looks at them (a timer per frame would
+/// cost every request a timer of its own).
+pub struct DeadlineReader {
+    reader: FrameReader,
+    /// Bytes of a frame not yet complete that the reader holds.
+    buffered: Arc<std::sync::atomic::AtomicUsize>,
     deadlines: FrameDeadlines,
-) -> Result<Option<bytes::BytesMut>, FrameError> {
-    let idle_since = tokio::time::Instant::now();
-    let mut partial_since = (!reader.read_buffer().is_empty()).then_some(idle_since);
-    loop {
-        match tokio::time::timeout(DEADLINE_TICK, reader.next()).await {
-            Ok(Some(Ok(frame))) => return Ok(Some(frame)),
-            Ok(Some(Err(e))) => return Err(FrameError::Bad(e)),
-            Ok(None) => return Ok(None),
-            Err(_) => {
-                // `next` is cancel safe: what arrived stays in the reader's buffer.
-                let now = tokio::time::Instant::now();
-                if partial_since.is_none() && !reader.read_buffer().is_empty() {
-                    partial_since = Some(now);
+    tick: tokio::time::Interval,
+    /// When the last frame arrived (or the reader was made).
+    idle_since: tokio::time::Instant,
+    /// When the first byte of a frame still incomplete was seen (at a tick).
+    partial_since: Option<tokio::time::Instant>,
+}
+
+impl DeadlineReader {
+    /// Watches `reader` (whose codec reports its partial bytes in `buffered`) with `deadlines`.
+    fn new(
+        reader: FrameReader,
+        buffered: Arc<std::sync::atomic::AtomicUsize>,
+        deadlines: FrameDeadlines,
+    ) -> DeadlineReader {
+        let mut tick = tokio::time::interval(DEADLINE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        DeadlineReader {
+            reader,
+            buffered,
+            deadlines,
+            tick,
+            idle_since: tokio::time::Instant::now(),
+            partial_since: None,
+        }
+    }
+
+    /// The next frame, within the deadlines: `Ok(None)` when the other side closed the
+    /// connection. Cancel safe: what arrived stays in the reader's buffer.
+    pub async fn next(&mut self) -> Result<Option<bytes::BytesMut>, FrameError> {
+        loop {
+            tokio::select! {
+                biased;
+                frame = self.reader.next() => {
+                    self.idle_since = tokio::time::Instant::now();
+                    self.partial_since = None;
+                    return match frame {
+                        Some(Ok(frame)) => Ok(Some(frame)),
+                        Some(Err(e)) => Err(FrameError::Bad(e)),
+                        None => Ok(None),
+                    };
                 }
-                match partial_since {
-                    Some(t) if now.duration_since(t) > deadlines.frame => {
-                        return Err(FrameError::Slow(deadlines.frame))
+                _ = self.tick.tick() => {
+                    let now = tokio::time::Instant::now();
+                    let partial = self.buffered.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                    if self.partial_since.is_none() && partial {
+                        self.partial_since = Some(now);
                     }
-                    None if now.duration_since(idle_since) > deadlines.idle => {
-                        return Err(FrameError::Idle(deadlines.idle))
+                    match self.partial_since {
+                        Some(t) if now.duration_since(t) > self.deadlines.frame => {
+                            return Err(FrameError::Slow(self.deadlines.frame))
+                        }
+                        None if now.duration_since(self.idle_since) > self.deadlines.idle => {
+                            return Err(FrameError::Idle(self.deadlines.idle))
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
             }
         }
@@ -116,12 +193,28 @@ where
     S: futures::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
     T: Into<bytes::Bytes>,
 {
+    // One ticking timer for the idle ping (not one per burst): it fires at a fraction of the
+    // interval and pings when nothing went out since the last look.
+    let mut ping = idle.map(|(every, frame)| {
+        let mut tick = tokio::time::interval(every / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        (tick, frame, false)
+    });
     loop {
-        let next = match &idle {
+        let next = match ping.as_mut() {
             None => rx.recv().await.map(Into::into),
-            Some((every, ping)) => match tokio::time::timeout(*every, rx.recv()).await {
-                Ok(next) => next.map(Into::into),
-                Err(_) => Some(ping.clone()),
+            Some((tick, frame, sent_since)) => tokio::select! {
+                next = rx.recv() => {
+                    *sent_since = true;
+                    next.map(Into::into)
+                }
+                _ = tick.tick() => {
+                    if std::mem::take(sent_since) {
+                        continue;
+                    }
+                    Some(frame.clone())
+                }
             },
         };
         let Some(frame) = next else { break };

@@ -340,7 +340,7 @@ impl PeerService {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let (mut reader, writer) = handshake::split_framed(framed);
+        let (mut reader, writer) = handshake::split_framed(framed, self.deadlines);
         let (tx, rx) = mpsc::channel::<bytes::Bytes>(PEER_REPLY_QUEUE_MAX);
         let writer = tokio::spawn(handshake::write_frames(writer, rx, None));
         let in_flight = Arc::new(Semaphore::new(PEER_CALLS_IN_FLIGHT_MAX));
@@ -349,7 +349,7 @@ impl PeerService {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = forged.cancelled() => break,
-                n = handshake::next_frame(&mut reader, self.deadlines) => n,
+                n = reader.next() => n,
             };
             let bytes = match next {
                 Ok(None) => break,

@@ -31,24 +31,30 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
+use crate::store::{ReadError, ReplyRoom};
 use crate::stripe::{now_ms, Stripe};
 
 /// Requests one client connection may have in flight; beyond it the server stops reading that
 /// connection until some finish (backpressure instead of unbounded memory).
-pub const REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX: usize = 4096;
+pub const REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX: usize = 1024;
 
-/// Bytes of requests one connection may have in flight (a larger single request still goes, alone).
+/// Requests and replies up to this size are bounded by their count alone (1,024 in flight of at
+/// most 64 KiB each); larger ones also take their size from the connection's byte budgets. Most
+/// requests and replies are small, and two semaphores per request cost about as much as serving a
+/// read from memory.
+pub const SMALL_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Bytes of large requests one connection may have in flight (a larger single request still goes,
+/// alone).
 pub const REQUEST_BYTES_IN_FLIGHT_PER_CONNECTION_MAX: usize = 64 * 1024 * 1024;
 
 /// Replies queued for the writer of one connection.
 pub const REPLY_QUEUE_MAX: usize = 4096;
 
-/// Bytes of replies queued for one connection's writer: a client that does not read its replies
-/// holds at most this much (plus the burst being written) before the server stops serving it.
+/// Bytes of large replies queued for one connection's writer, taken before a reply is built: a
+/// client that does not read its replies holds at most this much (plus the burst being written and
+/// its small replies) before its requests wait.
 pub const REPLY_BYTES_QUEUED_PER_CONNECTION_MAX: usize = 32 * 1024 * 1024;
-
-/// Bytes a reply takes besides its keys and values (its id, tags, lengths), for the reply budget.
-const REPLY_OVERHEAD_BYTES: usize = 64;
 
 /// Longest deadline a request may ask for.
 pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(600);
@@ -194,7 +200,7 @@ impl ClientService {
             frame: limits.frame_timeout.0,
         };
         let max_frame = limits.max_frame_bytes as usize;
-        let (mut reader, writer) = handshake::split_framed(framed);
+        let (mut reader, writer) = handshake::split_framed(framed, deadlines);
         let (tx, rx) = mpsc::channel::<QueuedReply>(REPLY_QUEUE_MAX);
         let mut writer = tokio::spawn(handshake::write_frames(writer, rx, None));
         let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX));
@@ -206,7 +212,7 @@ impl ClientService {
                 _ = shutdown.cancelled() => break,
                 // The writer stopped (the socket broke): nothing could be answered any more.
                 _ = &mut writer => return,
-                n = handshake::next_frame(&mut reader, deadlines) => n,
+                n = reader.next() => n,
             };
             let bytes = match next {
                 Ok(None) => break,
@@ -242,12 +248,15 @@ impl ClientService {
             };
             let frame_len = bytes.len();
             drop(bytes);
-            // Backpressure: wait for room by count and by bytes before reading on.
-            let (Ok(permit), Some(bytes_permit)) = (
-                in_flight.clone().acquire_owned().await,
-                take_budget(&request_bytes, frame_len, REQUEST_BYTES_IN_FLIGHT_PER_CONNECTION_MAX).await,
-            ) else {
+            // Backpressure: wait for room by count (and by bytes for a large request) before
+            // reading on.
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;
+            };
+            let bytes_permit = if frame_len > SMALL_MESSAGE_BYTES {
+                take_budget(&request_bytes, frame_len, REQUEST_BYTES_IN_FLIGHT_PER_CONNECTION_MAX).await
+            } else {
+                None
             };
             let this = self.clone();
             let tx = tx.clone();
@@ -255,14 +264,7 @@ impl ClientService {
             let reply_bytes = reply_bytes.clone();
             tracker.spawn(async move {
                 let id = request.id;
-                // The reply's share of the budget is taken before any value is copied, so a client
-                // that does not read its replies makes its requests wait, not the server allocate.
-                let hint = this.stripe.shared.read(|d| {
-                    d.store
-                        .reply_size_hint(&request.op, this.stripe.config.limits.max_reply_payload_bytes())
-                }) + REPLY_OVERHEAD_BYTES;
-                let budget = take_budget(&reply_bytes, hint, REPLY_BYTES_QUEUED_PER_CONNECTION_MAX).await;
-                let result = this.handle(request, &grant).await;
+                let (result, budget) = this.handle(request, &grant, &reply_bytes).await;
                 let mut frame = encode(&ServerMessage::Response(Response { id, result }));
                 if frame.len() > max_frame {
                     let why = format!(
@@ -283,16 +285,30 @@ impl ClientService {
         let _ = writer.await;
     }
 
-    async fn handle(&self, request: Request, grant: &Grant) -> Result<Reply, ErrorReply> {
+    /// Serves a request; its result, and the share of the reply budget a large reply took.
+    async fn handle(
+        &self,
+        request: Request,
+        grant: &Grant,
+        reply_budget: &Arc<Semaphore>,
+    ) -> (Result<Reply, ErrorReply>, Option<OwnedSemaphorePermit>) {
         let started = Instant::now();
         let kind = request.op.kind();
-        let result = self.serve_request(request, grant).await;
+        let (result, budget) = match self.serve_request(request, grant, reply_budget).await {
+            Ok((reply, budget)) => (Ok(reply), budget),
+            Err(e) => (Err(e), None),
+        };
         self.metrics
             .record(kind, result.is_ok(), started.elapsed().as_micros() as u64);
-        result
+        (result, budget)
     }
 
-    async fn serve_request(&self, request: Request, grant: &Grant) -> Result<Reply, ErrorReply> {
+    async fn serve_request(
+        &self,
+        request: Request,
+        grant: &Grant,
+        reply_budget: &Arc<Semaphore>,
+    ) -> Result<(Reply, Option<OwnedSemaphorePermit>), ErrorReply> {
         let Request { mut op, timeout_ms, .. } = request;
         self.validate(&op)?;
         self.authorize(&op, grant)?;
@@ -300,28 +316,35 @@ impl ClientService {
         let stripe = &self.stripe;
         if let Op::Ping = op {
             let m = stripe.snapshot_metrics();
-            return Ok(Reply::Pong {
-                server: stripe.name().to_string(),
-                stripe: stripe.position.stripe as u32,
-                role: m.role,
-                leader: m.leader,
-                term: m.term,
-                last_log_index: m.last_log_index,
-                applied_index: m.applied_index,
-            });
+            return Ok((
+                Reply::Pong {
+                    server: stripe.name().to_string(),
+                    stripe: stripe.position.stripe as u32,
+                    role: m.role,
+                    leader: m.leader,
+                    term: m.term,
+                    last_log_index: m.last_log_index,
+                    applied_index: m.applied_index,
+                },
+                None,
+            ));
         }
         match op {
-            Op::KeepAlive { session } => return stripe.keep_alive(session),
-            Op::Lock { .. } => return stripe.lock(op, timeout).await,
+            Op::KeepAlive { session } => return Ok((stripe.keep_alive(session)?, None)),
+            Op::Lock { .. } => return Ok((stripe.lock(op, timeout).await?, None)),
             Op::OpenSession { ref mut client_name } => {
                 *client_name = grant.session_name(client_name);
                 return match stripe.write(op, timeout).await? {
                     Reply::Session { id, .. } => {
                         stripe.active.saw_session(id);
-                        Ok(Reply::Session {
-                            id,
-                            reconnect_window_ms: stripe.config.timing.client_reconnect_window.0.as_millis() as u64,
-                        })
+                        let window = stripe.config.timing.client_reconnect_window.0;
+                        Ok((
+                            Reply::Session {
+                                id,
+                                reconnect_window_ms: window.as_millis() as u64,
+                            },
+                            None,
+                        ))
                     }
                     other => Err(ErrorReply::Internal(format!("unexpected session reply {other:?}"))),
                 };
@@ -329,23 +352,41 @@ impl ClientService {
             _ => {}
         }
         if op.is_write() {
-            return stripe.write(op, timeout).await;
+            return Ok((stripe.write(op, timeout).await?, None));
         }
         if op.read_consistency() == Some(ReadConsistency::Linearizable) {
             stripe.read_barrier(timeout).await?;
         }
         let now = now_ms();
-        let budget = stripe.config.limits.max_reply_payload_bytes();
-        let reply = stripe
-            .shared
-            .serve_read(&op, now, budget, &|c, k| stripe.active.pending_access(c, k))?;
+        let limit = stripe.config.limits.max_reply_payload_bytes();
+        let mut room = ReplyRoom {
+            limit,
+            granted: SMALL_MESSAGE_BYTES,
+        };
+        let mut budget = None;
+        let pending = |c: &str, k: &[u8]| stripe.active.pending_access(c, k);
+        // A small reply in one pass; a large one takes its share of the connection's reply
+        // budget first, then is built (see `Store::read_op`).
+        let reply = loop {
+            match stripe.shared.serve_read(&op, now, room, &pending) {
+                Ok(reply) => break reply,
+                Err(ReadError::Failed(e)) => return Err(e),
+                // It grew between the two passes: it still fits a frame, so serve it.
+                Err(ReadError::Larger(_)) if budget.is_some() => room.granted = limit,
+                Err(ReadError::Larger(bytes)) => {
+                    budget = take_budget(reply_budget, bytes, REPLY_BYTES_QUEUED_PER_CONNECTION_MAX).await;
+                    room.granted = bytes;
+                }
+            }
+        };
         stripe.record_reads(&op, now);
-        Ok(match (reply, grant) {
+        let reply = match (reply, grant) {
             (Reply::Locks(locks), Grant::Limited { .. }) => {
                 Reply::Locks(locks.into_iter().filter(|l| grant.may_read(&l.cache)).collect())
             }
             (reply, _) => reply,
-        })
+        };
+        Ok((reply, budget))
     }
 
     /// Checks what the connection's grant allows: reads and writes by cache, sessions by owner.

@@ -30,7 +30,7 @@ use openraft::{EntryPayload, StorageIOError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::store::{ApplyContext, Grant, Store};
+use crate::store::{ApplyContext, Grant, ReadError, ReplyRoom, Store};
 use crate::types::{
     Command, CommandKind, CommandResult, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
@@ -89,10 +89,10 @@ impl SharedState {
         &self,
         op: &Op,
         now_ms: u64,
-        budget: usize,
+        room: ReplyRoom,
         pending_access: &dyn Fn(&str, &[u8]) -> Option<u64>,
-    ) -> Result<Reply, ErrorReply> {
-        self.read(|d| d.store.read_op(op, now_ms, budget, pending_access))
+    ) -> Result<Reply, ReadError> {
+        self.read(|d| d.store.read_op(op, now_ms, room, pending_access))
     }
 
     /// Registers interest in a lock grant. Register first, then check whether the lock is already

@@ -125,6 +125,25 @@ pub struct Store {
     pub expiry: BTreeSet<(u64, String, Vec<u8>)>,
 }
 
+/// How many bytes of keys and values a read's reply may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyRoom {
+    /// Never more than this (a reply must fit a frame).
+    pub limit: usize,
+    /// What the connection's reply budget has given the request so far.
+    pub granted: usize,
+}
+
+/// Why a read gave no reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// It failed (the client is told).
+    Failed(ErrorReply),
+    /// Its reply would carry this many bytes, more than granted: take that much budget and ask
+    /// again.
+    Larger(usize),
+}
+
 /// What an applied entry needs besides the store: its time and the config's cache settings.
 pub struct ApplyContext<'a> {
     /// The entry's timestamp (active's clock).
@@ -447,21 +466,34 @@ impl Store {
     }
 
     /// Serves a read at `now_ms`. `pending_access` gives accesses the active has seen but not yet
-    /// replicated, so an entry kept alive by recent reads is not reported expired. A reply carries
-    /// at most `budget` bytes of keys and values: a `keys` page ends early (`more` says so), and a
-    /// `get_all` or `list_locks` that would carry more is refused before anything is copied (one
-    /// request naming a 4 MiB key 100 times must not cost the server 400 MiB).
+    /// replicated, so an entry kept alive by recent reads is not reported expired.
+    ///
+    /// Replies are bounded before anything is copied. A reply carries at most `room.limit` bytes
+    /// of keys and values: a `keys` page ends early (`more` says so), a `get_all` or `list_locks`
+    /// that would carry more is refused (one request naming a 4 MiB key 100 times must not cost the
+    /// server 400 MiB). A reply larger than `room.granted` (what the connection's reply budget has
+    /// given so far) is not built: [`ReadError::Larger`] says how large it would be, the caller
+    /// takes that much budget and asks again. So small replies cost one pass, and a client that
+    /// asks for large values without reading its replies makes the server wait, not allocate.
     pub fn read_op(
         &self,
         op: &Op,
         now_ms: u64,
-        budget: usize,
+        room: ReplyRoom,
         pending_access: &dyn Fn(&str, &[u8]) -> Option<u64>,
-    ) -> Result<Reply, ErrorReply> {
+    ) -> Result<Reply, ReadError> {
+        let budget = room.limit;
         let too_large = |bytes: usize, what: &str| {
-            Err(ErrorReply::Invalid(format!(
+            Err(ReadError::Failed(ErrorReply::Invalid(format!(
                 "the reply would carry {bytes} bytes, more than the limit of {budget}; {what}"
-            )))
+            ))))
+        };
+        let needs = |bytes: usize| -> Result<(), ReadError> {
+            if bytes > room.granted {
+                Err(ReadError::Larger(bytes))
+            } else {
+                Ok(())
+            }
         };
         let visible = |cache: &str, key: &[u8]| -> Option<&CacheEntry> {
             let e = self.caches.get(cache)?.entries.get(key)?;
@@ -472,7 +504,11 @@ impl Store {
             }
         };
         match op {
-            Op::Get { cache, key, .. } => Ok(Reply::Value(visible(cache, key).map(|e| e.value.to_vec()))),
+            Op::Get { cache, key, .. } => {
+                let found = visible(cache, key);
+                needs(found.map_or(0, |e| e.value.len()))?;
+                Ok(Reply::Value(found.map(|e| e.value.to_vec())))
+            }
             Op::GetAll { cache, keys, .. } => {
                 let bytes: usize = keys
                     .iter()
@@ -481,6 +517,7 @@ impl Store {
                 if bytes > budget {
                     return too_large(bytes, "ask for fewer keys at a time");
                 }
+                needs(bytes)?;
                 Ok(Reply::Values(
                     keys.iter()
                         .map(|k| visible(cache, k).map(|e| e.value.to_vec()))
@@ -506,24 +543,27 @@ impl Store {
                     Some(a) if a.as_slice() >= prefix.as_slice() => std::ops::Bound::Excluded(a.clone()),
                     _ => std::ops::Bound::Included(prefix.clone()),
                 };
-                let mut keys = Vec::with_capacity(limit.min(1024));
-                let mut bytes = 0usize;
-                let mut more = false;
-                for (k, _) in c.entries.range((start, std::ops::Bound::Unbounded)) {
-                    if !k.starts_with(prefix) {
-                        break;
-                    }
-                    if visible(cache, k).is_none() {
-                        continue;
-                    }
-                    if keys.len() == limit || (!keys.is_empty() && bytes + k.len() > budget) {
+                // The page's keys: at most `limit` of them and `budget` bytes (at least one key).
+                let page = c
+                    .entries
+                    .range((start, std::ops::Bound::Unbounded))
+                    .map(|(k, _)| k)
+                    .take_while(|k| k.starts_with(prefix))
+                    .filter(|k| visible(cache, k).is_some());
+                let (mut count, mut bytes, mut more) = (0usize, 0usize, false);
+                for k in page.clone() {
+                    if count == limit || (count > 0 && bytes + k.len() > budget) {
                         more = true;
                         break;
                     }
+                    count += 1;
                     bytes += k.len();
-                    keys.push(k.clone());
                 }
-                Ok(Reply::Keys { keys, more })
+                needs(bytes)?;
+                Ok(Reply::Keys {
+                    keys: page.take(count).cloned().collect(),
+                    more,
+                })
             }
             Op::Size { cache, .. } => {
                 let Some(c) = self.caches.get(cache) else {
@@ -547,34 +587,14 @@ impl Store {
                 if bytes > budget {
                     return too_large(bytes, "list the locks of one cache at a time");
                 }
+                needs(bytes)?;
                 Ok(Reply::Locks(locks))
             }
-            write => Err(ErrorReply::Internal(format!("`{}` is not a read", write.kind()))),
+            write => Err(ReadError::Failed(ErrorReply::Internal(format!(
+                "`{}` is not a read",
+                write.kind()
+            )))),
         }
-    }
-
-    /// About how many bytes of keys and values the reply to `op` will carry (at most `budget`),
-    /// read before the operation is served so that a connection's reply budget is taken before
-    /// any value is copied: a client that asks for large values without reading its replies makes
-    /// the server wait, not allocate.
-    pub fn reply_size_hint(&self, op: &Op, budget: usize) -> usize {
-        let value_len = |cache: &str, key: &[u8]| {
-            self.caches
-                .get(cache)
-                .and_then(|c| c.entries.get(key))
-                .map_or(0, |e| e.value.len())
-        };
-        let bytes = match op {
-            Op::Get { cache, key, .. }
-            | Op::Put { cache, key, .. }
-            | Op::PutIfAbsent { cache, key, .. }
-            | Op::Replace { cache, key, .. }
-            | Op::Remove { cache, key, .. } => value_len(cache, key),
-            Op::GetAll { cache, keys, .. } => keys.iter().map(|k| value_len(cache, k)).sum(),
-            Op::Keys { .. } | Op::ListLocks { .. } => budget,
-            _ => 0,
-        };
-        bytes.min(budget)
     }
 
     /// Entry counts by cache, for status (as stored, expired-but-unswept included).
@@ -631,7 +651,11 @@ mod tests {
             key: k.into(),
             read: ReadConsistency::Linearizable,
         };
-        match s.read_op(&op, now, usize::MAX, &|_, _| None).unwrap() {
+        let room = ReplyRoom {
+            limit: usize::MAX,
+            granted: usize::MAX,
+        };
+        match s.read_op(&op, now, room, &|_, _| None).unwrap() {
             Reply::Value(v) => v,
             other => panic!("{other:?}"),
         }
