@@ -21,6 +21,8 @@
 pub mod admin;
 pub mod compaction;
 pub mod data_folder;
+#[cfg(test)]
+mod format_fixture;
 pub mod formation;
 #[cfg(test)]
 mod fuzz;
