@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrocotta::config::{local_array, Security, ServerPorts};
 use ferrocotta::protocol::{
-    self, ClientMessage, Op, PutOptions, Reply, Request, Response, ServerMessage, HANDSHAKE_MAX_FRAME_BYTES,
+    self, ClientMessage, Op, PutOptions, Reply, Request, Response, ServerMessage, WriteOp, HANDSHAKE_MAX_FRAME_BYTES,
 };
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -46,12 +46,12 @@ fn put_request() -> ClientMessage {
     ClientMessage::Request(Request {
         id: 1_234_567,
         timeout_ms: 5_000,
-        op: Op::Put {
+        op: Op::Write(WriteOp::Put {
             cache: CACHE.into(),
             key: key(42),
             value: vec![b'v'; VALUE_BYTES],
             opts: PutOptions::default(),
-        },
+        }),
     })
 }
 

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 /// Version of this protocol; a server refuses a client with another one.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The software version of this build.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -191,32 +191,56 @@ pub struct Request {
     pub op: Op,
 }
 
-/// The operations of the array. Every key belongs to the stripe of its slot; a request for a key of
-/// another stripe is refused with [`ErrorReply::WrongStripe`].
+/// The operations of the array, by kind, so that a read cannot reach the log and a change cannot be
+/// served as a read. Every key belongs to the stripe of its slot; a request for a key of another
+/// stripe is refused with [`ErrorReply::WrongStripe`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    /// Liveness and role of the server.
+    /// Liveness and role of the server (served by any server, like an eventual read).
     Ping,
+    /// A read of the stripe's data, with the consistency it asks for.
+    Read(ReadOp, ReadConsistency),
+    /// A change of cache data: through the log, on the active.
+    Write(WriteOp),
+    /// Client sessions and their locks.
+    Session(SessionOp),
+}
+
+/// Reads, served from a server's applied state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ReadOp {
     /// Value of a key.
     Get {
         cache: String,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
-        read: ReadConsistency,
     },
     /// Values of many keys (all of this stripe).
-    GetAll {
-        cache: String,
-        keys: Vec<Vec<u8>>,
-        read: ReadConsistency,
-    },
+    GetAll { cache: String, keys: Vec<Vec<u8>> },
     /// Whether a key is present.
     Contains {
         cache: String,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
-        read: ReadConsistency,
     },
+    /// A page of keys in byte order, with a prefix, after a cursor key.
+    Keys {
+        cache: String,
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        after: Option<Vec<u8>>,
+        limit: u32,
+    },
+    /// Number of entries of a cache on this stripe.
+    Size { cache: String },
+    /// Locks held or waited for, optionally in one cache.
+    ListLocks { cache: Option<String> },
+}
+
+/// Changes of cache data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WriteOp {
     /// Sets a key; replies with the previous value.
     Put {
         cache: String,
@@ -272,18 +296,6 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         expected: Vec<u8>,
     },
-    /// A page of keys in byte order, with a prefix, after a cursor key.
-    Keys {
-        cache: String,
-        #[serde(with = "serde_bytes")]
-        prefix: Vec<u8>,
-        #[serde(with = "serde_bytes")]
-        after: Option<Vec<u8>>,
-        limit: u32,
-        read: ReadConsistency,
-    },
-    /// Number of entries of a cache on this stripe.
-    Size { cache: String, read: ReadConsistency },
     /// Removes every entry of a cache on this stripe.
     Clear { cache: String },
     /// Adds `delta` to a decimal counter (absent counts as 0); replies with the new value.
@@ -296,12 +308,17 @@ pub enum Op {
     /// Creates a cache with these settings unless it exists (on this stripe); replies whether it
     /// was created.
     CreateCache { cache: String, settings: CacheSettings },
+}
+
+/// Client sessions and the locks they hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SessionOp {
     /// Opens a client session on this stripe; replies [`Reply::Session`].
-    OpenSession { client_name: String },
+    Open { client_name: String },
     /// Renews a session's lease (served by the active from memory, not logged).
     KeepAlive { session: u64 },
     /// Ends a session: releases its locks and removes its ephemeral entries.
-    CloseSession { session: u64 },
+    Close { session: u64 },
     /// Takes a lock on a key for a session. `wait_ms` < 0 waits forever, 0 fails at once when the
     /// lock is taken, > 0 waits that long. Replies `Done` when granted, `LockTimeout` otherwise.
     Lock {
@@ -318,11 +335,6 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         session: u64,
-    },
-    /// Locks held or waited for, optionally in one cache.
-    ListLocks {
-        cache: Option<String>,
-        read: ReadConsistency,
     },
 }
 
@@ -373,143 +385,265 @@ pub struct LockInfo {
     pub waiters: Vec<(u64, LockMode)>,
 }
 
-impl Op {
-    /// Whether the operation changes state (goes through the Raft log).
-    pub fn is_write(&self) -> bool {
-        matches!(
-            self,
-            Op::Put { .. }
-                | Op::CreateCache { .. }
-                | Op::OpenSession { .. }
-                | Op::CloseSession { .. }
-                | Op::Lock { .. }
-                | Op::Unlock { .. }
-                | Op::PutAll { .. }
-                | Op::PutIfAbsent { .. }
-                | Op::Replace { .. }
-                | Op::ReplaceIfEqual { .. }
-                | Op::Remove { .. }
-                | Op::RemoveIfEqual { .. }
-                | Op::Clear { .. }
-                | Op::Increment { .. }
-        )
-    }
+/// Every kind of operation, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    Ping,
+    Get,
+    GetAll,
+    Contains,
+    Keys,
+    Size,
+    ListLocks,
+    Put,
+    PutAll,
+    PutIfAbsent,
+    Replace,
+    ReplaceIfEqual,
+    Remove,
+    RemoveIfEqual,
+    Clear,
+    Increment,
+    CreateCache,
+    OpenSession,
+    KeepAlive,
+    CloseSession,
+    Lock,
+    Unlock,
+}
 
-    /// The consistency a read asks for; `None` for writes and session operations. `Ping` is
-    /// served by any server, like an eventual read.
-    pub fn read_consistency(&self) -> Option<ReadConsistency> {
-        match self {
-            Op::Get { read, .. }
-            | Op::GetAll { read, .. }
-            | Op::Contains { read, .. }
-            | Op::Keys { read, .. }
-            | Op::Size { read, .. }
-            | Op::ListLocks { read, .. } => Some(*read),
-            Op::Ping => Some(ReadConsistency::Eventual),
-            _ => None,
-        }
-    }
-
-    /// Bytes of keys and values the operation carries (what dominates its size in the log).
-    pub fn payload_bytes(&self) -> usize {
-        match self {
-            Op::Put { key, value, .. } | Op::PutIfAbsent { key, value, .. } | Op::Replace { key, value, .. } => {
-                key.len() + value.len()
-            }
-            Op::ReplaceIfEqual {
-                key, expected, value, ..
-            } => key.len() + expected.len() + value.len(),
-            Op::PutAll { entries, .. } => entries.iter().map(|(k, v)| k.len() + v.len()).sum(),
-            Op::RemoveIfEqual { key, expected, .. } => key.len() + expected.len(),
-            Op::Get { key, .. }
-            | Op::Contains { key, .. }
-            | Op::Remove { key, .. }
-            | Op::Increment { key, .. }
-            | Op::Lock { key, .. }
-            | Op::Unlock { key, .. } => key.len(),
-            Op::GetAll { keys, .. } => keys.iter().map(Vec::len).sum(),
-            _ => 0,
-        }
-    }
+impl OpKind {
+    /// Every kind, in declaration order (`ALL[k as usize] == k`).
+    pub const ALL: [OpKind; 22] = [
+        OpKind::Ping,
+        OpKind::Get,
+        OpKind::GetAll,
+        OpKind::Contains,
+        OpKind::Keys,
+        OpKind::Size,
+        OpKind::ListLocks,
+        OpKind::Put,
+        OpKind::PutAll,
+        OpKind::PutIfAbsent,
+        OpKind::Replace,
+        OpKind::ReplaceIfEqual,
+        OpKind::Remove,
+        OpKind::RemoveIfEqual,
+        OpKind::Clear,
+        OpKind::Increment,
+        OpKind::CreateCache,
+        OpKind::OpenSession,
+        OpKind::KeepAlive,
+        OpKind::CloseSession,
+        OpKind::Lock,
+        OpKind::Unlock,
+    ];
 
     /// A short stable name, for metrics and logs.
-    pub fn kind(&self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
-            Op::Ping => "ping",
-            Op::Get { .. } => "get",
-            Op::GetAll { .. } => "get_all",
-            Op::Contains { .. } => "contains",
-            Op::Put { .. } => "put",
-            Op::PutAll { .. } => "put_all",
-            Op::PutIfAbsent { .. } => "put_if_absent",
-            Op::Replace { .. } => "replace",
-            Op::ReplaceIfEqual { .. } => "replace_if_equal",
-            Op::Remove { .. } => "remove",
-            Op::RemoveIfEqual { .. } => "remove_if_equal",
-            Op::Keys { .. } => "keys",
-            Op::Size { .. } => "size",
-            Op::Clear { .. } => "clear",
-            Op::Increment { .. } => "increment",
-            Op::CreateCache { .. } => "create_cache",
-            Op::OpenSession { .. } => "open_session",
-            Op::KeepAlive { .. } => "keep_alive",
-            Op::CloseSession { .. } => "close_session",
-            Op::Lock { .. } => "lock",
-            Op::Unlock { .. } => "unlock",
-            Op::ListLocks { .. } => "list_locks",
+            OpKind::Ping => "ping",
+            OpKind::Get => "get",
+            OpKind::GetAll => "get_all",
+            OpKind::Contains => "contains",
+            OpKind::Keys => "keys",
+            OpKind::Size => "size",
+            OpKind::ListLocks => "list_locks",
+            OpKind::Put => "put",
+            OpKind::PutAll => "put_all",
+            OpKind::PutIfAbsent => "put_if_absent",
+            OpKind::Replace => "replace",
+            OpKind::ReplaceIfEqual => "replace_if_equal",
+            OpKind::Remove => "remove",
+            OpKind::RemoveIfEqual => "remove_if_equal",
+            OpKind::Clear => "clear",
+            OpKind::Increment => "increment",
+            OpKind::CreateCache => "create_cache",
+            OpKind::OpenSession => "open_session",
+            OpKind::KeepAlive => "keep_alive",
+            OpKind::CloseSession => "close_session",
+            OpKind::Lock => "lock",
+            OpKind::Unlock => "unlock",
+        }
+    }
+}
+
+impl Op {
+    /// Its kind.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Op::Ping => OpKind::Ping,
+            Op::Read(op, _) => op.kind(),
+            Op::Write(op) => op.kind(),
+            Op::Session(op) => op.kind(),
         }
     }
 
     /// The cache the operation names, if any.
     pub fn cache(&self) -> Option<&str> {
         match self {
-            Op::Ping | Op::OpenSession { .. } | Op::KeepAlive { .. } | Op::CloseSession { .. } => None,
-            Op::ListLocks { cache, .. } => cache.as_deref(),
-            Op::Get { cache, .. }
-            | Op::CreateCache { cache, .. }
-            | Op::Lock { cache, .. }
-            | Op::Unlock { cache, .. }
-            | Op::GetAll { cache, .. }
-            | Op::Contains { cache, .. }
-            | Op::Put { cache, .. }
-            | Op::PutAll { cache, .. }
-            | Op::PutIfAbsent { cache, .. }
-            | Op::Replace { cache, .. }
-            | Op::ReplaceIfEqual { cache, .. }
-            | Op::Remove { cache, .. }
-            | Op::RemoveIfEqual { cache, .. }
-            | Op::Keys { cache, .. }
-            | Op::Size { cache, .. }
-            | Op::Clear { cache }
-            | Op::Increment { cache, .. } => Some(cache),
+            Op::Ping => None,
+            Op::Read(op, _) => op.cache(),
+            Op::Write(op) => Some(op.cache()),
+            Op::Session(op) => op.cache(),
         }
     }
 
     /// Every key the operation addresses (for slot checks).
     pub fn keys(&self) -> Vec<&[u8]> {
         match self {
-            Op::Get { key, .. }
-            | Op::Contains { key, .. }
-            | Op::Put { key, .. }
-            | Op::PutIfAbsent { key, .. }
-            | Op::Replace { key, .. }
-            | Op::ReplaceIfEqual { key, .. }
-            | Op::Remove { key, .. }
-            | Op::RemoveIfEqual { key, .. }
-            | Op::Increment { key, .. }
-            | Op::Lock { key, .. }
-            | Op::Unlock { key, .. } => vec![key.as_slice()],
-            Op::GetAll { keys, .. } => keys.iter().map(|k| k.as_slice()).collect(),
-            Op::PutAll { entries, .. } => entries.iter().map(|(k, _)| k.as_slice()).collect(),
-            Op::Ping
-            | Op::Keys { .. }
-            | Op::Size { .. }
-            | Op::Clear { .. }
-            | Op::CreateCache { .. }
-            | Op::OpenSession { .. }
-            | Op::KeepAlive { .. }
-            | Op::CloseSession { .. }
-            | Op::ListLocks { .. } => Vec::new(),
+            Op::Ping => Vec::new(),
+            Op::Read(op, _) => op.keys(),
+            Op::Write(op) => op.keys(),
+            Op::Session(op) => op.key().into_iter().collect(),
+        }
+    }
+}
+
+impl ReadOp {
+    /// Its kind.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            ReadOp::Get { .. } => OpKind::Get,
+            ReadOp::GetAll { .. } => OpKind::GetAll,
+            ReadOp::Contains { .. } => OpKind::Contains,
+            ReadOp::Keys { .. } => OpKind::Keys,
+            ReadOp::Size { .. } => OpKind::Size,
+            ReadOp::ListLocks { .. } => OpKind::ListLocks,
+        }
+    }
+
+    /// The cache it reads (all caches for a `ListLocks` without one).
+    pub fn cache(&self) -> Option<&str> {
+        match self {
+            ReadOp::Get { cache, .. }
+            | ReadOp::GetAll { cache, .. }
+            | ReadOp::Contains { cache, .. }
+            | ReadOp::Keys { cache, .. }
+            | ReadOp::Size { cache } => Some(cache),
+            ReadOp::ListLocks { cache } => cache.as_deref(),
+        }
+    }
+
+    /// The keys it names.
+    pub fn keys(&self) -> Vec<&[u8]> {
+        match self {
+            ReadOp::Get { key, .. } | ReadOp::Contains { key, .. } => vec![key.as_slice()],
+            ReadOp::GetAll { keys, .. } => keys.iter().map(Vec::as_slice).collect(),
+            ReadOp::Keys { .. } | ReadOp::Size { .. } | ReadOp::ListLocks { .. } => Vec::new(),
+        }
+    }
+}
+
+impl WriteOp {
+    /// Its kind.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            WriteOp::Put { .. } => OpKind::Put,
+            WriteOp::PutAll { .. } => OpKind::PutAll,
+            WriteOp::PutIfAbsent { .. } => OpKind::PutIfAbsent,
+            WriteOp::Replace { .. } => OpKind::Replace,
+            WriteOp::ReplaceIfEqual { .. } => OpKind::ReplaceIfEqual,
+            WriteOp::Remove { .. } => OpKind::Remove,
+            WriteOp::RemoveIfEqual { .. } => OpKind::RemoveIfEqual,
+            WriteOp::Clear { .. } => OpKind::Clear,
+            WriteOp::Increment { .. } => OpKind::Increment,
+            WriteOp::CreateCache { .. } => OpKind::CreateCache,
+        }
+    }
+
+    /// The cache it changes.
+    pub fn cache(&self) -> &str {
+        match self {
+            WriteOp::Put { cache, .. }
+            | WriteOp::PutAll { cache, .. }
+            | WriteOp::PutIfAbsent { cache, .. }
+            | WriteOp::Replace { cache, .. }
+            | WriteOp::ReplaceIfEqual { cache, .. }
+            | WriteOp::Remove { cache, .. }
+            | WriteOp::RemoveIfEqual { cache, .. }
+            | WriteOp::Clear { cache }
+            | WriteOp::Increment { cache, .. }
+            | WriteOp::CreateCache { cache, .. } => cache,
+        }
+    }
+
+    /// The keys it names.
+    pub fn keys(&self) -> Vec<&[u8]> {
+        match self {
+            WriteOp::Put { key, .. }
+            | WriteOp::PutIfAbsent { key, .. }
+            | WriteOp::Replace { key, .. }
+            | WriteOp::ReplaceIfEqual { key, .. }
+            | WriteOp::Remove { key, .. }
+            | WriteOp::RemoveIfEqual { key, .. }
+            | WriteOp::Increment { key, .. } => vec![key.as_slice()],
+            WriteOp::PutAll { entries, .. } => entries.iter().map(|(k, _)| k.as_slice()).collect(),
+            WriteOp::Clear { .. } | WriteOp::CreateCache { .. } => Vec::new(),
+        }
+    }
+
+    /// The values it carries, compared ones included (for the value size limit).
+    pub fn values(&self) -> Vec<&[u8]> {
+        match self {
+            WriteOp::Put { value, .. } | WriteOp::PutIfAbsent { value, .. } | WriteOp::Replace { value, .. } => {
+                vec![value.as_slice()]
+            }
+            WriteOp::ReplaceIfEqual { expected, value, .. } => vec![expected.as_slice(), value.as_slice()],
+            WriteOp::RemoveIfEqual { expected, .. } => vec![expected.as_slice()],
+            WriteOp::PutAll { entries, .. } => entries.iter().map(|(_, v)| v.as_slice()).collect(),
+            WriteOp::Remove { .. }
+            | WriteOp::Clear { .. }
+            | WriteOp::Increment { .. }
+            | WriteOp::CreateCache { .. } => Vec::new(),
+        }
+    }
+
+    /// The session an entry it writes belongs to, if any.
+    pub fn session(&self) -> Option<u64> {
+        match self {
+            WriteOp::Put { opts, .. } | WriteOp::PutIfAbsent { opts, .. } => opts.session,
+            _ => None,
+        }
+    }
+}
+
+impl SessionOp {
+    /// Its kind.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            SessionOp::Open { .. } => OpKind::OpenSession,
+            SessionOp::KeepAlive { .. } => OpKind::KeepAlive,
+            SessionOp::Close { .. } => OpKind::CloseSession,
+            SessionOp::Lock { .. } => OpKind::Lock,
+            SessionOp::Unlock { .. } => OpKind::Unlock,
+        }
+    }
+
+    /// The cache of the lock it takes or releases.
+    pub fn cache(&self) -> Option<&str> {
+        match self {
+            SessionOp::Lock { cache, .. } | SessionOp::Unlock { cache, .. } => Some(cache),
+            SessionOp::Open { .. } | SessionOp::KeepAlive { .. } | SessionOp::Close { .. } => None,
+        }
+    }
+
+    /// The key of the lock it takes or releases.
+    pub fn key(&self) -> Option<&[u8]> {
+        match self {
+            SessionOp::Lock { key, .. } | SessionOp::Unlock { key, .. } => Some(key),
+            SessionOp::Open { .. } | SessionOp::KeepAlive { .. } | SessionOp::Close { .. } => None,
+        }
+    }
+
+    /// The session it acts for (none yet when it opens one).
+    pub fn session(&self) -> Option<u64> {
+        match self {
+            SessionOp::KeepAlive { session }
+            | SessionOp::Close { session }
+            | SessionOp::Lock { session, .. }
+            | SessionOp::Unlock { session, .. } => Some(*session),
+            SessionOp::Open { .. } => None,
         }
     }
 }
@@ -781,18 +915,18 @@ mod tests {
         let req = ClientMessage::Request(Request {
             id: 7,
             timeout_ms: 1000,
-            op: Op::Put {
+            op: Op::Write(WriteOp::Put {
                 cache: "c".into(),
                 key: b"k".to_vec(),
                 value: b"v".to_vec(),
                 opts: PutOptions::default(),
-            },
+            }),
         });
         let bytes = encode(&req);
         match decode::<ClientMessage>(&bytes).unwrap() {
             ClientMessage::Request(r) => {
                 assert_eq!(r.id, 7);
-                assert!(r.op.is_write());
+                assert_eq!(r.op.kind(), OpKind::Put);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -827,5 +961,14 @@ mod tests {
             version_mismatch_message("9.9.0", "0.1.0"),
             "Client/Server Version Mismatch Error: Client Version: 9.9.0, Server Version: 0.1.0"
         );
+    }
+
+    #[test]
+    fn every_kind_is_listed_once_in_its_place_with_its_own_name() {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, kind) in OpKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i);
+            assert!(names.insert(kind.name()), "{kind:?} shares its name");
+        }
     }
 }

@@ -495,10 +495,10 @@ async fn a_mirror_behind_the_compacted_log_catches_up_from_a_snapshot() {
     let written = common::read_on(
         &array,
         &active,
-        ferrocotta::protocol::Op::Size {
-            cache: CACHE.into(),
-            read: ferrocotta::protocol::ReadConsistency::Eventual,
-        },
+        ferrocotta::protocol::Op::Read(
+            ferrocotta::protocol::ReadOp::Size { cache: CACHE.into() },
+            ferrocotta::protocol::ReadConsistency::Eventual,
+        ),
     )
     .await;
     assert_eq!(written, ferrocotta::protocol::Reply::Size(3_500));
@@ -525,11 +525,13 @@ async fn a_mirror_behind_the_compacted_log_catches_up_from_a_snapshot() {
         let reply = common::read_on(
             &array,
             &mirror,
-            ferrocotta::protocol::Op::Get {
-                cache: CACHE.into(),
-                key: format!("s{i:05}").into_bytes(),
-                read: ferrocotta::protocol::ReadConsistency::Eventual,
-            },
+            ferrocotta::protocol::Op::Read(
+                ferrocotta::protocol::ReadOp::Get {
+                    cache: CACHE.into(),
+                    key: format!("s{i:05}").into_bytes(),
+                },
+                ferrocotta::protocol::ReadConsistency::Eventual,
+            ),
         )
         .await;
         assert_eq!(

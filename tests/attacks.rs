@@ -15,8 +15,8 @@ use common::{phase, TestArray, TestNode};
 use ferrocotta::config::ConfigDuration;
 use ferrocotta::handshake::{self, HandshakeError};
 use ferrocotta::protocol::{
-    self, client_proof, ClientMessage, ConnectionRole, ErrorReply, Hello, Op, ReadConsistency, Refusal, Request,
-    ServerMessage, NONCE_BYTES, PROTOCOL_VERSION, SOFTWARE_VERSION,
+    self, client_proof, ClientMessage, ConnectionRole, ErrorReply, Hello, Op, ReadConsistency, ReadOp, Refusal,
+    Request, ServerMessage, NONCE_BYTES, PROTOCOL_VERSION, SOFTWARE_VERSION,
 };
 use ferrocotta::{ArrayClient, ClientError};
 
@@ -394,11 +394,13 @@ async fn replies_are_bounded_by_bytes_and_a_client_that_does_not_read_is_not_rea
             let req = protocol::encode(&ClientMessage::Request(Request {
                 id,
                 timeout_ms: 30_000,
-                op: Op::Get {
-                    cache: CACHE.into(),
-                    key: b"big".to_vec(),
-                    read: ReadConsistency::Eventual,
-                },
+                op: Op::Read(
+                    ReadOp::Get {
+                        cache: CACHE.into(),
+                        key: b"big".to_vec(),
+                    },
+                    ReadConsistency::Eventual,
+                ),
             }));
             let _ = tokio::time::timeout(Duration::from_secs(2), raw.write_all(&frame(&req))).await;
         }

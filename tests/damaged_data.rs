@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{phase, TestArray};
-use ferrocotta::protocol::{Op, ReadConsistency, Reply};
+use ferrocotta::protocol::{Op, ReadConsistency, ReadOp, Reply};
 use ferrocotta::ArrayClient;
 
 const CACHE: &str = "durable";
@@ -60,11 +60,13 @@ async fn read_on(array: &TestArray, name: &str, key: &[u8]) -> Reply {
     common::read_on(
         array,
         name,
-        Op::Get {
-            cache: CACHE.into(),
-            key: key.to_vec(),
-            read: ReadConsistency::Eventual,
-        },
+        Op::Read(
+            ReadOp::Get {
+                cache: CACHE.into(),
+                key: key.to_vec(),
+            },
+            ReadConsistency::Eventual,
+        ),
     )
     .await
 }

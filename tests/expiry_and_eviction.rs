@@ -7,17 +7,19 @@ use std::time::{Duration, Instant};
 
 use common::{phase, read_on, TestArray};
 use ferrocotta::config::CacheConfig;
-use ferrocotta::protocol::{CacheSettings, Op, PutOptions, ReadConsistency, Reply};
+use ferrocotta::protocol::{CacheSettings, Op, PutOptions, ReadConsistency, ReadOp, Reply};
 
 const CACHE: &str = "ferrocotta.expiry";
 const LRU: &str = "ferrocotta.lru";
 
 fn eventual_get(key: &[u8]) -> Op {
-    Op::Get {
-        cache: CACHE.into(),
-        key: key.to_vec(),
-        read: ReadConsistency::Eventual,
-    }
+    Op::Read(
+        ReadOp::Get {
+            cache: CACHE.into(),
+            key: key.to_vec(),
+        },
+        ReadConsistency::Eventual,
+    )
 }
 
 async fn on_every_server(array: &TestArray, names: &[String], key: &[u8]) -> Vec<Option<Vec<u8>>> {

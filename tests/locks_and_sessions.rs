@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{phase, ProxiedArray, TestArray};
 use ferrocotta::client::{ClientEvent, ConnectionState, LockWait};
 use ferrocotta::config::{ClusterConfig, ConfigDuration};
-use ferrocotta::protocol::{ErrorReply, LockMode, Op};
+use ferrocotta::protocol::{ErrorReply, LockMode, Op, SessionOp};
 use ferrocotta::{ArrayClient, ClientError};
 
 const CACHE: &str = "ferrocotta.locks";
@@ -152,7 +152,11 @@ async fn lock_wait_modes_order_and_session_expiry() {
     a.unlock(&taken).await.unwrap();
     // The client is still cut off; ask the array directly what a late keep-alive gets.
     let direct = a
-        .execute(0, Op::KeepAlive { session: hd.session }, Duration::from_secs(2))
+        .execute(
+            0,
+            Op::Session(SessionOp::KeepAlive { session: hd.session }),
+            Duration::from_secs(2),
+        )
         .await;
     assert!(
         matches!(direct, Err(ClientError::Server(ErrorReply::SessionExpired))),

@@ -11,11 +11,12 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use cache_array::command::{Change, Command, CommandKind};
 use cache_array::log_store::LogStore;
 use cache_array::state_machine::StateMachineStore;
-use cache_array::types::{Command, CommandKind, Entry};
+use cache_array::types::Entry;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use ferrocotta::protocol::{Op, PutOptions};
+use ferrocotta::protocol::{PutOptions, WriteOp};
 use openraft::storage::{RaftLogStorageExt, RaftStateMachine};
 use openraft::EntryPayload;
 
@@ -48,12 +49,12 @@ fn put_entry(index: u64, key_number: u64) -> Entry {
         log_id: openraft::testing::log_id(1, 1, index),
         payload: EntryPayload::Normal(Command {
             at_ms: AT_MS,
-            kind: CommandKind::Client(Op::Put {
+            kind: CommandKind::Client(Change::from(WriteOp::Put {
                 cache: CACHE.into(),
                 key: key(key_number),
                 value: vec![b'v'; VALUE_BYTES],
                 opts: PutOptions::default(),
-            }),
+            })),
         }),
     }
 }

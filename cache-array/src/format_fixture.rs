@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, Membership};
 
+use crate::command::{Change, Command, CommandKind, Lock, OpenSession, SessionOf, Unlock};
 use crate::log_store::LogStore;
 use crate::state_machine::{decode_snapshot, StateMachineStore};
-use crate::types::{Command, CommandKind, Entry, LogId};
-use ferrocotta::protocol::{CacheSettings, LockMode, Op, PutOptions};
+use crate::types::{Entry, LogId};
+use ferrocotta::protocol::{CacheSettings, LockMode, PutOptions, WriteOp};
 
 /// The fixture this build must read.
 const FIXTURE: &str = "tests/fixtures/format-1";
@@ -40,18 +41,18 @@ fn sample_entries() -> Vec<Entry> {
     let c = || "orders".to_string();
     let k = |s: &str| s.as_bytes().to_vec();
     let changes: Vec<CommandKind> = vec![
-        CommandKind::Client(Op::CreateCache {
+        CommandKind::Client(Change::from(WriteOp::CreateCache {
             cache: c(),
             settings: CacheSettings {
                 max_entries: Some(100),
                 ttl_ms: Some(60_000),
                 tti_ms: None,
             },
-        }),
-        CommandKind::Client(Op::OpenSession {
+        })),
+        CommandKind::Client(Change::OpenSession(OpenSession {
             client_name: "node1".into(),
-        }),
-        CommandKind::Client(Op::Put {
+        })),
+        CommandKind::Client(Change::from(WriteOp::Put {
             cache: c(),
             key: k("a"),
             value: k("1"),
@@ -60,12 +61,12 @@ fn sample_entries() -> Vec<Entry> {
                 tti_ms: Some(30_000),
                 session: None,
             },
-        }),
-        CommandKind::Client(Op::PutAll {
+        })),
+        CommandKind::Client(Change::from(WriteOp::PutAll {
             cache: c(),
             entries: vec![(k("b"), k("2")), (k("c"), k("3"))],
-        }),
-        CommandKind::Client(Op::PutIfAbsent {
+        })),
+        CommandKind::Client(Change::from(WriteOp::PutIfAbsent {
             cache: c(),
             key: k("d"),
             value: k("4"),
@@ -74,95 +75,95 @@ fn sample_entries() -> Vec<Entry> {
                 tti_ms: None,
                 session: Some(4),
             },
-        }),
-        CommandKind::Client(Op::Replace {
+        })),
+        CommandKind::Client(Change::from(WriteOp::Replace {
             cache: c(),
             key: k("a"),
             value: k("5"),
-        }),
-        CommandKind::Client(Op::ReplaceIfEqual {
+        })),
+        CommandKind::Client(Change::from(WriteOp::ReplaceIfEqual {
             cache: c(),
             key: k("b"),
             expected: k("2"),
             value: k("6"),
-        }),
-        CommandKind::Client(Op::Remove {
+        })),
+        CommandKind::Client(Change::from(WriteOp::Remove {
             cache: c(),
             key: k("c"),
-        }),
-        CommandKind::Client(Op::RemoveIfEqual {
+        })),
+        CommandKind::Client(Change::from(WriteOp::RemoveIfEqual {
             cache: c(),
             key: k("b"),
             expected: k("6"),
-        }),
-        CommandKind::Client(Op::Increment {
+        })),
+        CommandKind::Client(Change::from(WriteOp::Increment {
             cache: "counters".into(),
             key: k("n"),
             delta: -7,
-        }),
-        CommandKind::Client(Op::Lock {
+        })),
+        CommandKind::Client(Change::Lock(Lock {
             cache: c(),
             key: k("l"),
             mode: LockMode::Shared,
             session: 4,
             wait_ms: -1,
-        }),
-        CommandKind::Client(Op::Lock {
+        })),
+        CommandKind::Client(Change::Lock(Lock {
             cache: c(),
             key: k("l"),
             mode: LockMode::Shared,
             session: 4,
             wait_ms: 0,
-        }),
-        CommandKind::Client(Op::OpenSession {
+        })),
+        CommandKind::Client(Change::OpenSession(OpenSession {
             client_name: "node2".into(),
-        }),
-        CommandKind::Client(Op::Lock {
+        })),
+        CommandKind::Client(Change::Lock(Lock {
             cache: c(),
             key: k("x"),
             mode: LockMode::Exclusive,
             session: 15,
             wait_ms: 500,
-        }),
-        CommandKind::Client(Op::Lock {
+        })),
+        CommandKind::Client(Change::Lock(Lock {
             cache: c(),
             key: k("l"),
             mode: LockMode::Exclusive,
             session: 15,
             wait_ms: 500,
-        }),
+        })),
         CommandKind::LockWaitCancel {
             cache: c(),
             key: k("l"),
             session: 15,
         },
-        CommandKind::Client(Op::Unlock {
+        CommandKind::Client(Change::Unlock(Unlock {
             cache: c(),
             key: k("l"),
             session: 4,
-        }),
+        })),
         CommandKind::Touch(vec![(c(), k("a"), 1_700_000_000_500)]),
         CommandKind::Batch(vec![
-            Op::Put {
+            Change::from(WriteOp::Put {
                 cache: "scratch".into(),
                 key: k("s"),
                 value: vec![0, 255, 7],
                 opts: PutOptions::default(),
-            },
-            Op::Clear {
+            }),
+            Change::from(WriteOp::Clear {
                 cache: "scratch".into(),
-            },
-            Op::Increment {
+            }),
+            Change::from(WriteOp::Increment {
                 cache: "counters".into(),
                 key: k("n"),
                 delta: 10,
-            },
+            }),
         ]),
         CommandKind::Expire(vec![(c(), k("a")), ("counters".into(), k("gone"))]),
-        CommandKind::Client(Op::OpenSession {
+        CommandKind::Client(Change::OpenSession(OpenSession {
             client_name: "node3".into(),
-        }),
-        CommandKind::Client(Op::CloseSession { session: 23 }),
+        })),
+        CommandKind::Client(Change::CloseSession(SessionOf { session: 23 })),
         CommandKind::ExpireSessions(vec![15, 99]),
     ];
     let mut entries = vec![

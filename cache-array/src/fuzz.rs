@@ -12,29 +12,59 @@ mod fuzz_support;
 
 use std::collections::BTreeMap;
 
-use ferrocotta::protocol::Op;
-use fuzz_support::{bytes, fuzz_cases, mutated, mutations, op, run, text, SUITE_CASES};
+use ferrocotta::protocol::SessionOp;
+use fuzz_support::{bytes, fuzz_cases, mutated, mutations, run, session_op, text, write_op, SUITE_CASES};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership, StoredMembership, Vote};
 use proptest::prelude::*;
 
+use crate::command::{self, Change, Command, CommandKind};
 use crate::formation::ProbeReply;
 use crate::log_store::LogStore;
 use crate::mark::{decode_slot, Mark, Standing};
 use crate::state_machine::{decode_snapshot, encode_snapshot_to, SnapshotHead, SnapshotPayload};
 use crate::store::{ApplyContext, Store};
-use crate::types::{Command, CommandKind, Entry, TypeConfig};
+use crate::types::{Entry, TypeConfig};
 
 fn log_id() -> impl Strategy<Value = LogId<u64>> {
     (any::<u64>(), 1..8u64, any::<u64>())
         .prop_map(|(term, node, index)| LogId::new(CommittedLeaderId::new(term, node), index))
 }
 
+/// Changes of every kind, as the client port makes them from requests.
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        write_op().prop_map(Change::from),
+        session_op().prop_filter_map("a keep-alive is not logged", |op| match op {
+            SessionOp::Open { client_name } => Some(Change::OpenSession(command::OpenSession { client_name })),
+            SessionOp::Close { session } => Some(Change::CloseSession(command::SessionOf { session })),
+            SessionOp::Lock {
+                cache,
+                key,
+                mode,
+                session,
+                wait_ms,
+            } => Some(Change::Lock(command::Lock {
+                cache,
+                key,
+                mode,
+                session,
+                wait_ms,
+            })),
+            SessionOp::Unlock { cache, key, session } => {
+                Some(Change::Unlock(command::Unlock { cache, key, session }))
+            }
+            SessionOp::KeepAlive { .. } => None,
+        }),
+    ]
+}
+
 fn command() -> impl Strategy<Value = CommandKind> {
     prop_oneof![
-        op().prop_map(CommandKind::Client),
-        prop::collection::vec(op(), 0..4).prop_map(CommandKind::Batch),
+        change().prop_map(CommandKind::Client),
+        prop::collection::vec(change(), 0..4).prop_map(CommandKind::Batch),
         prop::collection::vec((text(6), bytes(6), any::<u64>()), 0..4).prop_map(CommandKind::Touch),
+        prop::collection::vec((text(6), bytes(6)), 0..4).prop_map(CommandKind::Expire),
         prop::collection::vec(any::<u64>(), 0..4).prop_map(CommandKind::ExpireSessions),
         (text(6), bytes(6), any::<u64>()).prop_map(|(cache, key, session)| CommandKind::LockWaitCancel {
             cache,
@@ -56,19 +86,17 @@ fn entry() -> impl Strategy<Value = Entry> {
 
 /// A store as a stream of random writes leaves it.
 fn store() -> impl Strategy<Value = Store> {
-    prop::collection::vec(op(), 0..12).prop_map(|ops| {
+    prop::collection::vec(change(), 0..12).prop_map(|changes| {
         let configured = BTreeMap::new();
         let mut store = Store::default();
-        for (i, op) in ops.iter().enumerate() {
-            if op.is_write() || matches!(op, Op::OpenSession { .. }) {
-                let mut ctx = ApplyContext {
-                    now_ms: 1_000 + i as u64,
-                    index: i as u64,
-                    configured: &configured,
-                    grants: Vec::new(),
-                };
-                let _ = store.apply_op(op, &mut ctx);
-            }
+        for (i, change) in changes.iter().enumerate() {
+            let mut ctx = ApplyContext {
+                now_ms: 1_000 + i as u64,
+                index: i as u64,
+                configured: &configured,
+                grants: Vec::new(),
+            };
+            let _ = store.apply(change, &mut ctx);
         }
         store
     })

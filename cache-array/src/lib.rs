@@ -1,6 +1,8 @@
 //! One ferrocotta array server: a member of a stripe, replicated with openraft, durable in sled.
 //!
-//! - [`types`]: the openraft type configuration and the log entry payload.
+//! - [`types`]: the openraft type configuration.
+//! - [`command`]: the log's own payload (client changes converted from the wire at the stripe),
+//!   with fixed tags, and what applying it produced.
 //! - [`log_store`]: the Raft log and vote in sled, with group commit, verified at open.
 //! - [`mark`]: the small file that tells a log that lost entries from a healthy one.
 //! - [`data_folder`]: a server's data folder opened verified, and `cache-array repair`.
@@ -19,6 +21,7 @@
 //! - [`server`]: wiring and shutdown.
 
 pub mod admin;
+pub mod command;
 pub mod compaction;
 pub mod data_folder;
 #[cfg(test)]

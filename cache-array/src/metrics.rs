@@ -3,34 +3,20 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Operation kinds counted, in the order of [`ferrocotta::protocol::Op::kind`] names.
-pub const OP_KINDS: [&str; 15] = [
-    "ping",
-    "get",
-    "get_all",
-    "contains",
-    "put",
-    "put_all",
-    "put_if_absent",
-    "replace",
-    "replace_if_equal",
-    "remove",
-    "remove_if_equal",
-    "keys",
-    "size",
-    "clear",
-    "increment",
-];
+use ferrocotta::protocol::OpKind;
+
+/// Kinds of requests counted: every kind.
+const KINDS: usize = OpKind::ALL.len();
 
 /// Counters of one server.
 #[derive(Debug)]
 pub struct Metrics {
     /// Requests served by kind.
-    ops: [AtomicU64; OP_KINDS.len()],
+    ops: [AtomicU64; KINDS],
     /// Requests answered with an error, by kind.
-    op_errors: [AtomicU64; OP_KINDS.len()],
+    op_errors: [AtomicU64; KINDS],
     /// Sum of request latencies by kind, in microseconds.
-    op_latency_us: [AtomicU64; OP_KINDS.len()],
+    op_latency_us: [AtomicU64; KINDS],
     /// Client connections open now.
     pub client_connections: AtomicU64,
     /// Connections closed for a malformed or oversized frame, or a failed handshake.
@@ -51,24 +37,23 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts one served request.
-    pub fn record(&self, kind: &str, ok: bool, latency_us: u64) {
-        if let Some(i) = OP_KINDS.iter().position(|k| *k == kind) {
-            self.ops[i].fetch_add(1, Relaxed);
-            self.op_latency_us[i].fetch_add(latency_us, Relaxed);
-            if !ok {
-                self.op_errors[i].fetch_add(1, Relaxed);
-            }
+    pub fn record(&self, kind: OpKind, ok: bool, latency_us: u64) {
+        let i = kind as usize;
+        self.ops[i].fetch_add(1, Relaxed);
+        self.op_latency_us[i].fetch_add(latency_us, Relaxed);
+        if !ok {
+            self.op_errors[i].fetch_add(1, Relaxed);
         }
     }
 
     /// Appends the request counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let _ = writeln!(out, "# TYPE ferrocotta_ops_total counter");
-        for (i, k) in OP_KINDS.iter().enumerate() {
+        for (i, k) in OpKind::ALL.iter().map(|k| k.name()).enumerate() {
             let _ = writeln!(out, "ferrocotta_ops_total{{op=\"{k}\"}} {}", self.ops[i].load(Relaxed));
         }
         let _ = writeln!(out, "# TYPE ferrocotta_op_errors_total counter");
-        for (i, k) in OP_KINDS.iter().enumerate() {
+        for (i, k) in OpKind::ALL.iter().map(|k| k.name()).enumerate() {
             let _ = writeln!(
                 out,
                 "ferrocotta_op_errors_total{{op=\"{k}\"}} {}",
@@ -76,7 +61,7 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# TYPE ferrocotta_op_latency_seconds_sum counter");
-        for (i, k) in OP_KINDS.iter().enumerate() {
+        for (i, k) in OpKind::ALL.iter().map(|k| k.name()).enumerate() {
             let _ = writeln!(
                 out,
                 "ferrocotta_op_latency_seconds_sum{{op=\"{k}\"}} {:.6}",

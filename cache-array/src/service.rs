@@ -20,8 +20,8 @@ use ferrocotta::admission::Admission;
 use ferrocotta::handshake::{self, FrameDeadlines, FramedConn, ServerIdentity};
 use ferrocotta::log_throttle::LogThrottle;
 use ferrocotta::protocol::{
-    check_cache_name, decode, encode, ClientMessage, ConnectionRole, ErrorReply, Op, ReadConsistency, Refusal, Reply,
-    Request, Response, ServerMessage, MAX_BATCH_KEYS, MAX_KEYS_PAGE,
+    check_cache_name, decode, encode, ClientMessage, ConnectionRole, ErrorReply, Op, ReadConsistency, ReadOp, Refusal,
+    Reply, Request, Response, ServerMessage, SessionOp, MAX_BATCH_KEYS, MAX_KEYS_PAGE,
 };
 use ferrocotta::security::{Credentials, Grant};
 use ferrocotta::tls::{NetStream, ServerTls};
@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::command::{Change, Lock, OpenSession, SessionOf, Unlock};
 use crate::metrics::Metrics;
 use crate::store::{ReadError, ReplyRoom};
 use crate::stripe::{now_ms, Stripe};
@@ -309,52 +310,92 @@ impl ClientService {
         grant: &Grant,
         reply_budget: &Arc<Semaphore>,
     ) -> Result<(Reply, Option<OwnedSemaphorePermit>), ErrorReply> {
-        let Request { mut op, timeout_ms, .. } = request;
+        let Request { op, timeout_ms, .. } = request;
         self.validate(&op)?;
         self.authorize(&op, grant)?;
         let timeout = Duration::from_millis(timeout_ms as u64).min(REQUEST_TIMEOUT_MAX);
-        let stripe = &self.stripe;
-        if let Op::Ping = op {
-            let m = stripe.snapshot_metrics();
-            return Ok((
-                Reply::Pong {
-                    server: stripe.name().to_string(),
-                    stripe: stripe.position.stripe as u32,
-                    role: m.role,
-                    leader: m.leader,
-                    term: m.term,
-                    last_log_index: m.last_log_index,
-                    applied_index: m.applied_index,
-                },
-                None,
-            ));
-        }
         match op {
-            Op::KeepAlive { session } => return Ok((stripe.keep_alive(session)?, None)),
-            Op::Lock { .. } => return Ok((stripe.lock(op, timeout).await?, None)),
-            Op::OpenSession { ref mut client_name } => {
-                *client_name = grant.session_name(client_name);
-                return match stripe.write(op, timeout).await? {
+            Op::Ping => Ok((self.pong(), None)),
+            Op::Write(op) => Ok((self.stripe.write(Change::from(op), timeout).await?, None)),
+            Op::Session(op) => Ok((self.session(op, grant, timeout).await?, None)),
+            Op::Read(op, consistency) => self.read(op, consistency, grant, reply_budget, timeout).await,
+        }
+    }
+
+    /// This server's name, place and Raft facts.
+    fn pong(&self) -> Reply {
+        let stripe = &self.stripe;
+        let m = stripe.snapshot_metrics();
+        Reply::Pong {
+            server: stripe.name().to_string(),
+            stripe: stripe.position.stripe as u32,
+            role: m.role,
+            leader: m.leader,
+            term: m.term,
+            last_log_index: m.last_log_index,
+            applied_index: m.applied_index,
+        }
+    }
+
+    /// Sessions and locks: a keep-alive from memory, the rest through the log.
+    async fn session(&self, op: SessionOp, grant: &Grant, timeout: Duration) -> Result<Reply, ErrorReply> {
+        let stripe = &self.stripe;
+        match op {
+            SessionOp::KeepAlive { session } => stripe.keep_alive(session),
+            SessionOp::Open { client_name } => {
+                let client_name = grant.session_name(&client_name);
+                match stripe
+                    .write(Change::OpenSession(OpenSession { client_name }), timeout)
+                    .await?
+                {
                     Reply::Session { id, .. } => {
                         stripe.active.saw_session(id);
                         let window = stripe.config.timing.client_reconnect_window.0;
-                        Ok((
-                            Reply::Session {
-                                id,
-                                reconnect_window_ms: window.as_millis() as u64,
-                            },
-                            None,
-                        ))
+                        Ok(Reply::Session {
+                            id,
+                            reconnect_window_ms: window.as_millis() as u64,
+                        })
                     }
                     other => Err(ErrorReply::Internal(format!("unexpected session reply {other:?}"))),
-                };
+                }
             }
-            _ => {}
+            SessionOp::Close { session } => stripe.write(Change::CloseSession(SessionOf { session }), timeout).await,
+            SessionOp::Lock {
+                cache,
+                key,
+                mode,
+                session,
+                wait_ms,
+            } => {
+                let lock = Lock {
+                    cache,
+                    key,
+                    mode,
+                    session,
+                    wait_ms,
+                };
+                stripe.lock(lock, timeout).await
+            }
+            SessionOp::Unlock { cache, key, session } => {
+                stripe
+                    .write(Change::Unlock(Unlock { cache, key, session }), timeout)
+                    .await
+            }
         }
-        if op.is_write() {
-            return Ok((stripe.write(op, timeout).await?, None));
-        }
-        if op.read_consistency() == Some(ReadConsistency::Linearizable) {
+    }
+
+    /// A read from this server's applied state, after a read-index round when it must be
+    /// linearizable.
+    async fn read(
+        &self,
+        op: ReadOp,
+        consistency: ReadConsistency,
+        grant: &Grant,
+        reply_budget: &Arc<Semaphore>,
+        timeout: Duration,
+    ) -> Result<(Reply, Option<OwnedSemaphorePermit>), ErrorReply> {
+        let stripe = &self.stripe;
+        if consistency == ReadConsistency::Linearizable {
             stripe.read_barrier(timeout).await?;
         }
         let now = now_ms();
@@ -366,7 +407,7 @@ impl ClientService {
         let mut budget = None;
         let pending = |c: &str, k: &[u8]| stripe.active.pending_access(c, k);
         // A small reply in one pass; a large one takes its share of the connection's reply
-        // budget first, then is built (see `Store::read_op`).
+        // budget first, then is built (see `Store::read`).
         let reply = loop {
             match stripe.shared.serve_read(&op, now, room, &pending) {
                 Ok(reply) => break reply,
@@ -399,8 +440,14 @@ impl ClientService {
                 "credential `{credential}` may not {what}"
             )))
         };
-        if let Some(cache) = op.cache() {
-            let write = op.is_write();
+        // Reads need read access to the cache; changes, locks included, write access.
+        let (cache, write) = match op {
+            Op::Ping => (None, false),
+            Op::Read(op, _) => (op.cache(), false),
+            Op::Write(op) => (Some(op.cache()), true),
+            Op::Session(op) => (op.cache(), true),
+        };
+        if let Some(cache) = cache {
             let allowed = if write {
                 grant.may_write(cache)
             } else {
@@ -411,13 +458,12 @@ impl ClientService {
             }
         }
         let session = match op {
-            Op::OpenSession { .. } if !grant.may_open_sessions() => return forbidden("open sessions".into()),
-            Op::KeepAlive { session }
-            | Op::CloseSession { session }
-            | Op::Lock { session, .. }
-            | Op::Unlock { session, .. } => Some(*session),
-            Op::Put { opts, .. } | Op::PutIfAbsent { opts, .. } => opts.session,
-            _ => None,
+            Op::Session(SessionOp::Open { .. }) if !grant.may_open_sessions() => {
+                return forbidden("open sessions".into())
+            }
+            Op::Session(op) => op.session(),
+            Op::Write(op) => op.session(),
+            Op::Ping | Op::Read(..) => None,
         };
         if let Some(id) = session {
             let owner = self
@@ -456,20 +502,16 @@ impl ClientService {
                 return Err(ErrorReply::WrongStripe { owner: owner as u32 });
             }
         }
-        if let Op::OpenSession { client_name } = op {
+        if let Op::Session(SessionOp::Open { client_name }) = op {
             if client_name.len() > CLIENT_NAME_MAX_BYTES {
                 return Err(ErrorReply::Invalid(format!(
                     "client names are at most {CLIENT_NAME_MAX_BYTES} bytes"
                 )));
             }
         }
-        let too_big = |v: &Vec<u8>| v.len() > limits.max_value_bytes as usize;
         let value_too_big = match op {
-            Op::Put { value, .. } | Op::PutIfAbsent { value, .. } | Op::Replace { value, .. } => too_big(value),
-            Op::ReplaceIfEqual { expected, value, .. } => too_big(expected) || too_big(value),
-            Op::RemoveIfEqual { expected, .. } => too_big(expected),
-            Op::PutAll { entries, .. } => entries.iter().any(|(_, v)| too_big(v)),
-            _ => false,
+            Op::Write(op) => op.values().iter().any(|v| v.len() > limits.max_value_bytes as usize),
+            Op::Ping | Op::Read(..) | Op::Session(_) => false,
         };
         if value_too_big {
             return Err(ErrorReply::Invalid(format!(
@@ -477,7 +519,7 @@ impl ClientService {
                 limits.max_value_bytes
             )));
         }
-        if let Op::Keys { limit, .. } = op {
+        if let Op::Read(ReadOp::Keys { limit, .. }, _) = op {
             if *limit == 0 || *limit > MAX_KEYS_PAGE {
                 return Err(ErrorReply::Invalid(format!(
                     "keys pages hold 1 to {MAX_KEYS_PAGE} keys"

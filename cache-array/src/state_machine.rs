@@ -24,17 +24,15 @@ use std::sync::{Arc, RwLock};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use ferrocotta::protocol::{CacheSettings, ErrorReply, Op, Reply};
+use ferrocotta::protocol::{CacheSettings, ErrorReply, ReadOp, Reply};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, StorageIOError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::command::{Command, CommandKind, CommandResult};
 use crate::store::{ApplyContext, Grant, ReadError, ReplyRoom, Store};
-use crate::types::{
-    Command, CommandKind, CommandResult, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
-    TypeConfig,
-};
+use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"FCSNAP01";
 const SNAPSHOT_HEADER_BYTES: usize = 8 + 4 + 8;
@@ -87,12 +85,12 @@ impl SharedState {
     /// Serves a read operation at `now_ms`; see [`Store::read_op`].
     pub fn serve_read(
         &self,
-        op: &Op,
+        op: &ReadOp,
         now_ms: u64,
         room: ReplyRoom,
         pending_access: &dyn Fn(&str, &[u8]) -> Option<u64>,
     ) -> Result<Reply, ReadError> {
-        self.read(|d| d.store.read_op(op, now_ms, room, pending_access))
+        self.read(|d| d.store.read(op, now_ms, room, pending_access))
     }
 
     /// Registers interest in a lock grant. Register first, then check whether the lock is already
@@ -413,7 +411,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             for entry in entries {
                 d.last_applied = Some(entry.log_id);
                 match entry.payload {
-                    EntryPayload::Blank => out.push(CommandResult::One(Ok(Reply::Done))),
+                    EntryPayload::Blank => out.push(CommandResult::Nothing),
                     EntryPayload::Normal(Command { at_ms, kind }) => {
                         let mut ctx = ApplyContext {
                             now_ms: at_ms,
@@ -421,17 +419,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             configured: &self.configured,
                             grants: Vec::new(),
                         };
-                        out.push(match kind {
-                            CommandKind::Batch(ops) => {
-                                CommandResult::Batch(ops.iter().map(|op| d.store.apply_op(op, &mut ctx)).collect())
-                            }
-                            kind => CommandResult::One(apply_command(&mut d.store, kind, &mut ctx)),
-                        });
+                        out.push(apply_command(&mut d.store, kind, &mut ctx));
                         grants.append(&mut ctx.grants);
                     }
                     EntryPayload::Membership(m) => {
                         d.last_membership = StoredMembership::new(Some(entry.log_id), m);
-                        out.push(CommandResult::One(Ok(Reply::Done)));
+                        out.push(CommandResult::Nothing);
                     }
                 }
             }
@@ -533,29 +526,30 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 }
 
 /// Applies one log payload to the store.
-fn apply_command(store: &mut Store, kind: CommandKind, ctx: &mut ApplyContext) -> Result<Reply, ErrorReply> {
+fn apply_command(store: &mut Store, kind: CommandKind, ctx: &mut ApplyContext) -> CommandResult {
     match kind {
-        CommandKind::Client(op) => store.apply_op(&op, ctx),
+        CommandKind::Client(change) => CommandResult::Client(store.apply(&change, ctx)),
+        CommandKind::Batch(changes) => CommandResult::Batch(changes.iter().map(|c| store.apply(c, ctx)).collect()),
         CommandKind::Touch(accesses) => {
             store.touch(&accesses, ctx);
-            Ok(Reply::Done)
+            CommandResult::Touched
         }
-        CommandKind::Expire(keys) => Ok(Reply::Size(store.expire(&keys, ctx.now_ms) as u64)),
-        CommandKind::ExpireSessions(ids) => {
-            let mut ended = 0;
-            for id in ids {
-                ended += store.end_session(id, ctx) as u64;
-            }
-            Ok(Reply::Size(ended))
+        CommandKind::Expire(keys) => CommandResult::Expired {
+            entries: store.expire(&keys, ctx.now_ms) as u64,
+        },
+        CommandKind::ExpireSessions(ids) => CommandResult::SessionsEnded {
+            sessions: ids.into_iter().map(|id| store.end_session(id, ctx) as u64).sum(),
+        },
+        CommandKind::LockWaitCancel { cache, key, session } => {
+            CommandResult::Client(store.cancel_wait(&cache, &key, session, ctx))
         }
-        CommandKind::LockWaitCancel { cache, key, session } => store.cancel_wait(&cache, &key, session, ctx),
-        CommandKind::Batch(_) => Err(ErrorReply::Internal("a batch has one result per write".into())),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::Change;
 
     #[test]
     fn corrupt_snapshots_are_refused() {
@@ -643,18 +637,22 @@ mod tests {
     async fn a_batch_applies_in_order_with_one_result_per_write() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = StateMachineStore::open(dir.path(), BTreeMap::new()).unwrap();
-        let cas = |expected: &str, value: &str| Op::ReplaceIfEqual {
-            cache: "c".into(),
-            key: b"k".to_vec(),
-            expected: expected.into(),
-            value: value.into(),
+        let cas = |expected: &str, value: &str| {
+            Change::ReplaceIfEqual(crate::command::ReplaceIfEqual {
+                cache: "c".into(),
+                key: b"k".to_vec(),
+                expected: expected.into(),
+                value: value.into(),
+            })
         };
-        let put = Op::Put {
+        let put = Change::Put(crate::command::Put {
             cache: "c".into(),
             key: b"k".to_vec(),
             value: b"1".to_vec(),
-            opts: Default::default(),
-        };
+            ttl_ms: None,
+            tti_ms: None,
+            session: None,
+        });
         let entry = Entry {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
             payload: EntryPayload::Normal(Command {

@@ -19,7 +19,12 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
-use ferrocotta::protocol::{CacheSettings, ErrorReply, LockMode, Op, PutOptions, Reply, MAX_KEYS_PAGE};
+use ferrocotta::protocol::{CacheSettings, ErrorReply, LockMode, ReadOp, Reply, MAX_KEYS_PAGE};
+
+use crate::command::{
+    CacheOf, Change, CreateCache, Increment, KeyOf, Lock, OpenSession, Put, PutAll, RemoveIfEqual, Replace,
+    ReplaceIfEqual, SessionOf, Unlock,
+};
 use serde::{Deserialize, Serialize};
 
 /// One cache entry.
@@ -144,6 +149,24 @@ pub enum ReadError {
     Larger(usize),
 }
 
+/// What a put asks of its entry's life: its own ttl and tti (else the cache's), its session.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lifetime {
+    ttl_ms: Option<u64>,
+    tti_ms: Option<u64>,
+    owner: Option<u64>,
+}
+
+impl Lifetime {
+    fn of(put: &Put) -> Lifetime {
+        Lifetime {
+            ttl_ms: put.ttl_ms,
+            tti_ms: put.tti_ms,
+            owner: put.session,
+        }
+    }
+}
+
 /// What an applied entry needs besides the store: its time and the config's cache settings.
 pub struct ApplyContext<'a> {
     /// The entry's timestamp (active's clock).
@@ -239,7 +262,7 @@ impl Store {
         }
     }
 
-    fn new_entry(&self, cache: &str, value: &[u8], opts: &PutOptions, ctx: &ApplyContext) -> CacheEntry {
+    fn new_entry(&self, cache: &str, value: &[u8], lifetime: Lifetime, ctx: &ApplyContext) -> CacheEntry {
         let settings = self
             .caches
             .get(cache)
@@ -250,9 +273,9 @@ impl Store {
             value: Bytes::copy_from_slice(value),
             written_ms: ctx.now_ms,
             accessed_ms: ctx.now_ms,
-            ttl_ms: opts.ttl_ms.or(settings.ttl_ms),
-            tti_ms: opts.tti_ms.or(settings.tti_ms),
-            owner: opts.session,
+            ttl_ms: lifetime.ttl_ms.or(settings.ttl_ms),
+            tti_ms: lifetime.tti_ms.or(settings.tti_ms),
+            owner: lifetime.owner,
         }
     }
 
@@ -277,68 +300,58 @@ impl Store {
         }
     }
 
-    /// Applies one client write.
-    pub fn apply_op(&mut self, op: &Op, ctx: &mut ApplyContext) -> Result<Reply, ErrorReply> {
+    /// Applies one change a client asked for.
+    pub fn apply(&mut self, change: &Change, ctx: &mut ApplyContext) -> Result<Reply, ErrorReply> {
         let now = ctx.now_ms;
-        if let Some(k) = op.keys().first() {
-            if let Some(cache) = op.cache() {
-                self.drop_if_expired(cache, k, now);
-            }
+        if let Some((cache, key)) = change.first_key() {
+            self.drop_if_expired(cache, key, now);
         }
-        match op {
-            Op::Put {
-                cache,
-                key,
-                value,
-                opts,
-            } => {
-                self.check_session(opts.session)?;
-                let prev = self.remove_entry(cache, key).map(|e| Vec::from(e.value));
-                let entry = self.new_entry(cache, value, opts, ctx);
-                self.insert_entry(cache, key.clone(), entry, ctx);
+        match change {
+            Change::Put(put) => {
+                self.check_session(put.session)?;
+                let prev = self.remove_entry(&put.cache, &put.key).map(|e| Vec::from(e.value));
+                let entry = self.new_entry(&put.cache, &put.value, Lifetime::of(put), ctx);
+                self.insert_entry(&put.cache, put.key.clone(), entry, ctx);
                 Ok(Reply::Value(prev))
             }
-            Op::PutAll { cache, entries } => {
+            Change::PutAll(PutAll { cache, entries }) => {
                 for (k, v) in entries {
                     self.drop_if_expired(cache, k, now);
-                    let entry = self.new_entry(cache, v, &PutOptions::default(), ctx);
+                    let entry = self.new_entry(cache, v, Lifetime::default(), ctx);
                     self.insert_entry(cache, k.clone(), entry, ctx);
                 }
                 Ok(Reply::Done)
             }
-            Op::PutIfAbsent {
-                cache,
-                key,
-                value,
-                opts,
-            } => {
-                if let Some(e) = self.live(cache, key, now) {
+            Change::PutIfAbsent(put) => {
+                if let Some(e) = self.live(&put.cache, &put.key, now) {
                     return Ok(Reply::Value(Some(e.value.to_vec())));
                 }
-                self.check_session(opts.session)?;
-                let entry = self.new_entry(cache, value, opts, ctx);
-                self.insert_entry(cache, key.clone(), entry, ctx);
+                self.check_session(put.session)?;
+                let entry = self.new_entry(&put.cache, &put.value, Lifetime::of(put), ctx);
+                self.insert_entry(&put.cache, put.key.clone(), entry, ctx);
                 Ok(Reply::Value(None))
             }
-            Op::Replace { cache, key, value } => self.rewrite(cache, key, None, value, ctx),
-            Op::ReplaceIfEqual {
+            Change::Replace(Replace { cache, key, value }) => self.rewrite(cache, key, None, value, ctx),
+            Change::ReplaceIfEqual(ReplaceIfEqual {
                 cache,
                 key,
                 expected,
                 value,
-            } => match self.rewrite(cache, key, Some(expected), value, ctx)? {
+            }) => match self.rewrite(cache, key, Some(expected), value, ctx)? {
                 Reply::Value(prev) => Ok(Reply::Bool(prev.is_some())),
                 other => Ok(other),
             },
-            Op::Remove { cache, key } => Ok(Reply::Value(self.remove_entry(cache, key).map(|e| Vec::from(e.value)))),
-            Op::RemoveIfEqual { cache, key, expected } => {
+            Change::Remove(KeyOf { cache, key }) => {
+                Ok(Reply::Value(self.remove_entry(cache, key).map(|e| Vec::from(e.value))))
+            }
+            Change::RemoveIfEqual(RemoveIfEqual { cache, key, expected }) => {
                 let equal = self.live(cache, key, now).is_some_and(|e| e.value == *expected);
                 if equal {
                     self.remove_entry(cache, key);
                 }
                 Ok(Reply::Bool(equal))
             }
-            Op::Clear { cache } => {
+            Change::Clear(CacheOf { cache }) => {
                 let keys: Vec<Vec<u8>> = self
                     .caches
                     .get(cache)
@@ -349,7 +362,7 @@ impl Store {
                 }
                 Ok(Reply::Done)
             }
-            Op::Increment { cache, key, delta } => {
+            Change::Increment(Increment { cache, key, delta }) => {
                 let current = match self.live(cache, key, now) {
                     None => 0i64,
                     Some(e) => match std::str::from_utf8(&e.value)
@@ -367,13 +380,13 @@ impl Store {
                 match self.rewrite(cache, key, None, text.as_bytes(), ctx)? {
                     Reply::Value(Some(_)) => {}
                     _ => {
-                        let entry = self.new_entry(cache, text.as_bytes(), &PutOptions::default(), ctx);
+                        let entry = self.new_entry(cache, text.as_bytes(), Lifetime::default(), ctx);
                         self.insert_entry(cache, key.clone(), entry, ctx);
                     }
                 }
                 Ok(Reply::Counter(next))
             }
-            Op::CreateCache { cache, settings } => {
+            Change::CreateCache(CreateCache { cache, settings }) => {
                 if self.caches.contains_key(cache) {
                     return Ok(Reply::Bool(false));
                 }
@@ -386,20 +399,19 @@ impl Store {
                 );
                 Ok(Reply::Bool(true))
             }
-            Op::OpenSession { client_name } => Ok(self.open_session(client_name, ctx)),
-            Op::CloseSession { session } => {
+            Change::OpenSession(OpenSession { client_name }) => Ok(self.open_session(client_name, ctx)),
+            Change::CloseSession(SessionOf { session }) => {
                 self.end_session(*session, ctx);
                 Ok(Reply::Done)
             }
-            Op::Lock {
+            Change::Lock(Lock {
                 cache,
                 key,
                 mode,
                 session,
                 wait_ms,
-            } => self.lock(cache, key, *mode, *session, *wait_ms, ctx),
-            Op::Unlock { cache, key, session } => self.unlock(cache, key, *session, ctx),
-            read => Err(ErrorReply::Internal(format!("`{}` is not a write", read.kind()))),
+            }) => self.lock(cache, key, *mode, *session, *wait_ms, ctx),
+            Change::Unlock(Unlock { cache, key, session }) => self.unlock(cache, key, *session, ctx),
         }
     }
 
@@ -475,9 +487,9 @@ impl Store {
     /// given so far) is not built: [`ReadError::Larger`] says how large it would be, the caller
     /// takes that much budget and asks again. So small replies cost one pass, and a client that
     /// asks for large values without reading its replies makes the server wait, not allocate.
-    pub fn read_op(
+    pub fn read(
         &self,
-        op: &Op,
+        op: &ReadOp,
         now_ms: u64,
         room: ReplyRoom,
         pending_access: &dyn Fn(&str, &[u8]) -> Option<u64>,
@@ -504,12 +516,12 @@ impl Store {
             }
         };
         match op {
-            Op::Get { cache, key, .. } => {
+            ReadOp::Get { cache, key } => {
                 let found = visible(cache, key);
                 needs(found.map_or(0, |e| e.value.len()))?;
                 Ok(Reply::Value(found.map(|e| e.value.to_vec())))
             }
-            Op::GetAll { cache, keys, .. } => {
+            ReadOp::GetAll { cache, keys } => {
                 let bytes: usize = keys
                     .iter()
                     .map(|k| visible(cache, k).map_or(0, |e| e.value.len()))
@@ -524,13 +536,12 @@ impl Store {
                         .collect(),
                 ))
             }
-            Op::Contains { cache, key, .. } => Ok(Reply::Bool(visible(cache, key).is_some())),
-            Op::Keys {
+            ReadOp::Contains { cache, key } => Ok(Reply::Bool(visible(cache, key).is_some())),
+            ReadOp::Keys {
                 cache,
                 prefix,
                 after,
                 limit,
-                ..
             } => {
                 let Some(c) = self.caches.get(cache) else {
                     return Ok(Reply::Keys {
@@ -565,7 +576,7 @@ impl Store {
                     more,
                 })
             }
-            Op::Size { cache, .. } => {
+            ReadOp::Size { cache } => {
                 let Some(c) = self.caches.get(cache) else {
                     return Ok(Reply::Size(0));
                 };
@@ -578,7 +589,7 @@ impl Store {
                     .count();
                 Ok(Reply::Size(c.entries.len().saturating_sub(hidden) as u64))
             }
-            Op::ListLocks { cache, .. } => {
+            ReadOp::ListLocks { cache } => {
                 let locks = self.list_locks(cache.as_deref());
                 let bytes: usize = locks
                     .iter()
@@ -590,10 +601,6 @@ impl Store {
                 needs(bytes)?;
                 Ok(Reply::Locks(locks))
             }
-            write => Err(ReadError::Failed(ErrorReply::Internal(format!(
-                "`{}` is not a read",
-                write.kind()
-            )))),
         }
     }
 
@@ -609,7 +616,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrocotta::protocol::ReadConsistency;
 
     /// Values became `Bytes`; snapshots written when they were `Vec<u8>` must still load.
     #[test]
@@ -632,30 +638,27 @@ mod tests {
         }
     }
 
-    fn put(c: &str, k: &str, v: &str, ttl: Option<u64>, tti: Option<u64>) -> Op {
-        Op::Put {
+    fn put(c: &str, k: &str, v: &str, ttl: Option<u64>, tti: Option<u64>) -> Change {
+        Change::Put(Put {
             cache: c.into(),
             key: k.into(),
             value: v.into(),
-            opts: PutOptions {
-                ttl_ms: ttl,
-                tti_ms: tti,
-                session: None,
-            },
-        }
+            ttl_ms: ttl,
+            tti_ms: tti,
+            session: None,
+        })
     }
 
     fn get(s: &Store, k: &str, now: u64) -> Option<Vec<u8>> {
-        let op = Op::Get {
+        let op = ReadOp::Get {
             cache: "c".into(),
             key: k.into(),
-            read: ReadConsistency::Linearizable,
         };
         let room = ReplyRoom {
             limit: usize::MAX,
             granted: usize::MAX,
         };
-        match s.read_op(&op, now, room, &|_, _| None).unwrap() {
+        match s.read(&op, now, room, &|_, _| None).unwrap() {
             Reply::Value(v) => v,
             other => panic!("{other:?}"),
         }
@@ -666,39 +669,40 @@ mod tests {
         let cfg = BTreeMap::new();
         let mut s = Store::default();
         let mut c = ctx(1000, &cfg);
+        assert_eq!(s.apply(&put("c", "a", "1", None, None), &mut c), Ok(Reply::Value(None)));
         assert_eq!(
-            s.apply_op(&put("c", "a", "1", None, None), &mut c),
-            Ok(Reply::Value(None))
-        );
-        assert_eq!(
-            s.apply_op(&put("c", "a", "2", None, None), &mut c),
+            s.apply(&put("c", "a", "2", None, None), &mut c),
             Ok(Reply::Value(Some(b"1".to_vec())))
         );
-        let cas = |e: &str, v: &str| Op::ReplaceIfEqual {
-            cache: "c".into(),
-            key: b"a".to_vec(),
-            expected: e.into(),
-            value: v.into(),
+        let cas = |e: &str, v: &str| {
+            Change::ReplaceIfEqual(ReplaceIfEqual {
+                cache: "c".into(),
+                key: b"a".to_vec(),
+                expected: e.into(),
+                value: v.into(),
+            })
         };
-        assert_eq!(s.apply_op(&cas("1", "three"), &mut c), Ok(Reply::Bool(false)));
-        assert_eq!(s.apply_op(&cas("2", "three"), &mut c), Ok(Reply::Bool(true)));
-        let inc = |k: &str| Op::Increment {
-            cache: "c".into(),
-            key: k.into(),
-            delta: 5,
+        assert_eq!(s.apply(&cas("1", "three"), &mut c), Ok(Reply::Bool(false)));
+        assert_eq!(s.apply(&cas("2", "three"), &mut c), Ok(Reply::Bool(true)));
+        let inc = |k: &str| {
+            Change::Increment(Increment {
+                cache: "c".into(),
+                key: k.into(),
+                delta: 5,
+            })
         };
-        assert_eq!(s.apply_op(&inc("n"), &mut c), Ok(Reply::Counter(5)));
-        assert_eq!(s.apply_op(&inc("n"), &mut c), Ok(Reply::Counter(10)));
-        assert_eq!(s.apply_op(&inc("a"), &mut c), Err(ErrorReply::NotACounter));
+        assert_eq!(s.apply(&inc("n"), &mut c), Ok(Reply::Counter(5)));
+        assert_eq!(s.apply(&inc("n"), &mut c), Ok(Reply::Counter(10)));
+        assert_eq!(s.apply(&inc("a"), &mut c), Err(ErrorReply::NotACounter));
     }
 
     #[test]
     fn ttl_and_tti_expire_by_the_entry_time_and_touches_extend_tti() {
         let cfg = BTreeMap::new();
         let mut s = Store::default();
-        s.apply_op(&put("c", "t", "v", Some(100), None), &mut ctx(1000, &cfg))
+        s.apply(&put("c", "t", "v", Some(100), None), &mut ctx(1000, &cfg))
             .unwrap();
-        s.apply_op(&put("c", "i", "v", None, Some(100)), &mut ctx(1000, &cfg))
+        s.apply(&put("c", "i", "v", None, Some(100)), &mut ctx(1000, &cfg))
             .unwrap();
         assert!(get(&s, "t", 1099).is_some());
         assert!(get(&s, "t", 1100).is_none(), "ttl reached");
@@ -722,10 +726,10 @@ mod tests {
             },
         );
         let mut s = Store::default();
-        s.apply_op(&put("c", "a", "1", None, None), &mut ctx(1, &cfg)).unwrap();
-        s.apply_op(&put("c", "b", "1", None, None), &mut ctx(2, &cfg)).unwrap();
+        s.apply(&put("c", "a", "1", None, None), &mut ctx(1, &cfg)).unwrap();
+        s.apply(&put("c", "b", "1", None, None), &mut ctx(2, &cfg)).unwrap();
         s.touch(&[("c".into(), b"a".to_vec(), 3)], &ctx(3, &cfg));
-        s.apply_op(&put("c", "x", "1", None, None), &mut ctx(4, &cfg)).unwrap();
+        s.apply(&put("c", "x", "1", None, None), &mut ctx(4, &cfg)).unwrap();
         assert!(get(&s, "a", 5).is_some(), "recently used stays");
         assert!(get(&s, "b", 5).is_none(), "least recently used is evicted");
         assert!(get(&s, "x", 5).is_some());
@@ -735,7 +739,7 @@ mod tests {
     fn indexes_survive_a_snapshot_round_trip() {
         let cfg = BTreeMap::new();
         let mut s = Store::default();
-        s.apply_op(&put("c", "t", "v", Some(100), None), &mut ctx(1000, &cfg))
+        s.apply(&put("c", "t", "v", Some(100), None), &mut ctx(1000, &cfg))
             .unwrap();
         let mut copy: Store = postcard::from_bytes(&postcard::to_allocvec(&s).unwrap()).unwrap();
         copy.rebuild_indexes();

@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrocotta::config::{ClusterConfig, ServerPosition};
-use ferrocotta::protocol::{ErrorReply, Op, Reply, Role};
+use ferrocotta::protocol::{ErrorReply, ReadOp, Reply, Role};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::ServerState;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::command::{Change, Command, CommandKind, CommandResult, Lock};
 use crate::state_machine::SharedState;
-use crate::types::{Command, CommandKind, CommandResult, NodeId, Raft};
+use crate::types::{NodeId, Raft};
 use crate::upkeep::ActiveState;
 
 /// Linearizable reads that may wait for the next read-index round before callers block.
@@ -33,6 +34,9 @@ type ReadWaiter = oneshot::Sender<Result<(), ErrorReply>>;
 
 /// Writes that may wait for the write batcher before proposers block.
 pub const WRITE_QUEUE_MAX: usize = 65_536;
+
+/// How long giving up a place in a lock queue may take (after the client's own wait ran out).
+pub const LOCK_WAIT_CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Client writes one log entry carries at most.
 pub const WRITE_BATCH_MAX: usize = 1024;
@@ -55,7 +59,7 @@ pub const WRITE_BATCHES_IN_FLIGHT_MAX: usize = 1;
 /// A write waiting for the batcher, and where its result goes.
 struct PendingWrite {
     kind: CommandKind,
-    reply: oneshot::Sender<Result<Reply, ErrorReply>>,
+    reply: oneshot::Sender<Result<CommandResult, ErrorReply>>,
 }
 
 /// The stripe membership of this server.
@@ -187,13 +191,13 @@ impl Stripe {
         (m.state == ServerState::Leader).then_some(m.current_term)
     }
 
-    /// Proposes a client write and waits for it to be committed and applied.
-    pub async fn write(&self, op: Op, timeout: Duration) -> Result<Reply, ErrorReply> {
-        self.propose(CommandKind::Client(op), timeout).await
+    /// Proposes a client's change and waits for it to be committed and applied.
+    pub async fn write(&self, change: Change, timeout: Duration) -> Result<Reply, ErrorReply> {
+        client_result(self.propose(CommandKind::Client(change), timeout).await?)
     }
 
-    /// Proposes a write through the write batcher and waits for its result.
-    pub async fn propose(&self, kind: CommandKind, timeout: Duration) -> Result<Reply, ErrorReply> {
+    /// Proposes a command through the write batcher and waits for what applying it produced.
+    pub async fn propose(&self, kind: CommandKind, timeout: Duration) -> Result<CommandResult, ErrorReply> {
         self.check_serving()?;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
@@ -236,20 +240,10 @@ impl Stripe {
     }
 
     /// Takes a lock, waiting in the replicated queue as the request asks (see `locks`).
-    pub async fn lock(&self, op: Op, timeout: Duration) -> Result<Reply, ErrorReply> {
-        let Op::Lock {
-            ref cache,
-            ref key,
-            session,
-            wait_ms,
-            ..
-        } = op
-        else {
-            return Err(ErrorReply::Internal("not a lock request".into()));
-        };
-        let (cache, key) = (cache.clone(), key.clone());
+    pub async fn lock(&self, lock: Lock, timeout: Duration) -> Result<Reply, ErrorReply> {
+        let (cache, key, session, wait_ms) = (lock.cache.clone(), lock.key.clone(), lock.session, lock.wait_ms);
         let started = tokio::time::Instant::now();
-        match self.write(op, timeout).await? {
+        match self.write(Change::Lock(lock), timeout).await? {
             Reply::Done => return Ok(Reply::Done),
             Reply::Bool(false) => {} // queued
             other => return Err(ErrorReply::Internal(format!("unexpected lock result {other:?}"))),
@@ -274,15 +268,15 @@ impl Stripe {
             return Err(ErrorReply::LockTimeout);
         }
         let cancel = CommandKind::LockWaitCancel { cache, key, session };
-        self.propose(cancel, Duration::from_secs(5)).await
+        client_result(self.propose(cancel, LOCK_WAIT_CANCEL_TIMEOUT).await?)
     }
 
     /// Records reads of entries whose access time matters (tti, LRU), while this server is active.
-    pub fn record_reads(&self, op: &Op, now_ms: u64) {
+    pub fn record_reads(&self, op: &ReadOp, now_ms: u64) {
         let (cache, keys): (&str, Vec<&[u8]>) = match op {
-            Op::Get { cache, key, .. } | Op::Contains { cache, key, .. } => (cache, vec![key.as_slice()]),
-            Op::GetAll { cache, keys, .. } => (cache, keys.iter().map(|k| k.as_slice()).collect()),
-            _ => return,
+            ReadOp::Get { cache, key } | ReadOp::Contains { cache, key } => (cache, vec![key.as_slice()]),
+            ReadOp::GetAll { cache, keys } => (cache, keys.iter().map(|k| k.as_slice()).collect()),
+            ReadOp::Keys { .. } | ReadOp::Size { .. } | ReadOp::ListLocks { .. } => return,
         };
         if self.active_term().is_none() {
             return;
@@ -395,14 +389,22 @@ impl AckLog {
 /// Whether a write may share a log entry with others (an `OpenSession` takes its entry's index as
 /// the session id, so it goes alone).
 fn batchable(kind: &CommandKind) -> bool {
-    matches!(kind, CommandKind::Client(op) if !matches!(op, Op::OpenSession { .. }))
+    matches!(kind, CommandKind::Client(change) if !matches!(change, Change::OpenSession(_)))
 }
 
 /// Key and value bytes of a write (for the batch size limit).
 fn payload_bytes(kind: &CommandKind) -> usize {
     match kind {
-        CommandKind::Client(op) => op.payload_bytes(),
+        CommandKind::Client(change) => change.payload_bytes(),
         _ => 0,
+    }
+}
+
+/// What a client's change (or a lock wait's end) produced, from the result of its entry.
+fn client_result(result: CommandResult) -> Result<Reply, ErrorReply> {
+    match result {
+        CommandResult::Client(r) => r,
+        other => Err(ErrorReply::Internal(format!("a client's entry produced {other:?}"))),
     }
 }
 
@@ -446,28 +448,28 @@ async fn write_batcher(raft: Raft, mut rx: mpsc::Receiver<PendingWrite>, names: 
             let w = batch.pop().expect("one write");
             (w.kind, vec![w.reply])
         } else {
-            let mut ops = Vec::with_capacity(batch.len());
+            let mut changes = Vec::with_capacity(batch.len());
             let mut replies = Vec::with_capacity(batch.len());
             for w in batch {
-                if let CommandKind::Client(op) = w.kind {
-                    ops.push(op);
+                if let CommandKind::Client(change) = w.kind {
+                    changes.push(change);
                 }
                 replies.push(w.reply);
             }
-            (CommandKind::Batch(ops), replies)
+            (CommandKind::Batch(changes), replies)
         };
         let submitted = raft.client_write_ff(Command { at_ms: now_ms(), kind }).await;
         let (names, acks) = (names.clone(), acks.clone());
         tokio::spawn(async move {
             let n = replies.len();
-            let results: Vec<Result<Reply, ErrorReply>> = match submitted {
+            let results: Vec<Result<CommandResult, ErrorReply>> = match submitted {
                 Err(_) => vec![Err(ErrorReply::ShuttingDown); n],
                 Ok(rx) => match rx.await {
                     Ok(Ok(resp)) => {
                         acks.note(resp.log_id.leader_id.term);
                         match resp.data {
-                            CommandResult::One(r) => vec![r],
-                            CommandResult::Batch(rs) => rs,
+                            CommandResult::Batch(rs) => rs.into_iter().map(|r| Ok(CommandResult::Client(r))).collect(),
+                            one => vec![Ok(one)],
                         }
                     }
                     Ok(Err(ClientWriteError::ForwardToLeader(f))) => {

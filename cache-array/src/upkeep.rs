@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::command::{CommandKind, CommandResult};
 use crate::stripe::{now_ms, Stripe};
-use crate::types::CommandKind;
 
 /// How often the active's upkeep runs.
 pub const UPKEEP_TICK: Duration = Duration::from_millis(100);
@@ -139,8 +139,12 @@ async fn expire_silent_sessions(stripe: &Stripe, window: Duration) {
         .propose(CommandKind::ExpireSessions(silent.clone()), PROPOSAL_TIMEOUT)
         .await
     {
-        Ok(_) => {
-            tracing::info!(event = "session.expired", sessions = ?silent, window = ?window);
+        Ok(result) => {
+            let ended = match result {
+                CommandResult::SessionsEnded { sessions } => sessions,
+                _ => 0,
+            };
+            tracing::info!(event = "session.expired", sessions = ?silent, ended, window = ?window);
             let mut seen = stripe.active.seen.lock().expect("seen poisoned");
             for id in &silent {
                 seen.remove(id);
@@ -188,7 +192,13 @@ async fn sweep(stripe: &Stripe) {
         return;
     }
     match stripe.propose(CommandKind::Expire(due.clone()), PROPOSAL_TIMEOUT).await {
-        Ok(r) => tracing::debug!(event = "expiry.swept", candidates = due.len(), result = ?r),
+        Ok(result) => {
+            let removed = match result {
+                CommandResult::Expired { entries } => entries,
+                _ => 0,
+            };
+            tracing::debug!(event = "expiry.swept", candidates = due.len(), removed);
+        }
         Err(e) => tracing::warn!(event = "expiry.sweep_failed", error = %e),
     }
 }

@@ -9,11 +9,12 @@ mod common;
 
 use std::time::Duration;
 
-use cache_array::types::{Command, CommandKind, Entry, TypeConfig};
+use cache_array::command::{Change, Command, CommandKind};
+use cache_array::types::{Entry, TypeConfig};
 use common::{phase, TestArray, PEER_SECRET};
 use ferrocotta::client::{CallError, Connection};
 use ferrocotta::handshake::{self, ClientIdentity, HandshakeError};
-use ferrocotta::protocol::{ConnectionRole, Op, PeerRpc, PutOptions, Refusal};
+use ferrocotta::protocol::{ConnectionRole, PeerRpc, PutOptions, Refusal, WriteOp};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, SnapshotMeta, StoredMembership, Vote};
 
@@ -92,12 +93,12 @@ async fn a_fake_peer_can_neither_vote_append_nor_install_a_snapshot() {
         log_id: LogId::new(CommittedLeaderId::new(forged_term, 99), 1_000_000),
         payload: EntryPayload::Normal(Command {
             at_ms: 0,
-            kind: CommandKind::Client(Op::Put {
+            kind: CommandKind::Client(Change::from(WriteOp::Put {
                 cache: CACHE.into(),
                 key: b"forged".to_vec(),
                 value: b"by a fake peer".to_vec(),
                 opts: PutOptions::default(),
-            }),
+            })),
         }),
     };
     let append = AppendEntriesRequest::<TypeConfig> {

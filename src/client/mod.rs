@@ -27,7 +27,8 @@ pub use session::{ClientEvent, ConnectionState, LockHandle, LockWait};
 use crate::config::ClusterConfig;
 use crate::handshake::{self, ClientIdentity, HandshakeError};
 use crate::protocol::{
-    ConnectionRole, ErrorReply, Op, PutOptions, ReadConsistency, Refusal, Reply, Role, SOFTWARE_VERSION,
+    ConnectionRole, ErrorReply, Op, PutOptions, ReadConsistency, ReadOp, Refusal, Reply, Role, WriteOp,
+    SOFTWARE_VERSION,
 };
 
 /// Longest a single attempt to connect to one server may take (capped further by the request's
@@ -550,8 +551,10 @@ impl ArrayClient {
     /// Runs one operation on a stripe until it succeeds, fails for good, or `timeout` passes.
     pub async fn execute(&self, stripe: usize, op: Op, timeout: Duration) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + timeout;
-        let read = op.read_consistency();
-        let needs_leader = read != Some(ReadConsistency::Eventual);
+        // Pings and eventual reads are served by any server of the stripe.
+        let needs_leader = !matches!(op, Op::Ping | Op::Read(_, ReadConsistency::Eventual));
+        // Reading again changes nothing; a change whose connection broke may have been applied.
+        let changes = matches!(op, Op::Write(_) | Op::Session(_));
         let mut failures: HashMap<String, String> = HashMap::new();
         let mut saw_no_quorum = false;
         let mut round = 0u32;
@@ -625,7 +628,7 @@ impl ArrayClient {
                         failures.insert(name.clone(), why);
                     }
                     Err(CallError::Lost(why)) => {
-                        if read.is_none() {
+                        if changes {
                             return Err(ClientError::Indeterminate(format!("connection to {name} lost: {why}")));
                         }
                         failures.insert(name.clone(), why);
@@ -695,11 +698,13 @@ impl ArrayClient {
         key: &[u8],
         read: ReadConsistency,
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        let op = Op::Get {
-            cache: cache.into(),
-            key: key.to_vec(),
+        let op = Op::Read(
+            ReadOp::Get {
+                cache: cache.into(),
+                key: key.to_vec(),
+            },
             read,
-        };
+        );
         expect_value(self.keyed(key, op).await?)
     }
 
@@ -712,11 +717,13 @@ impl ArrayClient {
         }
         let mut out = vec![None; keys.len()];
         let calls = by_stripe.into_iter().map(|(stripe, idx)| {
-            let op = Op::GetAll {
-                cache: cache.into(),
-                keys: idx.iter().map(|&i| keys[i].clone()).collect(),
-                read: ReadConsistency::Linearizable,
-            };
+            let op = Op::Read(
+                ReadOp::GetAll {
+                    cache: cache.into(),
+                    keys: idx.iter().map(|&i| keys[i].clone()).collect(),
+                },
+                ReadConsistency::Linearizable,
+            );
             async move { (idx, self.execute(stripe, op, self.inner.settings.request_timeout).await) }
         });
         for (idx, result) in futures::future::join_all(calls).await {
@@ -734,11 +741,13 @@ impl ArrayClient {
 
     /// Whether a key is present.
     pub async fn contains(&self, cache: &str, key: &[u8]) -> Result<bool, ClientError> {
-        let op = Op::Contains {
-            cache: cache.into(),
-            key: key.to_vec(),
-            read: ReadConsistency::Linearizable,
-        };
+        let op = Op::Read(
+            ReadOp::Contains {
+                cache: cache.into(),
+                key: key.to_vec(),
+            },
+            ReadConsistency::Linearizable,
+        );
         expect_bool(self.keyed(key, op).await?)
     }
 
@@ -755,12 +764,12 @@ impl ArrayClient {
         value: &[u8],
         opts: PutOptions,
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        let op = Op::Put {
+        let op = Op::Write(WriteOp::Put {
             cache: cache.into(),
             key: key.to_vec(),
             value: value.to_vec(),
             opts,
-        };
+        });
         expect_value(self.keyed(key, op).await?)
     }
 
@@ -772,7 +781,7 @@ impl ArrayClient {
         let mut retried = false;
         loop {
             let session = self.session_for(stripe).await?;
-            let op = Op::Put {
+            let op = Op::Write(WriteOp::Put {
                 cache: cache.into(),
                 key: key.to_vec(),
                 value: value.to_vec(),
@@ -780,7 +789,7 @@ impl ArrayClient {
                     session: Some(session),
                     ..PutOptions::default()
                 },
-            };
+            });
             match self.execute(stripe, op, self.inner.settings.request_timeout).await {
                 Err(ClientError::Server(ErrorReply::SessionExpired)) if !retried => {
                     self.rejoin(stripe, session).await?;
@@ -802,10 +811,10 @@ impl ArrayClient {
                 .push((k.clone(), v.clone()));
         }
         let calls = by_stripe.into_iter().map(|(stripe, entries)| {
-            let op = Op::PutAll {
+            let op = Op::Write(WriteOp::PutAll {
                 cache: cache.into(),
                 entries,
-            };
+            });
             self.execute(stripe, op, self.inner.settings.request_timeout)
         });
         for r in futures::future::join_all(calls).await {
@@ -827,22 +836,22 @@ impl ArrayClient {
         value: &[u8],
         opts: PutOptions,
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        let op = Op::PutIfAbsent {
+        let op = Op::Write(WriteOp::PutIfAbsent {
             cache: cache.into(),
             key: key.to_vec(),
             value: value.to_vec(),
             opts,
-        };
+        });
         expect_value(self.keyed(key, op).await?)
     }
 
     /// Sets a key only if present; returns the previous value (`None`: nothing was replaced).
     pub async fn replace(&self, cache: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
-        let op = Op::Replace {
+        let op = Op::Write(WriteOp::Replace {
             cache: cache.into(),
             key: key.to_vec(),
             value: value.to_vec(),
-        };
+        });
         expect_value(self.keyed(key, op).await?)
     }
 
@@ -854,41 +863,41 @@ impl ArrayClient {
         expected: &[u8],
         value: &[u8],
     ) -> Result<bool, ClientError> {
-        let op = Op::ReplaceIfEqual {
+        let op = Op::Write(WriteOp::ReplaceIfEqual {
             cache: cache.into(),
             key: key.to_vec(),
             expected: expected.to_vec(),
             value: value.to_vec(),
-        };
+        });
         expect_bool(self.keyed(key, op).await?)
     }
 
     /// Removes a key; returns the previous value.
     pub async fn remove(&self, cache: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
-        let op = Op::Remove {
+        let op = Op::Write(WriteOp::Remove {
             cache: cache.into(),
             key: key.to_vec(),
-        };
+        });
         expect_value(self.keyed(key, op).await?)
     }
 
     /// Removes a key only if it holds `expected`.
     pub async fn remove_if_equal(&self, cache: &str, key: &[u8], expected: &[u8]) -> Result<bool, ClientError> {
-        let op = Op::RemoveIfEqual {
+        let op = Op::Write(WriteOp::RemoveIfEqual {
             cache: cache.into(),
             key: key.to_vec(),
             expected: expected.to_vec(),
-        };
+        });
         expect_bool(self.keyed(key, op).await?)
     }
 
     /// Adds `delta` to a counter; returns the new value.
     pub async fn increment(&self, cache: &str, key: &[u8], delta: i64) -> Result<i64, ClientError> {
-        let op = Op::Increment {
+        let op = Op::Write(WriteOp::Increment {
             cache: cache.into(),
             key: key.to_vec(),
             delta,
-        };
+        });
         match self.keyed(key, op).await? {
             Reply::Counter(n) => Ok(n),
             other => Err(unexpected(other)),
@@ -911,13 +920,15 @@ impl ArrayClient {
                 next: None,
             });
         }
-        let op = Op::Keys {
-            cache: cache.into(),
-            prefix: prefix.to_vec(),
-            after: cursor.after.clone(),
-            limit: limit.clamp(1, crate::protocol::MAX_KEYS_PAGE),
-            read: ReadConsistency::Linearizable,
-        };
+        let op = Op::Read(
+            ReadOp::Keys {
+                cache: cache.into(),
+                prefix: prefix.to_vec(),
+                after: cursor.after.clone(),
+                limit: limit.clamp(1, crate::protocol::MAX_KEYS_PAGE),
+            },
+            ReadConsistency::Linearizable,
+        );
         match self
             .execute(cursor.stripe, op, self.inner.settings.request_timeout)
             .await?
@@ -964,10 +975,7 @@ impl ArrayClient {
     pub async fn size(&self, cache: &str) -> Result<u64, ClientError> {
         let stripes = self.routing().config.stripes.len();
         let calls = (0..stripes).map(|s| {
-            let op = Op::Size {
-                cache: cache.into(),
-                read: ReadConsistency::Linearizable,
-            };
+            let op = Op::Read(ReadOp::Size { cache: cache.into() }, ReadConsistency::Linearizable);
             self.execute(s, op, self.inner.settings.request_timeout)
         });
         let mut total = 0;
@@ -989,10 +997,10 @@ impl ArrayClient {
     ) -> Result<bool, ClientError> {
         let stripes = self.routing().config.stripes.len();
         let calls = (0..stripes).map(|s| {
-            let op = Op::CreateCache {
+            let op = Op::Write(WriteOp::CreateCache {
                 cache: cache.into(),
                 settings,
-            };
+            });
             self.execute(s, op, self.inner.settings.request_timeout)
         });
         let mut created = false;
@@ -1008,7 +1016,7 @@ impl ArrayClient {
         let calls = (0..stripes).map(|s| {
             self.execute(
                 s,
-                Op::Clear { cache: cache.into() },
+                Op::Write(WriteOp::Clear { cache: cache.into() }),
                 self.inner.settings.request_timeout,
             )
         });

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use super::{ArrayClient, ClientError, Inner};
-use crate::protocol::{ErrorReply, LockInfo, LockMode, Op, ReadConsistency, Reply};
+use crate::protocol::{ErrorReply, LockInfo, LockMode, Op, ReadConsistency, ReadOp, Reply, SessionOp};
 
 /// Shortest wait for a keep-alive answer, whatever the interval: a loaded machine must not make a
 /// client with a short interval think the array is gone.
@@ -165,9 +165,9 @@ impl ArrayClient {
 
     /// Opens a session; the caller holds `opening`.
     async fn open_session(&self, stripe: usize) -> Result<u64, ClientError> {
-        let op = Op::OpenSession {
+        let op = Op::Session(SessionOp::Open {
             client_name: self.inner.settings.client_name.clone(),
-        };
+        });
         match self.execute(stripe, op, self.inner.settings.request_timeout).await? {
             Reply::Session { id, .. } => {
                 if let Some(slot) = self.inner.sessions.ids.lock().expect("sessions lock").get_mut(stripe) {
@@ -246,7 +246,11 @@ impl ArrayClient {
         for (stripe, id) in ids.into_iter().enumerate() {
             if let Some(session) = id {
                 let _ = self
-                    .execute(stripe, Op::CloseSession { session }, Duration::from_secs(2))
+                    .execute(
+                        stripe,
+                        Op::Session(SessionOp::Close { session }),
+                        Duration::from_secs(2),
+                    )
                     .await;
             }
         }
@@ -281,13 +285,13 @@ impl ArrayClient {
                 LockWait::For(d) => d + nonstop,
                 _ => nonstop,
             };
-            let op = Op::Lock {
+            let op = Op::Session(SessionOp::Lock {
                 cache: cache.into(),
                 key: key.to_vec(),
                 mode,
                 session,
                 wait_ms: wait.as_millis(),
-            };
+            });
             match self.execute(stripe, op, timeout).await {
                 Ok(_) => {
                     return Ok(LockHandle {
@@ -327,11 +331,11 @@ impl ArrayClient {
         if current != Some(lock.session) {
             return Err(ClientError::InvalidLockAfterRejoin);
         }
-        let op = Op::Unlock {
+        let op = Op::Session(SessionOp::Unlock {
             cache: lock.cache.clone(),
             key: lock.key.clone(),
             session: lock.session,
-        };
+        });
         let timeout = self.nonstop_settings(&lock.cache).timeout;
         match self.execute(lock.stripe, op, timeout).await {
             Ok(_) => Ok(()),
@@ -349,11 +353,11 @@ impl ArrayClient {
     /// take a lock in one process and release it from another, like the CLI).
     pub async fn unlock_session(&self, cache: &str, key: &[u8], session: u64) -> Result<(), ClientError> {
         self.check_key(key)?;
-        let op = Op::Unlock {
+        let op = Op::Session(SessionOp::Unlock {
             cache: cache.into(),
             key: key.to_vec(),
             session,
-        };
+        });
         self.execute(self.stripe_of(key), op, self.inner.settings.request_timeout)
             .await
             .map(|_| ())
@@ -364,10 +368,12 @@ impl ArrayClient {
         let stripes = self.config().stripes.len();
         let mut out = Vec::new();
         for stripe in 0..stripes {
-            let op = Op::ListLocks {
-                cache: cache.map(str::to_string),
-                read: ReadConsistency::Linearizable,
-            };
+            let op = Op::Read(
+                ReadOp::ListLocks {
+                    cache: cache.map(str::to_string),
+                },
+                ReadConsistency::Linearizable,
+            );
             match self.execute(stripe, op, self.inner.settings.request_timeout).await? {
                 Reply::Locks(l) => out.extend(l),
                 other => {
@@ -420,7 +426,7 @@ async fn keepalive_loop(inner: Weak<Inner>, stop: tokio_util::sync::Cancellation
         for (stripe, id) in ids.into_iter().enumerate() {
             // Without a session on the stripe, a ping to any of its servers tells whether it answers.
             let op = match id {
-                Some(session) => Op::KeepAlive { session },
+                Some(session) => Op::Session(SessionOp::KeepAlive { session }),
                 None => Op::Ping,
             };
             let result = client.execute(stripe, op, interval.max(KEEPALIVE_TIMEOUT_MIN)).await;

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)] // each includer uses its own part
 
-use ferrocotta::protocol::{LockMode, Op, PutOptions, ReadConsistency};
+use ferrocotta::protocol::{CacheSettings, LockMode, Op, PutOptions, ReadConsistency, ReadOp, SessionOp, WriteOp};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -86,54 +86,113 @@ pub fn read() -> impl Strategy<Value = ReadConsistency> {
 
 /// Operations of every kind, with small random fields.
 pub fn op() -> impl Strategy<Value = Op> {
-    let cache = text(12);
     prop_oneof![
         Just(Op::Ping),
-        (cache.clone(), bytes(16), read()).prop_map(|(cache, key, read)| Op::Get { cache, key, read }),
-        (cache.clone(), prop::collection::vec(bytes(8), 0..5), read()).prop_map(|(cache, keys, read)| Op::GetAll {
-            cache,
-            keys,
-            read
+        (read_op(), read()).prop_map(|(op, read)| Op::Read(op, read)),
+        write_op().prop_map(Op::Write),
+        session_op().prop_map(Op::Session),
+    ]
+}
+
+/// Reads of every kind.
+pub fn read_op() -> impl Strategy<Value = ReadOp> {
+    let cache = text(12);
+    prop_oneof![
+        (cache.clone(), bytes(16)).prop_map(|(cache, key)| ReadOp::Get { cache, key }),
+        (cache.clone(), prop::collection::vec(bytes(8), 0..5)).prop_map(|(cache, keys)| ReadOp::GetAll { cache, keys }),
+        (cache.clone(), bytes(16)).prop_map(|(cache, key)| ReadOp::Contains { cache, key }),
+        (cache.clone(), bytes(8), any::<Option<Vec<u8>>>(), any::<u32>()).prop_map(|(cache, prefix, after, limit)| {
+            ReadOp::Keys {
+                cache,
+                prefix,
+                after,
+                limit,
+            }
         }),
+        cache.clone().prop_map(|cache| ReadOp::Size { cache }),
+        any::<Option<String>>().prop_map(|cache| ReadOp::ListLocks { cache }),
+    ]
+}
+
+/// Changes of cache data of every kind.
+pub fn write_op() -> impl Strategy<Value = WriteOp> {
+    let cache = text(12);
+    prop_oneof![
         (
             cache.clone(),
             bytes(16),
             bytes(64),
             any::<Option<u64>>(),
-            any::<Option<u64>>()
+            any::<Option<u64>>(),
+            any::<bool>()
         )
-            .prop_map(|(cache, key, value, ttl_ms, session)| Op::Put {
-                cache,
-                key,
-                value,
-                opts: PutOptions {
+            .prop_map(|(cache, key, value, ttl_ms, session, absent)| {
+                let opts = PutOptions {
                     ttl_ms,
                     tti_ms: None,
-                    session
+                    session,
+                };
+                if absent {
+                    WriteOp::PutIfAbsent {
+                        cache,
+                        key,
+                        value,
+                        opts,
+                    }
+                } else {
+                    WriteOp::Put {
+                        cache,
+                        key,
+                        value,
+                        opts,
+                    }
                 }
             }),
         (cache.clone(), prop::collection::vec((bytes(8), bytes(16)), 0..5))
-            .prop_map(|(cache, entries)| Op::PutAll { cache, entries }),
-        (cache.clone(), bytes(8), bytes(8), bytes(8)).prop_map(|(cache, key, expected, value)| Op::ReplaceIfEqual {
+            .prop_map(|(cache, entries)| WriteOp::PutAll { cache, entries }),
+        (cache.clone(), bytes(8), bytes(8)).prop_map(|(cache, key, value)| WriteOp::Replace { cache, key, value }),
+        (cache.clone(), bytes(8), bytes(8), bytes(8)).prop_map(|(cache, key, expected, value)| {
+            WriteOp::ReplaceIfEqual {
+                cache,
+                key,
+                expected,
+                value,
+            }
+        }),
+        (cache.clone(), bytes(8)).prop_map(|(cache, key)| WriteOp::Remove { cache, key }),
+        (cache.clone(), bytes(8), bytes(8)).prop_map(|(cache, key, expected)| WriteOp::RemoveIfEqual {
             cache,
             key,
-            expected,
-            value
+            expected
         }),
-        (cache.clone(), bytes(8), any::<Option<Vec<u8>>>(), any::<u32>(), read()).prop_map(
-            |(cache, prefix, after, limit, read)| Op::Keys {
+        cache.clone().prop_map(|cache| WriteOp::Clear { cache }),
+        (cache.clone(), bytes(8), any::<i64>()).prop_map(|(cache, key, delta)| WriteOp::Increment {
+            cache,
+            key,
+            delta
+        }),
+        (cache.clone(), any::<Option<u64>>(), any::<Option<u64>>()).prop_map(|(cache, max_entries, ttl_ms)| {
+            WriteOp::CreateCache {
                 cache,
-                prefix,
-                after,
-                limit,
-                read
+                settings: CacheSettings {
+                    max_entries,
+                    ttl_ms,
+                    tti_ms: None,
+                },
             }
-        ),
-        (cache.clone(), bytes(8), any::<i64>()).prop_map(|(cache, key, delta)| Op::Increment { cache, key, delta }),
-        text(16).prop_map(|client_name| Op::OpenSession { client_name }),
-        any::<u64>().prop_map(|session| Op::KeepAlive { session }),
+        }),
+    ]
+}
+
+/// Session operations of every kind.
+pub fn session_op() -> impl Strategy<Value = SessionOp> {
+    let cache = text(12);
+    prop_oneof![
+        text(16).prop_map(|client_name| SessionOp::Open { client_name }),
+        any::<u64>().prop_map(|session| SessionOp::KeepAlive { session }),
+        any::<u64>().prop_map(|session| SessionOp::Close { session }),
         (cache.clone(), bytes(8), any::<bool>(), any::<u64>(), any::<i64>()).prop_map(
-            |(cache, key, shared, session, wait_ms)| Op::Lock {
+            |(cache, key, shared, session, wait_ms)| SessionOp::Lock {
                 cache,
                 key,
                 mode: if shared { LockMode::Shared } else { LockMode::Exclusive },
@@ -141,6 +200,6 @@ pub fn op() -> impl Strategy<Value = Op> {
                 wait_ms
             }
         ),
-        (any::<Option<String>>(), read()).prop_map(|(cache, read)| Op::ListLocks { cache, read }),
+        (cache, bytes(8), any::<u64>()).prop_map(|(cache, key, session)| SessionOp::Unlock { cache, key, session }),
     ]
 }
