@@ -16,7 +16,8 @@ use openraft::{CommittedLeaderId, EntryPayload, Membership};
 
 use crate::command::{Change, Command, CommandKind, Lock, OpenSession, SessionOf, Unlock};
 use crate::log_store::LogStore;
-use crate::state_machine::{decode_snapshot, StateMachineStore};
+use crate::snapshot_file::decode_snapshot;
+use crate::state_machine::StateMachineStore;
 use crate::types::{Entry, LogId};
 use ferrocotta::protocol::{CacheSettings, LockMode, PutOptions, WriteOp};
 

@@ -22,7 +22,7 @@ use crate::command::{self, Change, Command, CommandKind};
 use crate::formation::ProbeReply;
 use crate::log_store::LogStore;
 use crate::mark::{decode_slot, Mark, Standing};
-use crate::state_machine::{decode_snapshot, encode_snapshot_to, SnapshotHead, SnapshotPayload};
+use crate::snapshot_file::{decode_snapshot, encode_snapshot_to, SnapshotHead, SnapshotPayload};
 use crate::store::{ApplyContext, Store};
 use crate::types::{Entry, TypeConfig};
 

@@ -10,7 +10,8 @@
 //! - [`store`]: the replicated data: caches with expiry and eviction, sessions, locks.
 //! - [`sessions`]: client sessions in the store: open, end, what ending releases.
 //! - [`locks`]: exclusive and shared locks with ordered waiters.
-//! - [`state_machine`]: the store behind openraft's state machine, checksummed snapshots on disk.
+//! - [`state_machine`]: the store behind openraft's state machine.
+//! - [`snapshot_file`]: checksummed snapshot files, replaced atomically and only by newer ones.
 //! - [`compaction`]: snapshots by log size, staggered over the servers of a stripe.
 //! - [`upkeep`]: the active's duties: keep-alives, access-time batches, expiry sweeps.
 //! - [`network`]: Raft traffic between servers on the group port, peers authenticated as themselves.
@@ -37,6 +38,7 @@ pub mod network;
 pub mod server;
 pub mod service;
 pub mod sessions;
+pub mod snapshot_file;
 pub mod state_machine;
 pub mod store;
 pub mod stripe;
