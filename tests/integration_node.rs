@@ -400,6 +400,32 @@ fn cache_and_storage_locks_and_a_checkpointed_job_across_nodes() {
     assert_eq!(out["completed"], 10);
     assert_eq!(out["nodes"], serde_json::json!(["a", "b"]));
     eprintln!("checkpointed job resumed on B from step {resumed}");
+
+    phase("a document that is not a checkpoint is refused, not overwritten or restarted from zero");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let garbage = br#"{"note":"not a checkpoint"}"#;
+    rt.block_on(async {
+        let client = array.client().await;
+        client
+            .put("ferrocotta.node.checkpoints.jobs", b"job-2", garbage)
+            .await
+            .unwrap();
+    });
+    let (code, _, out) = b.invoke(
+        "demo:checkpointed",
+        None,
+        r#"{"jobId":"job-2","steps":2,"stepMillis":1}"#,
+    );
+    assert_eq!(
+        (code, out["error"]["code"].as_str()),
+        (409, Some("bad_checkpoint")),
+        "{out}"
+    );
+    let kept = rt.block_on(async {
+        let client = array.client().await;
+        client.get("ferrocotta.node.checkpoints.jobs", b"job-2").await.unwrap()
+    });
+    assert_eq!(kept.as_deref(), Some(&garbage[..]), "the document was overwritten");
 }
 
 #[test]

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::node::Node;
@@ -14,6 +16,18 @@ use crate::services::{Registry, ServiceError};
 
 /// Steps a job may ask for.
 pub const STEPS_MAX: u64 = 10_000;
+
+/// Longest a step may take.
+pub const STEP_MILLIS_MAX: u64 = 60_000;
+
+/// A job's progress as stored in the array.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Checkpoint {
+    /// Steps done.
+    completed: u64,
+    /// Nodes that ran a step, in the order they first did.
+    nodes: Vec<String>,
+}
 
 /// Registers `demo:checkpointed`.
 pub fn register(r: &mut Registry) {
@@ -30,32 +44,40 @@ async fn run(node: &Node, input: Value) -> Result<Value, ServiceError> {
         .get("stepMillis")
         .and_then(Value::as_u64)
         .unwrap_or(100)
-        .min(60_000);
+        .min(STEP_MILLIS_MAX);
     let cache = node.settings.checkpoints_cache();
-    let mut checkpoint: Value = match node.get(&cache, job.as_bytes()).await? {
-        Some(b) => serde_json::from_slice(&b).unwrap_or_else(|_| json!({"completed": 0, "nodes": []})),
-        None => json!({"completed": 0, "nodes": []}),
+    let mut checkpoint = match node.get(&cache, job.as_bytes()).await? {
+        // A document that is not a checkpoint is someone else's data: never overwrite it, and
+        // never restart a job from zero because its progress could not be read.
+        Some(b) => serde_json::from_slice::<Checkpoint>(&b).map_err(|e| {
+            tracing::warn!(event = "node.job_checkpoint_unreadable", job, error = %e);
+            ServiceError::new(
+                StatusCode::CONFLICT,
+                "bad_checkpoint",
+                format!("the array holds a document for job `{job}` that is not a checkpoint ({e}); remove it or use another jobId"),
+            )
+        })?,
+        None => Checkpoint::default(),
     };
-    let resumed_from = checkpoint["completed"].as_u64().unwrap_or(0);
+    let resumed_from = checkpoint.completed;
     if resumed_from > 0 && resumed_from < steps {
         tracing::info!(event = "node.job_resumed", job, resumed_from);
     }
     for step in resumed_from..steps {
         // The work of one step.
         tokio::time::sleep(Duration::from_millis(step_ms)).await;
-        checkpoint["completed"] = json!(step + 1);
-        let nodes = checkpoint["nodes"].as_array_mut().expect("nodes is an array");
-        if !nodes.iter().any(|n| n == node.logical_name.as_str()) {
-            nodes.push(json!(node.logical_name));
+        checkpoint.completed = step + 1;
+        if !checkpoint.nodes.contains(&node.logical_name) {
+            checkpoint.nodes.push(node.logical_name.clone());
         }
-        let bytes = serde_json::to_vec(&checkpoint).expect("json");
+        let bytes = serde_json::to_vec(&checkpoint).expect("a checkpoint always encodes");
         node.put(&cache, job.as_bytes(), &bytes, None).await?;
     }
     Ok(json!({
         "jobId": job,
-        "completed": checkpoint["completed"],
+        "completed": checkpoint.completed,
         "resumedFrom": resumed_from,
-        "nodes": checkpoint["nodes"],
+        "nodes": checkpoint.nodes,
         "node": node.logical_name,
     }))
 }
