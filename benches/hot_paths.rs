@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrocotta::config::{local_array, Security, ServerPorts};
 use ferrocotta::protocol::{
-    self, ClientMessage, Op, PutOptions, Reply, Request, Response, ServerMessage, WriteOp, HANDSHAKE_MAX_FRAME_BYTES,
+    self, ClientMessage, Op, PutOptions, Reply, Request, Response, ServerMessage, WriteOp, HANDSHAKE_FRAME_BYTES_MAX,
 };
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -71,7 +71,7 @@ fn frames(c: &mut Criterion) {
     let reply_bytes = protocol::encode(&reply);
     // The frame bound the server applies after the handshake is the config's; any bound above the
     // frame size costs the same, so the handshake bound stands in for it.
-    let mut codec = protocol::codec(HANDSHAKE_MAX_FRAME_BYTES);
+    let mut codec = protocol::codec(HANDSHAKE_FRAME_BYTES_MAX);
     let mut request_wire = BytesMut::new();
     codec
         .encode(request_bytes.clone(), &mut request_wire)

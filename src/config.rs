@@ -23,7 +23,7 @@ pub const DEFAULT_GROUP_PORT: u16 = 9530;
 pub const DEFAULT_ADMIN_PORT: u16 = 9540;
 
 /// Largest frame any port accepts, whatever the config says: the config may lower it, not raise it.
-pub const MAX_FRAME_BYTES_CEILING: u32 = 256 * 1024 * 1024;
+pub const FRAME_BYTES_SETTING_MAX: u32 = 256 * 1024 * 1024;
 
 /// An error in a configuration document, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +208,7 @@ impl Limits {
 }
 
 /// Room left in a reply's frame for the encoding around its keys and values (lengths, ids, tags):
-/// at most a few bytes per element, and a reply has at most `MAX_BATCH_KEYS` of them.
+/// at most a few bytes per element, and a reply has at most `BATCH_KEYS_MAX` of them.
 pub const REPLY_ENCODING_ALLOWANCE_BYTES: usize = 64 * 1024;
 
 /// Authentication and encryption (docs/security.md).
@@ -420,10 +420,10 @@ impl ClusterConfig {
             return Err(field_err("timing.client_reconnect_window", "must be at least 1s"));
         }
         let l = &self.limits;
-        if l.max_frame_bytes < 64 * 1024 || l.max_frame_bytes > MAX_FRAME_BYTES_CEILING {
+        if l.max_frame_bytes < 64 * 1024 || l.max_frame_bytes > FRAME_BYTES_SETTING_MAX {
             return Err(field_err(
                 "limits.max_frame_bytes",
-                format!("must be between 65536 and {MAX_FRAME_BYTES_CEILING}"),
+                format!("must be between 65536 and {FRAME_BYTES_SETTING_MAX}"),
             ));
         }
         if l.max_key_bytes == 0 || l.max_key_bytes > l.max_frame_bytes / 4 {

@@ -3,7 +3,7 @@
 //!
 //! The client side is used by [`crate::client::ArrayClient`] and by array servers dialling their
 //! peers; the server side by both listeners of an array server. Each side is bounded by a timeout
-//! given by the caller, and frames are limited to [`HANDSHAKE_MAX_FRAME_BYTES`] until it is done.
+//! given by the caller, and frames are limited to [`HANDSHAKE_FRAME_BYTES_MAX`] until it is done.
 //!
 //! Order of the server's checks: the proof first, with the secret of the role the hello claims
 //! (the cluster secret, a credential's, or the peer secret); only a caller that passed it learns
@@ -20,7 +20,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::protocol::{
     client_proof, codec, decode, encode, nonce, proofs_equal, server_proof, versions_compatible, ClientMessage,
-    ConnectionRole, Hello, Refusal, ServerMessage, Welcome, HANDSHAKE_MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    ConnectionRole, Hello, Refusal, ServerMessage, Welcome, HANDSHAKE_FRAME_BYTES_MAX, PROTOCOL_VERSION,
 };
 use crate::tls::{ClientTls, NetStream};
 
@@ -336,7 +336,7 @@ pub async fn handshake_on(
                 .map_err(|e| HandshakeError::Io(format!("TLS handshake: {e}")))?
         }
     };
-    let mut framed = Framed::new(stream, codec(HANDSHAKE_MAX_FRAME_BYTES));
+    let mut framed = Framed::new(stream, codec(HANDSHAKE_FRAME_BYTES_MAX));
     let server_nonce = match recv(&mut framed, identity.tls.is_none()).await? {
         ServerMessage::Challenge { server_nonce } => server_nonce,
         ServerMessage::Refused(r) => return Err(HandshakeError::Refused(r)),
@@ -453,7 +453,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
     max_frame_bytes: usize,
 ) -> Result<(Framed<S, LengthDelimitedCodec>, Hello), AcceptError> {
-    let mut framed = Framed::new(stream, codec(HANDSHAKE_MAX_FRAME_BYTES));
+    let mut framed = Framed::new(stream, codec(HANDSHAKE_FRAME_BYTES_MAX));
     let result = tokio::time::timeout(timeout, accept_inner(&mut framed, identity)).await;
     match result {
         Err(_) => Err(AcceptError::Broken(format!("no hello within {timeout:?}"))),
@@ -467,7 +467,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Tells a connection that the server will not take it (too many connections) and closes it.
 pub async fn refuse_busy(stream: NetStream, why: String, timeout: Duration) {
-    let mut framed = Framed::new(stream, codec(HANDSHAKE_MAX_FRAME_BYTES));
+    let mut framed = Framed::new(stream, codec(HANDSHAKE_FRAME_BYTES_MAX));
     let _ = tokio::time::timeout(
         timeout,
         framed.send(encode(&ServerMessage::Refused(Refusal::Busy(why)))),

@@ -1,7 +1,7 @@
 //! The wire protocol: every type that crosses a process boundary is defined here.
 //!
 //! Framing: a 4-byte big-endian length, then a postcard-encoded [`ClientMessage`] or
-//! [`ServerMessage`]. Frames are bounded ([`HANDSHAKE_MAX_FRAME_BYTES`] until the handshake is
+//! [`ServerMessage`]. Frames are bounded ([`HANDSHAKE_FRAME_BYTES_MAX`] until the handshake is
 //! done, the config's `limits.max_frame_bytes` after). Requests carry ids, so a connection carries
 //! many requests at once (pipelining) and replies may come back in any order.
 //!
@@ -29,19 +29,19 @@ pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Largest frame accepted before the handshake is done: a hello is small, and an unauthenticated
 /// peer must not make the server buffer megabytes.
-pub const HANDSHAKE_MAX_FRAME_BYTES: usize = 64 * 1024;
+pub const HANDSHAKE_FRAME_BYTES_MAX: usize = 64 * 1024;
 
 /// Length of the nonces in the handshake.
 pub const NONCE_BYTES: usize = 32;
 
 /// Largest cache name.
-pub const MAX_CACHE_NAME_BYTES: usize = 256;
+pub const CACHE_NAME_BYTES_MAX: usize = 256;
 
-/// Whether a cache name is acceptable: 1 to [`MAX_CACHE_NAME_BYTES`] bytes and no control
+/// Whether a cache name is acceptable: 1 to [`CACHE_NAME_BYTES_MAX`] bytes and no control
 /// characters (names appear in logs, metrics labels and pages, where a newline would forge a line).
 pub fn check_cache_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_CACHE_NAME_BYTES {
-        return Err(format!("cache names are 1 to {MAX_CACHE_NAME_BYTES} bytes"));
+    if name.is_empty() || name.len() > CACHE_NAME_BYTES_MAX {
+        return Err(format!("cache names are 1 to {CACHE_NAME_BYTES_MAX} bytes"));
     }
     if name.chars().any(char::is_control) {
         return Err("cache names may not hold control characters".into());
@@ -50,10 +50,10 @@ pub fn check_cache_name(name: &str) -> Result<(), String> {
 }
 
 /// Largest number of keys in one `get_all` or `put_all` request.
-pub const MAX_BATCH_KEYS: usize = 10_000;
+pub const BATCH_KEYS_MAX: usize = 10_000;
 
 /// Largest page of `keys`.
-pub const MAX_KEYS_PAGE: u32 = 10_000;
+pub const KEYS_PAGE_MAX: u32 = 10_000;
 
 /// Whether a client and a server of these software versions may talk: the same major and minor
 /// version (patch releases are compatible, as in Terracotta's same-version rule relaxed to patches).

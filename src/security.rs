@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 pub const SECRET_MIN_BYTES: usize = 16;
 
 /// Longest credential name.
-pub const CREDENTIAL_NAME_MAX_BYTES: usize = 64;
+pub const CREDENTIAL_NAME_BYTES_MAX: usize = 64;
 
 /// Access rules one credential may have at most.
 pub const ACCESS_RULES_MAX: usize = 256;
@@ -210,11 +210,11 @@ impl Credentials {
     }
 }
 
-/// Whether a credential name is acceptable: 1 to [`CREDENTIAL_NAME_MAX_BYTES`] of ASCII letters,
+/// Whether a credential name is acceptable: 1 to [`CREDENTIAL_NAME_BYTES_MAX`] of ASCII letters,
 /// digits, `-`, `_` and `.` (it names the sessions the credential opens, as `name/client`).
 pub fn check_credential_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > CREDENTIAL_NAME_MAX_BYTES {
-        return Err(format!("must be 1 to {CREDENTIAL_NAME_MAX_BYTES} characters"));
+    if name.is_empty() || name.len() > CREDENTIAL_NAME_BYTES_MAX {
+        return Err(format!("must be 1 to {CREDENTIAL_NAME_BYTES_MAX} characters"));
     }
     if !name
         .chars()

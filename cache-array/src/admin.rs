@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::stripe::Stripe;
 
 /// Largest request body the admin port reads (its endpoints take none).
-pub const ADMIN_BODY_MAX_BYTES: usize = 4096;
+pub const ADMIN_BODY_BYTES_MAX: usize = 4096;
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -82,7 +82,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/config", get(config))
         .route("/v1/status", get(status))
         // Nothing here takes a body.
-        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_MAX_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
         .with_state(state)
 }
 

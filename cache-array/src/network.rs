@@ -53,8 +53,12 @@ pub const PEER_CALLS_IN_FLIGHT_MAX: usize = 256;
 /// Replies queued for the writer of one incoming peer connection.
 pub const PEER_REPLY_QUEUE_MAX: usize = 1024;
 
+/// How often a dead peer is dialled again: fast enough that a restarted server catches up at once,
+/// slow enough not to spin.
+pub const PEER_REDIAL_INTERVAL: Duration = Duration::from_millis(200);
+
 /// Largest frame between peers: large enough for a snapshot chunk plus a batch of entries.
-pub const PEER_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+pub const PEER_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// One target server and its shared connection.
 struct PeerLink {
@@ -138,7 +142,7 @@ impl PeerNetwork {
             &self.link.addr,
             &self.identity,
             PEER_CONNECT_TIMEOUT,
-            PEER_MAX_FRAME_BYTES,
+            PEER_FRAME_BYTES_MAX,
         )
         .await
         .map_err(|e| LinkError(format!("dial {}: {e}", self.link.addr)))?;
@@ -207,15 +211,13 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     }
 
     fn backoff(&self) -> openraft::network::Backoff {
-        // A dead peer is re-dialled every 200ms: fast enough that a restarted server catches up at
-        // once, slow enough not to spin.
-        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+        openraft::network::Backoff::new(std::iter::repeat(PEER_REDIAL_INTERVAL))
     }
 }
 
 /// Asks a peer what it holds (stripe formation), over a connection of its own.
 pub async fn probe_peer(addr: &str, identity: &ClientIdentity, timeout: Duration) -> Result<ProbeReply, String> {
-    let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_MAX_FRAME_BYTES)
+    let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_FRAME_BYTES_MAX)
         .await
         .map_err(|e| e.to_string())?;
     let conn = Connection::start(framed, welcome, None);
@@ -293,7 +295,7 @@ impl PeerService {
                         None => NetStream::Plain(tcp),
                         Some(t) => t.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?,
                     };
-                    handshake::accept(stream, &this.identity, this.handshake_timeout, PEER_MAX_FRAME_BYTES)
+                    handshake::accept(stream, &this.identity, this.handshake_timeout, PEER_FRAME_BYTES_MAX)
                         .await
                         .map_err(|e| e.to_string())
                 })

@@ -39,6 +39,16 @@ pub const GROUP_CONNECTIONS_PER_IP_MAX: u32 = 64;
 pub const GROUP_PENDING_HANDSHAKES_MAX: u32 = 32;
 
 /// Longest a probe of a peer may take during stripe formation.
+/// How often certificate files are looked at when the config sets no interval (with no TLS there
+/// is nothing to reload).
+const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Longest a stopping server waits for its connections and tasks to finish.
+const STOP_DRAIN_MAX: Duration = Duration::from_secs(5);
+
+/// Entries kept behind a snapshot, so a briefly lagging mirror catches up from the log.
+const LOG_KEPT_BEHIND_SNAPSHOT: u64 = 1000;
+
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Everything needed to start a server.
@@ -320,7 +330,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         .tls
         .as_ref()
         .map(|t| t.reload_interval.0)
-        .unwrap_or(Duration::from_secs(60));
+        .unwrap_or(TLS_RELOAD_INTERVAL);
     ferrocotta::tls::spawn_reloader(reloadables, reload_every, shutdown.clone());
 
     let addrs: HashMap<NodeId, String> = config.stripes[position.stripe]
@@ -388,10 +398,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     }
     tracing::info!(event = "server.stopping", name = %me.name);
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(STOP_DRAIN_MAX, tracker.wait()).await.is_err() {
         tracing::warn!(
             event = "server.stop_timeout",
             "tasks still running after 5s; stopping anyway"
@@ -429,8 +436,7 @@ async fn start_raft(
             config.storage.snapshot_every_entries,
             position.index,
         )),
-        // Keep some log behind the snapshot so a briefly lagging mirror catches up from the log.
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: LOG_KEPT_BEHIND_SNAPSHOT,
         ..Default::default()
     };
     let raft_config = Arc::new(raft_config.validate().context("raft settings")?);

@@ -21,7 +21,7 @@ use ferrocotta::handshake::{self, FrameDeadlines, FramedConn, ServerIdentity};
 use ferrocotta::log_throttle::LogThrottle;
 use ferrocotta::protocol::{
     check_cache_name, decode, encode, ClientMessage, ConnectionRole, ErrorReply, Op, ReadConsistency, ReadOp, Refusal,
-    Reply, Request, Response, ServerMessage, SessionOp, MAX_BATCH_KEYS, MAX_KEYS_PAGE,
+    Reply, Request, Response, ServerMessage, SessionOp, BATCH_KEYS_MAX, KEYS_PAGE_MAX,
 };
 use ferrocotta::security::{Credentials, Grant};
 use ferrocotta::tls::{NetStream, ServerTls};
@@ -61,7 +61,7 @@ pub const REPLY_BYTES_QUEUED_PER_CONNECTION_MAX: usize = 32 * 1024 * 1024;
 pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(600);
 
 /// Longest client name a session may carry.
-pub const CLIENT_NAME_MAX_BYTES: usize = 256;
+pub const CLIENT_NAME_BYTES_MAX: usize = 256;
 
 /// Which secret proves which role on the client port.
 pub struct ClientAuthority {
@@ -485,9 +485,9 @@ impl ClientService {
             check_cache_name(cache).map_err(ErrorReply::Invalid)?;
         }
         let keys = op.keys();
-        if keys.len() > MAX_BATCH_KEYS {
+        if keys.len() > BATCH_KEYS_MAX {
             return Err(ErrorReply::Invalid(format!(
-                "at most {MAX_BATCH_KEYS} keys per request"
+                "at most {BATCH_KEYS_MAX} keys per request"
             )));
         }
         for key in &keys {
@@ -503,9 +503,9 @@ impl ClientService {
             }
         }
         if let Op::Session(SessionOp::Open { client_name }) = op {
-            if client_name.len() > CLIENT_NAME_MAX_BYTES {
+            if client_name.len() > CLIENT_NAME_BYTES_MAX {
                 return Err(ErrorReply::Invalid(format!(
-                    "client names are at most {CLIENT_NAME_MAX_BYTES} bytes"
+                    "client names are at most {CLIENT_NAME_BYTES_MAX} bytes"
                 )));
             }
         }
@@ -520,9 +520,9 @@ impl ClientService {
             )));
         }
         if let Op::Read(ReadOp::Keys { limit, .. }, _) = op {
-            if *limit == 0 || *limit > MAX_KEYS_PAGE {
+            if *limit == 0 || *limit > KEYS_PAGE_MAX {
                 return Err(ErrorReply::Invalid(format!(
-                    "keys pages hold 1 to {MAX_KEYS_PAGE} keys"
+                    "keys pages hold 1 to {KEYS_PAGE_MAX} keys"
                 )));
             }
         }

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
-use ferrocotta::protocol::{CacheSettings, ErrorReply, LockMode, ReadOp, Reply, MAX_KEYS_PAGE};
+use ferrocotta::protocol::{CacheSettings, ErrorReply, LockMode, ReadOp, Reply, KEYS_PAGE_MAX};
 
 use crate::command::{
     CacheOf, Change, CreateCache, Increment, KeyOf, Lock, OpenSession, Put, PutAll, RemoveIfEqual, Replace,
@@ -549,7 +549,7 @@ impl Store {
                         more: false,
                     });
                 };
-                let limit = (*limit).clamp(1, MAX_KEYS_PAGE) as usize;
+                let limit = (*limit).clamp(1, KEYS_PAGE_MAX) as usize;
                 let start = match after {
                     Some(a) if a.as_slice() >= prefix.as_slice() => std::ops::Bound::Excluded(a.clone()),
                     _ => std::ops::Bound::Included(prefix.clone()),

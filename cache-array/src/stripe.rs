@@ -35,6 +35,9 @@ type ReadWaiter = oneshot::Sender<Result<(), ErrorReply>>;
 /// Writes that may wait for the write batcher before proposers block.
 pub const WRITE_QUEUE_MAX: usize = 65_536;
 
+/// How often a write waiting for its entry looks whether the active still has its quorum.
+pub const QUORUM_WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long giving up a place in a lock queue may take (after the client's own wait ran out).
 pub const LOCK_WAIT_CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -212,7 +215,7 @@ impl Stripe {
             _ = &mut deadline => return Err(ErrorReply::NoQuorum),
         }
         tokio::pin!(result);
-        let mut watch = tokio::time::interval(Duration::from_millis(100));
+        let mut watch = tokio::time::interval(QUORUM_WATCH_INTERVAL);
         loop {
             tokio::select! {
                 r = &mut result => return r.unwrap_or(Err(ErrorReply::ShuttingDown)),

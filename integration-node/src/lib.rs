@@ -217,13 +217,32 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
 /// SIGHUP).
 pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Connections the service port holds at once: many keep-alive connections from load balancers and
+/// clients.
+pub const SERVICE_CONNECTIONS_MAX: u32 = 4096;
+
+/// Connections from one address to the service port (a load balancer is one address).
+pub const SERVICE_CONNECTIONS_PER_IP_MAX: u32 = 2048;
+
+/// Service-port connections still in their TLS handshake at once.
+pub const SERVICE_PENDING_HANDSHAKES_MAX: u32 = 256;
+
+/// Longest a stopping node waits for in-flight service requests.
+pub const SERVICE_DRAIN_MAX: Duration = Duration::from_secs(10);
+
+/// Longest a stopping node waits for in-flight admin requests.
+pub const ADMIN_DRAIN_MAX: Duration = Duration::from_secs(2);
+
+/// How often a node back online retries binding its service port.
+pub const REBIND_RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Bounds of the service port: many keep-alive connections from load balancers and clients.
 fn service_limits() -> HttpLimits {
     HttpLimits {
         admission: ferrocotta::admission::AdmissionLimits {
-            connections_max: 4096,
-            connections_per_ip_max: 2048,
-            pending_handshakes_max: 256,
+            connections_max: SERVICE_CONNECTIONS_MAX,
+            connections_per_ip_max: SERVICE_CONNECTIONS_PER_IP_MAX,
+            pending_handshakes_max: SERVICE_PENDING_HANDSHAKES_MAX,
         },
         ..HttpLimits::default()
     }
@@ -242,8 +261,8 @@ async fn serve(node: Arc<Node>, service: TcpListener, admin: TcpListener, shutdo
     ));
     shutdown.cancelled().await;
     // Stop accepting and finish in-flight requests (bounded), then leave the member list.
-    let _ = tokio::time::timeout(Duration::from_secs(10), service_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
+    let _ = tokio::time::timeout(SERVICE_DRAIN_MAX, service_task).await;
+    let _ = tokio::time::timeout(ADMIN_DRAIN_MAX, admin_task).await;
     refresh.abort();
     node.leave().await;
     tracing::info!(event = "node.stopped", name = %node.logical_name);
@@ -262,7 +281,7 @@ async fn service_loop(node: Arc<Node>, first: TcpListener, shutdown: Cancellatio
                     tracing::error!(event = "node.rebind_failed", addr = %node.service_addr, error = %e);
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        _ = tokio::time::sleep(REBIND_RETRY_INTERVAL) => continue,
                     }
                 }
             },

@@ -161,14 +161,14 @@ async fn release(node: &Node, input: Value) -> Result<Value, ServiceError> {
 }
 
 /// Longest store name.
-pub const STORE_NAME_MAX_BYTES: usize = 128;
+pub const STORE_NAME_BYTES_MAX: usize = 128;
 
 fn store_name(input: &Value) -> Result<&str, ServiceError> {
     let name = field(input, "storeName")?;
-    if name.is_empty() || name.len() > STORE_NAME_MAX_BYTES || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    if name.is_empty() || name.len() > STORE_NAME_BYTES_MAX || name.chars().any(|c| c.is_whitespace() || c.is_control())
     {
         return Err(ServiceError::bad_request(format!(
-            "storeName must be 1 to {STORE_NAME_MAX_BYTES} characters without spaces or control characters"
+            "storeName must be 1 to {STORE_NAME_BYTES_MAX} characters without spaces or control characters"
         )));
     }
     Ok(name)

@@ -25,14 +25,14 @@ use crate::services::{new_session_id, with_session_cookie, Registry, ServiceErro
 use crate::settings::NodeSettings;
 
 /// Largest request body the service port reads.
-pub const REQUEST_BODY_MAX_BYTES: usize = 1024 * 1024;
+pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
 
 /// Largest request body the admin port reads (its endpoints take none).
-pub const ADMIN_BODY_MAX_BYTES: usize = 4096;
+pub const ADMIN_BODY_BYTES_MAX: usize = 4096;
 
 /// Longest session id taken from a cookie (anything else, or other characters than ASCII letters
 /// and digits, counts as no cookie).
-pub const SESSION_ID_MAX_BYTES: usize = 64;
+pub const SESSION_ID_BYTES_MAX: usize = 64;
 
 /// Locks held through `pub.cache.lock` by (cache, key): the array's handle and the holds taken.
 pub type HeldLocks = HashMap<(String, Vec<u8>), (ferrocotta::client::LockHandle, u32)>;
@@ -441,7 +441,7 @@ fn error_response(e: ServiceError) -> Response {
 pub fn service_router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/invoke/:service", post(invoke))
-        .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_MAX_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
         .with_state(node)
 }
 
@@ -454,7 +454,7 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == "ssnid")
         .map(|(_, v)| v.to_string())
-        .filter(|v| !v.is_empty() && v.len() <= SESSION_ID_MAX_BYTES && v.chars().all(|c| c.is_ascii_alphanumeric()))
+        .filter(|v| !v.is_empty() && v.len() <= SESSION_ID_BYTES_MAX && v.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
 async fn invoke(
@@ -552,7 +552,7 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .route("/admin/online", post(online))
         .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
-        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_MAX_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
         .with_state(node)
 }
 

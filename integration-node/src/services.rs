@@ -80,14 +80,14 @@ type ServiceFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, ServiceError>
 pub type Service = Arc<dyn for<'a> Fn(&'a Node, &'a str, Value) -> ServiceFuture<'a> + Send + Sync>;
 
 /// Longest service name (`folder:service`).
-pub const SERVICE_NAME_MAX_BYTES: usize = 128;
+pub const SERVICE_NAME_BYTES_MAX: usize = 128;
 
-/// Whether a service name is acceptable: 1 to [`SERVICE_NAME_MAX_BYTES`] of ASCII letters, digits
+/// Whether a service name is acceptable: 1 to [`SERVICE_NAME_BYTES_MAX`] of ASCII letters, digits
 /// and `.`, `:`, `_`, `-`.
 pub fn check_service_name(name: &str) -> Result<(), ServiceError> {
-    if name.is_empty() || name.len() > SERVICE_NAME_MAX_BYTES {
+    if name.is_empty() || name.len() > SERVICE_NAME_BYTES_MAX {
         return Err(ServiceError::bad_request(format!(
-            "service names are 1 to {SERVICE_NAME_MAX_BYTES} characters"
+            "service names are 1 to {SERVICE_NAME_BYTES_MAX} characters"
         )));
     }
     if !name

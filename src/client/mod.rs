@@ -31,6 +31,16 @@ use crate::protocol::{
     SOFTWARE_VERSION,
 };
 
+/// Pause between rounds over a stripe's servers grows by this much each round (to
+/// [`ROUND_BACKOFF_MAX`]).
+pub const ROUND_BACKOFF_STEP: Duration = Duration::from_millis(20);
+
+/// Keys asked for per page when following every page.
+pub const ALL_KEYS_PAGE: u32 = 1000;
+
+/// Longest the client asks a stripe which server is its active.
+pub const ACTIVE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest a single attempt to connect to one server may take (capped further by the request's
 /// own deadline), for a URL of the list as for a server of the config: a server that does not
 /// answer in this time is skipped for now, so one hung server never holds up a client.
@@ -659,9 +669,7 @@ impl ArrayClient {
             }
             if !redirected {
                 round += 1;
-                let pause = (Duration::from_millis(20) * round)
-                    .min(ROUND_BACKOFF_MAX)
-                    .min(deadline - now);
+                let pause = (ROUND_BACKOFF_STEP * round).min(ROUND_BACKOFF_MAX).min(deadline - now);
                 tokio::time::sleep(pause).await;
             }
         }
@@ -925,7 +933,7 @@ impl ArrayClient {
                 cache: cache.into(),
                 prefix: prefix.to_vec(),
                 after: cursor.after.clone(),
-                limit: limit.clamp(1, crate::protocol::MAX_KEYS_PAGE),
+                limit: limit.clamp(1, crate::protocol::KEYS_PAGE_MAX),
             },
             ReadConsistency::Linearizable,
         );
@@ -958,7 +966,7 @@ impl ArrayClient {
         let mut out = Vec::new();
         let mut cursor = None;
         loop {
-            let page = self.keys(cache, prefix, cursor, 1000).await?;
+            let page = self.keys(cache, prefix, cursor, ALL_KEYS_PAGE).await?;
             out.extend(page.keys);
             if out.len() >= max {
                 out.truncate(max);
@@ -1051,7 +1059,7 @@ impl ArrayClient {
 
     /// The active of a stripe as last seen (asks the stripe when unknown).
     pub async fn active_of(&self, stripe: usize) -> Result<String, ClientError> {
-        match self.execute(stripe, Op::Ping, Duration::from_secs(5)).await? {
+        match self.execute(stripe, Op::Ping, ACTIVE_LOOKUP_TIMEOUT).await? {
             Reply::Pong {
                 role: Role::Active,
                 server,
@@ -1147,7 +1155,7 @@ async fn download_config(
             // One silent server (paused, cut off) must not spend the whole deadline: each URL gets
             // at most one attempt's time, then the next is tried.
             let attempt = left.min(SERVER_CONNECT_ATTEMPT_MAX);
-            match handshake::connect(url, identity, attempt, crate::config::MAX_FRAME_BYTES_CEILING as usize).await {
+            match handshake::connect(url, identity, attempt, crate::config::FRAME_BYTES_SETTING_MAX as usize).await {
                 Ok((framed, welcome)) => return Ok((url.clone(), framed, welcome)),
                 Err(HandshakeError::Refused(r)) => {
                     tracing::error!(event = "client.refused", url = %url, reason = %r);

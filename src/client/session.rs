@@ -20,6 +20,9 @@ use tokio::sync::{broadcast, watch};
 use super::{ArrayClient, ClientError, Inner};
 use crate::protocol::{ErrorReply, LockInfo, LockMode, Op, ReadConsistency, ReadOp, Reply, SessionOp};
 
+/// Longest a closing client waits for each of its sessions to be closed.
+pub const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Shortest wait for a keep-alive answer, whatever the interval: a loaded machine must not make a
 /// client with a short interval think the array is gone.
 pub const KEEPALIVE_TIMEOUT_MIN: Duration = Duration::from_millis(500);
@@ -246,11 +249,7 @@ impl ArrayClient {
         for (stripe, id) in ids.into_iter().enumerate() {
             if let Some(session) = id {
                 let _ = self
-                    .execute(
-                        stripe,
-                        Op::Session(SessionOp::Close { session }),
-                        Duration::from_secs(2),
-                    )
+                    .execute(stripe, Op::Session(SessionOp::Close { session }), SESSION_CLOSE_TIMEOUT)
                     .await;
             }
         }
