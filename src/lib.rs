@@ -12,6 +12,7 @@
 //! - [`log_throttle`]: rate-limited logging of events strangers can cause.
 //! - [`config`]: the cluster configuration document, its loading and validation.
 //! - [`slots`]: hash slots, how keys are spread over stripes.
+//! - [`pipelined`]: one connection with many requests in flight, the client's and the peers' transport.
 //! - [`client`]: `ArrayClient`, bootstrap from a URL list, routing and failover.
 //! - [`loadgen`]: the load generator of `ferrocotta bench` and the peer comparison.
 
@@ -22,6 +23,7 @@ pub mod handshake;
 pub mod http;
 pub mod loadgen;
 pub mod log_throttle;
+pub mod pipelined;
 pub mod protocol;
 pub mod security;
 pub mod slots;

@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{phase, TestArray, TestNode, PEER_SECRET};
-use ferrocotta::client::Connection;
 use ferrocotta::handshake::{self, ClientIdentity};
+use ferrocotta::pipelined::Connection;
 use ferrocotta::protocol::{ConnectionRole, PeerRpc, SOFTWARE_VERSION};
 use ferrocotta::tls::{ClientTls, LocalCa, TlsFiles};
 use ferrocotta::{ArrayClient, ClientError};

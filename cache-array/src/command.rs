@@ -1,6 +1,7 @@
 //! The log's own payload: what a log entry asks the state machine to do, and what applying it
 //! produced. The wire's requests ([`ferrocotta::protocol::Op`]) are converted where the client
-//! port hands them to the stripe (`Change::from` a write, the session operations one by one), so the protocol can change shape without changing how existing
+//! port hands them to the stripe (`Change::from` a write, `Change::try_from` a session operation),
+//! so the protocol can change shape without changing how existing
 //! logs decode.
 //!
 //! The encoding is the log format (postcard; `crate::log_store::STORE_FORMAT_VERSION`). postcard is
@@ -9,7 +10,7 @@
 //! numbers), so logs of earlier builds still read; `format_fixture` checks it. A new kind takes a
 //! new tag; a tag is never reused.
 
-use ferrocotta::protocol::{CacheSettings, ErrorReply, LockMode, Reply, WriteOp};
+use ferrocotta::protocol::{CacheSettings, ErrorReply, LockMode, Reply, SessionOp, WriteOp};
 use serde::de::{self, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -346,6 +347,37 @@ impl From<WriteOp> for Change {
             WriteOp::Increment { cache, key, delta } => Change::Increment(Increment { cache, key, delta }),
             WriteOp::CreateCache { cache, settings } => Change::CreateCache(CreateCache { cache, settings }),
         }
+    }
+}
+
+/// A keep-alive: served from the active's memory, never logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive(pub u64);
+
+/// The session operations that go through the log; a keep-alive does not.
+impl TryFrom<SessionOp> for Change {
+    type Error = KeepAlive;
+
+    fn try_from(op: SessionOp) -> Result<Change, KeepAlive> {
+        Ok(match op {
+            SessionOp::Open { client_name } => Change::OpenSession(OpenSession { client_name }),
+            SessionOp::Close { session } => Change::CloseSession(SessionOf { session }),
+            SessionOp::Lock {
+                cache,
+                key,
+                mode,
+                session,
+                wait_ms,
+            } => Change::Lock(Lock {
+                cache,
+                key,
+                mode,
+                session,
+                wait_ms,
+            }),
+            SessionOp::Unlock { cache, key, session } => Change::Unlock(Unlock { cache, key, session }),
+            SessionOp::KeepAlive { session } => return Err(KeepAlive(session)),
+        })
     }
 }
 

@@ -12,13 +12,12 @@ mod fuzz_support;
 
 use std::collections::BTreeMap;
 
-use ferrocotta::protocol::SessionOp;
 use fuzz_support::{bytes, fuzz_cases, mutated, mutations, run, session_op, text, write_op, SUITE_CASES};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership, StoredMembership, Vote};
 use proptest::prelude::*;
 
-use crate::command::{self, Change, Command, CommandKind};
+use crate::command::{Change, Command, CommandKind};
 use crate::formation::ProbeReply;
 use crate::log_store::LogStore;
 use crate::mark::{decode_slot, Mark, Standing};
@@ -35,27 +34,7 @@ fn log_id() -> impl Strategy<Value = LogId<u64>> {
 fn change() -> impl Strategy<Value = Change> {
     prop_oneof![
         write_op().prop_map(Change::from),
-        session_op().prop_filter_map("a keep-alive is not logged", |op| match op {
-            SessionOp::Open { client_name } => Some(Change::OpenSession(command::OpenSession { client_name })),
-            SessionOp::Close { session } => Some(Change::CloseSession(command::SessionOf { session })),
-            SessionOp::Lock {
-                cache,
-                key,
-                mode,
-                session,
-                wait_ms,
-            } => Some(Change::Lock(command::Lock {
-                cache,
-                key,
-                mode,
-                session,
-                wait_ms,
-            })),
-            SessionOp::Unlock { cache, key, session } => {
-                Some(Change::Unlock(command::Unlock { cache, key, session }))
-            }
-            SessionOp::KeepAlive { .. } => None,
-        }),
+        session_op().prop_filter_map("a keep-alive is not logged", |op| Change::try_from(op).ok()),
     ]
 }
 

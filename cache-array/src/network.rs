@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrocotta::admission::Admission;
-use ferrocotta::client::{CallError, Connection};
 use ferrocotta::handshake::{self, ClientIdentity, FrameDeadlines, ServerIdentity};
 use ferrocotta::log_throttle::LogThrottle;
+use ferrocotta::pipelined::{CallError, Connection};
 use ferrocotta::protocol::{decode, encode, ClientMessage, ConnectionRole, PeerRpc, Refusal, ServerMessage};
 use ferrocotta::tls::{NetStream, ServerTls};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::command::{Change, Lock, OpenSession, SessionOf, Unlock};
+use crate::command::{Change, KeepAlive, OpenSession};
 use crate::metrics::Metrics;
 use crate::store::{ReadError, ReplyRoom};
 use crate::stripe::{now_ms, Stripe};
@@ -340,9 +340,12 @@ impl ClientService {
     /// Sessions and locks: a keep-alive from memory, the rest through the log.
     async fn session(&self, op: SessionOp, grant: &Grant, timeout: Duration) -> Result<Reply, ErrorReply> {
         let stripe = &self.stripe;
-        match op {
-            SessionOp::KeepAlive { session } => stripe.keep_alive(session),
-            SessionOp::Open { client_name } => {
+        let change = match Change::try_from(op) {
+            Ok(change) => change,
+            Err(KeepAlive(session)) => return stripe.keep_alive(session),
+        };
+        match change {
+            Change::OpenSession(OpenSession { client_name }) => {
                 let client_name = grant.session_name(&client_name);
                 match stripe
                     .write(Change::OpenSession(OpenSession { client_name }), timeout)
@@ -359,28 +362,8 @@ impl ClientService {
                     other => Err(ErrorReply::Internal(format!("unexpected session reply {other:?}"))),
                 }
             }
-            SessionOp::Close { session } => stripe.write(Change::CloseSession(SessionOf { session }), timeout).await,
-            SessionOp::Lock {
-                cache,
-                key,
-                mode,
-                session,
-                wait_ms,
-            } => {
-                let lock = Lock {
-                    cache,
-                    key,
-                    mode,
-                    session,
-                    wait_ms,
-                };
-                stripe.lock(lock, timeout).await
-            }
-            SessionOp::Unlock { cache, key, session } => {
-                stripe
-                    .write(Change::Unlock(Unlock { cache, key, session }), timeout)
-                    .await
-            }
+            Change::Lock(lock) => stripe.lock(lock, timeout).await,
+            change => stripe.write(change, timeout).await,
         }
     }
 

@@ -646,7 +646,7 @@ pub async fn read_on(array: &TestArray, server: &str, op: ferrocotta::protocol::
         ferrocotta::handshake::connect(&array.client_addr(server), &identity, Duration::from_secs(5), 1 << 24)
             .await
             .expect("handshake");
-    let conn = ferrocotta::client::Connection::start(framed, welcome, None);
+    let conn = ferrocotta::pipelined::Connection::start(framed, welcome, None);
     conn.call(op, Duration::from_secs(5)).await.expect("read on one server")
 }
 

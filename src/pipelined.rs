@@ -1,4 +1,6 @@
-//! One pipelined connection to one array server (used by clients, and by servers for Raft calls).
+//! A pipelined connection to one array server: many requests in flight over one framed stream,
+//! replies matched by id. It is the client's transport and the peers' Raft transport (a server
+//! calls its peers through it), so it lives beside both rather than inside the client.
 //!
 //! A writer task drains a bounded queue of outgoing requests into the socket, flushing once per
 //! burst rather than once per request; a reader task matches replies to waiting callers by request

@@ -1,0 +1,250 @@
+//! Routing requests to a stripe's servers: the active first (the leader hint, learned from replies
+//! and `NotLeader` redirects), the others at a rotating offset, recently failed servers last; one
+//! request retried within its deadline until a server answers for sure.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::ClusterConfig;
+use crate::protocol::{ErrorReply, Op, ReadConsistency, Reply};
+
+use super::{
+    ArrayClient, CallError, ClientError, ConnectFailure, Connection, ROUND_BACKOFF_MAX, ROUND_BACKOFF_STEP,
+    SERVER_CONNECT_ATTEMPT_MAX,
+};
+
+/// One server of the current config, with its connection.
+pub(super) struct ServerHandle {
+    /// Client address.
+    pub(super) addr: String,
+    /// The live connection, if any; the async mutex makes concurrent callers share one connect.
+    pub(super) conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// When the last connect failed and why; such a server is tried last for a while.
+    pub(super) last_failure: Mutex<Option<(Instant, String)>>,
+}
+
+/// Routing state derived from one config document.
+pub(super) struct Routing {
+    /// The document.
+    pub(super) config: Arc<ClusterConfig>,
+    /// Its text, to notice when a server hands over a different one.
+    pub(super) config_toml: String,
+    /// Server handles by name.
+    pub(super) servers: HashMap<String, Arc<ServerHandle>>,
+    /// Names of each stripe's servers, in config order.
+    pub(super) stripe_servers: Vec<Vec<String>>,
+}
+
+impl Routing {
+    pub(super) fn new(
+        config: Arc<ClusterConfig>,
+        config_toml: String,
+        previous: Option<&Arc<Routing>>,
+        address_map: &HashMap<String, String>,
+    ) -> Routing {
+        let mut servers = HashMap::new();
+        for (_, srv) in config.servers() {
+            let addr = srv.client_addr();
+            let addr = address_map.get(&addr).cloned().unwrap_or(addr);
+            let reuse = previous
+                .and_then(|p| p.servers.get(&srv.name))
+                .filter(|h| h.addr == addr)
+                .cloned();
+            let handle = reuse.unwrap_or_else(|| {
+                Arc::new(ServerHandle {
+                    addr,
+                    conn: tokio::sync::Mutex::new(None),
+                    last_failure: Mutex::new(None),
+                })
+            });
+            servers.insert(srv.name.clone(), handle);
+        }
+        let stripe_servers = config
+            .stripes
+            .iter()
+            .map(|s| s.servers.iter().map(|srv| srv.name.clone()).collect())
+            .collect();
+        Routing {
+            config,
+            config_toml,
+            servers,
+            stripe_servers,
+        }
+    }
+}
+
+/// Whether connecting to a server failed within the last `window` (a mirror's `NotLeader` hint
+/// naming a dead active must not send the client straight back to it).
+fn recently_failed(routing: &Routing, name: &str, window: Duration) -> bool {
+    routing
+        .servers
+        .get(name)
+        .and_then(|h| {
+            h.last_failure
+                .lock()
+                .expect("failure lock")
+                .as_ref()
+                .map(|(at, _)| at.elapsed() < window)
+        })
+        .unwrap_or(false)
+}
+
+impl ArrayClient {
+    /// Order in which to try the servers of a stripe: the known active first, then the others
+    /// starting at a rotating offset, servers that failed recently last.
+    fn candidates(&self, routing: &Routing, stripe: usize, want_leader: bool) -> Vec<String> {
+        let names = &routing.stripe_servers[stripe];
+        let start = self.inner.rotation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut order: Vec<String> = (0..names.len())
+            .map(|i| names[(start + i) % names.len()].clone())
+            .collect();
+        let wait = self.inner.settings.reconnect_wait_interval;
+        order.sort_by_key(|n| recently_failed(routing, n, wait) as u8);
+        if want_leader {
+            if let Some(leader) = self.inner.leaders.lock().expect("leaders lock")[stripe].clone() {
+                if let Some(pos) = order.iter().position(|n| *n == leader) {
+                    let l = order.remove(pos);
+                    order.insert(0, l);
+                }
+            }
+        }
+        order
+    }
+
+    /// Drops the leader hint of a stripe if it names `server`.
+    fn forget_leader(&self, stripe: usize, server: &str) {
+        let mut leaders = self.inner.leaders.lock().expect("leaders lock");
+        if let Some(slot) = leaders.get_mut(stripe) {
+            if slot.as_deref() == Some(server) {
+                *slot = None;
+            }
+        }
+    }
+
+    fn set_leader(&self, stripe: usize, leader: Option<String>) {
+        let mut leaders = self.inner.leaders.lock().expect("leaders lock");
+        if let Some(slot) = leaders.get_mut(stripe) {
+            *slot = leader;
+        }
+    }
+
+    /// Runs one operation on a stripe until it succeeds, fails for good, or `timeout` passes.
+    pub async fn execute(&self, stripe: usize, op: Op, timeout: Duration) -> Result<Reply, ClientError> {
+        let deadline = Instant::now() + timeout;
+        // Pings and eventual reads are served by any server of the stripe.
+        let needs_leader = !matches!(op, Op::Ping | Op::Read(_, ReadConsistency::Eventual));
+        // Reading again changes nothing; a change whose connection broke may have been applied.
+        let changes = matches!(op, Op::Write(_) | Op::Session(_));
+        let mut failures: HashMap<String, String> = HashMap::new();
+        let mut saw_no_quorum = false;
+        let mut round = 0u32;
+        loop {
+            let routing = self.routing();
+            if stripe >= routing.stripe_servers.len() {
+                return Err(ClientError::Invalid(format!("no stripe {stripe} in the config")));
+            }
+            let mut redirected = false;
+            for name in self.candidates(&routing, stripe, needs_leader) {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let handle = routing.servers[&name].clone();
+                let conn = match self
+                    .connection(&handle, SERVER_CONNECT_ATTEMPT_MAX.min(deadline - now))
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(ConnectFailure::Final(e)) => return Err(e),
+                    Err(ConnectFailure::Retry(why)) => {
+                        failures.insert(name.clone(), why);
+                        continue;
+                    }
+                };
+                let left = deadline.saturating_duration_since(Instant::now());
+                match conn.call(op.clone(), left).await {
+                    Ok(reply) => {
+                        if needs_leader {
+                            self.set_leader(stripe, Some(name));
+                        }
+                        return Ok(reply);
+                    }
+                    Err(CallError::Server(ErrorReply::NotLeader { leader: Some(l) }))
+                        if l != name && !recently_failed(&routing, &l, self.inner.settings.reconnect_wait_interval) =>
+                    {
+                        self.set_leader(stripe, Some(l));
+                        redirected = true;
+                        break;
+                    }
+                    Err(CallError::Server(ErrorReply::NotLeader { .. }))
+                    | Err(CallError::Server(ErrorReply::NoQuorum)) => {
+                        saw_no_quorum = true;
+                        self.set_leader(stripe, None);
+                        failures.insert(name.clone(), "no quorum".into());
+                    }
+                    Err(CallError::Server(ErrorReply::WrongStripe { owner })) => {
+                        // Our config is stale: the server's welcome carries the current one, so
+                        // reconnecting refreshes it.
+                        *handle.conn.lock().await = None;
+                        failures.insert(name.clone(), format!("key owned by stripe {owner}"));
+                        redirected = true;
+                        break;
+                    }
+                    Err(CallError::Server(ErrorReply::ShuttingDown)) => {
+                        failures.insert(name.clone(), "shutting down".into());
+                    }
+                    Err(CallError::Server(ErrorReply::Timeout)) => {
+                        return Err(ClientError::Indeterminate(format!(
+                            "{name} could not confirm the request before its deadline (it may have lost its quorum)"
+                        )))
+                    }
+                    Err(CallError::Server(e)) => return Err(ClientError::Server(e)),
+                    Err(CallError::TooLarge { bytes, max }) => {
+                        return Err(ClientError::Invalid(format!(
+                        "the request takes {bytes} bytes, more than the array's frame limit of {max}; it was not sent"
+                    )))
+                    }
+                    Err(CallError::NotSent(why)) => {
+                        failures.insert(name.clone(), why);
+                    }
+                    Err(CallError::Lost(why)) => {
+                        if changes {
+                            return Err(ClientError::Indeterminate(format!("connection to {name} lost: {why}")));
+                        }
+                        failures.insert(name.clone(), why);
+                    }
+                    Err(CallError::TimedOut) => {
+                        // A silent server (paused, cut off without a reset) must not hold every
+                        // later request for a whole timeout: forget it as the active and try the
+                        // others first for a while; they name the new active.
+                        self.forget_leader(stripe, &name);
+                        *handle.last_failure.lock().expect("failure lock") =
+                            Some((Instant::now(), "no answer before the deadline".into()));
+                        tracing::debug!(event = "client.server_silent", server = %name);
+                        return Err(ClientError::Timeout(timeout));
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(if saw_no_quorum {
+                    ClientError::NoQuorum { stripe }
+                } else if failures.is_empty() {
+                    ClientError::Timeout(timeout)
+                } else {
+                    let mut f: Vec<(String, String)> = failures.into_iter().collect();
+                    f.sort();
+                    ClientError::Unavailable { stripe, failures: f }
+                });
+            }
+            if !redirected {
+                round += 1;
+                let pause = (ROUND_BACKOFF_STEP * round).min(ROUND_BACKOFF_MAX).min(deadline - now);
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
