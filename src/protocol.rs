@@ -741,6 +741,10 @@ pub enum ErrorReply {
     /// The connection's credential may not do this (read or write this cache).
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// The server is at one of its own limits (the message names it): nothing was done, and the
+    /// same request may succeed later. Not the caller's fault, unlike `Invalid`.
+    #[error("the server is busy: {0}")]
+    Busy(String),
 }
 
 /// A reply with the id of its request.

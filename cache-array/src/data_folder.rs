@@ -14,6 +14,7 @@ use ferrocotta::protocol::CacheSettings;
 
 use crate::log_store::{LogStore, OpenedLog, StoreDamage};
 use crate::mark::Standing;
+use crate::snapshot_file::LoadError;
 use crate::state_machine::StateMachineStore;
 
 /// The snapshots' folder inside a data folder.
@@ -60,7 +61,10 @@ pub fn open(data_dir: &Path, configured: BTreeMap<String, CacheSettings>) -> Res
             what,
         })
     };
-    let state_machine = StateMachineStore::open(&snapshot_dir, configured).map_err(damage)?;
+    let state_machine = StateMachineStore::open(&snapshot_dir, configured).map_err(|e| match e {
+        LoadError::Damaged { .. } => damage(e.to_string()),
+        LoadError::Io { .. } => FolderError::Other(e.into()),
+    })?;
     let snapshot_last = state_machine.shared().read(|d| d.last_applied);
     if opened.purged > snapshot_last {
         return Err(damage(format!(

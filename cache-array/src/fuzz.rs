@@ -119,7 +119,9 @@ fn snapshot_property(cases: u32) {
             let mut out = std::io::Cursor::new(Vec::new());
             encode_snapshot_to(&mut out, &payload).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let valid = out.into_inner();
-            let mut decoded = decode_snapshot(&valid).map_err(TestCaseError::fail)?.store;
+            let mut decoded = decode_snapshot(&valid)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?
+                .store;
             // The derived indexes are not stored; loading rebuilds them.
             decoded.rebuild_indexes();
             prop_assert_eq!(&decoded, &payload.store);

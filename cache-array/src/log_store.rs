@@ -34,7 +34,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
 use tokio::sync::oneshot;
 
-use crate::mark::{Mark, MarkFile, Standing};
+use crate::mark::{Mark, MarkError, MarkFile, Standing};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 const KEY_VOTE: &[u8] = b"vote";
@@ -105,7 +105,22 @@ enum FlushWaiter {
     /// openraft's callback for an append.
     Append(LogFlushed<TypeConfig>),
     /// An async caller (vote).
-    Notify(oneshot::Sender<Result<(), String>>),
+    Notify(oneshot::Sender<Result<(), FlushError>>),
+}
+
+/// Why the log could not be made durable. One flush answers many waiters, so the sources are
+/// shared.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FlushError {
+    /// sled's fsync failed: nothing since the last good flush is known to be durable.
+    #[error("syncing the log failed: {0}")]
+    Sync(Arc<sled::Error>),
+    /// The log is durable, the mark that records it is not.
+    #[error("writing the mark failed: {0}")]
+    Mark(Arc<MarkError>),
+    /// A thread of the store is gone (the store is shutting down or one of them panicked).
+    #[error("the {0} thread of the log store stopped")]
+    Stopped(&'static str),
 }
 
 /// Statistics of group commit, for metrics.
@@ -137,6 +152,10 @@ pub struct LogStore {
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
+}
+
+fn stopped(thread: &'static str) -> std::io::Error {
+    std::io::Error::other(FlushError::Stopped(thread))
 }
 
 fn corrupt(what: String) -> std::io::Error {
@@ -476,21 +495,13 @@ impl LogStore {
 
     async fn flush(&self) -> Result<(), StorageError> {
         let (tx, rx) = oneshot::channel();
-        self.flusher.send(FlushWaiter::Notify(tx)).map_err(|_| {
-            io_err(
-                ErrorSubject::Store,
-                ErrorVerb::Write,
-                corrupt("the flusher stopped".into()),
-            )
-        })?;
+        self.flusher
+            .send(FlushWaiter::Notify(tx))
+            .map_err(|_| io_err(ErrorSubject::Store, ErrorVerb::Write, stopped("flusher")))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(io_err(ErrorSubject::Store, ErrorVerb::Write, corrupt(e))),
-            Err(_) => Err(io_err(
-                ErrorSubject::Store,
-                ErrorVerb::Write,
-                corrupt("the flusher stopped".into()),
-            )),
+            Ok(Err(e)) => Err(io_err(ErrorSubject::Store, ErrorVerb::Write, e)),
+            Err(_) => Err(io_err(ErrorSubject::Store, ErrorVerb::Write, stopped("flusher"))),
         }
     }
 
@@ -561,13 +572,13 @@ fn flusher(db: sled::Db, marker: Arc<Marker>, rx: std_mpsc::Receiver<FlushWaiter
         // Copied before the fsync: everything the copy counts was written to sled before it, so
         // the mark never claims more than the fsync made durable.
         let mark = marker.next.lock().expect("mark lock").clone();
-        let result = db.flush().map_err(|e| e.to_string()).and_then(|_| {
+        let result = db.flush().map_err(|e| FlushError::Sync(Arc::new(e))).and_then(|_| {
             marker
                 .file
                 .lock()
                 .expect("mark lock")
                 .write(mark)
-                .map_err(|e| e.to_string())
+                .map_err(|e| FlushError::Mark(Arc::new(e)))
         });
         let took = started.elapsed();
         if took > SLOW_FLUSH {
@@ -704,13 +715,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if last.is_some() {
             self.marker.next.lock().expect("mark lock").last_log_id = last;
         }
-        self.flusher.send(FlushWaiter::Append(callback)).map_err(|_| {
-            io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Write,
-                corrupt("the flusher stopped".into()),
-            )
-        })?;
+        self.flusher
+            .send(FlushWaiter::Append(callback))
+            .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Write, stopped("flusher")))?;
         Ok(())
     }
 
@@ -748,13 +755,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.flush().await?;
         self.first_readable.fetch_max(log_id.index + 1, Ordering::AcqRel);
-        self.purger.send(log_id.index).map_err(|_| {
-            io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Write,
-                corrupt("the purger stopped".into()),
-            )
-        })
+        self.purger
+            .send(log_id.index)
+            .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Write, stopped("purger")))
     }
 }
 

@@ -392,7 +392,7 @@ impl PeerService {
                     }
                     Err(e) => {
                         tracing::error!(event = "peer.rejected_call", peer = %name, rpc = ?rpc, error = %e);
-                        let _ = tx.send(encode(&ServerMessage::Fatal(e))).await;
+                        let _ = tx.send(encode(&ServerMessage::Fatal(e.to_string()))).await;
                         forged.cancel();
                     }
                 }
@@ -404,14 +404,16 @@ impl PeerService {
     }
 
     /// Serves one Raft call from the peer authenticated as `node`.
-    async fn handle_call(&self, node: NodeId, rpc: PeerRpc, payload: &[u8]) -> Result<Vec<u8>, String> {
-        let from_peer = |claimed: Option<NodeId>, what: &str| {
+    async fn handle_call(&self, node: NodeId, rpc: PeerRpc, payload: &[u8]) -> Result<Vec<u8>, CallRefused> {
+        let from_peer = |claimed: Option<NodeId>, what: &'static str| {
             if claimed == Some(node) {
                 Ok(())
             } else {
-                Err(format!(
-                    "forged {what}: the peer authenticated as node {node} sent one in the name of {claimed:?}"
-                ))
+                Err(CallRefused::Forged {
+                    what,
+                    authenticated: node,
+                    claimed,
+                })
             }
         };
         Ok(match rpc {
@@ -463,8 +465,23 @@ impl PeerService {
     }
 }
 
-fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
-    postcard::from_bytes(payload).map_err(|e| format!("undecodable Raft call: {e}"))
+fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CallRefused> {
+    Ok(postcard::from_bytes(payload)?)
+}
+
+/// Why a peer's Raft call was refused (the connection is closed after it).
+#[derive(Debug, thiserror::Error)]
+enum CallRefused {
+    /// The payload is not the message the call names.
+    #[error("undecodable Raft call: {0}")]
+    Undecodable(#[from] postcard::Error),
+    /// A message in another server's name than the one the peer authenticated as.
+    #[error("forged {what}: the peer authenticated as node {authenticated} sent one in the name of {claimed:?}")]
+    Forged {
+        what: &'static str,
+        authenticated: NodeId,
+        claimed: Option<NodeId>,
+    },
 }
 
 fn encode_payload<T: Serialize>(value: &T) -> Vec<u8> {

@@ -10,7 +10,7 @@
 //! snapshot's meta; `format_fixture` keeps a file of format 1 readable.
 
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -56,10 +56,38 @@ impl SnapshotHead {
     }
 }
 
+/// Why the bytes of a snapshot file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Not a snapshot of ours, or cut short before the end of the header.
+    #[error("not a ferrocotta snapshot (bad magic or truncated header)")]
+    NotASnapshot,
+    /// The file is shorter or longer than its header says.
+    #[error("length mismatch: header says {header} bytes, file has {file}")]
+    Length { header: u64, file: usize },
+    /// The payload's bytes changed since they were written.
+    #[error("checksum mismatch: the snapshot is corrupt")]
+    Checksum,
+    /// The checksum holds but the payload is not a snapshot this build reads.
+    #[error("undecodable snapshot: {0}")]
+    Undecodable(#[from] postcard::Error),
+}
+
+/// Why the snapshot file of a folder could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file or its folder could not be read or made (permissions, disk).
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The file is damaged: the server must not start from it.
+    #[error("snapshot {path}: {source}")]
+    Damaged { path: PathBuf, source: SnapshotError },
+}
+
 /// Checks a file's header; returns the payload's CRC-32 and length.
-fn parse_header(header: &[u8]) -> Result<(u32, u64), String> {
+fn parse_header(header: &[u8]) -> Result<(u32, u64), SnapshotError> {
     if header.len() < SNAPSHOT_HEADER_BYTES || &header[..8] != SNAPSHOT_MAGIC {
-        return Err("not a ferrocotta snapshot (bad magic or truncated header)".into());
+        return Err(SnapshotError::NotASnapshot);
     }
     let crc = u32::from_be_bytes(header[8..12].try_into().expect("4 bytes"));
     let len = u64::from_be_bytes(header[12..20].try_into().expect("8 bytes"));
@@ -155,7 +183,7 @@ pub(crate) fn read_snapshot_meta(f: &mut std::fs::File, path: &Path) -> std::io:
         |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
     let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
     f.read_exact(&mut header)?;
-    let (_, len) = parse_header(&header).map_err(invalid)?;
+    let (_, len) = parse_header(&header).map_err(|e| invalid(e.to_string()))?;
     let mut prefix = Vec::new();
     Read::by_ref(f)
         .take(len.min(SNAPSHOT_META_PREFIX_MAX as u64))
@@ -167,20 +195,31 @@ pub(crate) fn read_snapshot_meta(f: &mut std::fs::File, path: &Path) -> std::io:
 }
 
 /// Decodes and verifies a snapshot file.
-pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotPayload, String> {
+pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotPayload, SnapshotError> {
     let (crc, len) = parse_header(bytes)?;
-    let len = len as usize;
     let body = &bytes[SNAPSHOT_HEADER_BYTES..];
-    if body.len() != len {
-        return Err(format!(
-            "length mismatch: header says {len} bytes, file has {}",
-            body.len()
-        ));
+    if body.len() as u64 != len {
+        return Err(SnapshotError::Length {
+            header: len,
+            file: body.len(),
+        });
     }
     if crc32fast::hash(body) != crc {
-        return Err("checksum mismatch: the snapshot is corrupt".into());
+        return Err(SnapshotError::Checksum);
     }
-    postcard::from_bytes(body).map_err(|e| format!("undecodable snapshot: {e}"))
+    Ok(postcard::from_bytes(body)?)
+}
+
+/// Loads the snapshot file at `path`, verified.
+pub(crate) fn load_snapshot(path: &Path) -> Result<SnapshotPayload, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode_snapshot(&bytes).map_err(|source| LoadError::Damaged {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -203,7 +242,7 @@ mod tests {
         assert!(decode_snapshot(&bytes).is_ok());
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
-        assert!(decode_snapshot(&bytes).unwrap_err().contains("checksum"));
+        assert!(matches!(decode_snapshot(&bytes), Err(SnapshotError::Checksum)));
     }
 
     /// The payload nests its head; the bytes are those of the flat payload files were written

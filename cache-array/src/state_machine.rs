@@ -29,8 +29,8 @@ use tokio::sync::oneshot;
 
 use crate::command::{Command, CommandKind, CommandResult};
 use crate::snapshot_file::{
-    decode_snapshot, encode_snapshot_to, read_snapshot_meta, replace_snapshot_file, SnapshotHead, SnapshotPayload,
-    BUILDING_FILE, INSTALLING_FILE, RECEIVING_FILE, SNAPSHOT_FILE,
+    decode_snapshot, encode_snapshot_to, load_snapshot, read_snapshot_meta, replace_snapshot_file, LoadError,
+    SnapshotHead, SnapshotPayload, BUILDING_FILE, INSTALLING_FILE, RECEIVING_FILE, SNAPSHOT_FILE,
 };
 use crate::store::{ApplyContext, Grant, ReadError, ReplyRoom, Store};
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -87,8 +87,8 @@ impl SharedState {
     pub fn wait_for_grant(&self, cache: &str, key: &[u8], session: u64) -> Result<oneshot::Receiver<()>, ErrorReply> {
         let mut w = self.lock_waiters.lock().expect("lock waiters poisoned");
         if w.len() >= LOCK_WAITERS_MAX {
-            return Err(ErrorReply::Invalid(format!(
-                "more than {LOCK_WAITERS_MAX} lock waits on this server"
+            return Err(ErrorReply::Busy(format!(
+                "{LOCK_WAITERS_MAX} lock waits on this server already (LOCK_WAITERS_MAX)"
             )));
         }
         let (tx, rx) = oneshot::channel();
@@ -142,13 +142,18 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     /// Opens the state machine, loading the snapshot in `snapshot_dir` if there is one. A corrupt
     /// snapshot is an error naming the file: the server must not start from it.
-    pub fn open(snapshot_dir: &Path, configured: BTreeMap<String, CacheSettings>) -> Result<StateMachineStore, String> {
-        std::fs::create_dir_all(snapshot_dir).map_err(|e| format!("cannot create {}: {e}", snapshot_dir.display()))?;
+    pub fn open(
+        snapshot_dir: &Path,
+        configured: BTreeMap<String, CacheSettings>,
+    ) -> Result<StateMachineStore, LoadError> {
+        std::fs::create_dir_all(snapshot_dir).map_err(|source| LoadError::Io {
+            path: snapshot_dir.to_path_buf(),
+            source,
+        })?;
         let shared = Arc::new(SharedState::default());
         let path = snapshot_dir.join(SNAPSHOT_FILE);
         if path.exists() {
-            let bytes = std::fs::read(&path).map_err(|e| format!("cannot read snapshot {}: {e}", path.display()))?;
-            let payload = decode_snapshot(&bytes).map_err(|e| format!("snapshot {}: {e}", path.display()))?;
+            let payload = load_snapshot(&path)?;
             let mut d = shared.data.write().expect("state lock poisoned");
             d.last_applied = payload.head.last_applied;
             d.last_membership = payload.head.last_membership;

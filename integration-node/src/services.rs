@@ -66,6 +66,10 @@ impl ServiceError {
             ClientError::Server(ErrorReply::Forbidden(_)) => {
                 Self::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
             }
+            ClientError::Server(ErrorReply::Busy(_)) => {
+                tracing::warn!(event = "node.array_busy", error = %e);
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "array_busy", e.to_string())
+            }
             _ => {
                 tracing::warn!(event = "node.array_error", error = %e);
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "array_error", e.to_string())
