@@ -88,11 +88,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
 
 fn status_of(s: &AdminState) -> Status {
     let m = s.stripe.snapshot_metrics();
-    let pos = s.stripe.position;
+    let pos = s.stripe.position();
     Status {
         name: s.stripe.name().to_string(),
         stripe: pos.stripe,
-        stripe_name: s.stripe.config.stripes[pos.stripe].name.clone(),
+        stripe_name: s.stripe.config().stripes[pos.stripe].name.clone(),
         role: match m.role {
             ferrocotta::protocol::Role::Active => "active".into(),
             ferrocotta::protocol::Role::Mirror => "mirror".into(),
@@ -105,9 +105,9 @@ fn status_of(s: &AdminState) -> Status {
         snapshot_index: m.snapshot_index,
         purged_index: m.purged_index,
         client_connections: s.metrics.client_connections.load(Relaxed),
-        caches: s.stripe.shared.read(|d| d.store.entry_counts()),
-        client_sessions: s.stripe.shared.read(|d| d.store.sessions.len() as u64),
-        locks: s.stripe.shared.read(|d| d.store.locks.len() as u64),
+        caches: s.stripe.shared().read(|d| d.store.entry_counts()),
+        client_sessions: s.stripe.shared().read(|d| d.store.sessions.len() as u64),
+        locks: s.stripe.shared().read(|d| d.store.locks.len() as u64),
         log_flushes: s.flush_stats.flushes.load(Relaxed),
         log_flush_waiters: s.flush_stats.waiters.load(Relaxed),
     }
@@ -122,7 +122,7 @@ async fn config(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 async fn healthz(State(s): State<Arc<AdminState>>) -> Response {
-    let running = s.stripe.raft.metrics().borrow().running_state.is_ok();
+    let running = s.stripe.raft().metrics().borrow().running_state.is_ok();
     if running {
         (StatusCode::OK, "ok\n").into_response()
     } else {

@@ -13,6 +13,7 @@
 //! - [`state_machine`]: the store behind openraft's state machine.
 //! - [`snapshot_file`]: checksummed snapshot files, replaced atomically and only by newer ones.
 //! - [`compaction`]: snapshots by log size, staggered over the servers of a stripe.
+//! - [`active`]: what the active knows only in memory: keep-alives, reads to turn into access times.
 //! - [`upkeep`]: the active's duties: keep-alives, access-time batches, expiry sweeps.
 //! - [`network`]: Raft traffic between servers on the group port, peers authenticated as themselves.
 //! - [`stripe`]: the Raft node of this server, stripe formation, safe writes and read-index reads.
@@ -21,6 +22,7 @@
 //! - [`metrics`]: request counters.
 //! - [`server`]: wiring and shutdown.
 
+pub mod active;
 pub mod admin;
 pub mod command;
 pub mod compaction;

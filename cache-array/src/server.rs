@@ -458,7 +458,7 @@ async fn start_raft(
 fn spawn_leader_log(stripe: &Arc<Stripe>, shutdown: CancellationToken) {
     let stripe = stripe.clone();
     tokio::spawn(async move {
-        let mut rx = stripe.raft.metrics();
+        let mut rx = stripe.raft().metrics();
         let mut last: Option<(Option<u64>, u64)> = None;
         loop {
             let now = {

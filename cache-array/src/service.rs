@@ -126,7 +126,7 @@ async fn take_budget(budget: &Arc<Semaphore>, bytes: usize, max: usize) -> Optio
 impl ClientService {
     /// Accepts clients until `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, tracker: TaskTracker) {
-        let limits = &self.stripe.config.limits;
+        let limits = &self.stripe.config().limits;
         let handshake_timeout = limits.handshake_timeout.0;
         while let Some((tcp, remote, admitted)) = self.admission.next(&listener, &shutdown, "client").await {
             let this = self.clone();
@@ -152,7 +152,7 @@ impl ClientService {
                         None => NetStream::Plain(tcp),
                         Some(t) => t.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?,
                     };
-                    let max_frame = this.stripe.config.limits.max_frame_bytes as usize;
+                    let max_frame = this.stripe.config().limits.max_frame_bytes as usize;
                     handshake::accept(stream, &this.identity, handshake_timeout, max_frame)
                         .await
                         .map_err(|e| e.to_string())
@@ -195,7 +195,7 @@ impl ClientService {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let limits = &self.stripe.config.limits;
+        let limits = &self.stripe.config().limits;
         let deadlines = FrameDeadlines {
             idle: limits.idle_timeout.0,
             frame: limits.frame_timeout.0,
@@ -328,7 +328,7 @@ impl ClientService {
         let m = stripe.snapshot_metrics();
         Reply::Pong {
             server: stripe.name().to_string(),
-            stripe: stripe.position.stripe as u32,
+            stripe: stripe.position().stripe as u32,
             role: m.role,
             leader: m.leader,
             term: m.term,
@@ -352,8 +352,8 @@ impl ClientService {
                     .await?
                 {
                     Reply::Session { id, .. } => {
-                        stripe.active.saw_session(id);
-                        let window = stripe.config.timing.client_reconnect_window.0;
+                        stripe.active().saw_session(id);
+                        let window = stripe.config().timing.client_reconnect_window.0;
                         Ok(Reply::Session {
                             id,
                             reconnect_window_ms: window.as_millis() as u64,
@@ -382,17 +382,17 @@ impl ClientService {
             stripe.read_barrier(timeout).await?;
         }
         let now = now_ms();
-        let limit = stripe.config.limits.max_reply_payload_bytes();
+        let limit = stripe.config().limits.max_reply_payload_bytes();
         let mut room = ReplyRoom {
             limit,
             granted: SMALL_MESSAGE_BYTES,
         };
         let mut budget = None;
-        let pending = |c: &str, k: &[u8]| stripe.active.pending_access(c, k);
+        let pending = |c: &str, k: &[u8]| stripe.active().pending_access(c, k);
         // A small reply in one pass; a large one takes its share of the connection's reply
         // budget first, then is built (see `Store::read`).
         let reply = loop {
-            match stripe.shared.serve_read(&op, now, room, &pending) {
+            match stripe.shared().serve_read(&op, now, room, &pending) {
                 Ok(reply) => break reply,
                 Err(ReadError::Failed(e)) => return Err(e),
                 // It grew between the two passes: it still fits a frame, so serve it.
@@ -451,7 +451,7 @@ impl ClientService {
         if let Some(id) = session {
             let owner = self
                 .stripe
-                .shared
+                .shared()
                 .read(|d| d.store.sessions.get(&id).map(|s| s.client_name.clone()));
             if owner.is_some_and(|name| !grant.owns_session(&name)) {
                 return forbidden(format!("use session {id}, which another client opened"));
@@ -462,7 +462,7 @@ impl ClientService {
 
     /// Checks limits and slot ownership.
     fn validate(&self, op: &Op) -> Result<(), ErrorReply> {
-        let config = &self.stripe.config;
+        let config = &self.stripe.config();
         let limits = &config.limits;
         if let Some(cache) = op.cache() {
             check_cache_name(cache).map_err(ErrorReply::Invalid)?;
@@ -481,7 +481,7 @@ impl ClientService {
                 )));
             }
             let owner = config.stripe_of_key(key);
-            if owner != self.stripe.position.stripe {
+            if owner != self.stripe.position().stripe {
                 return Err(ErrorReply::WrongStripe { owner: owner as u32 });
             }
         }

@@ -19,10 +19,10 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::ServerState;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::active::ActiveState;
 use crate::command::{Change, Command, CommandKind, CommandResult, Lock};
 use crate::state_machine::SharedState;
 use crate::types::{NodeId, Raft};
-use crate::upkeep::ActiveState;
 
 /// Linearizable reads that may wait for the next read-index round before callers block.
 pub const READ_QUEUE_MAX: usize = 65_536;
@@ -68,13 +68,13 @@ struct PendingWrite {
 /// The stripe membership of this server.
 pub struct Stripe {
     /// The Raft node.
-    pub raft: Raft,
+    raft: Raft,
     /// The caches, shared with the state machine.
-    pub shared: Arc<SharedState>,
+    shared: Arc<SharedState>,
     /// The whole array's config.
-    pub config: Arc<ClusterConfig>,
+    config: Arc<ClusterConfig>,
     /// Where this server sits.
-    pub position: ServerPosition,
+    position: ServerPosition,
     /// Names of the stripe's servers by node id.
     names: HashMap<NodeId, String>,
     /// Queue of linearizable reads waiting for a read-index round.
@@ -82,7 +82,7 @@ pub struct Stripe {
     /// A majority acknowledgement older than this means the active has lost its quorum.
     quorum_stale_after: Duration,
     /// What this server tracks in memory while it is the active (keep-alives, reads).
-    pub active: ActiveState,
+    active: ActiveState,
     /// Queue of writes waiting for the write batcher.
     writes: mpsc::Sender<PendingWrite>,
 }
@@ -117,6 +117,31 @@ impl Stripe {
             active: ActiveState::default(),
             writes,
         }
+    }
+
+    /// The Raft node (for admin facts and shutdown; requests go through the methods below).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The replicated data, as this server has applied it.
+    pub fn shared(&self) -> &Arc<SharedState> {
+        &self.shared
+    }
+
+    /// The whole array's config.
+    pub fn config(&self) -> &Arc<ClusterConfig> {
+        &self.config
+    }
+
+    /// Where this server sits.
+    pub fn position(&self) -> ServerPosition {
+        self.position
+    }
+
+    /// What this server tracks in memory while it is the active.
+    pub fn active(&self) -> &ActiveState {
+        &self.active
     }
 
     /// This server's name.

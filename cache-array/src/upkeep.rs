@@ -14,8 +14,6 @@
 //! - **Expiry sweep.** Every [`SWEEP_INTERVAL`] the active proposes `Expire` with the entries whose
 //!   replicated expiry has passed and that no pending read keeps alive; applying re-checks each.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -32,56 +30,15 @@ pub const TOUCH_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the active sweeps expired entries.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Accesses one batch carries at most; the active records no more until the batch is flushed.
-pub const TOUCH_BATCH_MAX: usize = 50_000;
-
 /// Entries one sweep removes at most.
 pub const SWEEP_BATCH_MAX: usize = 10_000;
 
 /// Deadline of the active's own proposals.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// In-memory bookkeeping of the active.
-#[derive(Debug, Default)]
-pub struct ActiveState {
-    /// Pending access times by (cache, key), milliseconds since the epoch.
-    touches: Mutex<HashMap<(String, Vec<u8>), u64>>,
-    /// Last sign of life of each session.
-    seen: Mutex<HashMap<u64, Instant>>,
-}
-
-impl ActiveState {
-    /// Records a read of an entry whose access time matters.
-    pub fn record_access(&self, cache: &str, key: &[u8], at_ms: u64) {
-        let mut t = self.touches.lock().expect("touches poisoned");
-        if t.len() < TOUCH_BATCH_MAX || t.contains_key(&(cache.to_string(), key.to_vec())) {
-            t.insert((cache.to_string(), key.to_vec()), at_ms);
-        }
-    }
-
-    /// The pending access time of an entry, if any.
-    pub fn pending_access(&self, cache: &str, key: &[u8]) -> Option<u64> {
-        let t = self.touches.lock().expect("touches poisoned");
-        if t.is_empty() {
-            return None;
-        }
-        t.get(&(cache.to_string(), key.to_vec())).copied()
-    }
-
-    /// Records a sign of life of a session.
-    pub fn saw_session(&self, id: u64) {
-        self.seen.lock().expect("seen poisoned").insert(id, Instant::now());
-    }
-
-    fn clear(&self) {
-        self.touches.lock().expect("touches poisoned").clear();
-        self.seen.lock().expect("seen poisoned").clear();
-    }
-}
-
 /// Runs the active's duties until `shutdown`; idle while this server is a mirror.
 pub async fn run(stripe: std::sync::Arc<Stripe>, shutdown: CancellationToken) {
-    let window = stripe.config.timing.client_reconnect_window.0;
+    let window = stripe.config().timing.client_reconnect_window.0;
     let mut tick = tokio::time::interval(UPKEEP_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut active_term: Option<u64> = None;
@@ -94,18 +51,15 @@ pub async fn run(stripe: std::sync::Arc<Stripe>, shutdown: CancellationToken) {
         }
         let Some(term) = stripe.active_term() else {
             if active_term.take().is_some() {
-                stripe.active.clear();
+                stripe.active().clear();
             }
             continue;
         };
         if active_term != Some(term) {
             // A new active: every live session gets a fresh window. (Access times recorded since
             // this server became active are kept: it recorded none before.)
-            stripe.active.seen.lock().expect("seen poisoned").clear();
-            let ids: Vec<u64> = stripe.shared.read(|d| d.store.sessions.keys().copied().collect());
-            for id in &ids {
-                stripe.active.saw_session(*id);
-            }
+            let ids: Vec<u64> = stripe.shared().read(|d| d.store.sessions.keys().copied().collect());
+            stripe.active().renew_windows(&ids);
             tracing::info!(event = "session.windows_renewed", term, sessions = ids.len(), window = ?window);
             active_term = Some(term);
         }
@@ -122,16 +76,8 @@ pub async fn run(stripe: std::sync::Arc<Stripe>, shutdown: CancellationToken) {
 }
 
 async fn expire_silent_sessions(stripe: &Stripe, window: Duration) {
-    let live: Vec<u64> = stripe.shared.read(|d| d.store.sessions.keys().copied().collect());
-    let silent: Vec<u64> = {
-        let mut seen = stripe.active.seen.lock().expect("seen poisoned");
-        seen.retain(|id, _| live.binary_search(id).is_ok());
-        let now = Instant::now();
-        live.iter()
-            .copied()
-            .filter(|id| now.duration_since(*seen.entry(*id).or_insert(now)) > window)
-            .collect()
-    };
+    let live: Vec<u64> = stripe.shared().read(|d| d.store.sessions.keys().copied().collect());
+    let silent = stripe.active().silent_sessions(&live, window);
     if silent.is_empty() {
         return;
     }
@@ -145,23 +91,17 @@ async fn expire_silent_sessions(stripe: &Stripe, window: Duration) {
                 _ => 0,
             };
             tracing::info!(event = "session.expired", sessions = ?silent, ended, window = ?window);
-            let mut seen = stripe.active.seen.lock().expect("seen poisoned");
-            for id in &silent {
-                seen.remove(id);
-            }
+            stripe.active().forget_sessions(&silent);
         }
         Err(e) => tracing::warn!(event = "session.expire_failed", error = %e),
     }
 }
 
 async fn flush_touches(stripe: &Stripe) {
-    let batch: Vec<(String, Vec<u8>, u64)> = {
-        let mut t = stripe.active.touches.lock().expect("touches poisoned");
-        if t.is_empty() {
-            return;
-        }
-        t.drain().map(|((c, k), at)| (c, k, at)).collect()
-    };
+    let batch = stripe.active().take_accesses();
+    if batch.is_empty() {
+        return;
+    }
     let n = batch.len();
     if let Err(e) = stripe.propose(CommandKind::Touch(batch), PROPOSAL_TIMEOUT).await {
         tracing::warn!(event = "expiry.touch_failed", accesses = n, error = %e);
@@ -170,15 +110,17 @@ async fn flush_touches(stripe: &Stripe) {
 
 async fn sweep(stripe: &Stripe) {
     let now = now_ms();
-    let candidates = stripe.shared.read(|d| d.store.expired_candidates(now, SWEEP_BATCH_MAX));
+    let candidates = stripe
+        .shared()
+        .read(|d| d.store.expired_candidates(now, SWEEP_BATCH_MAX));
     let due: Vec<(String, Vec<u8>)> = candidates
         .into_iter()
         .filter(|(c, k)| {
             // An entry read since the last batch may still be alive by its tti.
-            let Some(pending) = stripe.active.pending_access(c, k) else {
+            let Some(pending) = stripe.active().pending_access(c, k) else {
                 return true;
             };
-            stripe.shared.read(|d| {
+            stripe.shared().read(|d| {
                 d.store
                     .caches
                     .get(c)
