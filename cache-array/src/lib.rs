@@ -15,6 +15,7 @@
 //! - [`compaction`]: snapshots by log size, staggered over the servers of a stripe.
 //! - [`active`]: what the active knows only in memory: keep-alives, reads to turn into access times.
 //! - [`upkeep`]: the active's duties: keep-alives, access-time batches, expiry sweeps.
+//! - [`listener`]: serving a framed port: admission, TLS, the handshake, one task a connection.
 //! - [`network`]: Raft traffic between servers on the group port, peers authenticated as themselves.
 //! - [`stripe`]: the Raft node of this server, stripe formation, safe writes and read-index reads.
 //! - [`service`]: the client port.
@@ -32,6 +33,7 @@ mod format_fixture;
 pub mod formation;
 #[cfg(test)]
 mod fuzz;
+pub mod listener;
 pub mod locks;
 pub mod log_store;
 pub mod mark;

@@ -16,15 +16,14 @@
 //! frames, so the protocol module stays free of openraft.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrocotta::admission::Admission;
-use ferrocotta::handshake::{self, ClientIdentity, FrameDeadlines, ServerIdentity};
+use ferrocotta::handshake::{self, ClientIdentity, FrameDeadlines, FramedConn};
 use ferrocotta::log_throttle::LogThrottle;
 use ferrocotta::pipelined::{CallError, Connection};
-use ferrocotta::protocol::{decode, encode, ClientMessage, ConnectionRole, PeerRpc, Refusal, ServerMessage};
-use ferrocotta::tls::{NetStream, ServerTls};
+use ferrocotta::protocol::{decode, encode, ClientMessage, ConnectionRole, Hello, PeerRpc, Refusal, ServerMessage};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -33,12 +32,13 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::formation::{ProbeReply, VoteGate};
+use crate::listener::{self, Listening, Port};
 use crate::log_store::LogStore;
 use crate::mark::Standing;
 use crate::types::{NodeId, Raft, TypeConfig};
@@ -252,16 +252,11 @@ impl handshake::Authority for PeerAuthority {
 pub struct PeerService {
     /// The local Raft node.
     pub raft: Raft,
-    /// Handshake identity (group port flavour, with a [`PeerAuthority`]).
-    pub identity: ServerIdentity,
+    /// The port: handshake identity (group flavour, with a [`PeerAuthority`]), TLS (with it, a
+    /// peer's certificate must name the server it claims to be), bounds.
+    pub listening: Listening,
     /// The other servers of this stripe by name.
     pub peers: HashMap<String, NodeId>,
-    /// TLS; with it, a peer's certificate must name the server it claims to be.
-    pub tls: Option<Arc<ServerTls>>,
-    /// Connection bounds.
-    pub admission: Admission,
-    /// Handshake deadline.
-    pub handshake_timeout: Duration,
     /// Frame deadlines after it.
     pub deadlines: FrameDeadlines,
     /// Whether this server may vote.
@@ -273,70 +268,57 @@ pub struct PeerService {
 static HANDSHAKE_FAILED: LogThrottle = LogThrottle::new();
 static REFUSED: LogThrottle = LogThrottle::new();
 
-impl PeerService {
-    /// Accepts peers on the group port until `shutdown`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, tracker: TaskTracker) {
-        while let Some((tcp, remote, admitted)) = self.admission.next(&listener, &shutdown, "group").await {
-            let mut admitted = match admitted {
-                Ok(a) => a,
-                Err(why) => {
-                    if let Some(suppressed) = REFUSED.allow() {
-                        tracing::warn!(event = "peer.connection_refused", remote = %remote, reason = %why, suppressed);
-                    }
-                    continue;
-                }
-            };
-            let this = self.clone();
-            let shutdown = shutdown.clone();
-            let inner_tracker = tracker.clone();
-            tracker.spawn(async move {
-                let accepted = tokio::time::timeout(this.handshake_timeout, async {
-                    let stream = match &this.tls {
-                        None => NetStream::Plain(tcp),
-                        Some(t) => t.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?,
-                    };
-                    handshake::accept(stream, &this.identity, this.handshake_timeout, PEER_FRAME_BYTES_MAX)
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|_| Err(format!("no handshake within {:?}", this.handshake_timeout)));
-                let (framed, hello) = match accepted {
-                    Ok(ok) => ok,
-                    Err(e) => {
-                        if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
-                            tracing::warn!(event = "peer.handshake_failed", remote = %remote, error = %e, suppressed);
-                        }
-                        return;
-                    }
-                };
-                admitted.handshake_done();
-                let ConnectionRole::Peer { from } = &hello.role else {
-                    return;
-                };
-                let Some(&node) = this.peers.get(from) else {
-                    return;
-                };
-                if this.tls.is_some() && !framed.get_ref().peer_certificate_names(from) {
-                    tracing::error!(
-                        event = "peer.certificate_mismatch",
-                        remote = %remote,
-                        claimed = %from,
-                        "a peer proved the peer secret but its certificate does not name the server it claims to be"
-                    );
-                    return;
-                }
-                tracing::debug!(event = "peer.connected", remote = %remote, peer = %from);
-                this.serve_connection(framed, node, from.clone(), shutdown, inner_tracker)
-                    .await;
-                drop(admitted);
-            });
+impl Port for PeerService {
+    fn listening(&self) -> &Listening {
+        &self.listening
+    }
+
+    async fn refused(&self, _tcp: TcpStream, remote: SocketAddr, why: String) {
+        if let Some(suppressed) = REFUSED.allow() {
+            tracing::warn!(event = "peer.connection_refused", remote = %remote, reason = %why, suppressed);
         }
     }
 
+    fn handshake_failed(&self, remote: SocketAddr, error: String) {
+        if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
+            tracing::warn!(event = "peer.handshake_failed", remote = %remote, error = %error, suppressed);
+        }
+    }
+
+    /// Only the servers of this stripe, each as itself: with TLS its certificate must name it.
     async fn serve_connection(
+        self: Arc<Self>,
+        framed: FramedConn,
+        hello: Hello,
+        remote: SocketAddr,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let ConnectionRole::Peer { from } = &hello.role else {
+            return;
+        };
+        let Some(&node) = self.peers.get(from) else {
+            return;
+        };
+        if self.listening.tls.is_some() && !framed.get_ref().peer_certificate_names(from) {
+            tracing::error!(
+                event = "peer.certificate_mismatch",
+                remote = %remote,
+                claimed = %from,
+                "a peer proved the peer secret but its certificate does not name the server it claims to be"
+            );
+            return;
+        }
+        tracing::debug!(event = "peer.connected", remote = %remote, peer = %from);
+        self.calls(framed, node, from.clone(), shutdown, tracker).await;
+    }
+}
+
+impl PeerService {
+    /// Serves the Raft calls of one authenticated peer.
+    async fn calls(
         self: &Arc<Self>,
-        framed: handshake::FramedConn,
+        framed: FramedConn,
         node: NodeId,
         name: String,
         shutdown: CancellationToken,
@@ -357,7 +339,7 @@ impl PeerService {
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(event = "peer.bad_frame", peer = %name, error = %e);
-                    let _ = tx.send(encode(&ServerMessage::Fatal(e.to_string()))).await;
+                    let _ = tx.send(listener::fatal(e.to_string())).await;
                     break;
                 }
                 Ok(Some(b)) => b,
@@ -365,16 +347,12 @@ impl PeerService {
             let (id, rpc, payload) = match decode::<ClientMessage>(&bytes) {
                 Ok(ClientMessage::PeerCall { id, rpc, payload }) => (id, rpc, payload),
                 Ok(_) => {
-                    let _ = tx
-                        .send(encode(&ServerMessage::Fatal("only Raft calls are served here".into())))
-                        .await;
+                    let _ = tx.send(listener::fatal("only Raft calls are served here")).await;
                     break;
                 }
                 Err(e) => {
                     tracing::warn!(event = "peer.malformed_frame", peer = %name, error = %e);
-                    let _ = tx
-                        .send(encode(&ServerMessage::Fatal(format!("malformed frame: {e}"))))
-                        .await;
+                    let _ = tx.send(listener::fatal(format!("malformed frame: {e}"))).await;
                     break;
                 }
             };
@@ -392,7 +370,7 @@ impl PeerService {
                     }
                     Err(e) => {
                         tracing::error!(event = "peer.rejected_call", peer = %name, rpc = ?rpc, error = %e);
-                        let _ = tx.send(encode(&ServerMessage::Fatal(e.to_string()))).await;
+                        let _ = tx.send(listener::fatal(e.to_string())).await;
                         forged.cancel();
                     }
                 }

@@ -20,9 +20,10 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminState};
 use crate::data_folder::{self, FolderError, OpenedFolder};
 use crate::formation::{Formation, Prober, VoteGate};
+use crate::listener::{self, Listening};
 use crate::log_store::LogStore;
 use crate::metrics::Metrics;
-use crate::network::{probe_peer, PeerAuthority, PeerNetworkFactory, PeerService};
+use crate::network::{probe_peer, PeerAuthority, PeerNetworkFactory, PeerService, PEER_FRAME_BYTES_MAX};
 use crate::service::{ClientAuthority, ClientService};
 use crate::state_machine::StateMachineStore;
 use crate::stripe::Stripe;
@@ -251,52 +252,71 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         .collect();
     let peer_service = Arc::new(PeerService {
         raft: raft.clone(),
-        identity: ServerIdentity {
-            server_name: me.name.clone(),
-            array_name: config.array_name.clone(),
-            config_toml: String::new(),
-            authority: Arc::new(PeerAuthority {
-                peer_secret: secrets.peer.clone(),
-                peers: peers.clone(),
+        listening: Listening {
+            name: "group",
+            identity: ServerIdentity {
+                server_name: me.name.clone(),
+                array_name: config.array_name.clone(),
+                config_toml: String::new(),
+                authority: Arc::new(PeerAuthority {
+                    peer_secret: secrets.peer.clone(),
+                    peers: peers.clone(),
+                }),
+            },
+            tls: tls.as_ref().map(|t| t.group.clone()),
+            admission: Admission::new(AdmissionLimits {
+                connections_max: GROUP_CONNECTIONS_MAX,
+                connections_per_ip_max: GROUP_CONNECTIONS_PER_IP_MAX,
+                pending_handshakes_max: GROUP_PENDING_HANDSHAKES_MAX,
             }),
+            handshake_timeout: limits.handshake_timeout.0,
+            max_frame: PEER_FRAME_BYTES_MAX,
         },
         peers,
-        tls: tls.as_ref().map(|t| t.group.clone()),
-        admission: Admission::new(AdmissionLimits {
-            connections_max: GROUP_CONNECTIONS_MAX,
-            connections_per_ip_max: GROUP_CONNECTIONS_PER_IP_MAX,
-            pending_handshakes_max: GROUP_PENDING_HANDSHAKES_MAX,
-        }),
-        handshake_timeout: limits.handshake_timeout.0,
         deadlines,
         gate: gate.clone(),
         log: log_store.clone(),
     });
-    tracker.spawn(peer_service.serve(group_listener, shutdown.clone(), tracker.clone()));
+    tracker.spawn(listener::serve(
+        peer_service,
+        group_listener,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
 
     let credentials = secrets.credentials.as_ref().map(|(_, c)| c.clone()).unwrap_or_default();
     let metrics = Arc::new(Metrics::default());
     let service = Arc::new(ClientService {
         stripe: stripe.clone(),
-        identity: ServerIdentity {
-            server_name: me.name.clone(),
-            array_name: config.array_name.clone(),
-            config_toml: config_toml.clone(),
-            authority: Arc::new(ClientAuthority {
-                cluster_secret: secrets.cluster.clone(),
-                credentials: credentials.clone(),
+        listening: Listening {
+            name: "client",
+            identity: ServerIdentity {
+                server_name: me.name.clone(),
+                array_name: config.array_name.clone(),
+                config_toml: config_toml.clone(),
+                authority: Arc::new(ClientAuthority {
+                    cluster_secret: secrets.cluster.clone(),
+                    credentials: credentials.clone(),
+                }),
+            },
+            tls: tls.as_ref().map(|t| t.client.clone()),
+            admission: Admission::new(AdmissionLimits {
+                connections_max: limits.max_connections,
+                connections_per_ip_max: limits.max_connections_per_ip,
+                pending_handshakes_max: limits.max_pending_handshakes,
             }),
+            handshake_timeout: limits.handshake_timeout.0,
+            max_frame: limits.max_frame_bytes as usize,
         },
         credentials,
         metrics: metrics.clone(),
-        tls: tls.as_ref().map(|t| t.client.clone()),
-        admission: Admission::new(AdmissionLimits {
-            connections_max: limits.max_connections,
-            connections_per_ip_max: limits.max_connections_per_ip,
-            pending_handshakes_max: limits.max_pending_handshakes,
-        }),
     });
-    tracker.spawn(service.serve(client_listener, shutdown.clone(), tracker.clone()));
+    tracker.spawn(listener::serve(
+        service.clone(),
+        client_listener,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
 
     let admin_state = Arc::new(AdminState {
         stripe: stripe.clone(),

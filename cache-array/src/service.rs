@@ -12,25 +12,26 @@
 //! `Fatal` message and the connection closes; other connections are not affected. If the writer
 //! stops (the socket broke), the reader stops too: no request is served that cannot be answered.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use ferrocotta::admission::Admission;
-use ferrocotta::handshake::{self, FrameDeadlines, FramedConn, ServerIdentity};
+use ferrocotta::handshake::{self, FrameDeadlines, FramedConn};
 use ferrocotta::log_throttle::LogThrottle;
 use ferrocotta::protocol::{
-    check_cache_name, decode, encode, ClientMessage, ConnectionRole, ErrorReply, Op, ReadConsistency, ReadOp, Refusal,
-    Reply, Request, Response, ServerMessage, SessionOp, BATCH_KEYS_MAX, KEYS_PAGE_MAX,
+    check_cache_name, decode, encode, ClientMessage, ConnectionRole, ErrorReply, Hello, Op, ReadConsistency, ReadOp,
+    Refusal, Reply, Request, Response, ServerMessage, SessionOp, BATCH_KEYS_MAX, KEYS_PAGE_MAX,
 };
 use ferrocotta::security::{Credentials, Grant};
-use ferrocotta::tls::{NetStream, ServerTls};
-use tokio::net::TcpListener;
+use ferrocotta::tls::NetStream;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::command::{Change, KeepAlive, OpenSession};
+use crate::listener::{self, Listening, Port};
 use crate::metrics::Metrics;
 use crate::store::{ReadError, ReplyRoom};
 use crate::stripe::{now_ms, Stripe};
@@ -63,6 +64,9 @@ pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(600);
 /// Longest client name a session may carry.
 pub const CLIENT_NAME_BYTES_MAX: usize = 256;
 
+/// Longest the server spends telling a refused connection why.
+pub const REFUSAL_WRITE_MAX: Duration = Duration::from_millis(200);
+
 /// Which secret proves which role on the client port.
 pub struct ClientAuthority {
     /// The cluster secret (empty: the array has none and anyone has full access).
@@ -89,16 +93,12 @@ impl handshake::Authority for ClientAuthority {
 pub struct ClientService {
     /// This server's stripe membership.
     pub stripe: Arc<Stripe>,
-    /// Handshake identity (client port flavour, with a [`ClientAuthority`]).
-    pub identity: ServerIdentity,
+    /// The port: handshake identity (client flavour, with a [`ClientAuthority`]), TLS, bounds.
+    pub listening: Listening,
     /// Credentials, to turn a credential's hello into its grant.
     pub credentials: Arc<RwLock<Credentials>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// TLS, if the port speaks it.
-    pub tls: Option<Arc<ServerTls>>,
-    /// Connection bounds.
-    pub admission: Admission,
 }
 
 static HANDSHAKE_FAILED: LogThrottle = LogThrottle::new();
@@ -123,74 +123,57 @@ async fn take_budget(budget: &Arc<Semaphore>, bytes: usize, max: usize) -> Optio
     budget.clone().acquire_many_owned(bytes.clamp(1, max) as u32).await.ok()
 }
 
-impl ClientService {
-    /// Accepts clients until `shutdown`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, tracker: TaskTracker) {
-        let limits = &self.stripe.config().limits;
-        let handshake_timeout = limits.handshake_timeout.0;
-        while let Some((tcp, remote, admitted)) = self.admission.next(&listener, &shutdown, "client").await {
-            let this = self.clone();
-            let shutdown = shutdown.clone();
-            let inner = tracker.clone();
-            tracker.spawn(async move {
-                let mut admitted = match admitted {
-                    Ok(a) => a,
-                    Err(why) => {
-                        this.metrics.rejected_connections.fetch_add(1, Relaxed);
-                        if let Some(suppressed) = REFUSED.allow() {
-                            tracing::warn!(event = "client.connection_refused", remote = %remote, reason = %why, suppressed);
-                        }
-                        // Plain connections are told why; a TLS one would need a handshake first.
-                        if this.tls.is_none() {
-                            handshake::refuse_busy(NetStream::Plain(tcp), why.to_string(), Duration::from_millis(200)).await;
-                        }
-                        return;
-                    }
-                };
-                let accepted = tokio::time::timeout(handshake_timeout, async {
-                    let stream = match &this.tls {
-                        None => NetStream::Plain(tcp),
-                        Some(t) => t.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?,
-                    };
-                    let max_frame = this.stripe.config().limits.max_frame_bytes as usize;
-                    handshake::accept(stream, &this.identity, handshake_timeout, max_frame)
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|_| Err(format!("no handshake within {handshake_timeout:?}")));
-                match accepted {
-                    Ok((framed, hello)) => {
-                        admitted.handshake_done();
-                        let grant = match &hello.role {
-                            ConnectionRole::Credential { name } => {
-                                match this.credentials.read().expect("credentials lock").grant_of(name) {
-                                    Some(g) => g,
-                                    None => return,
-                                }
-                            }
-                            _ => Grant::Full,
-                        };
-                        this.metrics.client_connections.fetch_add(1, Relaxed);
-                        this.connection(framed, remote, grant, shutdown, inner).await;
-                        this.metrics.client_connections.fetch_sub(1, Relaxed);
-                    }
-                    Err(e) => {
-                        this.metrics.rejected_connections.fetch_add(1, Relaxed);
-                        if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
-                            tracing::warn!(event = "client.handshake_failed", remote = %remote, error = %e, suppressed);
-                        }
-                    }
-                }
-                drop(admitted);
-            });
+impl Port for ClientService {
+    fn listening(&self) -> &Listening {
+        &self.listening
+    }
+
+    async fn refused(&self, tcp: TcpStream, remote: SocketAddr, why: String) {
+        self.metrics.rejected_connections.fetch_add(1, Relaxed);
+        if let Some(suppressed) = REFUSED.allow() {
+            tracing::warn!(event = "client.connection_refused", remote = %remote, reason = %why, suppressed);
+        }
+        // Plain connections are told why; a TLS one would need a handshake first.
+        if self.listening.tls.is_none() {
+            handshake::refuse_busy(NetStream::Plain(tcp), why, REFUSAL_WRITE_MAX).await;
         }
     }
 
+    fn handshake_failed(&self, remote: SocketAddr, error: String) {
+        self.metrics.rejected_connections.fetch_add(1, Relaxed);
+        if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
+            tracing::warn!(event = "client.handshake_failed", remote = %remote, error = %error, suppressed);
+        }
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        framed: FramedConn,
+        hello: Hello,
+        remote: SocketAddr,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let grant = match &hello.role {
+            ConnectionRole::Credential { name } => {
+                match self.credentials.read().expect("credentials lock").grant_of(name) {
+                    Some(g) => g,
+                    None => return,
+                }
+            }
+            _ => Grant::Full,
+        };
+        self.metrics.client_connections.fetch_add(1, Relaxed);
+        self.connection(framed, remote, grant, shutdown, tracker).await;
+        self.metrics.client_connections.fetch_sub(1, Relaxed);
+    }
+}
+
+impl ClientService {
     async fn connection(
         self: &Arc<Self>,
         framed: FramedConn,
-        remote: std::net::SocketAddr,
+        remote: SocketAddr,
         grant: Grant,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -515,7 +498,7 @@ impl ClientService {
 
 fn fatal(why: &str) -> QueuedReply {
     QueuedReply {
-        frame: encode(&ServerMessage::Fatal(why.to_string())),
+        frame: listener::fatal(why),
         _budget: None,
     }
 }
