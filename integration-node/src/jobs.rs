@@ -46,7 +46,7 @@ async fn run(node: &Node, input: Value) -> Result<Value, ServiceError> {
         .unwrap_or(100)
         .min(STEP_MILLIS_MAX);
     let cache = node.settings.checkpoints_cache();
-    let mut checkpoint = match node.get(&cache, job.as_bytes()).await? {
+    let mut checkpoint = match node.backend.get(&cache, job.as_bytes()).await? {
         // A document that is not a checkpoint is someone else's data: never overwrite it, and
         // never restart a job from zero because its progress could not be read.
         Some(b) => serde_json::from_slice::<Checkpoint>(&b).map_err(|e| {
@@ -71,7 +71,7 @@ async fn run(node: &Node, input: Value) -> Result<Value, ServiceError> {
             checkpoint.nodes.push(node.logical_name.clone());
         }
         let bytes = serde_json::to_vec(&checkpoint).expect("a checkpoint always encodes");
-        node.put(&cache, job.as_bytes(), &bytes, None).await?;
+        node.backend.put(&cache, job.as_bytes(), &bytes, None).await?;
     }
     Ok(json!({
         "jobId": job,

@@ -5,11 +5,13 @@
 //!
 //! - [`settings`]: command line and `node.toml`.
 //! - [`cluster_name`]: effective cluster names and logical-name rules.
+//! - [`backend`]: where shared state lives (the array or this process), storage with a typed error.
 //! - [`node`]: the running node: member list, sessions, service and admin ports.
 //! - [`services`]: the service registry and the built-in services.
 //! - [`locks`]: `pub.cache.lock` (array locks) and `pub.storage` (stores with breakable locks).
 //! - [`jobs`]: `demo:checkpointed`, a job that resumes from its last checkpoint on any node.
 
+pub mod backend;
 pub mod cluster_name;
 pub mod jobs;
 pub mod locks;
@@ -27,7 +29,8 @@ use ferrocotta::{ArrayClient, ClientError, ClientSettings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{Backend, Node};
+use crate::backend::Backend;
+use crate::node::Node;
 use crate::services::Registry;
 use crate::settings::{NodeSettings, OnStartupError};
 
@@ -208,7 +211,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         name = %node.logical_name,
         service = %node.service_addr,
         admin = %node.admin_addr,
-        state = node.array_state()
+        state = node.backend.array_state()
     );
     Ok(RunningNode { node, shutdown, done })
 }

@@ -20,7 +20,8 @@ use ferrocotta::protocol::LockMode;
 use ferrocotta::ClientError;
 use serde_json::{json, Value};
 
-use crate::node::{now_ms, Backend, Node};
+use crate::backend::Backend;
+use crate::node::{now_ms, Node};
 use crate::services::{Registry, ServiceError};
 
 /// How often a waiting `pub.storage:lock` looks again.
@@ -187,19 +188,21 @@ fn lock_cache(node: &Node, input: &Value) -> Result<String, ServiceError> {
 async fn storage_put(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = store(node, &input)?;
     let value = serde_json::to_vec(input.get("value").unwrap_or(&Value::Null)).expect("json");
-    node.put(&cache, field(&input, "key")?.as_bytes(), &value, None).await?;
+    node.backend
+        .put(&cache, field(&input, "key")?.as_bytes(), &value, None)
+        .await?;
     Ok(json!({"ok": true}))
 }
 
 async fn storage_get(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = store(node, &input)?;
-    let v = node.get(&cache, field(&input, "key")?.as_bytes()).await?;
+    let v = node.backend.get(&cache, field(&input, "key")?.as_bytes()).await?;
     Ok(json!({"value": v.and_then(|b| serde_json::from_slice::<Value>(&b).ok())}))
 }
 
 async fn storage_remove(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = store(node, &input)?;
-    Ok(json!({"removed": node.remove(&cache, field(&input, "key")?.as_bytes()).await?}))
+    Ok(json!({"removed": node.backend.remove(&cache, field(&input, "key")?.as_bytes()).await?}))
 }
 
 async fn storage_keys(node: &Node, input: Value) -> Result<Value, ServiceError> {
@@ -208,7 +211,7 @@ async fn storage_keys(node: &Node, input: Value) -> Result<Value, ServiceError> 
 
 async fn storage_delete(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = store(node, &input)?;
-    let removed = node.remove_all(&cache).await? + node.remove_all(&lock_cache(node, &input)?).await?;
+    let removed = node.backend.remove_all(&cache).await? + node.backend.remove_all(&lock_cache(node, &input)?).await?;
     Ok(json!({"removed": removed}))
 }
 
@@ -228,7 +231,7 @@ async fn storage_lock(node: &Node, input: Value) -> Result<Value, ServiceError> 
     let started = Instant::now();
     loop {
         let mine = lock_record(node);
-        match node.put_if_absent(&locks, &key, &mine).await? {
+        match node.backend.put_if_absent(&locks, &key, &mine).await? {
             None => return Ok(json!({"locked": true, "broken": false})),
             Some(existing) if ours(node, &existing) => return Ok(json!({"locked": true, "broken": false})),
             Some(existing) => {
@@ -238,7 +241,7 @@ async fn storage_lock(node: &Node, input: Value) -> Result<Value, ServiceError> 
                     .unwrap_or(0);
                 let held_ms = now_ms().saturating_sub(acquired);
                 if held_ms > node.settings.lock_max_duration.as_millis() as u64
-                    && node.replace_if_equal(&locks, &key, &existing, &mine).await?
+                    && node.backend.replace_if_equal(&locks, &key, &existing, &mine).await?
                 {
                     tracing::warn!(event = "node.storage_lock_broken", key = %String::from_utf8_lossy(&key), held_ms);
                     return Ok(json!({"locked": true, "broken": true}));
@@ -255,9 +258,9 @@ async fn storage_lock(node: &Node, input: Value) -> Result<Value, ServiceError> 
 async fn storage_unlock(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let locks = lock_cache(node, &input)?;
     let key = field(&input, "key")?.as_bytes().to_vec();
-    match node.get(&locks, &key).await? {
+    match node.backend.get(&locks, &key).await? {
         Some(record) if ours(node, &record) => {
-            Ok(json!({"unlocked": node.remove_if_equal(&locks, &key, &record).await?}))
+            Ok(json!({"unlocked": node.backend.remove_if_equal(&locks, &key, &record).await?}))
         }
         _ => Err(ServiceError::new(
             StatusCode::CONFLICT,
@@ -270,8 +273,8 @@ async fn storage_unlock(node: &Node, input: Value) -> Result<Value, ServiceError
 async fn storage_list_locks(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let locks = lock_cache(node, &input)?;
     let mut out = Vec::new();
-    for k in node.keys(&locks).await? {
-        if let Some(record) = node.get(&locks, &k).await? {
+    for k in node.backend.keys(&locks).await? {
+        if let Some(record) = node.backend.get(&locks, &k).await? {
             let mut v: Value = serde_json::from_slice(&record).unwrap_or_default();
             v["key"] = json!(String::from_utf8_lossy(&k));
             out.push(v);
@@ -283,9 +286,9 @@ async fn storage_list_locks(node: &Node, input: Value) -> Result<Value, ServiceE
 async fn storage_release_locks(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let locks = lock_cache(node, &input)?;
     let mut released = 0u64;
-    for k in node.keys(&locks).await? {
-        if let Some(record) = node.get(&locks, &k).await? {
-            if ours(node, &record) && node.remove_if_equal(&locks, &k, &record).await? {
+    for k in node.backend.keys(&locks).await? {
+        if let Some(record) = node.backend.get(&locks, &k).await? {
+            if ours(node, &record) && node.backend.remove_if_equal(&locks, &k, &record).await? {
                 released += 1;
             }
         }

@@ -46,7 +46,7 @@ fn main() -> ExitCode {
             running.node.logical_name,
             running.node.service_addr,
             running.node.admin_addr,
-            running.node.array_state()
+            running.node.backend.array_state()
         );
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -16,11 +16,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferrocotta::client::{ClientEvent, ConnectionState};
-use ferrocotta::protocol::PutOptions;
-use ferrocotta::{ArrayClient, ClientError};
+use ferrocotta::ClientError;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::Backend;
 use crate::services::{new_session_id, with_session_cookie, Registry, ServiceError, SessionCookie};
 use crate::settings::NodeSettings;
 
@@ -36,17 +36,6 @@ pub const SESSION_ID_BYTES_MAX: usize = 64;
 
 /// Locks held through `pub.cache.lock` by (cache, key): the array's handle and the holds taken.
 pub type HeldLocks = HashMap<(String, Vec<u8>), (ferrocotta::client::LockHandle, u32)>;
-
-/// Stand-alone state: values by (cache, key).
-pub type LocalState = Mutex<HashMap<(String, Vec<u8>), Vec<u8>>>;
-
-/// Where shared state lives.
-pub enum Backend {
-    /// The array.
-    Array(ArrayClient),
-    /// This process only (stand-alone mode).
-    Local(LocalState),
-}
 
 /// Everything a request handler reaches.
 pub struct Node {
@@ -89,237 +78,16 @@ pub fn now_ms() -> u64 {
 }
 
 impl Node {
-    /// `connected`, `disconnected` (or `standalone`).
-    pub fn array_state(&self) -> &'static str {
-        match &self.backend {
-            Backend::Local(_) => "standalone",
-            Backend::Array(c) => match c.connection_state() {
-                ConnectionState::Connected => "connected",
-                ConnectionState::Disconnected => "disconnected",
-            },
-        }
-    }
-
-    /// Reads a value of a cache.
-    pub async fn get(&self, cache: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ServiceError> {
-        match &self.backend {
-            Backend::Array(c) => c.cache(cache).get(key).await.map_err(ServiceError::from_array),
-            Backend::Local(m) => Ok(m
-                .lock()
-                .expect("local lock")
-                .get(&(cache.to_string(), key.to_vec()))
-                .cloned()),
-        }
-    }
-
-    /// Writes a value (with a tti, if given).
-    pub async fn put(&self, cache: &str, key: &[u8], value: &[u8], tti: Option<Duration>) -> Result<(), ServiceError> {
-        match &self.backend {
-            Backend::Array(c) => {
-                let opts = PutOptions {
-                    tti_ms: tti.map(|d| d.as_millis() as u64),
-                    ..Default::default()
-                };
-                match c
-                    .cache(cache)
-                    .put_with(key, value, opts)
-                    .await
-                    .map_err(ServiceError::from_array)?
-                {
-                    ferrocotta::client::WriteOutcome::Applied(_) => Ok(()),
-                    // The cache's nonstop behaviour ignores writes while the array is away.
-                    ferrocotta::client::WriteOutcome::NotApplied => {
-                        tracing::debug!(event = "node.write_not_applied", cache);
-                        Ok(())
-                    }
-                }
-            }
-            Backend::Local(m) => {
-                m.lock()
-                    .expect("local lock")
-                    .insert((cache.to_string(), key.to_vec()), value.to_vec());
-                Ok(())
-            }
-        }
-    }
-
-    /// Writes `value` only if the key still holds `loaded` (`None`: only if it is absent; a new
-    /// entry gets `tti`); whether it did. A write that fails to answer in time and is applied later
-    /// can then never overwrite what a later request wrote (it finds the value changed).
-    pub async fn put_if_unchanged(
-        &self,
-        cache: &str,
-        key: &[u8],
-        loaded: Option<&[u8]>,
-        value: &[u8],
-        tti: Option<Duration>,
-    ) -> Result<bool, ServiceError> {
-        use ferrocotta::client::WriteOutcome;
-        match &self.backend {
-            Backend::Array(c) => {
-                let handle = c.cache(cache);
-                let outcome = match loaded {
-                    None => {
-                        let opts = PutOptions {
-                            tti_ms: tti.map(|d| d.as_millis() as u64),
-                            ..Default::default()
-                        };
-                        match handle.put_if_absent_with(key, value, opts).await {
-                            Ok(WriteOutcome::Applied(existing)) => WriteOutcome::Applied(existing.is_none()),
-                            Ok(WriteOutcome::NotApplied) => WriteOutcome::NotApplied,
-                            Err(e) => return Err(ServiceError::from_array(e)),
-                        }
-                    }
-                    Some(old) => handle
-                        .replace_if_equal(key, old, value)
-                        .await
-                        .map_err(ServiceError::from_array)?,
-                };
-                match outcome {
-                    WriteOutcome::Applied(done) => Ok(done),
-                    // The cache's nonstop behaviour ignores writes while the array is away.
-                    WriteOutcome::NotApplied => {
-                        tracing::debug!(event = "node.write_not_applied", cache);
-                        Ok(true)
-                    }
-                }
-            }
-            Backend::Local(m) => {
-                let mut m = m.lock().expect("local lock");
-                let slot = (cache.to_string(), key.to_vec());
-                if m.get(&slot).map(Vec::as_slice) != loaded {
-                    return Ok(false);
-                }
-                m.insert(slot, value.to_vec());
-                Ok(true)
-            }
-        }
-    }
-
-    /// Removes a key; whether it was there.
-    pub async fn remove(&self, cache: &str, key: &[u8]) -> Result<bool, ServiceError> {
-        match &self.backend {
-            Backend::Array(c) => match c.cache(cache).remove(key).await.map_err(ServiceError::from_array)? {
-                ferrocotta::client::WriteOutcome::Applied(prev) => Ok(prev.is_some()),
-                ferrocotta::client::WriteOutcome::NotApplied => Err(ServiceError::unavailable()),
-            },
-            Backend::Local(m) => Ok(m
-                .lock()
-                .expect("local lock")
-                .remove(&(cache.to_string(), key.to_vec()))
-                .is_some()),
-        }
-    }
-
-    /// Sets a key only if absent; `None` when written, else the value already there.
-    pub async fn put_if_absent(&self, cache: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ServiceError> {
-        match &self.backend {
-            Backend::Array(c) => match c
-                .cache(cache)
-                .put_if_absent(key, value)
-                .await
-                .map_err(ServiceError::from_array)?
-            {
-                ferrocotta::client::WriteOutcome::Applied(v) => Ok(v),
-                ferrocotta::client::WriteOutcome::NotApplied => Err(ServiceError::unavailable()),
-            },
-            Backend::Local(m) => {
-                let mut m = m.lock().expect("local lock");
-                let k = (cache.to_string(), key.to_vec());
-                if let Some(v) = m.get(&k) {
-                    return Ok(Some(v.clone()));
-                }
-                m.insert(k, value.to_vec());
-                Ok(None)
-            }
-        }
-    }
-
-    /// Compare-and-swap; whether it was swapped.
-    pub async fn replace_if_equal(
-        &self,
-        cache: &str,
-        key: &[u8],
-        expected: &[u8],
-        value: &[u8],
-    ) -> Result<bool, ServiceError> {
-        match &self.backend {
-            Backend::Array(c) => match c
-                .cache(cache)
-                .replace_if_equal(key, expected, value)
-                .await
-                .map_err(ServiceError::from_array)?
-            {
-                ferrocotta::client::WriteOutcome::Applied(b) => Ok(b),
-                ferrocotta::client::WriteOutcome::NotApplied => Err(ServiceError::unavailable()),
-            },
-            Backend::Local(m) => {
-                let mut m = m.lock().expect("local lock");
-                let k = (cache.to_string(), key.to_vec());
-                if m.get(&k).is_some_and(|v| v == expected) {
-                    m.insert(k, value.to_vec());
-                    return Ok(true);
-                }
-                Ok(false)
-            }
-        }
-    }
-
-    /// Removes a key only if it holds `expected`.
-    pub async fn remove_if_equal(&self, cache: &str, key: &[u8], expected: &[u8]) -> Result<bool, ServiceError> {
-        match &self.backend {
-            Backend::Array(c) => c
-                .remove_if_equal(cache, key, expected)
-                .await
-                .map_err(ServiceError::from_array),
-            Backend::Local(m) => {
-                let mut m = m.lock().expect("local lock");
-                let k = (cache.to_string(), key.to_vec());
-                if m.get(&k).is_some_and(|v| v == expected) {
-                    m.remove(&k);
-                    return Ok(true);
-                }
-                Ok(false)
-            }
-        }
-    }
-
-    /// Every key of a cache.
-    pub async fn keys(&self, cache: &str) -> Result<Vec<Vec<u8>>, ServiceError> {
-        match &self.backend {
-            Backend::Array(c) => c
-                .cache(cache)
-                .keys(b"", 100_000)
-                .await
-                .map_err(ServiceError::from_array),
-            Backend::Local(m) => Ok(m
-                .lock()
-                .expect("local lock")
-                .keys()
-                .filter(|(c, _)| c == cache)
-                .map(|(_, k)| k.clone())
-                .collect()),
-        }
-    }
-
     /// Every key of a cache as `{"keys": [...]}` (keys shown as text).
     pub async fn keys_json(&self, cache: &str) -> Result<Value, ServiceError> {
         let keys: Vec<String> = self
+            .backend
             .keys(cache)
             .await?
             .into_iter()
             .map(|k| String::from_utf8_lossy(&k).into_owned())
             .collect();
         Ok(json!({ "keys": keys }))
-    }
-
-    /// Removes every key of a cache, one by one; how many were removed.
-    pub async fn remove_all(&self, cache: &str) -> Result<u64, ServiceError> {
-        let mut removed = 0u64;
-        for k in self.keys(cache).await? {
-            removed += self.remove(cache, &k).await? as u64;
-        }
-        Ok(removed)
     }
 
     /// This node's member entry.
@@ -561,7 +329,7 @@ fn status_of(node: &Node) -> Value {
         "logical_name": node.logical_name,
         "cluster_name": node.settings.cluster_name,
         "effective_cluster_name": node.settings.effective_cluster_name,
-        "state": node.array_state(),
+        "state": node.backend.array_state(),
         "online": node.online.load(Ordering::Relaxed),
         "rejoins": node.rejoins.load(Ordering::Relaxed),
         "service": node.service_addr,

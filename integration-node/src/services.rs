@@ -16,6 +16,7 @@ use axum::http::StatusCode;
 use ferrocotta::ClientError;
 use serde_json::{json, Map, Value};
 
+use crate::backend::BackendError;
 use crate::node::Node;
 
 /// A failed service call, rendered as `{"error": {"code", "message"}}`.
@@ -27,6 +28,15 @@ pub struct ServiceError {
     pub code: String,
     /// What happened.
     pub message: String,
+}
+
+impl From<BackendError> for ServiceError {
+    fn from(e: BackendError) -> ServiceError {
+        match e {
+            BackendError::Array(e) => ServiceError::from_array(e),
+            BackendError::NotApplied => ServiceError::unavailable(),
+        }
+    }
 }
 
 impl ServiceError {
@@ -271,7 +281,7 @@ impl std::ops::DerefMut for Session {
 pub async fn load_session(node: &Node, ssnid: &str) -> Result<Session, ServiceError> {
     let current = COOKIE.try_with(|c| c.borrow().clone()).ok();
     let id = current.as_ref().map_or(ssnid.to_string(), |c| c.id.clone());
-    let loaded = node.get(&node.settings.sessions_cache(), id.as_bytes()).await?;
+    let loaded = node.backend.get(&node.settings.sessions_cache(), id.as_bytes()).await?;
     let id = match (&loaded, &current) {
         (None, Some(c)) if !c.issued => {
             let fresh = new_session_id();
@@ -314,6 +324,7 @@ pub async fn save_session(node: &Node, session: &Session) -> Result<(), ServiceE
         ));
     }
     let saved = node
+        .backend
         .put_if_unchanged(
             &node.settings.sessions_cache(),
             session.id.as_bytes(),
@@ -383,33 +394,35 @@ pub fn user_cache(input: &Value) -> Result<String, ServiceError> {
 
 async fn cache_get(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = user_cache(&input)?;
-    let v = node.get(&cache, field(&input, "key")?.as_bytes()).await?;
+    let v = node.backend.get(&cache, field(&input, "key")?.as_bytes()).await?;
     Ok(json!({"value": v.map(|b| String::from_utf8_lossy(&b).into_owned())}))
 }
 
 async fn cache_contains(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = user_cache(&input)?;
-    let v = node.get(&cache, field(&input, "key")?.as_bytes()).await?;
+    let v = node.backend.get(&cache, field(&input, "key")?.as_bytes()).await?;
     Ok(json!({"exists": v.is_some()}))
 }
 
 async fn cache_put(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = user_cache(&input)?;
     let value = field(&input, "value")?;
-    node.put(&cache, field(&input, "key")?.as_bytes(), value.as_bytes(), None)
+    node.backend
+        .put(&cache, field(&input, "key")?.as_bytes(), value.as_bytes(), None)
         .await?;
     Ok(json!({"ok": true}))
 }
 
 async fn cache_remove(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = user_cache(&input)?;
-    let removed = node.remove(&cache, field(&input, "key")?.as_bytes()).await?;
+    let removed = node.backend.remove(&cache, field(&input, "key")?.as_bytes()).await?;
     Ok(json!({"removed": removed}))
 }
 
 async fn cache_put_if_absent(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = user_cache(&input)?;
     let prev = node
+        .backend
         .put_if_absent(
             &cache,
             field(&input, "key")?.as_bytes(),
@@ -424,13 +437,13 @@ async fn cache_replace(node: &Node, input: Value) -> Result<Value, ServiceError>
     let key = field(&input, "key")?.as_bytes().to_vec();
     let value = field(&input, "value")?;
     match input.get("oldValue").and_then(Value::as_str) {
-        Some(old) => {
-            Ok(json!({"replaced": node.replace_if_equal(&cache, &key, old.as_bytes(), value.as_bytes()).await?}))
-        }
+        Some(old) => Ok(
+            json!({"replaced": node.backend.replace_if_equal(&cache, &key, old.as_bytes(), value.as_bytes()).await?}),
+        ),
         None => {
-            let present = node.get(&cache, &key).await?.is_some();
+            let present = node.backend.get(&cache, &key).await?.is_some();
             if present {
-                node.put(&cache, &key, value.as_bytes(), None).await?;
+                node.backend.put(&cache, &key, value.as_bytes(), None).await?;
             }
             Ok(json!({"replaced": present}))
         }
@@ -442,13 +455,13 @@ async fn cache_keys(node: &Node, input: Value) -> Result<Value, ServiceError> {
 }
 
 async fn cache_remove_all(node: &Node, input: Value) -> Result<Value, ServiceError> {
-    Ok(json!({"removed": node.remove_all(&user_cache(&input)?).await?}))
+    Ok(json!({"removed": node.backend.remove_all(&user_cache(&input)?).await?}))
 }
 
 /// `clearClusterMemberList`: empties the member list; live members re-register within one
 /// refresh interval.
 pub async fn clear_members(node: &Node) -> Result<Value, ServiceError> {
-    let removed = node.remove_all(&node.settings.members_cache()).await?;
+    let removed = node.backend.remove_all(&node.settings.members_cache()).await?;
     tracing::info!(event = "node.members_cleared", removed);
     Ok(json!({"removed": removed}))
 }
