@@ -63,12 +63,37 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Free ports on 127.0.0.1 (all held until chosen, so none is handed out twice).
+/// Ports the tests hand out: below Linux's ephemeral range (32768 and up), so that no outgoing
+/// connection of a test, a client or a server can take a port between the moment it is chosen and
+/// the moment its server binds it (port 0 would pick from the ephemeral range, and a node once
+/// failed to start with "Address already in use" that way).
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// Free ports on 127.0.0.1, each checked by binding it; never the same one twice in a process.
+/// Every process starts at its own place in the range, so test binaries run one after another
+/// do not reuse the ports of servers an earlier one may still be stopping.
 pub fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
-        .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let mut held = Vec::new();
+    for _ in 0..span {
+        if held.len() == count {
+            break;
+        }
+        let port = TEST_PORTS.start + (NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    assert_eq!(held.len(), count, "no free test ports left in {TEST_PORTS:?}");
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 /// Whether test arrays and nodes speak TLS on every port: `FERROCOTTA_TEST_TLS=1` runs a test
