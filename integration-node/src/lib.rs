@@ -6,15 +6,14 @@
 //! - [`settings`]: command line and `node.toml`.
 //! - [`cluster_name`]: effective cluster names and logical-name rules.
 //! - [`backend`]: where shared state lives (the array or this process), storage with a typed error.
-//! - [`node`]: the running node: member list, sessions, service and admin ports.
-//! - [`services`]: the service registry and the built-in services.
-//! - [`locks`]: `pub.cache.lock` (array locks) and `pub.storage` (stores with breakable locks).
-//! - [`jobs`]: `demo:checkpointed`, a job that resumes from its last checkpoint on any node.
+//! - [`node`]: the running node (its context): identity, member list, online state.
+//! - [`http`]: the service and admin ports: routers, the page, metrics.
+//! - [`services`]: the service registry and the built-in services, each module owning its state:
+//!   cache, session, locks (`pub.cache.lock`, `pub.storage`), checkpoint, cluster.
 
 pub mod backend;
 pub mod cluster_name;
-pub mod jobs;
-pub mod locks;
+pub mod http;
 pub mod node;
 pub mod services;
 pub mod settings;
@@ -180,9 +179,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         rejoins: AtomicU64::new(0),
         online: AtomicBool::new(true),
         online_changed: tokio::sync::Notify::new(),
-        registry,
         requests: AtomicU64::new(0),
-        held_locks: Default::default(),
         tls,
     });
     if let Backend::Array(c) = &node.backend {
@@ -205,7 +202,13 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         reloadables.push(t);
     }
     ferrocotta::tls::spawn_reloader(reloadables, TLS_RELOAD_INTERVAL, shutdown.clone());
-    let done = tokio::spawn(serve(node.clone(), service, admin, shutdown.clone()));
+    let done = tokio::spawn(serve(
+        node.clone(),
+        Arc::new(registry),
+        service,
+        admin,
+        shutdown.clone(),
+    ));
     tracing::info!(
         event = "node.serving",
         name = %node.logical_name,
@@ -251,15 +254,21 @@ fn service_limits() -> HttpLimits {
     }
 }
 
-async fn serve(node: Arc<Node>, service: TcpListener, admin: TcpListener, shutdown: CancellationToken) {
+async fn serve(
+    node: Arc<Node>,
+    registry: Arc<Registry>,
+    service: TcpListener,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+) {
     let refresh = tokio::spawn(node::member_refresh(node.clone(), shutdown.clone()));
-    let service_task = tokio::spawn(service_loop(node.clone(), service, shutdown.clone()));
+    let service_task = tokio::spawn(service_loop(node.clone(), registry, service, shutdown.clone()));
     let admin_task = tokio::spawn(ferrocotta::http::serve(
         "node admin",
         admin,
         node.tls.clone(),
         HttpLimits::default(),
-        node::admin_router(node.clone()),
+        http::admin_router(node.clone()),
         shutdown.clone(),
     ));
     shutdown.cancelled().await;
@@ -273,7 +282,7 @@ async fn serve(node: Arc<Node>, service: TcpListener, admin: TcpListener, shutdo
 
 /// Serves the service port while the node is online: going offline closes the port (in-flight
 /// requests finish), going online binds it again on the same address.
-async fn service_loop(node: Arc<Node>, first: TcpListener, shutdown: CancellationToken) {
+async fn service_loop(node: Arc<Node>, registry: Arc<Registry>, first: TcpListener, shutdown: CancellationToken) {
     let mut listener = Some(first);
     loop {
         let l = match listener.take() {
@@ -310,7 +319,7 @@ async fn service_loop(node: Arc<Node>, first: TcpListener, shutdown: Cancellatio
             l,
             node.tls.clone(),
             service_limits(),
-            node::service_router(node.clone()),
+            http::service_router(node.clone(), registry.clone()),
             stop.clone(),
         )
         .await;

@@ -1,41 +1,23 @@
-//! The running node: its state, the member list, clustered sessions and both HTTP ports.
+//! The running node, the context every service and handler reaches: its identity, its backend,
+//! whether it serves, and its entry in the member list (registered, refreshed, re-registered after
+//! a clear or a rejoin, removed when it leaves). Services and HTTP build on it; it knows neither.
 //!
 //! Everything shared lives in the array, reached only through the root crate's `ArrayClient`:
 //! sessions in `ferrocotta.node.sessions.<cluster>` (tti = session timeout), the member list in
 //! `ferrocotta.node.members.<cluster>` as ephemeral entries tied to the node's array session. In
 //! stand-alone mode (`on_startup_error = "standalone"`) the same data lives in this process.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use ferrocotta::client::{ClientEvent, ConnectionState};
 use ferrocotta::ClientError;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
-use crate::services::{new_session_id, with_session_cookie, Registry, ServiceError, SessionCookie};
 use crate::settings::NodeSettings;
-
-/// Largest request body the service port reads.
-pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
-
-/// Largest request body the admin port reads (its endpoints take none).
-pub const ADMIN_BODY_BYTES_MAX: usize = 4096;
-
-/// Longest session id taken from a cookie (anything else, or other characters than ASCII letters
-/// and digits, counts as no cookie).
-pub const SESSION_ID_BYTES_MAX: usize = 64;
-
-/// Locks held through `pub.cache.lock` by (cache, key): the array's handle and the holds taken.
-pub type HeldLocks = HashMap<(String, Vec<u8>), (ferrocotta::client::LockHandle, u32)>;
 
 /// Everything a request handler reaches.
 pub struct Node {
@@ -59,12 +41,8 @@ pub struct Node {
     pub online: AtomicBool,
     /// Wakes the service loop when the node goes online or offline.
     pub online_changed: tokio::sync::Notify,
-    /// Services by `folder:service`.
-    pub registry: Registry,
     /// Requests served.
     pub requests: AtomicU64,
-    /// `pub.cache.lock` locks this node holds, by (cache, key), with the holds taken on each.
-    pub held_locks: Mutex<HeldLocks>,
     /// TLS of both ports, if they speak it.
     pub tls: Option<Arc<ferrocotta::tls::ServerTls>>,
 }
@@ -78,18 +56,6 @@ pub fn now_ms() -> u64 {
 }
 
 impl Node {
-    /// Every key of a cache as `{"keys": [...]}` (keys shown as text).
-    pub async fn keys_json(&self, cache: &str) -> Result<Value, ServiceError> {
-        let keys: Vec<String> = self
-            .backend
-            .keys(cache)
-            .await?
-            .into_iter()
-            .map(|k| String::from_utf8_lossy(&k).into_owned())
-            .collect();
-        Ok(json!({ "keys": keys }))
-    }
-
     /// This node's member entry.
     pub fn member_entry(&self) -> Value {
         json!({
@@ -199,223 +165,4 @@ pub async fn member_refresh(node: Arc<Node>, shutdown: CancellationToken) {
             }
         }
     }
-}
-
-fn error_response(e: ServiceError) -> Response {
-    (e.status, Json(json!({"error": {"code": e.code, "message": e.message}}))).into_response()
-}
-
-/// The service port router.
-pub fn service_router(node: Arc<Node>) -> Router {
-    Router::new()
-        .route("/invoke/:service", post(invoke))
-        .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
-        .with_state(node)
-}
-
-fn session_cookie(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == "ssnid")
-        .map(|(_, v)| v.to_string())
-        .filter(|v| !v.is_empty() && v.len() <= SESSION_ID_BYTES_MAX && v.chars().all(|c| c.is_ascii_alphanumeric()))
-}
-
-async fn invoke(
-    State(node): State<Arc<Node>>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
-    node.requests.fetch_add(1, Ordering::Relaxed);
-    if !node.online.load(Ordering::Relaxed) {
-        return error_response(ServiceError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "offline",
-            "the node is offline",
-        ));
-    }
-    if let Err(e) = crate::services::check_service_name(&service) {
-        return error_response(e);
-    }
-    if node.registry.is_administrative(&service) && !authorized(&node, &headers) {
-        return error_response(ServiceError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "an administrative service: the admin token is missing or wrong",
-        ));
-    }
-    let input: Value = if body.trim().is_empty() {
-        json!({})
-    } else {
-        match serde_json::from_str(&body) {
-            Ok(v) => v,
-            Err(e) => return error_response(ServiceError::bad_request(format!("the body is not JSON: {e}"))),
-        }
-    };
-    let cookie = match session_cookie(&headers) {
-        Some(id) => SessionCookie { id, issued: false },
-        None => SessionCookie {
-            id: new_session_id(),
-            issued: true,
-        },
-    };
-    let ssnid = cookie.id.clone();
-    let (result, cookie) = with_session_cookie(cookie, node.registry.call(&node, &service, &ssnid, input)).await;
-    let mut response = match result {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => error_response(e),
-    };
-    if cookie.issued {
-        let secure = if node.tls.is_some() { "; Secure" } else { "" };
-        if let Ok(v) = format!("ssnid={}; Path=/; HttpOnly; SameSite=Lax{secure}", cookie.id).parse() {
-            response.headers_mut().insert(header::SET_COOKIE, v);
-        }
-    }
-    response
-}
-
-fn authorized(node: &Node, headers: &HeaderMap) -> bool {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| headers.get("x-admin-token").and_then(|v| v.to_str().ok()));
-    given.is_some_and(|g| ferrocotta::security::constant_time_eq(g.as_bytes(), node.settings.admin_token.as_bytes()))
-}
-
-fn unauthorized() -> Response {
-    error_response(ServiceError::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "the admin token is missing or wrong",
-    ))
-}
-
-/// Refuses a request to a protected admin route without the right token.
-async fn require_token(
-    State(node): State<Arc<Node>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if !authorized(&node, request.headers()) {
-        return unauthorized();
-    }
-    next.run(request).await
-}
-
-/// The admin port router: every route but `/healthz` needs the admin token.
-pub fn admin_router(node: Arc<Node>) -> Router {
-    Router::new()
-        .route("/", get(page))
-        .route("/metrics", get(metrics))
-        .route("/admin/status", get(status))
-        .route("/admin/cluster", get(cluster))
-        .route("/admin/cluster/clear", post(clear))
-        .route("/admin/offline", post(offline))
-        .route("/admin/online", post(online))
-        .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_token))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
-        .with_state(node)
-}
-
-fn status_of(node: &Node) -> Value {
-    json!({
-        "logical_name": node.logical_name,
-        "cluster_name": node.settings.cluster_name,
-        "effective_cluster_name": node.settings.effective_cluster_name,
-        "state": node.backend.array_state(),
-        "online": node.online.load(Ordering::Relaxed),
-        "rejoins": node.rejoins.load(Ordering::Relaxed),
-        "service": node.service_addr,
-        "admin": node.admin_addr,
-        "array_urls": node.settings.array_urls,
-        "requests": node.requests.load(Ordering::Relaxed),
-    })
-}
-
-async fn status(State(node): State<Arc<Node>>) -> Response {
-    Json(status_of(&node)).into_response()
-}
-
-async fn cluster(State(node): State<Arc<Node>>) -> Response {
-    Json(json!({ "members": node.members().await })).into_response()
-}
-
-async fn clear(State(node): State<Arc<Node>>) -> Response {
-    match crate::services::clear_members(&node).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => error_response(e),
-    }
-}
-
-async fn offline(State(node): State<Arc<Node>>) -> Response {
-    set_online(&node, false);
-    Json(status_of(&node)).into_response()
-}
-
-async fn online(State(node): State<Arc<Node>>) -> Response {
-    set_online(&node, true);
-    Json(status_of(&node)).into_response()
-}
-
-/// Opens or closes the service port (the service loop follows `online`).
-fn set_online(node: &Node, online: bool) {
-    node.online.store(online, Ordering::Relaxed);
-    node.online_changed.notify_waiters();
-    tracing::info!(
-        event = if online { "node.online" } else { "node.offline" },
-        "service port {} by the admin",
-        if online { "reopened" } else { "closed" }
-    );
-}
-
-async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    let s = status_of(&node);
-    let text = format!(
-        "# TYPE ferrocotta_node_requests_total counter\nferrocotta_node_requests_total {}\n\
-         # TYPE ferrocotta_node_rejoins_total counter\nferrocotta_node_rejoins_total {}\n\
-         # TYPE ferrocotta_node_connected gauge\nferrocotta_node_connected {}\n",
-        s["requests"],
-        s["rejoins"],
-        (s["state"] == "connected") as u8
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}
-
-async fn page(State(node): State<Arc<Node>>) -> Response {
-    let s = status_of(&node);
-    let members = node.members().await;
-    let rows: String = members
-        .iter()
-        .map(|m| {
-            format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                html_escape(m["logical_name"].as_str().unwrap_or("")),
-                html_escape(m["service"].as_str().unwrap_or("")),
-                html_escape(m["state"].as_str().unwrap_or(""))
-            )
-        })
-        .collect();
-    Html(format!(
-        "<!doctype html><html><head><meta charset=utf-8><title>node {name}</title></head><body>\
-         <h1>integration node {name}</h1><p>cluster {cluster} ({eff}); array: {state}; online: {online}; rejoins: {rejoins}</p>\
-         <h2>members</h2><table><tr><th>name</th><th>service</th><th>state</th></tr>{rows}</table></body></html>",
-        name = html_escape(&node.logical_name),
-        cluster = html_escape(&node.settings.cluster_name),
-        eff = html_escape(&node.settings.effective_cluster_name),
-        state = s["state"].as_str().unwrap_or(""),
-        online = s["online"],
-        rejoins = s["rejoins"],
-    ))
-    .into_response()
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }

@@ -11,8 +11,8 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::{Registry, ServiceError};
 use crate::node::Node;
-use crate::services::{Registry, ServiceError};
 
 /// Steps a job may ask for.
 pub const STEPS_MAX: u64 = 10_000;

@@ -12,6 +12,8 @@
 //! locks are; `waitLength` (ms) bounds how long a requester waits. A store's values and its lock
 //! records live in caches of different prefixes, so no store name reaches another store's locks.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -20,9 +22,12 @@ use ferrocotta::protocol::LockMode;
 use ferrocotta::ClientError;
 use serde_json::{json, Value};
 
+use super::{Registry, ServiceError};
 use crate::backend::Backend;
 use crate::node::{now_ms, Node};
-use crate::services::{Registry, ServiceError};
+
+/// Locks held through `pub.cache.lock` by (cache, key): the array's handle and the holds taken.
+type HeldLocks = Mutex<HashMap<(String, Vec<u8>), (LockHandle, u32)>>;
 
 /// How often a waiting `pub.storage:lock` looks again.
 const STORAGE_LOCK_POLL: Duration = Duration::from_millis(50);
@@ -44,11 +49,14 @@ fn lock_timeout(what: &str) -> ServiceError {
 
 /// Registers the lock and storage services.
 pub fn register(r: &mut Registry) {
-    r.register("pub.cache.lock:acquireLock", |node, _, input| {
-        Box::pin(acquire(node, input))
+    // The locks this node holds belong to these two services alone.
+    let held = Arc::new(HeldLocks::default());
+    let table = held.clone();
+    r.register("pub.cache.lock:acquireLock", move |node, _, input| {
+        Box::pin(acquire(node, table.clone(), input))
     });
-    r.register("pub.cache.lock:releaseLock", |node, _, input| {
-        Box::pin(release(node, input))
+    r.register("pub.cache.lock:releaseLock", move |node, _, input| {
+        Box::pin(release(node, held.clone(), input))
     });
     r.register("pub.storage:put", |node, _, input| Box::pin(storage_put(node, input)));
     r.register("pub.storage:get", |node, _, input| Box::pin(storage_get(node, input)));
@@ -71,7 +79,7 @@ pub fn register(r: &mut Registry) {
     });
 }
 
-async fn acquire(node: &Node, input: Value) -> Result<Value, ServiceError> {
+async fn acquire(node: &Node, held_locks: Arc<HeldLocks>, input: Value) -> Result<Value, ServiceError> {
     let Backend::Array(client) = &node.backend else {
         return Err(ServiceError::new(
             StatusCode::NOT_IMPLEMENTED,
@@ -79,12 +87,12 @@ async fn acquire(node: &Node, input: Value) -> Result<Value, ServiceError> {
             "locks need the array",
         ));
     };
-    let cache = crate::services::user_cache(&input)?;
+    let cache = super::user_cache(&input)?;
     let key = field(&input, "key")?.to_string();
     let wait = LockWait::from_millis(input.get("lockWaitTime").and_then(Value::as_i64).unwrap_or(0));
     let id = (cache.clone(), key.clone().into_bytes());
     {
-        let held = node.held_locks.lock().expect("held locks");
+        let held = held_locks.lock().expect("held locks");
         if !held.contains_key(&id) && held.len() >= node.settings.locks_held_max {
             return Err(ServiceError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -98,7 +106,7 @@ async fn acquire(node: &Node, input: Value) -> Result<Value, ServiceError> {
     }
     match client.lock(&cache, key.as_bytes(), LockMode::Exclusive, wait).await {
         Ok(handle) => {
-            let mut held = node.held_locks.lock().expect("held locks");
+            let mut held = held_locks.lock().expect("held locks");
             let entry = held.entry(id).or_insert((handle.clone(), 0));
             // A hold taken under a newer session (after a rejoin) replaces the voided one.
             if entry.0 != handle {
@@ -112,7 +120,7 @@ async fn acquire(node: &Node, input: Value) -> Result<Value, ServiceError> {
     }
 }
 
-async fn release(node: &Node, input: Value) -> Result<Value, ServiceError> {
+async fn release(node: &Node, held_locks: Arc<HeldLocks>, input: Value) -> Result<Value, ServiceError> {
     let Backend::Array(client) = &node.backend else {
         return Err(ServiceError::new(
             StatusCode::NOT_IMPLEMENTED,
@@ -120,13 +128,10 @@ async fn release(node: &Node, input: Value) -> Result<Value, ServiceError> {
             "locks need the array",
         ));
     };
-    let id = (
-        crate::services::user_cache(&input)?,
-        field(&input, "key")?.as_bytes().to_vec(),
-    );
+    let id = (super::user_cache(&input)?, field(&input, "key")?.as_bytes().to_vec());
     // One hold is given back per release; the handle stays while holds remain.
     let handle: Option<(LockHandle, u32)> = {
-        let mut held = node.held_locks.lock().expect("held locks");
+        let mut held = held_locks.lock().expect("held locks");
         match held.get_mut(&id) {
             None => None,
             Some((handle, holds)) => {
@@ -150,7 +155,7 @@ async fn release(node: &Node, input: Value) -> Result<Value, ServiceError> {
     match client.unlock(&handle).await {
         Ok(()) => Ok(json!({"released": true, "holds": left})),
         Err(ClientError::InvalidLockAfterRejoin) => {
-            node.held_locks.lock().expect("held locks").remove(&id);
+            held_locks.lock().expect("held locks").remove(&id);
             Err(ServiceError::new(
                 StatusCode::CONFLICT,
                 "invalid_lock_after_rejoin",
@@ -206,7 +211,7 @@ async fn storage_remove(node: &Node, input: Value) -> Result<Value, ServiceError
 }
 
 async fn storage_keys(node: &Node, input: Value) -> Result<Value, ServiceError> {
-    node.keys_json(&store(node, &input)?).await
+    super::cache::keys_json(node, &store(node, &input)?).await
 }
 
 async fn storage_delete(node: &Node, input: Value) -> Result<Value, ServiceError> {
