@@ -14,13 +14,15 @@
 //! - [`slots`]: hash slots, how keys are spread over stripes.
 //! - [`pipelined`]: one connection with many requests in flight, the client's and the peers' transport.
 //! - [`client`]: `ArrayClient`, bootstrap from a URL list, routing and failover.
-//! - [`loadgen`]: the load generator of `ferrocotta bench` and the peer comparison.
+//! - `loadgen` (feature `loadgen`, on by default): the load generator of `ferrocotta bench` and the
+//!   peer comparison; a program that embeds only the client builds without it.
 
 pub mod admission;
 pub mod client;
 pub mod config;
 pub mod handshake;
 pub mod http;
+#[cfg(feature = "loadgen")]
 pub mod loadgen;
 pub mod log_throttle;
 pub mod pipelined;
