@@ -227,9 +227,9 @@ async fn page(State(node): State<Arc<Node>>) -> Response {
         .map(|m| {
             format!(
                 "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                html_escape(m["logical_name"].as_str().unwrap_or("")),
-                html_escape(m["service"].as_str().unwrap_or("")),
-                html_escape(m["state"].as_str().unwrap_or(""))
+                html_escape(&m.logical_name),
+                html_escape(&m.service),
+                html_escape(&m.state)
             )
         })
         .collect();

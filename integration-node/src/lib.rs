@@ -6,7 +6,8 @@
 //! - [`settings`]: command line and `node.toml`.
 //! - [`cluster_name`]: effective cluster names and logical-name rules.
 //! - [`backend`]: where shared state lives (the array or this process), storage with a typed error.
-//! - [`node`]: the running node (its context): identity, member list, online state.
+//! - [`members`]: the member list in the array, a typed entry per node.
+//! - [`node`]: the running node (its context): identity, its member entry, online state.
 //! - [`http`]: the service and admin ports: routers, the page, metrics.
 //! - [`services`]: the service registry and the built-in services, each module owning its state:
 //!   cache, session, locks (`pub.cache.lock`, `pub.storage`), checkpoint, cluster.
@@ -14,6 +15,7 @@
 pub mod backend;
 pub mod cluster_name;
 pub mod http;
+pub mod members;
 pub mod node;
 pub mod services;
 pub mod settings;
@@ -185,10 +187,12 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
     if let Backend::Array(c) = &node.backend {
         let cache = node.settings.members_cache();
         if let Ok(Some(existing)) = c.get(&cache, node.logical_name.as_bytes()).await {
-            let who: serde_json::Value = serde_json::from_slice(&existing).unwrap_or_default();
+            let who = serde_json::from_slice::<members::Member>(&existing)
+                .map(|m| format!("at {} (started at {} ms)", m.service, m.start_time_ms))
+                .unwrap_or_else(|_| "(an entry this version cannot read)".into());
             return Err(StartError::NameTaken(format!(
-                "the logical name `{}` is already used by a live member at {} (started at {} ms); pick another with --logical-name",
-                node.logical_name, who["service"], who["start_time_ms"]
+                "the logical name `{}` is already used by a live member {who}; pick another with --logical-name",
+                node.logical_name
             )));
         }
         node.register().await.map_err(|e| StartError::NoArray(e.to_string()))?;

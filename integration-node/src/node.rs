@@ -13,10 +13,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferrocotta::client::{ClientEvent, ConnectionState};
 use ferrocotta::ClientError;
-use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
+use crate::members::{self, Member};
 use crate::settings::NodeSettings;
 
 /// Everything a request handler reaches.
@@ -57,73 +57,42 @@ pub fn now_ms() -> u64 {
 
 impl Node {
     /// This node's member entry.
-    pub fn member_entry(&self) -> Value {
-        json!({
-            "logical_name": self.logical_name,
-            "instance": self.instance_id,
-            "service": self.service_addr,
-            "admin": self.admin_addr,
-            "version": env!("CARGO_PKG_VERSION"),
-            "start_time_ms": self.started_ms,
-            "state": if self.online.load(Ordering::Relaxed) { "online" } else { "offline" },
-        })
-    }
-
-    /// The members as the public service `wm.server.cluster:getMembers` shows them: without
-    /// their admin addresses and instance ids, which only the admin port gives out.
-    pub async fn public_members(&self) -> Vec<Value> {
-        let mut members = self.members().await;
-        for m in &mut members {
-            if let Some(o) = m.as_object_mut() {
-                o.remove("admin");
-                o.remove("instance");
+    pub fn member_entry(&self) -> Member {
+        Member {
+            logical_name: self.logical_name.clone(),
+            instance: Some(self.instance_id.clone()),
+            service: self.service_addr.clone(),
+            admin: Some(self.admin_addr.clone()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            start_time_ms: self.started_ms,
+            state: if self.online.load(Ordering::Relaxed) {
+                "online"
+            } else {
+                "offline"
             }
-        }
-        members
-    }
-
-    /// Members of the cluster as this node sees them. A node cut from the array sees an empty
-    /// list (as in the seed guide); in stand-alone mode it sees itself.
-    pub async fn members(&self) -> Vec<Value> {
-        match &self.backend {
-            Backend::Local(_) => vec![self.member_entry()],
-            Backend::Array(c) => {
-                if c.connection_state() == ConnectionState::Disconnected {
-                    return Vec::new();
-                }
-                let cache = self.settings.members_cache();
-                let Ok(keys) = c.all_keys(&cache, b"", 10_000).await else {
-                    return Vec::new();
-                };
-                let Ok(values) = c.get_all(&cache, &keys).await else {
-                    return Vec::new();
-                };
-                values
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| serde_json::from_slice(&v).ok())
-                    .collect()
-            }
+            .to_string(),
         }
     }
 
-    /// Writes this node's member entry (ephemeral: it disappears when the node's array session
-    /// ends).
+    /// Members of the cluster as this node sees them (see [`members::list`]).
+    pub async fn members(&self) -> Vec<Member> {
+        members::list(&self.backend, &self.settings.members_cache(), &self.member_entry()).await
+    }
+
+    /// The members as the public service `wm.server.cluster:getMembers` shows them.
+    pub async fn public_members(&self) -> Vec<Member> {
+        self.members().await.into_iter().map(Member::public).collect()
+    }
+
+    /// Writes this node's member entry.
     pub async fn register(&self) -> Result<(), ClientError> {
-        if let Backend::Array(c) = &self.backend {
-            let value = serde_json::to_vec(&self.member_entry()).expect("json");
-            c.put_ephemeral(&self.settings.members_cache(), self.logical_name.as_bytes(), &value)
-                .await?;
-        }
-        Ok(())
+        members::register(&self.backend, &self.settings.members_cache(), &self.member_entry()).await
     }
 
-    /// Removes this node's member entry (graceful stop).
+    /// Removes this node's member entry and closes its array session (graceful stop).
     pub async fn leave(&self) {
+        let _ = members::leave(&self.backend, &self.settings.members_cache(), &self.logical_name).await;
         if let Backend::Array(c) = &self.backend {
-            let _ = c
-                .remove(&self.settings.members_cache(), self.logical_name.as_bytes())
-                .await;
             c.close().await;
         }
     }
@@ -150,12 +119,8 @@ pub async fn member_refresh(node: Arc<Node>, shutdown: CancellationToken) {
         if client.connection_state() == ConnectionState::Disconnected {
             continue;
         }
-        let cache = node.settings.members_cache();
-        let ours = match client.get(&cache, node.logical_name.as_bytes()).await {
-            Ok(Some(v)) => serde_json::from_slice::<Value>(&v)
-                .map(|v| v["instance"] == node.instance_id.as_str())
-                .unwrap_or(false),
-            Ok(None) => false,
+        let ours = match members::entry_of(&node.backend, &node.settings.members_cache(), &node.logical_name).await {
+            Ok(entry) => entry.is_some_and(|m| m.instance.as_deref() == Some(node.instance_id.as_str())),
             Err(_) => continue,
         };
         if !ours {
