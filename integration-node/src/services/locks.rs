@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use ferrocotta::client::{LockHandle, LockWait};
 use ferrocotta::protocol::LockMode;
-use ferrocotta::ClientError;
+use ferrocotta::{ArrayClient, ClientError};
 use serde_json::{json, Value};
 
 use super::{Registry, ServiceError};
@@ -79,14 +79,20 @@ pub fn register(r: &mut Registry) {
     });
 }
 
-async fn acquire(node: &Node, held_locks: Arc<HeldLocks>, input: Value) -> Result<Value, ServiceError> {
-    let Backend::Array(client) = &node.backend else {
-        return Err(ServiceError::new(
+/// The array client; array locks have no stand-alone form.
+fn array_of(node: &Node) -> Result<&ArrayClient, ServiceError> {
+    match &node.backend {
+        Backend::Array(client) => Ok(client),
+        Backend::Local(_) => Err(ServiceError::new(
             StatusCode::NOT_IMPLEMENTED,
             "standalone",
             "locks need the array",
-        ));
-    };
+        )),
+    }
+}
+
+async fn acquire(node: &Node, held_locks: Arc<HeldLocks>, input: Value) -> Result<Value, ServiceError> {
+    let client = array_of(node)?;
     let cache = super::user_cache(&input)?;
     let key = field(&input, "key")?.to_string();
     let wait = LockWait::from_millis(input.get("lockWaitTime").and_then(Value::as_i64).unwrap_or(0));
@@ -121,13 +127,7 @@ async fn acquire(node: &Node, held_locks: Arc<HeldLocks>, input: Value) -> Resul
 }
 
 async fn release(node: &Node, held_locks: Arc<HeldLocks>, input: Value) -> Result<Value, ServiceError> {
-    let Backend::Array(client) = &node.backend else {
-        return Err(ServiceError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "standalone",
-            "locks need the array",
-        ));
-    };
+    let client = array_of(node)?;
     let id = (super::user_cache(&input)?, field(&input, "key")?.as_bytes().to_vec());
     // One hold is given back per release; the handle stays while holds remain.
     let handle: Option<(LockHandle, u32)> = {
