@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use ferrocotta::config::ClusterConfig;
 use ferrocotta::protocol::CacheSettings;
 
-use crate::log_store::{LogStore, OpenedLog, StoreDamage};
+use crate::log_store::{Damage, LogStore, OpenedLog, StoreDamage};
 use crate::mark::Standing;
 use crate::snapshot_file::LoadError;
 use crate::state_machine::StateMachineStore;
@@ -37,7 +37,7 @@ pub struct OpenedFolder {
 pub enum FolderError {
     /// It is damaged: the server must not use it.
     #[error(transparent)]
-    Damaged(#[from] StoreDamage),
+    Damaged(Box<StoreDamage>),
     /// Anything else (in use by another process, permissions).
     #[error("{0:#}")]
     Other(anyhow::Error),
@@ -49,33 +49,29 @@ pub fn open(data_dir: &Path, configured: BTreeMap<String, CacheSettings>) -> Res
         Ok(ok) => ok,
         Err(e) => {
             return Err(match e.downcast::<StoreDamage>() {
-                Ok(d) => FolderError::Damaged(d),
+                Ok(d) => FolderError::Damaged(Box::new(d)),
                 Err(e) => FolderError::Other(e),
             })
         }
     };
     let snapshot_dir = data_dir.join(SNAPSHOT_DIR);
-    let damage = |what: String| {
-        FolderError::Damaged(StoreDamage {
+    let damage = |what: Damage| {
+        FolderError::Damaged(Box::new(StoreDamage {
             dir: data_dir.to_path_buf(),
             what,
-        })
+        }))
     };
     let state_machine = StateMachineStore::open(&snapshot_dir, configured).map_err(|e| match e {
-        LoadError::Damaged { .. } => damage(e.to_string()),
+        LoadError::Damaged { .. } => damage(Damage::Snapshot(e)),
         LoadError::Io { .. } => FolderError::Other(e.into()),
     })?;
     let snapshot_last = state_machine.shared().read(|d| d.last_applied);
     if opened.purged > snapshot_last {
-        return Err(damage(format!(
-            "the log was compacted up to entry {} but the snapshot that holds those entries (in {}) is {}",
-            opened.purged.map(|p| p.index).unwrap_or(0),
-            snapshot_dir.display(),
-            match snapshot_last {
-                None => "missing".to_string(),
-                Some(l) => format!("older (entry {})", l.index),
-            }
-        )));
+        return Err(damage(Damage::SnapshotBehind {
+            purged: opened.purged.map(|p| p.index).unwrap_or(0),
+            snapshot: snapshot_last.map(|l| l.index),
+            dir: snapshot_dir.clone(),
+        }));
     }
     Ok(OpenedFolder {
         log,

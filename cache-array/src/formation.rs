@@ -40,6 +40,20 @@ const FORMATION_POLL: Duration = Duration::from_millis(300);
 /// How often a server still waiting says so in its log.
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Why a peer could not be asked; it counts as unreachable.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// It did not take the connection or the handshake.
+    #[error("no handshake: {0}")]
+    Handshake(#[from] ferrocotta::handshake::HandshakeError),
+    /// The connection broke or the answer did not come in time.
+    #[error("no answer: {0:?}")]
+    Call(ferrocotta::pipelined::CallError),
+    /// It answered something that is not a probe reply.
+    #[error("undecodable reply: {0}")]
+    Undecodable(#[from] postcard::Error),
+}
+
 /// What a server answers a peer's probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeReply {
@@ -125,7 +139,7 @@ pub struct Formation {
 
 /// Asks one peer what it holds.
 pub type Prober = Arc<
-    dyn Fn(NodeId) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ProbeReply, String>> + Send>>
+    dyn Fn(NodeId) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ProbeReply, ProbeError>> + Send>>
         + Send
         + Sync,
 >;
@@ -206,7 +220,7 @@ impl Formation {
         }
     }
 
-    async fn probe_all(&self, probe: &Prober) -> Vec<(NodeId, Result<ProbeReply, String>)> {
+    async fn probe_all(&self, probe: &Prober) -> Vec<(NodeId, Result<ProbeReply, ProbeError>)> {
         let peers: Vec<NodeId> = self.members.keys().copied().filter(|id| *id != self.me).collect();
         let calls = peers.iter().map(|id| {
             let p = probe.clone();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrocotta::admission::Admission;
-use ferrocotta::handshake::{self, FramedConn, ServerIdentity};
+use ferrocotta::handshake::{self, AcceptError, FramedConn, ServerIdentity};
 use ferrocotta::protocol::{encode, Hello, ServerMessage};
 use ferrocotta::tls::{NetStream, ServerTls};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,7 +41,7 @@ pub trait Port: Send + Sync + 'static {
     fn refused(&self, tcp: TcpStream, remote: SocketAddr, why: String) -> impl Future<Output = ()> + Send;
 
     /// The TLS or protocol handshake failed, or took too long.
-    fn handshake_failed(&self, remote: SocketAddr, error: String);
+    fn handshake_failed(&self, remote: SocketAddr, error: HandshakeFailed);
 
     /// Serves an authenticated connection until it ends or `shutdown`; its requests run on
     /// `tracker`.
@@ -80,20 +80,32 @@ pub async fn serve<P: Port>(port: Arc<P>, listener: TcpListener, shutdown: Cance
     }
 }
 
+/// Why a connection did not get past its handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeFailed {
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    /// The protocol handshake failed (wrong secret, version, array or port).
+    #[error(transparent)]
+    Protocol(#[from] AcceptError),
+    /// Both together took longer than the handshake deadline.
+    #[error("no handshake within {0:?}")]
+    Timeout(Duration),
+}
+
 /// TLS (when the port speaks it) and the protocol handshake, within the handshake deadline.
-async fn handshake(l: &Listening, tcp: TcpStream) -> Result<(FramedConn, Hello), String> {
+async fn handshake(l: &Listening, tcp: TcpStream) -> Result<(FramedConn, Hello), HandshakeFailed> {
     let both = async {
         let stream = match &l.tls {
             None => NetStream::Plain(tcp),
-            Some(t) => t.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?,
+            Some(t) => t.accept(tcp).await.map_err(HandshakeFailed::Tls)?,
         };
-        handshake::accept(stream, &l.identity, l.handshake_timeout, l.max_frame)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(handshake::accept(stream, &l.identity, l.handshake_timeout, l.max_frame).await?)
     };
     tokio::time::timeout(l.handshake_timeout, both)
         .await
-        .unwrap_or_else(|_| Err(format!("no handshake within {:?}", l.handshake_timeout)))
+        .unwrap_or(Err(HandshakeFailed::Timeout(l.handshake_timeout)))
 }
 
 /// The last frame of a connection the server ends: why.

@@ -58,7 +58,85 @@ pub struct StoreDamage {
     /// The server's data folder.
     pub dir: PathBuf,
     /// What is wrong.
-    pub what: String,
+    pub what: Damage,
+}
+
+/// What is wrong with a damaged data folder.
+#[derive(Debug, thiserror::Error)]
+pub enum Damage {
+    /// The mark cannot be read or written.
+    #[error(transparent)]
+    Mark(#[from] MarkError),
+    /// sled refuses to open the database.
+    #[error("the database cannot be opened: {0}")]
+    Open(sled::Error),
+    /// A stored value of the meta tree cannot be read.
+    #[error("cannot read `{key}`: {source}")]
+    MetaUnreadable { key: String, source: sled::Error },
+    /// A stored value of the meta tree does not decode.
+    #[error("the stored `{key}` is undecodable: {source}")]
+    MetaUndecodable { key: String, source: postcard::Error },
+    /// The log tree cannot be read.
+    #[error("the log cannot be read: {0}")]
+    LogUnreadable(sled::Error),
+    /// A key of the log tree is not an index.
+    #[error("a log key is not an index")]
+    BadKey,
+    /// An entry is missing between two others.
+    #[error("entry {expected} is missing (the next one is {found}): the log has a gap")]
+    Gap { expected: u64, found: u64 },
+    /// An entry fails its checksum or does not decode.
+    #[error("{0}")]
+    Entry(StorageError),
+    /// An entry is stored under another index than its own.
+    #[error("entry {index} holds the entry of index {holds}")]
+    Misplaced { index: u64, holds: u64 },
+    /// A newer build wrote the store.
+    #[error(
+        "it was written in store format {format}, and this build reads formats up to {STORE_FORMAT_VERSION}: \
+         run the newer ferrocotta that wrote it"
+    )]
+    NewerFormat { format: u32 },
+    /// The database holds an older vote than the mark recorded.
+    #[error("its vote went back: the mark says {mark}, the database {}", shown(.database))]
+    VoteWentBack { mark: Vote, database: Option<Vote> },
+    /// The database holds an older purge point than the mark recorded.
+    #[error("its purge point went back: the mark says {mark:?}, the database {database:?}")]
+    PurgeWentBack { mark: Option<u64>, database: Option<u64> },
+    /// The entry the mark names was replaced by one of another term.
+    #[error("entry {index} is from term {term}, but the mark says term {mark_term}: the log was rewritten")]
+    Rewritten { index: u64, term: u64, mark_term: u64 },
+    /// The log ends before the last entry the mark says was durable.
+    #[error(
+        "it ends at entry {}, but the mark says entries up to {durable} were durable: acknowledged entries are lost",
+        shown(.ends_at)
+    )]
+    Lost { ends_at: Option<u64>, durable: u64 },
+    /// The database holds a log but its mark is gone.
+    #[error("its mark ({}) is missing, so lost entries cannot be ruled out", .0.display())]
+    MarkMissing(PathBuf),
+    /// The mark says there was a log but the database is empty.
+    #[error("the database in {} is empty or was replaced, but the mark says it held a log", .0.display())]
+    DatabaseMissing(PathBuf),
+    /// The snapshot file is damaged.
+    #[error(transparent)]
+    Snapshot(crate::snapshot_file::LoadError),
+    /// The log was compacted past what the snapshot holds.
+    #[error(
+        "the log was compacted up to entry {purged} but the snapshot that holds those entries (in {}) is {}",
+        .dir.display(),
+        .snapshot.map_or("missing".to_string(), |l| format!("older (entry {l})"))
+    )]
+    SnapshotBehind {
+        purged: u64,
+        snapshot: Option<u64>,
+        dir: PathBuf,
+    },
+}
+
+/// An optional value as a damage report shows it.
+fn shown<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "none".to_string(), T::to_string)
 }
 
 /// What opening a store found.
@@ -175,40 +253,44 @@ struct Found {
     ids: std::collections::BTreeMap<u64, LogId>,
 }
 
-fn read_meta<T: serde::de::DeserializeOwned>(meta: &sled::Tree, key: &[u8]) -> Result<Option<T>, String> {
-    let name = String::from_utf8_lossy(key).into_owned();
-    match meta.get(key).map_err(|e| format!("cannot read `{name}`: {e}"))? {
+fn read_meta<T: serde::de::DeserializeOwned>(meta: &sled::Tree, key: &[u8]) -> Result<Option<T>, Damage> {
+    let name = || String::from_utf8_lossy(key).into_owned();
+    match meta
+        .get(key)
+        .map_err(|source| Damage::MetaUnreadable { key: name(), source })?
+    {
         None => Ok(None),
         Some(bytes) => postcard::from_bytes(&bytes)
             .map(Some)
-            .map_err(|e| format!("the stored `{name}` is undecodable: {e}")),
+            .map_err(|source| Damage::MetaUndecodable { key: name(), source }),
     }
 }
 
 impl Found {
     /// Reads the meta and verifies every entry above the purge point: checksum, decoding, index,
     /// and no gap.
-    fn read(log: &sled::Tree, meta: &sled::Tree) -> Result<Found, String> {
+    fn read(log: &sled::Tree, meta: &sled::Tree) -> Result<Found, Damage> {
         let format: Option<u32> = read_meta(meta, KEY_FORMAT)?;
         let vote: Option<Vote> = read_meta(meta, KEY_VOTE)?;
         let purged: Option<LogId> = read_meta(meta, KEY_LAST_PURGED)?;
         let first = purged.map_or(0, |p| p.index + 1);
         let mut ids = std::collections::BTreeMap::new();
         for (expected, item) in (first..).zip(log.range(first.to_be_bytes()..)) {
-            let (k, v) = item.map_err(|e| format!("the log cannot be read: {e}"))?;
+            let (k, v) = item.map_err(Damage::LogUnreadable)?;
             let index = k
                 .as_ref()
                 .try_into()
                 .map(u64::from_be_bytes)
-                .map_err(|_| "a log key is not an index".to_string())?;
+                .map_err(|_| Damage::BadKey)?;
             if index != expected {
-                return Err(format!(
-                    "entry {expected} is missing (the next one is {index}): the log has a gap"
-                ));
+                return Err(Damage::Gap { expected, found: index });
             }
-            let entry = LogStore::decode_entry(index, &v).map_err(|e| e.to_string())?;
+            let entry = LogStore::decode_entry(index, &v).map_err(Damage::Entry)?;
             if entry.log_id.index != index {
-                return Err(format!("entry {index} holds the entry of index {}", entry.log_id.index));
+                return Err(Damage::Misplaced {
+                    index,
+                    holds: entry.log_id.index,
+                });
             }
             ids.insert(index, entry.log_id);
         }
@@ -227,13 +309,11 @@ impl Found {
     }
 
     /// Whether the log holds at least what the mark says it held.
-    fn check_against(&self, mark: &Mark, format: u32) -> Result<(), String> {
+    fn check_against(&self, mark: &Mark, format: u32) -> Result<(), Damage> {
         if format > STORE_FORMAT_VERSION || mark.format > STORE_FORMAT_VERSION {
-            return Err(format!(
-                "it was written in store format {}, and this build reads formats up to {STORE_FORMAT_VERSION}: \
-                 run the newer ferrocotta that wrote it",
-                format.max(mark.format)
-            ));
+            return Err(Damage::NewerFormat {
+                format: format.max(mark.format),
+            });
         }
         if let Some(want) = mark.vote {
             let ok = self.vote.is_some_and(|have| {
@@ -243,18 +323,17 @@ impl Found {
                 )
             });
             if !ok {
-                return Err(format!(
-                    "its vote went back: the mark says {want}, the database {}",
-                    self.vote.map(|v| v.to_string()).unwrap_or_else(|| "none".into())
-                ));
+                return Err(Damage::VoteWentBack {
+                    mark: want,
+                    database: self.vote,
+                });
             }
         }
         if mark.purged > self.purged {
-            return Err(format!(
-                "its purge point went back: the mark says {:?}, the database {:?}",
-                mark.purged.map(|p| p.index),
-                self.purged.map(|p| p.index)
-            ));
+            return Err(Damage::PurgeWentBack {
+                mark: mark.purged.map(|p| p.index),
+                database: self.purged.map(|p| p.index),
+            });
         }
         if let Some(last) = mark.last_log_id {
             let covered_by_purge = self.purged.is_some_and(|p| p.index >= last.index);
@@ -262,17 +341,17 @@ impl Found {
                 match self.ids.get(&last.index) {
                     Some(id) if *id == last => {}
                     Some(id) => {
-                        return Err(format!(
-                            "entry {} is from term {}, but the mark says term {}: the log was rewritten",
-                            last.index, id.leader_id.term, last.leader_id.term
-                        ))
+                        return Err(Damage::Rewritten {
+                            index: last.index,
+                            term: id.leader_id.term,
+                            mark_term: last.leader_id.term,
+                        })
                     }
                     None => {
-                        return Err(format!(
-                            "it ends at entry {}, but the mark says entries up to {} were durable: acknowledged entries are lost",
-                            self.last_entry.map(|l| l.index.to_string()).unwrap_or_else(|| "none".into()),
-                            last.index
-                        ))
+                        return Err(Damage::Lost {
+                            ends_at: self.last_entry.map(|l| l.index),
+                            durable: last.index,
+                        })
                     }
                 }
             }
@@ -285,13 +364,13 @@ impl LogStore {
     /// Opens (or creates) the log in the server's data folder `data_dir`, verifies it against its
     /// mark, and starts its flusher and purger threads. A damaged log is a [`StoreDamage`].
     pub fn open(data_dir: &Path) -> anyhow::Result<(LogStore, OpenedLog)> {
-        let damage = |what: String| StoreDamage {
+        let damage = |what: Damage| StoreDamage {
             dir: data_dir.to_path_buf(),
             what,
         };
         std::fs::create_dir_all(data_dir)?;
         let mark_path = data_dir.join(MARK_FILE);
-        let mark = MarkFile::open(&mark_path).map_err(|e| damage(e.to_string()))?;
+        let mark = MarkFile::open(&mark_path).map_err(|e| damage(e.into()))?;
         let db = match sled::Config::new()
             .path(data_dir.join(LOG_DIR))
             .mode(sled::Mode::HighThroughput)
@@ -305,7 +384,7 @@ impl LogStore {
                     data_dir.display()
                 )
             }
-            Err(e) => return Err(damage(format!("the database cannot be opened: {e}")).into()),
+            Err(e) => return Err(damage(Damage::Open(e)).into()),
         };
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
@@ -333,25 +412,10 @@ impl LogStore {
                     purged: found.purged,
                     ..Mark::default()
                 };
-                (
-                    MarkFile::create(&mark_path, &mark).map_err(|e| damage(e.to_string()))?,
-                    mark,
-                )
+                (MarkFile::create(&mark_path, &mark).map_err(|e| damage(e.into()))?, mark)
             }
-            (None, Some(_)) => {
-                return Err(damage(format!(
-                    "its mark ({}) is missing, so lost entries cannot be ruled out",
-                    mark_path.display()
-                ))
-                .into())
-            }
-            (Some(_), None) => {
-                return Err(damage(format!(
-                    "the database in {} is empty or was replaced, but the mark says it held a log",
-                    data_dir.join(LOG_DIR).display()
-                ))
-                .into())
-            }
+            (None, Some(_)) => return Err(damage(Damage::MarkMissing(mark_path)).into()),
+            (Some(_), None) => return Err(damage(Damage::DatabaseMissing(data_dir.join(LOG_DIR))).into()),
         };
         let opened = OpenedLog {
             pristine: found.is_pristine(),

@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::formation::{ProbeReply, VoteGate};
-use crate::listener::{self, Listening, Port};
+use crate::formation::{ProbeError, ProbeReply, VoteGate};
+use crate::listener::{self, HandshakeFailed, Listening, Port};
 use crate::log_store::LogStore;
 use crate::mark::Standing;
 use crate::types::{NodeId, Raft, TypeConfig};
@@ -216,16 +216,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 }
 
 /// Asks a peer what it holds (stripe formation), over a connection of its own.
-pub async fn probe_peer(addr: &str, identity: &ClientIdentity, timeout: Duration) -> Result<ProbeReply, String> {
-    let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_FRAME_BYTES_MAX)
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn probe_peer(addr: &str, identity: &ClientIdentity, timeout: Duration) -> Result<ProbeReply, ProbeError> {
+    let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_FRAME_BYTES_MAX).await?;
     let conn = Connection::start(framed, welcome, None);
     let bytes = conn
         .call_peer(PeerRpc::Probe, Vec::new(), timeout)
         .await
-        .map_err(|e| format!("{e:?}"))?;
-    postcard::from_bytes(&bytes).map_err(|e| format!("undecodable probe reply: {e}"))
+        .map_err(ProbeError::Call)?;
+    Ok(postcard::from_bytes(&bytes)?)
 }
 
 /// Which secret proves which role on the group port: only the peer secret, only for the other
@@ -279,7 +277,7 @@ impl Port for PeerService {
         }
     }
 
-    fn handshake_failed(&self, remote: SocketAddr, error: String) {
+    fn handshake_failed(&self, remote: SocketAddr, error: HandshakeFailed) {
         if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
             tracing::warn!(event = "peer.handshake_failed", remote = %remote, error = %error, suppressed);
         }

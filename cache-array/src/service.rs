@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::command::{Change, KeepAlive, OpenSession};
-use crate::listener::{self, Listening, Port};
+use crate::listener::{self, HandshakeFailed, Listening, Port};
 use crate::metrics::Metrics;
 use crate::store::{ReadError, ReplyRoom};
 use crate::stripe::{now_ms, Stripe};
@@ -139,7 +139,7 @@ impl Port for ClientService {
         }
     }
 
-    fn handshake_failed(&self, remote: SocketAddr, error: String) {
+    fn handshake_failed(&self, remote: SocketAddr, error: HandshakeFailed) {
         self.metrics.rejected_connections.fetch_add(1, Relaxed);
         if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
             tracing::warn!(event = "client.handshake_failed", remote = %remote, error = %error, suppressed);
