@@ -82,9 +82,19 @@ fn two_nodes_share_sessions_and_a_member_list() {
     assert_eq!(code, 200);
     common::wait_port(&a.service, false, Duration::from_secs(5));
     assert_eq!(a.admin_get("/admin/status").1["online"], false);
+    let state_of_a = |seen_by: &TestNode| {
+        seen_by.admin_get("/admin/cluster").1["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|x| x["logical_name"] == "node-a").cloned())
+            .map(|m| m["state"].clone())
+    };
+    // The member list says so at once, to the node itself and to the others.
+    assert_eq!(state_of_a(&a), Some(serde_json::json!("offline")));
+    assert_eq!(state_of_a(&b), Some(serde_json::json!("offline")));
     let (code, _) = a.admin_post("/admin/online");
     assert_eq!(code, 200);
     common::wait_port(&a.service, true, Duration::from_secs(5));
+    assert_eq!(state_of_a(&b), Some(serde_json::json!("online")));
     let (_, _, out) = a.invoke("demo:counter", Some(&cookie), "");
     assert_eq!(out["counter"], 4, "serving again, same session");
 

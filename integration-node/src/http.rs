@@ -186,17 +186,18 @@ async fn clear(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn offline(State(node): State<Arc<Node>>) -> Response {
-    set_online(&node, false);
+    set_online(&node, false).await;
     Json(status_of(&node)).into_response()
 }
 
 async fn online(State(node): State<Arc<Node>>) -> Response {
-    set_online(&node, true);
+    set_online(&node, true).await;
     Json(status_of(&node)).into_response()
 }
 
-/// Opens or closes the service port (the service loop follows `online`).
-fn set_online(node: &Node, online: bool) {
+/// Opens or closes the service port (the service loop follows `online`), and says so in the
+/// member list at once (if the array cannot be told now, the member refresh tells it later).
+async fn set_online(node: &Node, online: bool) {
     node.online.store(online, Ordering::Relaxed);
     node.online_changed.notify_waiters();
     tracing::info!(
@@ -204,6 +205,9 @@ fn set_online(node: &Node, online: bool) {
         "service port {} by the admin",
         if online { "reopened" } else { "closed" }
     );
+    if let Err(e) = node.register().await {
+        tracing::warn!(event = "node.member_register_failed", error = %e);
+    }
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {

@@ -119,11 +119,13 @@ pub async fn member_refresh(node: Arc<Node>, shutdown: CancellationToken) {
         if client.connection_state() == ConnectionState::Disconnected {
             continue;
         }
-        let ours = match members::entry_of(&node.backend, &node.settings.members_cache(), &node.logical_name).await {
-            Ok(entry) => entry.is_some_and(|m| m.instance.as_deref() == Some(node.instance_id.as_str())),
+        // Ours and up to date (an entry of an earlier process of the same name, or one still
+        // saying "online" after the admin took the node offline, is written again).
+        let current = match members::entry_of(&node.backend, &node.settings.members_cache(), &node.logical_name).await {
+            Ok(entry) => entry == Some(node.member_entry()),
             Err(_) => continue,
         };
-        if !ours {
+        if !current {
             match node.register().await {
                 Ok(()) => tracing::info!(event = "node.member_registered", name = %node.logical_name),
                 Err(e) => tracing::warn!(event = "node.member_register_failed", error = %e),
