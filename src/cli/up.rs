@@ -636,17 +636,19 @@ async fn start_nodes(
     Ok(token)
 }
 
-/// Waits for Ctrl-C or SIGTERM; reports servers that exit on their own meanwhile.
+/// Waits for Ctrl-C or SIGTERM; reports servers that exit on their own meanwhile. Both signals
+/// are listened to once, before the loop: a listener made anew on every turn (as `ctrl_c()` would
+/// be) misses a signal that arrives between two turns.
 async fn wait_until_stopped(children: &mut [(String, Child)]) -> u8 {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        eprintln!("cannot install the SIGTERM handler");
+    let (Ok(mut term), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        eprintln!("cannot install the SIGTERM and SIGINT handlers");
         return 2;
     };
     let mut reported = vec![false; children.len()];
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return 0,
+            _ = interrupt.recv() => return 0,
             _ = term.recv() => return 0,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 for (i, (name, child)) in children.iter_mut().enumerate() {
