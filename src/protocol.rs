@@ -583,19 +583,20 @@ impl WriteOp {
         }
     }
 
-    /// The values it carries, compared ones included (for the value size limit).
-    pub fn values(&self) -> Vec<&[u8]> {
+    /// Length of the largest value it carries, compared ones included (for the value size limit;
+    /// checked on every write, so it allocates nothing).
+    pub fn largest_value(&self) -> usize {
         match self {
             WriteOp::Put { value, .. } | WriteOp::PutIfAbsent { value, .. } | WriteOp::Replace { value, .. } => {
-                vec![value.as_slice()]
+                value.len()
             }
-            WriteOp::ReplaceIfEqual { expected, value, .. } => vec![expected.as_slice(), value.as_slice()],
-            WriteOp::RemoveIfEqual { expected, .. } => vec![expected.as_slice()],
-            WriteOp::PutAll { entries, .. } => entries.iter().map(|(_, v)| v.as_slice()).collect(),
+            WriteOp::ReplaceIfEqual { expected, value, .. } => expected.len().max(value.len()),
+            WriteOp::RemoveIfEqual { expected, .. } => expected.len(),
+            WriteOp::PutAll { entries, .. } => entries.iter().map(|(_, v)| v.len()).max().unwrap_or(0),
             WriteOp::Remove { .. }
             | WriteOp::Clear { .. }
             | WriteOp::Increment { .. }
-            | WriteOp::CreateCache { .. } => Vec::new(),
+            | WriteOp::CreateCache { .. } => 0,
         }
     }
 

@@ -476,7 +476,7 @@ impl ClientService {
             }
         }
         let value_too_big = match op {
-            Op::Write(op) => op.values().iter().any(|v| v.len() > limits.max_value_bytes as usize),
+            Op::Write(op) => op.largest_value() > limits.max_value_bytes as usize,
             Op::Ping | Op::Read(..) | Op::Session(_) => false,
         };
         if value_too_big {
