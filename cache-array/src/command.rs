@@ -201,25 +201,31 @@ mod tag {
 
 impl Serialize for Change {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut t = s.serialize_tuple(2)?;
         match self {
-            Change::Put(b) => (t.serialize_element(&tag::PUT)?, t.serialize_element(b)?),
-            Change::PutAll(b) => (t.serialize_element(&tag::PUT_ALL)?, t.serialize_element(b)?),
-            Change::PutIfAbsent(b) => (t.serialize_element(&tag::PUT_IF_ABSENT)?, t.serialize_element(b)?),
-            Change::Replace(b) => (t.serialize_element(&tag::REPLACE)?, t.serialize_element(b)?),
-            Change::ReplaceIfEqual(b) => (t.serialize_element(&tag::REPLACE_IF_EQUAL)?, t.serialize_element(b)?),
-            Change::Remove(b) => (t.serialize_element(&tag::REMOVE)?, t.serialize_element(b)?),
-            Change::RemoveIfEqual(b) => (t.serialize_element(&tag::REMOVE_IF_EQUAL)?, t.serialize_element(b)?),
-            Change::Clear(b) => (t.serialize_element(&tag::CLEAR)?, t.serialize_element(b)?),
-            Change::Increment(b) => (t.serialize_element(&tag::INCREMENT)?, t.serialize_element(b)?),
-            Change::CreateCache(b) => (t.serialize_element(&tag::CREATE_CACHE)?, t.serialize_element(b)?),
-            Change::OpenSession(b) => (t.serialize_element(&tag::OPEN_SESSION)?, t.serialize_element(b)?),
-            Change::CloseSession(b) => (t.serialize_element(&tag::CLOSE_SESSION)?, t.serialize_element(b)?),
-            Change::Lock(b) => (t.serialize_element(&tag::LOCK)?, t.serialize_element(b)?),
-            Change::Unlock(b) => (t.serialize_element(&tag::UNLOCK)?, t.serialize_element(b)?),
-        };
-        t.end()
+            Change::Put(b) => tagged(s, tag::PUT, b),
+            Change::PutAll(b) => tagged(s, tag::PUT_ALL, b),
+            Change::PutIfAbsent(b) => tagged(s, tag::PUT_IF_ABSENT, b),
+            Change::Replace(b) => tagged(s, tag::REPLACE, b),
+            Change::ReplaceIfEqual(b) => tagged(s, tag::REPLACE_IF_EQUAL, b),
+            Change::Remove(b) => tagged(s, tag::REMOVE, b),
+            Change::RemoveIfEqual(b) => tagged(s, tag::REMOVE_IF_EQUAL, b),
+            Change::Clear(b) => tagged(s, tag::CLEAR, b),
+            Change::Increment(b) => tagged(s, tag::INCREMENT, b),
+            Change::CreateCache(b) => tagged(s, tag::CREATE_CACHE, b),
+            Change::OpenSession(b) => tagged(s, tag::OPEN_SESSION, b),
+            Change::CloseSession(b) => tagged(s, tag::CLOSE_SESSION, b),
+            Change::Lock(b) => tagged(s, tag::LOCK, b),
+            Change::Unlock(b) => tagged(s, tag::UNLOCK, b),
+        }
     }
+}
+
+/// A change as the log writes it: its tag, then its body.
+fn tagged<S: Serializer, T: Serialize>(s: S, tag: u32, body: &T) -> Result<S::Ok, S::Error> {
+    let mut t = s.serialize_tuple(2)?;
+    t.serialize_element(&tag)?;
+    t.serialize_element(body)?;
+    t.end()
 }
 
 impl<'de> Deserialize<'de> for Change {
