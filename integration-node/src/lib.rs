@@ -8,6 +8,7 @@
 //! - [`backend`]: where shared state lives (the array or this process), storage with a typed error.
 //! - [`members`]: the member list in the array, a typed entry per node.
 //! - [`node`]: the running node (its context): identity, its member entry, online state.
+//! - [`state_dir`]: the node's own folder: an identity kept across restarts, locked while it runs.
 //! - [`http`]: the service and admin ports: routers, the page, metrics.
 //! - [`services`]: the service registry and the built-in services, each module owning its state:
 //!   cache, session, locks (`pub.cache.lock`, `pub.storage`), checkpoint, cluster.
@@ -19,6 +20,7 @@ pub mod members;
 pub mod node;
 pub mod services;
 pub mod settings;
+pub mod state_dir;
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use crate::backend::Backend;
 use crate::node::Node;
 use crate::services::Registry;
 use crate::settings::{NodeSettings, OnStartupError};
+use crate::state_dir::StateDir;
 
 /// Exit code of a start-up refused for a version mismatch.
 pub const EXIT_VERSION_MISMATCH: u8 = 3;
@@ -165,16 +168,28 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         effective_cluster = %settings.effective_cluster_name,
         logical_name = %logical_name
     );
+    // Opened before the array is reached: a second process on the same folder stops here.
+    let state_dir = match &settings.state_dir {
+        Some(path) => Some(StateDir::open(path).map_err(StartError::Other)?),
+        None => None,
+    };
     let backend = match connect(&settings, array_tls.clone()).await? {
         Some(c) => Backend::Array(c),
         None => Backend::Local(Default::default()),
     };
-    let instance: [u8; 8] = rand::random();
+    let instance_id = match &state_dir {
+        Some(dir) => dir.instance().to_string(),
+        None => {
+            let instance: [u8; 8] = rand::random();
+            instance.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    };
     let node = Arc::new(Node {
         settings,
         backend,
         logical_name,
-        instance_id: instance.iter().map(|b| format!("{b:02x}")).collect(),
+        instance_id,
+        state_dir,
         started_ms: node::now_ms(),
         service_addr,
         admin_addr,
@@ -187,13 +202,34 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
     if let Backend::Array(c) = &node.backend {
         let cache = node.settings.members_cache();
         if let Ok(Some(existing)) = c.get(&cache, node.logical_name.as_bytes()).await {
-            let who = serde_json::from_slice::<members::Member>(&existing)
-                .map(|m| format!("at {} (started at {} ms)", m.service, m.start_time_ms))
-                .unwrap_or_else(|_| "(an entry this version cannot read)".into());
-            return Err(StartError::NameTaken(format!(
-                "the logical name `{}` is already used by a live member {who}; pick another with --logical-name",
-                node.logical_name
-            )));
+            let entry = serde_json::from_slice::<members::Member>(&existing).ok();
+            // Our own folder's entry, left by a process that died: the folder lock we hold proves
+            // that process is gone, so the entry is ours to take over (register overwrites it).
+            let ours = node.state_dir.is_some()
+                && entry
+                    .as_ref()
+                    .is_some_and(|m| m.instance.as_deref() == Some(node.instance_id.as_str()));
+            if ours {
+                tracing::warn!(
+                    event = "node.took_over_stale_entry",
+                    name = %node.logical_name,
+                    "the member entry of this node's previous process (it did not stop cleanly) is replaced"
+                );
+            } else {
+                let who = entry
+                    .map(|m| format!("at {} (started at {} ms)", m.service, m.start_time_ms))
+                    .unwrap_or_else(|| "(an entry this version cannot read)".into());
+                let hint = if node.state_dir.is_some() {
+                    "it was not written from this node's --state-dir"
+                } else {
+                    "a node started with the same --state-dir as the entry's process takes it over at once"
+                };
+                return Err(StartError::NameTaken(format!(
+                    "the logical name `{}` is already used by a live member {who}; pick another with --logical-name. \
+                     If that member's process is dead, its entry leaves when its array session expires ({hint})",
+                    node.logical_name
+                )));
+            }
         }
         node.register().await.map_err(|e| StartError::NoArray(e.to_string()))?;
     }

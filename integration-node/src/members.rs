@@ -17,8 +17,8 @@ pub const MEMBERS_LISTED_MAX: usize = 10_000;
 pub struct Member {
     /// Its unique logical name (also the entry's key).
     pub logical_name: String,
-    /// Random id of its process, to tell its entry from one of an earlier process of the same name.
-    /// Not shown by the public service.
+    /// Its identity: its state folder's (kept across restarts, so a restarted node can take over
+    /// the entry its dead process left), else random per process. Not shown by the public service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
     /// Its service address.

@@ -27,8 +27,11 @@ pub struct Node {
     pub backend: Backend,
     /// The unique logical name.
     pub logical_name: String,
-    /// Random id of this process, to tell our member entry from another node's.
+    /// Identity of this node in its member entry: its state folder's (kept across restarts), else
+    /// random per process.
     pub instance_id: String,
+    /// The state folder, locked for as long as the node runs.
+    pub state_dir: Option<crate::state_dir::StateDir>,
     /// Start time, ms since the epoch.
     pub started_ms: u64,
     /// Bound service address.

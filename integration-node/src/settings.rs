@@ -33,15 +33,20 @@ pub struct Args {
     /// Name of the cluster; nodes with the same name and array form one cluster.
     #[arg(long)]
     pub cluster_name: Option<String>,
-    /// Address of the service port.
+    /// Address of the service port [default: 0.0.0.0:5555].
     #[arg(long)]
     pub listen: Option<String>,
-    /// Address of the admin port.
+    /// Address of the admin port [default: 0.0.0.0:9999].
     #[arg(long)]
     pub admin_listen: Option<String>,
-    /// Logical name, unique among live members (default `hostname:port`).
+    /// Logical name, unique among live members [default: hostname:service-port].
     #[arg(long)]
     pub logical_name: Option<String>,
+    /// The node's own folder: its identity, kept across restarts, so that a node restarted after
+    /// a crash takes over the member entry its dead process left (one folder per node; without
+    /// one the node must wait until the stale entry expires).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// A node.toml with further settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -73,10 +78,10 @@ pub struct Args {
     /// File with the admin token (default: a random token written next to nothing, printed once).
     #[arg(long, env = "FERROCOTTA_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// What to do when the array cannot be reached at start-up.
+    /// What to do when the array cannot be reached at start-up [default: shutdown].
     #[arg(long, value_enum)]
     pub on_startup_error: Option<OnStartupError>,
-    /// How long the URL list may take to yield the array's config.
+    /// How long the URL list may take to yield the array's config [default: 30s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub connect_timeout: Option<Duration>,
 }
@@ -90,6 +95,7 @@ struct NodeFile {
     listen: Option<String>,
     admin_listen: Option<String>,
     logical_name: Option<String>,
+    state_dir: Option<PathBuf>,
     secret_file: Option<PathBuf>,
     credential: Option<String>,
     admin_token_file: Option<PathBuf>,
@@ -142,6 +148,8 @@ pub struct NodeSettings {
     pub admin_listen: String,
     /// Logical name, if given (else derived from the bound service port).
     pub logical_name: Option<String>,
+    /// The node's state folder (identity across restarts), if it has one.
+    pub state_dir: Option<PathBuf>,
     /// The array secret the node proves: the cluster secret, or its credential's.
     pub secret: Vec<u8>,
     /// The node's credential, if it has one (else `secret` is the cluster secret).
@@ -300,6 +308,7 @@ impl NodeSettings {
                 .or(file.admin_listen)
                 .unwrap_or_else(|| "0.0.0.0:9999".into()),
             logical_name,
+            state_dir: args.state_dir.or(file.state_dir),
             secret,
             credential,
             array_tls,
@@ -353,5 +362,50 @@ impl NodeSettings {
     /// The array cache holding the member list.
     pub fn members_cache(&self) -> String {
         format!("ferrocotta.node.members.{}", self.effective_cluster_name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every node*.toml under deploy/ parses as node.toml, with valid names and durations.
+    #[test]
+    fn deploy_node_files_are_valid() {
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut found = Vec::new();
+        let mut stack = vec![deploy];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if name.starts_with("node") && name.ends_with(".toml") {
+                    found.push(path);
+                }
+            }
+        }
+        assert!(!found.is_empty(), "deploy/local/1x3/node.toml exists");
+        for path in found {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let file: NodeFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(file.array_urls.is_some(), "{}", path.display());
+            validate_cluster_name(file.cluster_name.as_deref().unwrap_or_default()).unwrap();
+            for (field, v) in [
+                ("connect_timeout", file.connect_timeout),
+                ("session_timeout", file.session_timeout),
+                ("member_refresh_interval", file.member_refresh_interval),
+                ("request_timeout", file.request_timeout),
+                ("client_keepalive_interval", file.client_keepalive_interval),
+                ("lock_max_duration", file.lock_max_duration),
+            ] {
+                duration(field, v, Duration::ZERO).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            }
+        }
     }
 }
