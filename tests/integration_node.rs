@@ -70,12 +70,17 @@ fn two_nodes_share_sessions_and_a_member_list() {
         "",
     );
     assert_eq!(code, 401);
-    for path in ["/metrics", "/"] {
-        let (code, _, _) = http(&a.admin, "GET", path, &[], "");
-        assert_eq!(code, 401, "{path} needs the token");
+    let (code, _, _) = http(&a.admin, "POST", "/admin/offline", &[], "");
+    assert_eq!(code, 401, "actions need the token");
+    // Read-only counts and the page (what public services show) open in a browser and a scraper.
+    for path in ["/healthz", "/metrics", "/"] {
+        let (code, _, body) = http(&a.admin, "GET", path, &[], "");
+        assert_eq!(code, 200, "{path} needs no token");
+        assert!(!body.contains(&a.token), "{path} never shows the token");
     }
-    let (code, _, _) = http(&a.admin, "GET", "/healthz", &[], "");
-    assert_eq!(code, 200, "/healthz needs no token");
+    let (_, _, page) = http(&a.admin, "GET", "/", &[], "");
+    assert!(page.contains("node-b"), "the page lists the members: {page}");
+    assert!(!page.contains(&b.admin), "but not their admin addresses: {page}");
 
     phase("offline closes the service port, the admin port stays; online reopens it");
     let (code, _) = a.admin_post("/admin/offline");

@@ -139,11 +139,12 @@ async fn require_token(
     next.run(request).await
 }
 
-/// The admin port router: every route but `/healthz` needs the admin token.
+/// The admin port router. The rule of every admin port (the array's too): what only reads
+/// counts and what public services already show (`/healthz`, `/metrics`, the page `/`, whose
+/// member list is `wm.server.cluster:getMembers`' without admin addresses) needs no token, so a
+/// browser and a Prometheus scraper can open them; the JSON admin API and every action need it.
 pub fn admin_router(node: Arc<Node>) -> Router {
     Router::new()
-        .route("/", get(page))
-        .route("/metrics", get(metrics))
         .route("/admin/status", get(status))
         .route("/admin/cluster", get(cluster))
         .route("/admin/cluster/clear", post(clear))
@@ -151,6 +152,8 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .route("/admin/online", post(online))
         .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/", get(page))
         .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
         .with_state(node)
 }
