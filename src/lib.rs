@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod handshake;
 pub mod http;
+pub mod json_bytes;
 #[cfg(feature = "loadgen")]
 pub mod loadgen;
 pub mod log_throttle;

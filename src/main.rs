@@ -16,8 +16,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    // The client library's log is off unless asked for (FERROCOTTA_LOG=info, for example): every
+    // error a command meets reaches its one `ferrocotta: ...` line, and printing the library's
+    // record of it as well would say everything twice.
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERROCOTTA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

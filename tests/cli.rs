@@ -35,14 +35,46 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 
 /// Starts `ferrocotta up` with `flags` in `dir`; the process and what it printed once everything
 /// serves (up to its "press Ctrl-C" line).
-fn start_up(flags: &[&str], dir: &std::path::Path) -> (std::process::Child, String) {
+fn start_up(flags: &[&str], dir: &std::path::Path) -> (Up, String) {
+    start_up_with(flags, dir, Stdio::inherit())
+}
+
+/// [`start_up`] with up's standard error (where it reports exits and restarts) kept in a file;
+/// asserts that it came up.
+fn start_up_logged(flags: &[&str], dir: &std::path::Path) -> (Up, UpLog) {
+    let folder = tempfile::tempdir().unwrap();
+    let log = UpLog {
+        path: folder.path().join("up.stderr"),
+        _folder: folder,
+    };
+    let stderr = Stdio::from(std::fs::File::create(&log.path).unwrap());
+    let (up, printed) = start_up_with(flags, dir, stderr);
+    assert!(printed.contains("is up"), "{printed}\n{}", log.read());
+    (up, log)
+}
+
+/// What a [`start_up_logged`] `up` wrote to its standard error.
+struct UpLog {
+    path: std::path::PathBuf,
+    _folder: tempfile::TempDir,
+}
+
+impl UpLog {
+    /// Everything written so far.
+    fn read(&self) -> String {
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+}
+
+/// [`start_up`] with up's standard error sent to `stderr`.
+fn start_up_with(flags: &[&str], dir: &std::path::Path, stderr: Stdio) -> (Up, String) {
     let mut up = ferrocotta()
         .arg("up")
         .args(flags)
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let stdout = BufReader::new(up.stdout.take().unwrap());
@@ -55,7 +87,34 @@ fn start_up(flags: &[&str], dir: &std::path::Path) -> (std::process::Child, Stri
             break;
         }
     }
-    (up, printed.join("\n"))
+    (Up(up), printed.join("\n"))
+}
+
+/// A running `ferrocotta up`, stopped (SIGTERM, which stops everything it started) when a test
+/// ends early, so a failed test leaves no cluster behind.
+struct Up(std::process::Child);
+
+impl std::ops::Deref for Up {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Up {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +341,7 @@ fn up_tls_gives_an_encrypted_cluster_in_one_command() {
     assert!(err.contains("--tls-ca-file"), "{err}");
 
     phase("a session moves between the two nodes over HTTPS");
-    common::trust_for_http(std::path::Path::new(&ca));
+    let _https = common::trust_for_http(std::path::Path::new(&ca));
     let nodes: Vec<String> = endpoints["processes"]
         .as_array()
         .unwrap()
@@ -308,6 +367,295 @@ fn up_tls_gives_an_encrypted_cluster_in_one_command() {
     assert!(up.wait().unwrap().success());
 }
 
+fn read_endpoints(dir: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("endpoints.json")).expect("endpoints.json");
+    serde_json::from_str(&text).expect("endpoints.json parses")
+}
+
+/// The entry `name` of endpoints.json.
+fn process<'a>(endpoints: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    endpoints["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {endpoints}"))
+}
+
+fn pid_of(endpoints: &serde_json::Value, name: &str) -> i32 {
+    process(endpoints, name)["pid"].as_i64().unwrap() as i32
+}
+
+fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+}
+
+fn is_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+/// Polls `check` every 100 ms until it gives a value; fails the test after `timeout`.
+fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `state` of member `name` in the member list that the node at `admin` serves.
+fn member_state(admin: &str, token: &str, name: &str) -> Option<String> {
+    let auth = format!("Bearer {token}");
+    let (code, _, body) = common::http(admin, "GET", "/admin/cluster", &[("Authorization", &auth)], "");
+    if code != 200 {
+        return None;
+    }
+    let cluster: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let entries: Vec<&serde_json::Value> = cluster["members"]
+        .as_array()?
+        .iter()
+        .filter(|m| m["logical_name"] == name)
+        .collect();
+    assert!(entries.len() <= 1, "{name} is listed once: {body}");
+    entries.first().and_then(|m| m["state"].as_str().map(str::to_string))
+}
+
+/// A foreign program on one of the ports: `up` refuses at once, naming the port and whose it is
+/// (it used to wait 60 s and blame the configuration download).
+#[test]
+fn up_names_a_port_in_use_at_once() {
+    let _cache_array = binary("cache-array");
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    // The second server's client port is the base port + 1.
+    let (code, _, err) = run(ferrocotta()
+        .args(["up", "--nodes", "0", "--ready-timeout", "120s", "--base-port"])
+        .arg((port - 1).to_string())
+        .arg("--dir")
+        .arg(dir.path()));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port} (client port of array server a2)")),
+        "{err}"
+    );
+    assert!(!err.contains("did not start within"), "{err}");
+    assert!(!dir.path().join("endpoints.json").exists());
+}
+
+/// A server that exits while starting is reported at once, with the end of its log, and the
+/// others are stopped.
+#[test]
+fn up_reports_a_child_that_exits_while_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake-cache-array");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho starting\necho 'error: disk on fire' >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let up_dir = dir.path().join("cluster");
+    let (code, _, err) = run(ferrocotta()
+        .args(["up", "--nodes", "0", "--base-port", "0", "--ready-timeout", "120s"])
+        .arg("--cache-array-bin")
+        .arg(&fake)
+        .arg("--dir")
+        .arg(&up_dir));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("exited (exit status: 3)"), "{err}");
+    assert!(err.contains("  | error: disk on fire"), "the log's last lines: {err}");
+    assert!(!err.contains("did not start within"), "{err}");
+}
+
+/// `up` watches what it started: a node or server killed with -9 is reported and started again
+/// (the node takes over its own member entry), endpoints.json and `status --dir` follow the new
+/// pids, another `up` on the same ports is refused, and stopping names every process by its role.
+#[test]
+fn up_restarts_a_killed_node_and_server() {
+    let _lock = common::cluster_lock();
+    let _cache_array = binary("cache-array");
+    let _node = binary("integration-node");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, log) = start_up_logged(&["--base-port", "0"], dir.path());
+    let up_log = || log.read();
+    let endpoints = read_endpoints(dir.path());
+    let token = endpoints["admin_token"].as_str().unwrap().to_string();
+    let node2_admin = process(&endpoints, "node2")["admin"].as_str().unwrap().to_string();
+    assert_eq!(member_state(&node2_admin, &token, "node1").as_deref(), Some("online"));
+
+    phase("kill -9 node1: reported, started again, and it takes over its own member entry");
+    let old = pid_of(&endpoints, "node1");
+    signal(old, nix::sys::signal::Signal::SIGKILL);
+    let new = wait_for(
+        "node1 restarted, endpoints.json updated",
+        Duration::from_secs(30),
+        || {
+            let pid = pid_of(&read_endpoints(dir.path()), "node1");
+            (pid != old && pid != 0).then_some(pid)
+        },
+    );
+    assert!(is_alive(new));
+    let node1_admin = process(&endpoints, "node1")["admin"].as_str().unwrap().to_string();
+    wait_for("node1 serves again", Duration::from_secs(30), || {
+        common::try_http_get(&node1_admin, "/healthz")
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    });
+    wait_for("node2 lists node1 online", Duration::from_secs(30), || {
+        (member_state(&node2_admin, &token, "node1").as_deref() == Some("online")).then_some(())
+    });
+    let log = up_log();
+    assert!(log.contains("integration node node1 exited"), "{log}");
+    assert!(
+        log.contains(&format!("restarted integration node node1 (pid {new})")),
+        "{log}"
+    );
+
+    phase("kill -9 an array server: started again; status --dir shows its new pid");
+    let old = pid_of(&endpoints, "a1");
+    signal(old, nix::sys::signal::Signal::SIGKILL);
+    let new = wait_for("a1 restarted", Duration::from_secs(30), || {
+        let pid = pid_of(&read_endpoints(dir.path()), "a1");
+        (pid != old && pid != 0).then_some(pid)
+    });
+    let (code, out, err) = wait_for("status sees a1 serving again", Duration::from_secs(30), || {
+        let (code, out, err) = run(ferrocotta().arg("status").env("FERROCOTTA_DIR", dir.path()));
+        (code == 0).then_some((code, out, err))
+    });
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("PID"), "{out}");
+    assert!(out.contains(&new.to_string()), "status shows a1's new pid {new}: {out}");
+
+    phase("another up on this array's ports is refused at once, naming the port");
+    let a1_client = process(&endpoints, "a1")["client"].as_str().unwrap().to_string();
+    let a1_port = a1_client.rsplit(':').next().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(ferrocotta()
+        .args(["up", "--nodes", "0", "--base-port", a1_port, "--dir"])
+        .arg(other.path()));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{a1_client} (client port of array server a1)")),
+        "{err}"
+    );
+
+    phase("SIGTERM: everything stops, each named by its role");
+    let pids: Vec<i32> = read_endpoints(dir.path())["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_i64().unwrap() as i32)
+        .collect();
+    signal(up.id() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert!(up.wait().unwrap().success());
+    for pid in pids {
+        assert!(!is_alive(pid), "{pid} still runs after up stopped");
+    }
+    let log = up_log();
+    for line in [
+        "stopped integration node node1",
+        "stopped integration node node2",
+        "stopped array server a1",
+    ] {
+        assert!(log.contains(line), "{line}: {log}");
+    }
+    assert!(!log.contains("array server node"), "{log}");
+}
+
+/// The newcomer's case: kill -9 a node, stop `up`, run it again in the same folder. The node's
+/// entry from before is still live in the array (its session has not expired); the new node1
+/// has the same instance identity (its data folder) and takes the entry over instead of exiting
+/// with "name already used".
+#[test]
+fn up_starts_again_after_a_node_was_killed() {
+    let _lock = common::cluster_lock();
+    let _cache_array = binary("cache-array");
+    let _node = binary("integration-node");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, log) = start_up_logged(&["--base-port", "0", "--no-restart"], dir.path());
+    let up_log = || log.read();
+    let endpoints = read_endpoints(dir.path());
+    let token = endpoints["admin_token"].as_str().unwrap().to_string();
+
+    phase("kill -9 node1 under --no-restart: reported, not restarted");
+    signal(pid_of(&endpoints, "node1"), nix::sys::signal::Signal::SIGKILL);
+    wait_for("up reports node1's exit", Duration::from_secs(30), || {
+        up_log().contains("integration node node1 exited").then_some(())
+    });
+    assert!(up_log().contains("not restarted (--no-restart)"), "{}", up_log());
+    signal(up.id() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert!(up.wait().unwrap().success());
+
+    phase("up again in the same folder: node1 starts and is listed online once");
+    let (mut up, printed) = start_up(&[], dir.path());
+    assert!(printed.contains("is up"), "{printed}");
+    let again = read_endpoints(dir.path());
+    assert_eq!(
+        process(&again, "node1")["service"],
+        process(&endpoints, "node1")["service"],
+        "the nodes keep their ports"
+    );
+    let node2_admin = process(&again, "node2")["admin"].as_str().unwrap().to_string();
+    wait_for("node2 lists node1 online", Duration::from_secs(30), || {
+        (member_state(&node2_admin, &token, "node1").as_deref() == Some("online")).then_some(())
+    });
+    signal(up.id() as i32, nix::sys::signal::Signal::SIGINT);
+    assert!(up.wait().unwrap().success());
+}
+
+/// `up --detach` returns once the cluster serves; `status --dir` and `down` find it by the folder.
+#[test]
+fn up_detach_then_down() {
+    let _lock = common::cluster_lock();
+    let _cache_array = binary("cache-array");
+    let _node = binary("integration-node");
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(ferrocotta()
+        .args(["up", "--detach", "--base-port", "0", "--nodes", "1", "--dir"])
+        .arg(dir.path()));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is up"), "{out}");
+    let endpoints = read_endpoints(dir.path());
+    let pids: Vec<i32> = endpoints["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids.len(), 4);
+
+    phase("status and cache commands take the folder instead of URLs and a secret file");
+    let (code, out, err) = run(ferrocotta().args(["status", "--dir"]).arg(dir.path()));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&pid_of(&endpoints, "a2").to_string()), "{out}");
+    let (code, _, err) = run(ferrocotta()
+        .args(["cache", "put", "--cache", "d", "k", "v"])
+        .env("FERROCOTTA_DIR", dir.path()));
+    assert_eq!(code, 0, "{err}");
+
+    phase("a second up in the folder is refused while the first runs");
+    let (code, _, err) = run(ferrocotta()
+        .args(["up", "--detach", "--nodes", "1", "--dir"])
+        .arg(dir.path()));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("another `ferrocotta up`"), "{err}");
+
+    phase("down stops everything; a second down says nothing runs");
+    let (code, out, err) = run(ferrocotta().args(["down", "--dir"]).arg(dir.path()));
+    assert_eq!(code, 0, "{out}{err}");
+    for pid in pids {
+        assert!(!is_alive(pid), "{pid} still runs after down");
+    }
+    let (code, _, err) = run(ferrocotta().args(["down", "--dir"]).arg(dir.path()));
+    assert_eq!(code, 1, "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_put_ttl_and_lock_unlock_from_the_shell() {
     let array = TestArray::start(1, 3);
@@ -330,19 +678,58 @@ async fn cache_put_ttl_and_lock_unlock_from_the_shell() {
     ]));
     assert_eq!(code, 0, "{err}");
 
+    phase("exists, incr, size, clear and --json, as Redis and etcd users reach for them");
+    let (code, out, err) = run(&mut with_array(&["cache", "put", "--cache", "j", "k", "v1", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        serde_json::json!({"key": "k", "previous": null})
+    );
+    let (_, out, _) = run(&mut with_array(&["cache", "put", "--cache", "j", "k", "v2", "--json"]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["previous"],
+        "v1"
+    );
+    let (code, out, _) = run(&mut with_array(&["cache", "get", "--cache", "j", "k", "--json"]));
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        serde_json::json!({"key": "k", "found": true, "value": "v2"})
+    );
+    let (code, out, _) = run(&mut with_array(&["cache", "get", "--cache", "j", "nope", "--json"]));
+    assert_eq!(code, 1, "absent is still exit 1 with --json");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["found"], false);
+    assert_eq!(run(&mut with_array(&["cache", "exists", "--cache", "j", "k"])).0, 0);
+    assert_eq!(run(&mut with_array(&["cache", "exists", "--cache", "j", "nope"])).0, 1);
+    let (code, out, _) = run(&mut with_array(&["cache", "incr", "--cache", "j", "n"]));
+    assert_eq!((code, out.as_str()), (0, "1\n"));
+    let (code, out, _) = run(&mut with_array(&[
+        "cache", "incr", "--cache", "j", "n", "--by", "-5", "--json",
+    ]));
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["value"], -4);
+    let (code, _, err) = run(&mut with_array(&["cache", "incr", "--cache", "j", "k"]));
+    assert_eq!(code, 2, "v2 is not a number: {err}");
+    let (code, out, _) = run(&mut with_array(&["cache", "size", "--cache", "j"]));
+    assert_eq!((code, out.as_str()), (0, "2\n"));
+    let (code, out, _) = run(&mut with_array(&["cache", "keys", "--cache", "j", "--json"]));
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        serde_json::json!({"keys": ["k", "n"]})
+    );
+    let (code, _, err) = run(&mut with_array(&["cache", "clear", "--cache", "j"]));
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = run(&mut with_array(&["cache", "size", "--cache", "j", "--json"]));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["entries"], 0);
+
     phase("lock prints the holding session; a second lock fails; unlock --session frees it");
     let (code, out, err) = run(&mut with_array(&["cache", "lock", "--cache", "cli", "res"]));
     assert_eq!(code, 0, "{err}");
     let session = out.trim().to_string();
     assert!(session.parse::<u64>().is_ok(), "lock prints a session id: {out}");
     let (code, _, _) = run(&mut with_array(&[
-        "cache",
-        "lock",
-        "--cache",
-        "cli",
-        "res",
-        "--wait-ms",
-        "200",
+        "cache", "lock", "--cache", "cli", "res", "--wait", "200ms",
     ]));
     assert_eq!(code, 1, "the lock is taken");
     let (code, _, _) = run(&mut with_array(&[
@@ -401,7 +788,7 @@ async fn bench_runs_every_workload_and_reports_json() {
             "--json",
         ]);
         if workload == "session" {
-            args.extend(["--nodes", node.service.as_str()]);
+            args.extend(["--node-urls", node.service.as_str()]);
         }
         let (code, out, err) = run(&mut with_array(&args));
         assert_eq!(code, 0, "{workload}: {out}{err}");
@@ -415,7 +802,7 @@ async fn bench_runs_every_workload_and_reports_json() {
     phase("bad input is refused with the flag's name");
     let (code, _, err) = run(&mut with_array(&["bench", "--workload", "session", "--duration", "1s"]));
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--nodes"), "{err}");
+    assert!(err.contains("--node-urls"), "{err}");
     let (code, _, err) = run(&mut with_array(&[
         "bench",
         "--workload",

@@ -255,7 +255,7 @@ run_one() { # system workload concurrency
         cmd=("$FC" bench --array-urls "$ARRAY_URLS" --secret-file "$SECRET_FILE")
         case $workload in
         get-eventual) cmd+=(--workload get --eventual) ;;
-        session) cmd+=(--workload session --nodes "$NODE") ;;
+        session) cmd+=(--workload session --node-urls "$NODE") ;;
         *) cmd+=(--workload "$workload") ;;
         esac
         ;;

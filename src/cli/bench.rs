@@ -3,7 +3,7 @@
 //!
 //! `--connections` clients, each with its own pipelined connection per server, share
 //! `--concurrency` requests in flight; `--workload session` drives integration nodes over HTTP
-//! (`--nodes`). Bounded: it stops after `--duration` (plus warm-up) by itself.
+//! (`--node-urls`, or the nodes of `--dir`). Bounded: it stops after `--duration` (plus warm-up) by itself.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,7 +39,7 @@ enum WorkloadArg {
     Cas,
     /// 50% reads, 50% updates, zipfian keys, 1 KiB values (YCSB workload A).
     YcsbA,
-    /// Read and update a session per request through integration nodes (`--nodes`).
+    /// Read and update a session per request through integration nodes (`--node-urls`).
     Session,
 }
 
@@ -56,9 +56,10 @@ pub struct BenchArgs {
     /// Read with eventual consistency (any server) instead of linearizable.
     #[arg(long)]
     eventual: bool,
-    /// Integration nodes for `--workload session`, as `host:port,host:port`.
-    #[arg(long)]
-    nodes: Option<String>,
+    /// Integration nodes for `--workload session`, as `host:port,host:port` (default: the nodes
+    /// of `--dir`). `--nodes` is an older name: in `up` it is a count.
+    #[arg(long, alias = "nodes")]
+    node_urls: Option<String>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
@@ -73,13 +74,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     };
     let options = args.load.options(workload).map_err(anyhow::Error::msg)?;
     let report = if workload == Workload::Session {
-        let nodes = args
-            .nodes
-            .as_deref()
-            .context("--workload session needs --nodes host:port,... (the integration nodes)")?;
+        let from_dir = || -> anyhow::Result<Option<String>> {
+            let Some(endpoints) = args.array.local_endpoints()? else {
+                return Ok(None);
+            };
+            let services: Vec<String> = endpoints.processes.iter().filter_map(|p| p.service.clone()).collect();
+            Ok((!services.is_empty()).then(|| services.join(",")))
+        };
+        let nodes = match args.node_urls.clone() {
+            Some(urls) => urls,
+            None => from_dir()?.context(
+                "--workload session needs --node-urls host:port,... (the integration nodes), or --dir of an `up` with nodes",
+            )?,
+        };
         // Nodes that speak HTTPS are verified against the same CA as the array (`up --tls` makes one).
-        let tls = args.array.settings()?.tls;
-        let target = Arc::new(NodeTarget::new(nodes, tls)?);
+        let tls = args.array.tls()?;
+        let target = Arc::new(NodeTarget::new(&nodes, tls)?);
         loadgen::run(target, "ferrocotta", options).await
     } else {
         let mut clients = Vec::new();

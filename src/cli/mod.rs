@@ -1,6 +1,6 @@
 //! Subcommands of the `ferrocotta` CLI, one module each.
 //!
-//! - [`up`]: a whole local cluster in one command.
+//! - [`up`]: a whole local cluster in one command (and `down` to stop one in the background).
 //! - [`status`]: the array at a glance.
 //! - [`cache`]: get, put, remove and list keys from a shell.
 //! - [`bench`]: a load generator with latency percentiles.
@@ -27,8 +27,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start a local array on this machine and keep it running until Ctrl-C.
+    /// Start a local array and integration nodes on this machine and keep them running until
+    /// Ctrl-C (or `down`).
     Up(up::UpArgs),
+    /// Stop a `ferrocotta up` (one started with --detach, or in another terminal).
+    Down(up::DownArgs),
     /// Show every server of an array: stripe, role, term, indexes.
     Status(status::StatusArgs),
     /// Read and write cache entries.
@@ -43,7 +46,11 @@ enum Command {
 pub struct ArrayArgs {
     /// Array servers as `host:port,host:port`, tried in order for the config download.
     #[arg(long, env = "FERROCOTTA_ARRAY_URLS")]
-    pub array_urls: String,
+    pub array_urls: Option<String>,
+    /// The folder of a running `ferrocotta up`: its endpoints.json gives the URLs, the secret
+    /// file, the CA and the array name (each flag above still wins).
+    #[arg(long, env = "FERROCOTTA_DIR")]
+    pub dir: Option<PathBuf>,
     /// File holding the array's cluster secret (`ferrocotta up` writes one into its folder), or
     /// with `--credential` that credential's secret.
     #[arg(long, env = "FERROCOTTA_SECRET_FILE")]
@@ -74,9 +81,40 @@ pub struct ArrayArgs {
 }
 
 impl ArrayArgs {
+    /// The endpoints of the `ferrocotta up` named by `--dir`, if one is.
+    pub fn local_endpoints(&self) -> anyhow::Result<Option<up::Endpoints>> {
+        self.dir.as_deref().map(up::Endpoints::read).transpose()
+    }
+
+    /// The flags with what `--dir` gives filled in where they are absent.
+    fn resolved(&self) -> anyhow::Result<ArrayArgs> {
+        let mut args = self.clone();
+        if let Some(e) = self.local_endpoints()? {
+            args.array_urls.get_or_insert(e.array_urls);
+            args.array_name.get_or_insert(e.array_name);
+            if args.credential.is_none() {
+                args.secret_file.get_or_insert(e.secret_file);
+            }
+            if let Some(ca) = e.tls_ca_file {
+                args.tls_ca_file.get_or_insert(ca);
+            }
+        }
+        Ok(args)
+    }
+
     /// Client settings from the flags.
     pub fn settings(&self) -> anyhow::Result<ClientSettings> {
-        let mut s = ClientSettings::new(&self.array_urls)?;
+        let args = self.resolved()?;
+        let Some(urls) = &args.array_urls else {
+            anyhow::bail!(
+                "which array? Give --array-urls (or FERROCOTTA_ARRAY_URLS), or --dir with the folder of a running `ferrocotta up` (or FERROCOTTA_DIR)"
+            );
+        };
+        args.settings_for(urls)
+    }
+
+    fn settings_for(&self, urls: &str) -> anyhow::Result<ClientSettings> {
+        let mut s = ClientSettings::new(urls)?;
         s.array_name = self.array_name.clone();
         s.connect_timeout = self.connect_timeout;
         s.request_timeout = self.timeout;
@@ -87,15 +125,25 @@ impl ArrayArgs {
             s.secret = bytes.trim_ascii().to_vec();
         }
         s.credential = self.credential.clone();
-        if let Some(ca) = &self.tls_ca_file {
-            let files = ferrocotta::tls::TlsFiles {
-                cert_file: self.tls_cert_file.clone(),
-                key_file: self.tls_key_file.clone(),
-                ca_file: ca.clone(),
-            };
-            s.tls = Some(ferrocotta::tls::ClientTls::load("ferrocotta", files)?);
-        }
+        s.tls = self.own_tls()?;
         Ok(s)
+    }
+
+    fn own_tls(&self) -> anyhow::Result<Option<std::sync::Arc<ferrocotta::tls::ClientTls>>> {
+        let Some(ca) = &self.tls_ca_file else {
+            return Ok(None);
+        };
+        let files = ferrocotta::tls::TlsFiles {
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+            ca_file: ca.clone(),
+        };
+        Ok(Some(ferrocotta::tls::ClientTls::load("ferrocotta", files)?))
+    }
+
+    /// TLS from the flags (or `--dir`'s CA), for talking to integration nodes: no array URLs needed.
+    pub fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<ferrocotta::tls::ClientTls>>> {
+        self.resolved()?.own_tls()
     }
 
     /// A connected client.
@@ -108,6 +156,7 @@ impl ArrayArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Up(a) => up::run(a).await,
+        Command::Down(a) => up::down(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Cache(c) => cache::run(c).await,
         Command::Bench(a) => bench::run(a).await,

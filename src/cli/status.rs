@@ -1,4 +1,5 @@
-//! `ferrocotta status`: every server of the array with its role, term and indexes.
+//! `ferrocotta status`: every server of the array with its stripe, role, term and indexes, and
+//! with `--dir` (a running `ferrocotta up`) its process id.
 //!
 //! Exit code: 0 when every stripe has an active, 1 when some stripe has none, 2 when the array
 //! cannot be reached at all.
@@ -27,6 +28,11 @@ pub struct StatusArgs {
 struct ServerStatus {
     name: String,
     stripe: usize,
+    /// The stripe's name in the config.
+    stripe_name: String,
+    /// Its process id, when `--dir` names the `ferrocotta up` that runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
     /// `active`, `mirror` or `unreachable`.
     role: &'static str,
     term: Option<u64>,
@@ -49,6 +55,14 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<u8> {
     let client = ArrayClient::bootstrap(args.array.settings()?).await?;
     let config = client.config();
     let probes = client.probe_all(Duration::from_secs(2).min(args.array.timeout)).await;
+    let local = args.array.local_endpoints()?;
+    let pid_of = |name: &str| {
+        local
+            .as_ref()
+            .and_then(|e| e.processes.iter().find(|p| p.role == "array" && p.name == name))
+            .map(|p| p.pid)
+    };
+    let stripe_name = |s: usize| config.stripes.get(s).map(|s| s.name.clone()).unwrap_or_default();
     let servers: Vec<ServerStatus> = probes
         .into_iter()
         .map(|p| match p.result {
@@ -60,6 +74,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<u8> {
                 applied_index,
                 ..
             }) => ServerStatus {
+                pid: pid_of(&p.name),
+                stripe_name: stripe_name(p.stripe),
                 name: p.name,
                 stripe: p.stripe,
                 role: match role {
@@ -74,6 +90,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<u8> {
                 error: None,
             },
             other => ServerStatus {
+                pid: pid_of(&p.name),
+                stripe_name: stripe_name(p.stripe),
                 name: p.name,
                 stripe: p.stripe,
                 role: "unreachable",
@@ -101,15 +119,16 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<u8> {
     } else {
         println!("array {} ({} stripe(s))", status.array_name, status.stripes);
         println!(
-            "{:<12} {:>6} {:<12} {:>6} {:>10} {:>10} {:<12} ADDRESS",
-            "SERVER", "STRIPE", "ROLE", "TERM", "LAST_LOG", "APPLIED", "ACTIVE"
+            "{:<12} {:<10} {:>8} {:<12} {:>6} {:>10} {:>10} {:<12} ADDRESS",
+            "SERVER", "STRIPE", "PID", "ROLE", "TERM", "LAST_LOG", "APPLIED", "ACTIVE"
         );
         let dash = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
         for s in &status.servers {
             println!(
-                "{:<12} {:>6} {:<12} {:>6} {:>10} {:>10} {:<12} {}{}",
+                "{:<12} {:<10} {:>8} {:<12} {:>6} {:>10} {:>10} {:<12} {}{}",
                 s.name,
-                s.stripe,
+                s.stripe_name,
+                dash(s.pid.map(u64::from)),
                 s.role,
                 dash(s.term),
                 dash(s.last_log_index),

@@ -492,8 +492,10 @@ pub fn member_names(cluster: &serde_json::Value) -> Vec<String> {
 }
 
 /// Makes the HTTP helpers speak TLS, trusting the CA in `ca_file` (for clusters the test did not
-/// start as a [`TestArray`], like `ferrocotta up --tls`).
-pub fn trust_for_http(ca_file: &Path) {
+/// start as a [`TestArray`], like `ferrocotta up --tls`), until the guard is dropped: the tests of
+/// one binary share the helpers, and the next test's plain cluster must get plain HTTP.
+#[must_use = "the HTTP helpers speak TLS only while the guard lives"]
+pub fn trust_for_http(ca_file: &Path) -> HttpTlsGuard {
     let tls = ferrocotta::tls::ClientTls::load(
         "test HTTP client",
         ferrocotta::tls::TlsFiles {
@@ -504,6 +506,16 @@ pub fn trust_for_http(ca_file: &Path) {
     )
     .expect("the CA");
     *HTTP_TLS.lock().unwrap_or_else(|e| e.into_inner()) = Some(tls.rustls_config());
+    HttpTlsGuard
+}
+
+/// Puts the HTTP helpers back to plain HTTP when dropped (see [`trust_for_http`]).
+pub struct HttpTlsGuard;
+
+impl Drop for HttpTlsGuard {
+    fn drop(&mut self) {
+        *HTTP_TLS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 /// A blocking connection for one HTTP exchange: TLS when a TLS array exists in this process.

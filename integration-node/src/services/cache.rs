@@ -1,5 +1,6 @@
 //! `pub.cache`: the caches of applications, in the array (never one of the node's own).
 
+use ferrocotta::json_bytes::to_json;
 use serde_json::{json, Value};
 
 use super::{field, user_cache, Registry, ServiceError};
@@ -25,22 +26,16 @@ pub fn register(r: &mut Registry) {
     });
 }
 
-/// Every key of a cache as `{"keys": [...]}` (keys shown as text).
+/// Every key of a cache as `{"keys": [...]}` (strings, or `{"hex"}` for keys that are not UTF-8).
 pub async fn keys_json(node: &Node, cache: &str) -> Result<Value, ServiceError> {
-    let keys: Vec<String> = node
-        .backend
-        .keys(cache)
-        .await?
-        .into_iter()
-        .map(|k| String::from_utf8_lossy(&k).into_owned())
-        .collect();
+    let keys: Vec<Value> = node.backend.keys(cache).await?.iter().map(|k| to_json(k)).collect();
     Ok(json!({ "keys": keys }))
 }
 
 async fn cache_get(node: &Node, input: Value) -> Result<Value, ServiceError> {
     let cache = user_cache(&input)?;
     let v = node.backend.get(&cache, field(&input, "key")?.as_bytes()).await?;
-    Ok(json!({"value": v.map(|b| String::from_utf8_lossy(&b).into_owned())}))
+    Ok(json!({"value": v.as_deref().map(to_json)}))
 }
 
 async fn cache_contains(node: &Node, input: Value) -> Result<Value, ServiceError> {
@@ -74,7 +69,7 @@ async fn cache_put_if_absent(node: &Node, input: Value) -> Result<Value, Service
             field(&input, "value")?.as_bytes(),
         )
         .await?;
-    Ok(json!({"written": prev.is_none(), "existing": prev.map(|b| String::from_utf8_lossy(&b).into_owned())}))
+    Ok(json!({"written": prev.is_none(), "existing": prev.as_deref().map(to_json)}))
 }
 
 async fn cache_replace(node: &Node, input: Value) -> Result<Value, ServiceError> {
