@@ -18,6 +18,7 @@
 //!   peer comparison; a program that embeds only the client builds without it.
 
 pub mod admission;
+pub mod byte_lists;
 pub mod client;
 pub mod config;
 pub mod handshake;

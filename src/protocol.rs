@@ -216,7 +216,11 @@ pub enum ReadOp {
         key: Vec<u8>,
     },
     /// Values of many keys (all of this stripe).
-    GetAll { cache: String, keys: Vec<Vec<u8>> },
+    GetAll {
+        cache: String,
+        #[serde(with = "crate::byte_lists::list")]
+        keys: Vec<Vec<u8>>,
+    },
     /// Whether a key is present.
     Contains {
         cache: String,
@@ -253,6 +257,7 @@ pub enum WriteOp {
     /// Sets many keys (all of this stripe) atomically.
     PutAll {
         cache: String,
+        #[serde(with = "crate::byte_lists::pairs")]
         entries: Vec<(Vec<u8>, Vec<u8>)>,
     },
     /// Sets a key if absent; replies with the value already there, if any.
@@ -681,13 +686,17 @@ pub enum Reply {
     /// A value or its absence.
     Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// Values in request order.
-    Values(Vec<Option<Vec<u8>>>),
+    Values(#[serde(with = "crate::byte_lists::optional_list")] Vec<Option<Vec<u8>>>),
     /// A condition's outcome (contains, compare-and-swap).
     Bool(bool),
     /// Done, nothing to return.
     Done,
     /// A page of keys; `more` says whether another page follows.
-    Keys { keys: Vec<Vec<u8>>, more: bool },
+    Keys {
+        #[serde(with = "crate::byte_lists::list")]
+        keys: Vec<Vec<u8>>,
+        more: bool,
+    },
     /// A count.
     Size(u64),
     /// A counter's new value.

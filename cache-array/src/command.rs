@@ -83,6 +83,7 @@ pub struct Put {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PutAll {
     pub cache: String,
+    #[serde(with = "ferrocotta::byte_lists::pairs")]
     pub entries: Vec<(Vec<u8>, Vec<u8>)>,
 }
 

@@ -28,8 +28,13 @@ pub fn cluster_lock() -> MutexGuard<'static, ()> {
 }
 
 /// Prints a phase of a test story.
+///
+/// Each line carries the seconds since the test process's first phase, so a slow phase shows in
+/// CI's log.
 pub fn phase(what: &str) {
-    eprintln!("--- {what}");
+    static FIRST: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let since = FIRST.get_or_init(Instant::now).elapsed();
+    eprintln!("--- [{:>6.1}s] {what}", since.as_secs_f64());
 }
 
 /// Path of a workspace binary, built (once per test process) with the profile of this test so a
