@@ -15,10 +15,15 @@ fn ferrocotta() -> Command {
 
 /// `ferrocotta ARGS` pointed at an array through the environment, as a script would.
 fn cli_for(array: &TestArray) -> impl Fn(&[&str]) -> Command + '_ {
+    cli_with_urls(array, array.urls())
+}
+
+/// [`cli_for`] with the URL list `urls` (the same array's servers, in another order).
+fn cli_with_urls(array: &TestArray, urls: String) -> impl Fn(&[&str]) -> Command + '_ {
     move |args| {
         let mut c = ferrocotta();
         c.args(args)
-            .env("FERROCOTTA_ARRAY_URLS", array.urls())
+            .env("FERROCOTTA_ARRAY_URLS", &urls)
             .env("FERROCOTTA_SECRET_FILE", array.path().join("secret"));
         c
     }
@@ -760,6 +765,55 @@ async fn cache_put_ttl_and_lock_unlock_from_the_shell() {
         client.list_locks(Some("cli")).await.unwrap().is_empty(),
         "--hold released it"
     );
+}
+
+/// A hung server first in the URL list (SIGSTOP: the kernel accepts its connections, nothing
+/// answers) costs a client one connection attempt, not its whole deadline: `status` and the cache
+/// commands work through the other servers, and `status` shows the hung one as unreachable.
+/// Before the fix every command failed after its timeout with "no handshake answer".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_first_server_does_not_block_status_or_cache_commands() {
+    let array = TestArray::start(1, 3);
+    let client = array.client().await;
+    let active = array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let servers = array.stripe_servers(0);
+    let hung = servers.iter().find(|s| **s != active).unwrap().clone();
+    let urls: Vec<String> = std::iter::once(hung.clone())
+        .chain(servers.iter().filter(|s| **s != hung).cloned())
+        .map(|s| array.client_addr(&s))
+        .collect();
+    let with_array = cli_with_urls(&array, urls.join(","));
+    let pid = array.pid(&hung) as i32;
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    // Let it run again however the test ends, so that the array's teardown finds it as it was.
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            signal(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let _resume = Resume(pid);
+
+    phase("status with the hung mirror first: every server listed, the hung one unreachable");
+    let (code, out, err) = run(&mut with_array(&["status", "--json"]));
+    assert_eq!(code, 0, "the stripe has its active: {err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let role_of = |name: &str| {
+        status["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["role"].as_str().unwrap().to_string())
+    };
+    assert_eq!(role_of(&hung).as_deref(), Some("unreachable"), "{out}");
+    assert_eq!(role_of(&active).as_deref(), Some("active"), "{out}");
+
+    phase("cache put and get through the others");
+    let (code, _, err) = run(&mut with_array(&["cache", "put", "--cache", "h", "k", "v"]));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(&mut with_array(&["cache", "get", "--cache", "h", "k"]));
+    assert_eq!((code, out.as_str()), (0, "v\n"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
