@@ -159,8 +159,10 @@ fn startup_rules_no_array_standalone_and_name_clash() {
     let dead = format!("127.0.0.1:{}", common::free_ports(1)[0]);
 
     phase("no array reachable: exit non-zero within connect_timeout, naming the URLs");
+    // Built (if need be) before the clock starts.
+    let node_bin = common::binary("integration-node");
     let started = Instant::now();
-    let out = std::process::Command::new(common::binary("integration-node"))
+    let out = std::process::Command::new(&node_bin)
         .args([
             "--array-urls",
             &dead,
@@ -221,6 +223,40 @@ fn startup_rules_no_array_standalone_and_name_clash() {
         second.log_text()
     );
     assert_eq!(first.member_names(), vec!["same"]);
+
+    phase("two nodes started at once with one name: exactly one serves, its entry stays its own");
+    let mut racers = [
+        TestNode::spawn(&array, "racer-a", "c3", &["--logical-name", "twin"], ""),
+        TestNode::spawn(&array, "racer-b", "c3", &["--logical-name", "twin"], ""),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let loser = loop {
+        if let Some(i) = racers
+            .iter_mut()
+            .position(|r| r.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))))
+        {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "neither node refused the shared name");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let code = racers[loser].wait_exit(Duration::from_secs(1));
+    assert_eq!(code, Some(5), "{}", racers[loser].log_text());
+    let winner = &mut racers[1 - loser];
+    winner.wait_ready(Duration::from_secs(30));
+    // Three refresh turns (2 s each): an entry that flipped between two writers would show here.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(2));
+        let (code, members) = winner.admin_get("/admin/cluster");
+        assert_eq!(code, 200, "{members}");
+        let services: Vec<&str> = members["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["service"].as_str().unwrap())
+            .collect();
+        assert_eq!(services, vec![winner.service.as_str()], "{members}");
+    }
 
     phase("a bad logical name is refused");
     let out = std::process::Command::new(common::binary("integration-node"))

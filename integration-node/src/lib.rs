@@ -199,12 +199,17 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         requests: AtomicU64::new(0),
         tls,
     });
-    if let Backend::Array(c) = &node.backend {
+    if let Backend::Array(_) = &node.backend {
         let cache = node.settings.members_cache();
-        if let Ok(Some(existing)) = c.get(&cache, node.logical_name.as_bytes()).await {
+        // Claimed in one step: a check then a put would let two nodes starting at once both
+        // pass and then overwrite each other's entry for ever.
+        let claimed = members::claim(&node.backend, &cache, &node.member_entry())
+            .await
+            .map_err(|e| StartError::NoArray(format!("cannot register in the member list: {e}")))?;
+        if let Some(existing) = claimed {
             let entry = serde_json::from_slice::<members::Member>(&existing).ok();
             // Our own folder's entry, left by a process that died: the folder lock we hold proves
-            // that process is gone, so the entry is ours to take over (register overwrites it).
+            // that process is gone, so the entry is ours to take over.
             let ours = node.state_dir.is_some()
                 && entry
                     .as_ref()
@@ -215,6 +220,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
                     name = %node.logical_name,
                     "the member entry of this node's previous process (it did not stop cleanly) is replaced"
                 );
+                node.register().await.map_err(|e| StartError::NoArray(e.to_string()))?;
             } else {
                 let who = entry
                     .map(|m| format!("at {} (started at {} ms)", m.service, m.start_time_ms))
@@ -231,7 +237,6 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
                 )));
             }
         }
-        node.register().await.map_err(|e| StartError::NoArray(e.to_string()))?;
     }
     let shutdown = CancellationToken::new();
     let mut reloadables: Vec<Arc<dyn ferrocotta::tls::Reloadable>> = Vec::new();

@@ -88,6 +88,20 @@ pub async fn register(backend: &Backend, cache: &str, me: &Member) -> Result<(),
     Ok(())
 }
 
+/// Writes `me` only if no entry of its name exists, in one replicated step (so of two nodes
+/// starting with one name exactly one gets it). `Ok(None)`: the entry is now ours; `Ok(Some(raw))`:
+/// the entry already there, as stored.
+pub async fn claim(backend: &Backend, cache: &str, me: &Member) -> Result<Option<Vec<u8>>, ClientError> {
+    match backend {
+        Backend::Local(_) => Ok(None),
+        Backend::Array(c) => {
+            let value = serde_json::to_vec(me).expect("a member entry always encodes");
+            c.put_ephemeral_if_absent(cache, me.logical_name.as_bytes(), &value)
+                .await
+        }
+    }
+}
+
 /// Removes `name`'s entry (graceful stop).
 pub async fn leave(backend: &Backend, cache: &str, name: &str) -> Result<(), ClientError> {
     if let Backend::Array(c) = backend {

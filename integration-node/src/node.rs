@@ -122,17 +122,31 @@ pub async fn member_refresh(node: Arc<Node>, shutdown: CancellationToken) {
         if client.connection_state() == ConnectionState::Disconnected {
             continue;
         }
-        // Ours and up to date (an entry of an earlier process of the same name, or one still
-        // saying "online" after the admin took the node offline, is written again).
-        let current = match members::entry_of(&node.backend, &node.settings.members_cache(), &node.logical_name).await {
-            Ok(entry) => entry == Some(node.member_entry()),
+        // Absent (the list was cleared, or the session that held it ended): claimed again, only
+        // if still absent. Ours but stale (still "online" after the admin took the node offline):
+        // written again. Another node's (one that took the name while this node's entry was
+        // gone): left alone and reported, so that two nodes never overwrite each other in turn.
+        let cache = node.settings.members_cache();
+        let me = node.member_entry();
+        let written = match members::entry_of(&node.backend, &cache, &node.logical_name).await {
             Err(_) => continue,
-        };
-        if !current {
-            match node.register().await {
-                Ok(()) => tracing::info!(event = "node.member_registered", name = %node.logical_name),
-                Err(e) => tracing::warn!(event = "node.member_register_failed", error = %e),
+            Ok(Some(entry)) if entry == me => continue,
+            Ok(Some(entry)) if entry.instance == me.instance => node.register().await.map(|()| true),
+            Ok(None) => members::claim(&node.backend, &cache, &me).await.map(|c| c.is_none()),
+            Ok(Some(entry)) => {
+                tracing::error!(
+                    event = "node.name_conflict",
+                    name = %node.logical_name,
+                    holder = %entry.service,
+                    "another live node holds this node's logical name in the member list"
+                );
+                continue;
             }
+        };
+        match written {
+            Ok(true) => tracing::info!(event = "node.member_registered", name = %node.logical_name),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(event = "node.member_register_failed", error = %e),
         }
     }
 }

@@ -121,19 +121,51 @@ impl ArrayClient {
     /// Sets a key tied to this client's session: the array removes it when the session ends
     /// (the client is gone longer than the reconnect window, or closes). Returns the previous value.
     pub async fn put_ephemeral(&self, cache: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        self.ephemeral(cache, key, value, false).await
+    }
+
+    /// Like [`ArrayClient::put_ephemeral`], only if the key is absent: one replicated step, so of
+    /// clients racing for a key exactly one gets `None`; the others get the value already there.
+    pub async fn put_ephemeral_if_absent(
+        &self,
+        cache: &str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        self.ephemeral(cache, key, value, true).await
+    }
+
+    async fn ephemeral(
+        &self,
+        cache: &str,
+        key: &[u8],
+        value: &[u8],
+        if_absent: bool,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
         self.check_key(key)?;
         let stripe = self.stripe_of(key);
         let mut retried = false;
         loop {
             let session = self.session_for(stripe).await?;
-            let op = Op::Write(WriteOp::Put {
-                cache: cache.into(),
-                key: key.to_vec(),
-                value: value.to_vec(),
-                opts: PutOptions {
-                    session: Some(session),
-                    ..PutOptions::default()
-                },
+            let (cache, key, value) = (cache.to_string(), key.to_vec(), value.to_vec());
+            let opts = PutOptions {
+                session: Some(session),
+                ..PutOptions::default()
+            };
+            let op = Op::Write(if if_absent {
+                WriteOp::PutIfAbsent {
+                    cache,
+                    key,
+                    value,
+                    opts,
+                }
+            } else {
+                WriteOp::Put {
+                    cache,
+                    key,
+                    value,
+                    opts,
+                }
             });
             match self.execute(stripe, op, self.inner.settings.request_timeout).await {
                 Err(ClientError::Server(ErrorReply::SessionExpired)) if !retried => {

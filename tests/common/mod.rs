@@ -813,11 +813,13 @@ impl TestNode {
         }
     }
 
-    /// Waits until the admin port answers.
+    /// Waits until the node serves: it has registered in the member list (its admin port is
+    /// bound, and accepts connections, before that).
     pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if std::net::TcpStream::connect(&self.admin).is_ok() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains("event=\"node.serving\"") && std::net::TcpStream::connect(&self.admin).is_ok() {
                 return;
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
