@@ -121,7 +121,13 @@ impl ArrayClient {
     /// Sets a key tied to this client's session: the array removes it when the session ends
     /// (the client is gone longer than the reconnect window, or closes). Returns the previous value.
     pub async fn put_ephemeral(&self, cache: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
-        self.ephemeral(cache, key, value, false).await
+        self.in_session(key, |opts| WriteOp::Put {
+            cache: cache.into(),
+            key: key.to_vec(),
+            value: value.to_vec(),
+            opts,
+        })
+        .await
     }
 
     /// Like [`ArrayClient::put_ephemeral`], only if the key is absent: one replicated step, so of
@@ -132,42 +138,31 @@ impl ArrayClient {
         key: &[u8],
         value: &[u8],
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        self.ephemeral(cache, key, value, true).await
+        self.in_session(key, |opts| WriteOp::PutIfAbsent {
+            cache: cache.into(),
+            key: key.to_vec(),
+            value: value.to_vec(),
+            opts,
+        })
+        .await
     }
 
-    async fn ephemeral(
-        &self,
-        cache: &str,
-        key: &[u8],
-        value: &[u8],
-        if_absent: bool,
-    ) -> Result<Option<Vec<u8>>, ClientError> {
+    /// A write of `key` tied to this client's session on the key's stripe: `op` gets the options
+    /// naming the session. A session the stripe no longer knows is rejoined once, then retried.
+    async fn in_session(&self, key: &[u8], op: impl Fn(PutOptions) -> WriteOp) -> Result<Option<Vec<u8>>, ClientError> {
         self.check_key(key)?;
         let stripe = self.stripe_of(key);
         let mut retried = false;
         loop {
             let session = self.session_for(stripe).await?;
-            let (cache, key, value) = (cache.to_string(), key.to_vec(), value.to_vec());
             let opts = PutOptions {
                 session: Some(session),
                 ..PutOptions::default()
             };
-            let op = Op::Write(if if_absent {
-                WriteOp::PutIfAbsent {
-                    cache,
-                    key,
-                    value,
-                    opts,
-                }
-            } else {
-                WriteOp::Put {
-                    cache,
-                    key,
-                    value,
-                    opts,
-                }
-            });
-            match self.execute(stripe, op, self.inner.settings.request_timeout).await {
+            match self
+                .execute(stripe, Op::Write(op(opts)), self.inner.settings.request_timeout)
+                .await
+            {
                 Err(ClientError::Server(ErrorReply::SessionExpired)) if !retried => {
                     self.rejoin(stripe, session).await?;
                     retried = true;
