@@ -332,6 +332,10 @@ pub struct ServerConfig {
     pub admin_port: u16,
     /// Where the server keeps its log, vote and snapshots (relative to the config file).
     pub data_dir: PathBuf,
+    /// The address its three ports listen on, when it is not `host`: `0.0.0.0` behind NAT or in
+    /// a container, where the name others use does not belong to one of this host's interfaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_host: Option<String>,
 }
 
 fn default_client_port() -> u16 {
@@ -345,6 +349,11 @@ fn default_admin_port() -> u16 {
 }
 
 impl ServerConfig {
+    /// The address its ports listen on: `listen_host`, else `host`.
+    pub fn listen_host(&self) -> &str {
+        self.listen_host.as_deref().unwrap_or(&self.host)
+    }
+
     /// `host:port` of the client port.
     pub fn client_addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
@@ -666,6 +675,7 @@ pub fn local_array(
                         group_port: p.group_port,
                         admin_port: p.admin_port,
                         data_dir: PathBuf::from(format!("data/a{n}")),
+                        listen_host: None,
                     }
                 })
                 .collect(),

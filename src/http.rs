@@ -120,3 +120,119 @@ pub async fn serve(
         tracing::warn!(event = "http.shutdown_timeout", port = what);
     }
 }
+
+/// Why an HTTP request of [`request`] got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No connection, TLS or HTTP exchange within the deadline.
+    #[error("no answer from {addr} within {timeout:?}")]
+    Timeout {
+        /// Where it went.
+        addr: String,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The connection or the exchange failed.
+    #[error("{addr}: {why}")]
+    Failed {
+        /// Where it went.
+        addr: String,
+        /// What failed.
+        why: String,
+    },
+}
+
+/// One HTTP request of [`request`].
+#[derive(Debug, Clone)]
+pub struct Call<'a> {
+    /// GET, POST, ...
+    pub method: hyper::Method,
+    /// Path and query.
+    pub path: &'a str,
+    /// Extra headers.
+    pub headers: Vec<(&'a str, String)>,
+    /// The body (empty for none).
+    pub body: Vec<u8>,
+    /// Largest answer body taken.
+    pub body_max: usize,
+    /// Deadline of the whole exchange.
+    pub timeout: Duration,
+}
+
+impl<'a> Call<'a> {
+    /// `GET path`, answers up to 16 MiB, within `timeout`.
+    pub fn get(path: &'a str, timeout: Duration) -> Call<'a> {
+        Call {
+            method: hyper::Method::GET,
+            path,
+            headers: Vec::new(),
+            body: Vec::new(),
+            body_max: 16 << 20,
+            timeout,
+        }
+    }
+}
+
+/// One HTTP/1.1 request to `addr` (`host:port`) over a new connection, TLS when `tls` is given
+/// (the server's certificate must name `host`): the answer's status and body. Everything
+/// (connect, TLS, request, body) within the call's timeout. For the admin ports' own small
+/// exchanges (the console gathering, `ferrocotta top`), not for load.
+pub async fn request(
+    addr: &str,
+    tls: Option<&crate::tls::ClientTls>,
+    call: Call<'_>,
+) -> Result<(u16, bytes::Bytes), CallError> {
+    let Call {
+        method,
+        path,
+        headers,
+        body,
+        body_max,
+        timeout,
+    } = call;
+    let failed = |why: String| CallError::Failed {
+        addr: addr.to_string(),
+        why,
+    };
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| failed(format!("cannot connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let stream = match tls {
+            None => NetStream::Plain(tcp),
+            Some(t) => t.connect(host, tcp).await.map_err(|e| failed(format!("TLS: {e}")))?,
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let driver = tokio::spawn(conn);
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr);
+        for (k, v) in &headers {
+            builder = builder.header(*k, v.as_str());
+        }
+        let request = builder
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|e| failed(format!("bad request: {e}")))?;
+        let response = sender.send_request(request).await.map_err(|e| failed(e.to_string()))?;
+        let status = response.status().as_u16();
+        let limited = http_body_util::Limited::new(response.into_body(), body_max);
+        let body = http_body_util::BodyExt::collect(limited)
+            .await
+            .map_err(|e| failed(format!("reading the body: {e}")))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, body))
+    };
+    tokio::time::timeout(timeout, exchange).await.unwrap_or_else(|_| {
+        Err(CallError::Timeout {
+            addr: addr.to_string(),
+            timeout,
+        })
+    })
+}

@@ -8,9 +8,10 @@
 //! - [`security`]: secrets, credentials and what a connection may do.
 //! - [`tls`]: TLS for every port (rustls), certificate rotation, a local CA for `up --tls`.
 //! - [`admission`]: bounds on the connections a listener takes.
-//! - [`http`]: serving an HTTP router with those bounds, plain or TLS.
+//! - [`http`]: serving an HTTP router with those bounds, plain or TLS, and a small bounded client.
 //! - [`log_throttle`]: rate-limited logging of events strangers can cause.
 //! - [`config`]: the cluster configuration document, its loading and validation.
+//! - [`console`]: the cluster console's documents, shared by the array servers and `ferrocotta top`.
 //! - [`slots`]: hash slots, how keys are spread over stripes.
 //! - [`pipelined`]: one connection with many requests in flight, the client's and the peers' transport.
 //! - [`client`]: `ArrayClient`, bootstrap from a URL list, routing and failover.
@@ -21,6 +22,7 @@ pub mod admission;
 pub mod byte_lists;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod handshake;
 pub mod http;
 pub mod json_bytes;

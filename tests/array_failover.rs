@@ -110,7 +110,21 @@ async fn every_operation_works_on_a_three_server_stripe() {
     assert!(body.contains("ferrocotta_raft_term"), "{body}");
     let (code, body) = http_get(&array.admin_addr(name), "/");
     assert_eq!(code, 200);
-    assert!(body.contains("array server"), "{body}");
+    assert!(body.contains("ferrocotta console"), "{body}");
+    let (code, _) = http_get(&array.admin_addr(name), "/livez");
+    assert_eq!(code, 200);
+    let (code, body) = http_get(&array.admin_addr(name), "/v1/console");
+    assert_eq!(code, 200);
+    let view: ferrocotta::console::ArrayView = serde_json::from_str(&body).unwrap();
+    assert_eq!(view.servers.len(), 3, "{body}");
+    assert!(
+        view.servers.iter().all(|s| s.view.is_some()),
+        "every server answered: {body}"
+    );
+    assert!(
+        view.active_of(0).is_some(),
+        "the stripe's active is in the console: {body}"
+    );
 }
 
 /// Writes unique keys one after another until told to stop; records what was acknowledged and the

@@ -1,20 +1,28 @@
-//! Admin HTTP (axum): config, status, health, metrics and a small dashboard.
+//! Admin HTTP (axum): config, status, health, metrics, and the cluster console (the page `/` and
+//! its documents, docs/operations.md "The console").
 //!
 //! Every endpoint here only reads and none needs a token; nothing here shows a secret (the config
-//! document names the files that hold them, never their content). Served by
-//! [`ferrocotta::http::serve`] with its bounds, plain or TLS.
+//! document names the files that hold them, never their content). The one that changes state,
+//! `POST /v1/nodes/{cluster}/{name}/{action}`, changes nothing here: it passes the operator's
+//! node admin token on to that node, which checks it. Served by [`ferrocotta::http::serve`] with
+//! its bounds, plain or TLS.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use axum::extract::Path;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::http::{header, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
+use ferrocotta::tls::ClientTls;
+
+use crate::console::{NodeAction, NodeActionError, Recorder};
 use crate::log_store::FlushStats;
 use crate::metrics::Metrics;
 use crate::stripe::Stripe;
@@ -32,6 +40,12 @@ pub struct AdminState {
     pub flush_stats: Arc<FlushStats>,
     /// The config document as served to clients.
     pub config_toml: String,
+    /// Its digest, shown by the console.
+    pub config_digest: String,
+    /// The console's samples and events.
+    pub recorder: Arc<Recorder>,
+    /// TLS towards the other servers' admin ports and the nodes' (None: plain HTTP).
+    pub peer_tls: Option<Arc<ClientTls>>,
 }
 
 /// `GET /v1/status`.
@@ -76,8 +90,12 @@ pub struct Status {
 /// The admin router.
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
-        .route("/", get(dashboard))
+        .route("/", get(console_page))
         .route("/healthz", get(healthz))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/v1/console", get(console))
+        .route("/v1/console/local", get(console_local))
+        .route("/v1/nodes/:cluster/:name/:action", post(node_action))
         .route("/metrics", get(metrics))
         .route("/v1/config", get(config))
         .route("/v1/status", get(status))
@@ -121,13 +139,102 @@ async fn config(State(s): State<Arc<AdminState>>) -> Response {
     ([(header::CONTENT_TYPE, "application/toml")], s.config_toml.clone()).into_response()
 }
 
+/// Ready: this server's Raft runs and its stripe has an active it knows (itself or a peer). A
+/// mirror catching up is ready as soon as it knows the active; `/livez` only says the process
+/// answers (for a liveness probe that must not restart a mirror in a long catch-up).
 async fn healthz(State(s): State<Arc<AdminState>>) -> Response {
-    let running = s.stripe.raft().metrics().borrow().running_state.is_ok();
-    if running {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "raft stopped\n").into_response()
+    let (running, leader, term) = {
+        let m = s.stripe.raft().metrics();
+        let m = m.borrow();
+        (m.running_state.is_ok(), m.current_leader, m.current_term)
+    };
+    match (running, leader.and_then(|id| s.stripe.name_of(id))) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "raft stopped\n").into_response(),
+        (true, None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no active known in term {term}\n"),
+        )
+            .into_response(),
+        (true, Some(active)) => (StatusCode::OK, format!("ok: active {active}, term {term}\n")).into_response(),
     }
+}
+
+fn local(s: &AdminState) -> ferrocotta::console::ServerView {
+    crate::console::local_view(&s.stripe, &s.recorder, &s.metrics, &s.config_digest)
+}
+
+async fn console_local(State(s): State<Arc<AdminState>>) -> Response {
+    Json(local(&s)).into_response()
+}
+
+async fn console(State(s): State<Arc<AdminState>>) -> Response {
+    Json(crate::console::gather(&s.stripe, local(&s), s.peer_tls.clone()).await).into_response()
+}
+
+/// `POST /v1/nodes/{cluster}/{name}/{offline|online|clear}` with the node's admin token
+/// (`Authorization: Bearer ...`): passed on to that node; its answer comes back as it gave it.
+async fn node_action(
+    State(s): State<Arc<AdminState>>,
+    Path((cluster, name, action)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let error = |status: StatusCode, code: &str, message: String| {
+        (
+            status,
+            Json(serde_json::json!({"error": {"code": code, "message": message}})),
+        )
+            .into_response()
+    };
+    let Some(action) = NodeAction::parse(&action) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_action",
+            format!("no action `{action}`: offline, online or clear"),
+        );
+    };
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .filter(|t| !t.is_empty())
+    else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the node's admin token is missing (Authorization: Bearer ...)".into(),
+        );
+    };
+    let view = crate::console::gather(&s.stripe, local(&s), s.peer_tls.clone()).await;
+    let result = crate::console::node_action(&view, &cluster, &name, action, token, s.peer_tls.as_deref()).await;
+    match result {
+        Ok((code, body)) => {
+            tracing::info!(event = "console.node_action", cluster = %cluster, node = %name, action = ?action, status = code);
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(event = "console.node_action_failed", cluster = %cluster, node = %name, action = ?action, error = %e);
+            let status = match e {
+                NodeActionError::UnknownNode { .. } => StatusCode::NOT_FOUND,
+                NodeActionError::NoAdminAddress(_) | NodeActionError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            };
+            error(status, "node_action_failed", e.to_string())
+        }
+    }
+}
+
+/// The console page: one document with its styles and script, nothing fetched from elsewhere.
+const CONSOLE_HTML: &str = include_str!("console.html");
+
+async fn console_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        CONSOLE_HTML,
+    )
+        .into_response()
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
@@ -179,41 +286,6 @@ pub fn label_value(s: &str) -> String {
         }
     }
     out
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
-async fn dashboard(State(s): State<Arc<AdminState>>) -> Html<String> {
-    let st = status_of(&s);
-    let mut rows = String::new();
-    for (cache, n) in &st.caches {
-        let _ = write!(rows, "<tr><td>{}</td><td>{n}</td></tr>", escape(cache));
-    }
-    Html(format!(
-        "<!doctype html><html><head><meta charset=utf-8><title>ferrocotta {name}</title>\
-         <meta http-equiv=refresh content=2>\
-         <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 12px;text-align:left}}</style></head><body>\
-         <h1>array server {name}</h1>\
-         <table><tr><th>stripe</th><td>{stripe} ({stripe_name})</td></tr>\
-         <tr><th>role</th><td>{role}</td></tr><tr><th>term</th><td>{term}</td></tr>\
-         <tr><th>active</th><td>{leader}</td></tr>\
-         <tr><th>last log index</th><td>{last}</td></tr><tr><th>applied index</th><td>{applied}</td></tr>\
-         <tr><th>client connections</th><td>{conns}</td></tr></table>\
-         <h2>caches</h2><table><tr><th>cache</th><th>entries</th></tr>{rows}</table>\
-         <p><a href=/v1/status>status</a> · <a href=/v1/config>config</a> · <a href=/metrics>metrics</a></p>\
-         </body></html>",
-        name = escape(&st.name),
-        stripe = st.stripe,
-        stripe_name = escape(&st.stripe_name),
-        role = st.role,
-        term = st.term,
-        leader = escape(st.leader.as_deref().unwrap_or("none")),
-        last = st.last_log_index,
-        applied = st.applied_index,
-        conns = st.client_connections,
-    ))
 }
 
 #[cfg(test)]

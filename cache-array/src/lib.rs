@@ -27,6 +27,7 @@ pub mod active;
 pub mod admin;
 pub mod command;
 pub mod compaction;
+pub mod console;
 pub mod data_folder;
 #[cfg(test)]
 mod format_fixture;

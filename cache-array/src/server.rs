@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::console::Recorder;
 use crate::data_folder::{self, FolderError, OpenedFolder};
 use crate::formation::{Formation, Prober, VoteGate};
 use crate::listener::{self, Listening};
@@ -198,9 +199,9 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     let config = Arc::new(config);
 
     // Bind first: a port clash is reported before anything touches the data.
-    let client_listener = bind("client port", &me.host, me.port).await?;
-    let group_listener = bind("group port", &me.host, me.group_port).await?;
-    let admin_listener = bind("admin port", &me.host, me.admin_port).await?;
+    let client_listener = bind("client port", me.listen_host(), me.port).await?;
+    let group_listener = bind("group port", me.listen_host(), me.group_port).await?;
+    let admin_listener = bind("admin port", me.listen_host(), me.admin_port).await?;
 
     let configured = config.caches.iter().map(|(n, c)| (n.clone(), c.settings())).collect();
     let folder = match data_folder::open(&data_dir, configured) {
@@ -286,6 +287,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
 
     let credentials = secrets.credentials.as_ref().map(|(_, c)| c.clone()).unwrap_or_default();
     let metrics = Arc::new(Metrics::default());
+    let recorder = Arc::new(Recorder::new(&me.name));
     let service = Arc::new(ClientService {
         stripe: stripe.clone(),
         listening: Listening {
@@ -310,6 +312,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         },
         credentials,
         metrics: metrics.clone(),
+        recorder: recorder.clone(),
     });
     tracker.spawn(listener::serve(
         service.clone(),
@@ -320,9 +323,12 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
 
     let admin_state = Arc::new(AdminState {
         stripe: stripe.clone(),
-        metrics,
+        metrics: metrics.clone(),
         flush_stats,
+        config_digest: crate::console::config_digest(&config_toml),
         config_toml,
+        recorder: recorder.clone(),
+        peer_tls: tls.as_ref().map(|t| t.peer_dialler.clone()),
     });
     tracker.spawn(ferrocotta::http::serve(
         "admin",
@@ -387,7 +393,13 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         version = SOFTWARE_VERSION,
     );
     spawn_leader_log(&stripe, shutdown.clone());
-    tracker.spawn(crate::upkeep::run(stripe.clone(), shutdown.clone()));
+    tracker.spawn(crate::upkeep::run(stripe.clone(), recorder.clone(), shutdown.clone()));
+    tracker.spawn(crate::console::run_sampler(
+        recorder,
+        stripe.clone(),
+        metrics,
+        shutdown.clone(),
+    ));
     tracker.spawn(crate::compaction::run(
         raft.clone(),
         log_store,

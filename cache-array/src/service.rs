@@ -99,6 +99,8 @@ pub struct ClientService {
     pub credentials: Arc<RwLock<Credentials>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The console's events (failed handshakes).
+    pub recorder: Arc<crate::console::Recorder>,
 }
 
 static HANDSHAKE_FAILED: LogThrottle = LogThrottle::new();
@@ -143,6 +145,13 @@ impl Port for ClientService {
         self.metrics.rejected_connections.fetch_add(1, Relaxed);
         if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
             tracing::warn!(event = "client.handshake_failed", remote = %remote, error = %error, suppressed);
+            let more = if suppressed > 0 {
+                format!(" ({suppressed} more not shown)")
+            } else {
+                String::new()
+            };
+            self.recorder
+                .event("handshake_failed", format!("client port, from {remote}: {error}{more}"));
         }
     }
 

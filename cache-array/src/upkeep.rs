@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::command::{CommandKind, CommandResult};
+use crate::console::Recorder;
 use crate::stripe::{now_ms, Stripe};
 
 /// How often the active's upkeep runs.
@@ -37,7 +38,7 @@ pub const SWEEP_BATCH_MAX: usize = 10_000;
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the active's duties until `shutdown`; idle while this server is a mirror.
-pub async fn run(stripe: std::sync::Arc<Stripe>, shutdown: CancellationToken) {
+pub async fn run(stripe: std::sync::Arc<Stripe>, recorder: std::sync::Arc<Recorder>, shutdown: CancellationToken) {
     let window = stripe.config().timing.client_reconnect_window.0;
     let mut tick = tokio::time::interval(UPKEEP_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -63,7 +64,7 @@ pub async fn run(stripe: std::sync::Arc<Stripe>, shutdown: CancellationToken) {
             tracing::info!(event = "session.windows_renewed", term, sessions = ids.len(), window = ?window);
             active_term = Some(term);
         }
-        expire_silent_sessions(&stripe, window).await;
+        expire_silent_sessions(&stripe, &recorder, window).await;
         if last_touch_flush.elapsed() >= TOUCH_FLUSH_INTERVAL {
             flush_touches(&stripe).await;
             last_touch_flush = Instant::now();
@@ -75,12 +76,23 @@ pub async fn run(stripe: std::sync::Arc<Stripe>, shutdown: CancellationToken) {
     }
 }
 
-async fn expire_silent_sessions(stripe: &Stripe, window: Duration) {
+async fn expire_silent_sessions(stripe: &Stripe, recorder: &Recorder, window: Duration) {
     let live: Vec<u64> = stripe.shared().read(|d| d.store.sessions.keys().copied().collect());
     let silent = stripe.active().silent_sessions(&live, window);
     if silent.is_empty() {
         return;
     }
+    let clients: Vec<String> = stripe.shared().read(|d| {
+        silent
+            .iter()
+            .filter_map(|id| {
+                d.store
+                    .sessions
+                    .get(id)
+                    .map(|s| format!("{} (session {id})", s.client_name))
+            })
+            .collect()
+    });
     match stripe
         .propose(CommandKind::ExpireSessions(silent.clone()), PROPOSAL_TIMEOUT)
         .await
@@ -91,6 +103,10 @@ async fn expire_silent_sessions(stripe: &Stripe, window: Duration) {
                 _ => 0,
             };
             tracing::info!(event = "session.expired", sessions = ?silent, ended, window = ?window);
+            recorder.event(
+                "session_expired",
+                format!("silent for {window:?}, expired: {}", clients.join(", ")),
+            );
             stripe.active().forget_sessions(&silent);
         }
         Err(e) => tracing::warn!(event = "session.expire_failed", error = %e),

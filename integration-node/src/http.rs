@@ -152,6 +152,7 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .route("/admin/online", post(online))
         .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/", get(page))
         .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
@@ -171,6 +172,21 @@ fn status_of(node: &Node) -> Value {
         "array_urls": node.settings.array_urls,
         "requests": node.requests.load(Ordering::Relaxed),
     })
+}
+
+/// Ready: online and with the array (or stand-alone); 503 with the reason otherwise. `/healthz`
+/// only says the process answers.
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    if node.ready() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        let why = if node.online.load(Ordering::Relaxed) {
+            format!("array {}\n", node.backend.array_state())
+        } else {
+            "offline\n".to_string()
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+    }
 }
 
 async fn status(State(node): State<Arc<Node>>) -> Response {
@@ -203,6 +219,13 @@ async fn online(State(node): State<Arc<Node>>) -> Response {
 async fn set_online(node: &Node, online: bool) {
     node.online.store(online, Ordering::Relaxed);
     node.online_changed.notify_waiters();
+    node.event(
+        if online { "online" } else { "offline" },
+        format!(
+            "service port {} by the admin",
+            if online { "reopened" } else { "closed" }
+        ),
+    );
     tracing::info!(
         event = if online { "node.online" } else { "node.offline" },
         "service port {} by the admin",
@@ -240,9 +263,33 @@ async fn page(State(node): State<Arc<Node>>) -> Response {
             )
         })
         .collect();
+    // The cluster console is served by every array server's admin port.
+    let console: String = match &node.backend {
+        crate::backend::Backend::Array(c) => {
+            let scheme = if node.settings.array_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            c.config()
+                .stripes
+                .iter()
+                .flat_map(|st| st.servers.iter())
+                .map(|srv| {
+                    format!(
+                        " <a href=\"{scheme}://{addr}/\">{name}</a>",
+                        addr = html_escape(&srv.admin_addr()),
+                        name = html_escape(&srv.name)
+                    )
+                })
+                .collect()
+        }
+        crate::backend::Backend::Local(_) => " none (stand-alone)".to_string(),
+    };
     Html(format!(
         "<!doctype html><html><head><meta charset=utf-8><title>node {name}</title></head><body>\
          <h1>integration node {name}</h1><p>cluster {cluster} ({eff}); array: {state}; online: {online}; rejoins: {rejoins}</p>\
+         <p id=console>cluster console:{console}</p>\
          <h2>members</h2><table><tr><th>name</th><th>service</th><th>state</th></tr>{rows}</table></body></html>",
         name = html_escape(&node.logical_name),
         cluster = html_escape(&node.settings.cluster_name),

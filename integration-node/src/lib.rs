@@ -198,6 +198,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         online_changed: tokio::sync::Notify::new(),
         requests: AtomicU64::new(0),
         tls,
+        events: std::sync::Mutex::new(std::collections::VecDeque::new()),
     });
     if let Backend::Array(_) = &node.backend {
         let cache = node.settings.members_cache();

@@ -26,12 +26,31 @@ pub struct Member {
     /// Its admin address (not shown by the public service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,
+    /// Whether its ports speak TLS (https), so that the cluster console reaches its admin port.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
     /// Its software version.
     pub version: String,
     /// When it started, ms since the epoch.
     pub start_time_ms: u64,
     /// `online` or `offline`.
     pub state: String,
+    /// Times the node rejoined the array (its array session had expired).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rejoins: u64,
+    /// Operations of its nonstop caches whose timeout behaviour applied.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub nonstop_timeouts: u64,
+    /// Its last events (rejoins, nonstop timeouts, offline and online), oldest first, for the
+    /// cluster console. Not shown by the public service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<ferrocotta::console::Event>,
+}
+
+/// Counters at zero are left out, so an entry of a node that saw nothing reads as entries always
+/// have.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Member {
@@ -40,6 +59,7 @@ impl Member {
     pub fn public(mut self) -> Member {
         self.admin = None;
         self.instance = None;
+        self.events = Vec::new();
         self
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferrocotta::client::{ClientEvent, ConnectionState};
+use ferrocotta::console::Event;
 use ferrocotta::ClientError;
 use tokio_util::sync::CancellationToken;
 
@@ -48,7 +49,12 @@ pub struct Node {
     pub requests: AtomicU64,
     /// TLS of both ports, if they speak it.
     pub tls: Option<Arc<ferrocotta::tls::ServerTls>>,
+    /// The last [`NODE_EVENTS_KEPT`] events, shown by the cluster console through the member entry.
+    pub events: std::sync::Mutex<std::collections::VecDeque<Event>>,
 }
+
+/// Events a node keeps in its member entry.
+pub const NODE_EVENTS_KEPT: usize = 8;
 
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
@@ -64,8 +70,9 @@ impl Node {
         Member {
             logical_name: self.logical_name.clone(),
             instance: Some(self.instance_id.clone()),
-            service: self.service_addr.clone(),
-            admin: Some(self.admin_addr.clone()),
+            service: self.advertised(&self.service_addr),
+            admin: Some(self.advertised(&self.admin_addr)),
+            tls: self.tls.is_some(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             start_time_ms: self.started_ms,
             state: if self.online.load(Ordering::Relaxed) {
@@ -74,7 +81,46 @@ impl Node {
                 "offline"
             }
             .to_string(),
+            rejoins: self.rejoins.load(Ordering::Relaxed),
+            nonstop_timeouts: match &self.backend {
+                Backend::Array(c) => c.nonstop_timeouts(),
+                Backend::Local(_) => 0,
+            },
+            events: self.events.lock().expect("events lock").iter().cloned().collect(),
         }
+    }
+
+    /// A bound address as others reach it: its port with `advertise_host`, if one is set.
+    fn advertised(&self, bound: &str) -> String {
+        match (&self.settings.advertise_host, bound.rsplit_once(':')) {
+            (Some(host), Some((_, port))) if host.contains(':') => format!("[{host}]:{port}"),
+            (Some(host), Some((_, port))) => format!("{host}:{port}"),
+            _ => bound.to_string(),
+        }
+    }
+
+    /// Records an event for the console (the oldest goes when [`NODE_EVENTS_KEPT`] are kept);
+    /// the member refresh carries it to the array.
+    pub fn event(&self, kind: &str, text: String) {
+        let mut events = self.events.lock().expect("events lock");
+        if events.len() == NODE_EVENTS_KEPT {
+            events.pop_front();
+        }
+        events.push_back(Event {
+            t_ms: now_ms(),
+            source: self.logical_name.clone(),
+            kind: kind.to_string(),
+            text,
+        });
+    }
+
+    /// Whether the node serves requests: online, and with its array (or stand-alone).
+    pub fn ready(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+            && match &self.backend {
+                Backend::Array(c) => c.connection_state() == ConnectionState::Connected,
+                Backend::Local(_) => true,
+            }
     }
 
     /// Members of the cluster as this node sees them (see [`members::list`]).
@@ -107,6 +153,7 @@ pub async fn member_refresh(node: Arc<Node>, shutdown: CancellationToken) {
     let Backend::Array(client) = &node.backend else { return };
     let mut events = client.events();
     let mut tick = tokio::time::interval(node.settings.member_refresh_interval);
+    let mut nonstop_seen = client.nonstop_timeouts();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -115,9 +162,21 @@ pub async fn member_refresh(node: Arc<Node>, shutdown: CancellationToken) {
                 if let Ok(ClientEvent::Rejoined { .. }) = e {
                     let n = node.rejoins.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::warn!(event = "node.rejoined", rejoins = n, "the array session had expired; re-registering");
+                    node.event("rejoined", format!("the array session had expired; rejoined (rejoin {n})"));
                 }
                 continue;
             }
+        }
+        let nonstop = client.nonstop_timeouts();
+        if nonstop > nonstop_seen {
+            node.event(
+                "nonstop_timeout",
+                format!(
+                    "{} cache operation(s) took their nonstop timeout behaviour",
+                    nonstop - nonstop_seen
+                ),
+            );
+            nonstop_seen = nonstop;
         }
         if client.connection_state() == ConnectionState::Disconnected {
             continue;

@@ -39,6 +39,11 @@ pub struct Args {
     /// Address of the admin port [default: 0.0.0.0:9999].
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// The host others reach this node's ports at, written into its member entry (the service
+    /// and admin addresses the cluster console and `getMembers` show) when the ports listen on
+    /// 0.0.0.0 or behind NAT [default: the listen address].
+    #[arg(long, env = "FERROCOTTA_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
     /// Logical name, unique among live members [default: hostname:service-port].
     #[arg(long)]
     pub logical_name: Option<String>,
@@ -94,6 +99,7 @@ struct NodeFile {
     cluster_name: Option<String>,
     listen: Option<String>,
     admin_listen: Option<String>,
+    advertise_host: Option<String>,
     logical_name: Option<String>,
     state_dir: Option<PathBuf>,
     secret_file: Option<PathBuf>,
@@ -146,6 +152,8 @@ pub struct NodeSettings {
     pub listen: String,
     /// Admin port address.
     pub admin_listen: String,
+    /// The host in the addresses the member entry gives, if not the bound one.
+    pub advertise_host: Option<String>,
     /// Logical name, if given (else derived from the bound service port).
     pub logical_name: Option<String>,
     /// The node's state folder (identity across restarts), if it has one.
@@ -196,6 +204,7 @@ impl std::fmt::Debug for NodeSettings {
             .field("cluster_name", &self.cluster_name)
             .field("listen", &self.listen)
             .field("admin_listen", &self.admin_listen)
+            .field("advertise_host", &self.advertise_host)
             .field("logical_name", &self.logical_name)
             .field("credential", &self.credential)
             .field("secret", &format_args!("<{} bytes>", self.secret.len()))
@@ -307,6 +316,7 @@ impl NodeSettings {
                 .admin_listen
                 .or(file.admin_listen)
                 .unwrap_or_else(|| "0.0.0.0:9999".into()),
+            advertise_host: args.advertise_host.or(file.advertise_host).filter(|h| !h.is_empty()),
             logical_name,
             state_dir: args.state_dir.or(file.state_dir),
             secret,
@@ -340,7 +350,11 @@ impl NodeSettings {
 
     /// The array cache holding session data.
     pub fn sessions_cache(&self) -> String {
-        format!("ferrocotta.node.sessions.{}", self.effective_cluster_name)
+        format!(
+            "{}{}",
+            ferrocotta::console::SESSIONS_CACHE_PREFIX,
+            self.effective_cluster_name
+        )
     }
 
     /// The array cache of a `pub.storage` store.
@@ -361,7 +375,11 @@ impl NodeSettings {
 
     /// The array cache holding the member list.
     pub fn members_cache(&self) -> String {
-        format!("ferrocotta.node.members.{}", self.effective_cluster_name)
+        format!(
+            "{}{}",
+            ferrocotta::console::MEMBERS_CACHE_PREFIX,
+            self.effective_cluster_name
+        )
     }
 }
 

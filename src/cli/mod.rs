@@ -4,10 +4,12 @@
 //! - [`status`]: the array at a glance.
 //! - [`cache`]: get, put, remove and list keys from a shell.
 //! - [`bench`]: a load generator with latency percentiles.
+//! - [`top`]: the cluster console's facts live in a terminal.
 
 mod bench;
 mod cache;
 mod status;
+mod top;
 mod up;
 
 use std::path::PathBuf;
@@ -39,6 +41,8 @@ enum Command {
     Cache(cache::CacheCommand),
     /// Load an array and report throughput and latency percentiles.
     Bench(bench::BenchArgs),
+    /// The whole cluster live in the terminal (servers, ops/s, nodes, caches, events); `q` quits.
+    Top(top::TopArgs),
 }
 
 /// How to reach an array; shared by every command that talks to one.
@@ -160,5 +164,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status(a) => status::run(a).await,
         Command::Cache(c) => cache::run(c).await,
         Command::Bench(a) => bench::run(a).await,
+        Command::Top(a) => top::run(a).await,
     }
 }

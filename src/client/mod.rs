@@ -116,6 +116,8 @@ struct Inner {
     sessions: session::SessionState,
     /// Local copies for the `local_reads` nonstop behaviours.
     local: nonstop::LocalCopies,
+    /// Operations of nonstop caches whose timeout behaviour applied.
+    nonstop_timeouts: std::sync::atomic::AtomicU64,
 }
 
 impl ArrayClient {
@@ -162,9 +164,16 @@ impl ArrayClient {
                 config_source: (url, first_name),
                 sessions: session::SessionState::new(stripes),
                 local: nonstop::LocalCopies::default(),
+                nonstop_timeouts: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         Ok(client)
+    }
+
+    /// Operations of nonstop caches whose timeout behaviour applied so far (the array did not
+    /// answer in time, or the client knew it was disconnected).
+    pub fn nonstop_timeouts(&self) -> u64 {
+        self.inner.nonstop_timeouts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The configuration document in use.

@@ -227,22 +227,29 @@ impl CacheHandle {
         } else {
             self.settings.timeout
         };
+        let timed_out = || {
+            self.client
+                .inner
+                .nonstop_timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Err(()))
+        };
         if self.settings.immediate_timeout_when_disconnected
             && self.client.connection_state() == super::ConnectionState::Disconnected
         {
-            return Ok(Err(()));
+            return timed_out();
         }
         let started = Instant::now();
         match tokio::time::timeout(timeout, f).await {
             Ok(Ok(v)) => Ok(Ok(v)),
             Ok(Err(e)) if e.is_unavailability() => {
                 tracing::debug!(event = "client.nonstop_timeout", cache = %self.name, error = %e, after = ?started.elapsed());
-                Ok(Err(()))
+                timed_out()
             }
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 self.client.mark_disconnected();
-                Ok(Err(()))
+                timed_out()
             }
         }
     }
