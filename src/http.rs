@@ -142,6 +142,9 @@ pub enum CallError {
     },
 }
 
+/// Largest answer body a [`Call::get`] takes.
+pub const ANSWER_BYTES_MAX: usize = 16 << 20;
+
 /// One HTTP request of [`request`].
 #[derive(Debug, Clone)]
 pub struct Call<'a> {
@@ -160,14 +163,14 @@ pub struct Call<'a> {
 }
 
 impl<'a> Call<'a> {
-    /// `GET path`, answers up to 16 MiB, within `timeout`.
+    /// `GET path`, answers up to [`ANSWER_BYTES_MAX`], within `timeout`.
     pub fn get(path: &'a str, timeout: Duration) -> Call<'a> {
         Call {
             method: hyper::Method::GET,
             path,
             headers: Vec::new(),
             body: Vec::new(),
-            body_max: 16 << 20,
+            body_max: ANSWER_BYTES_MAX,
             timeout,
         }
     }
@@ -208,7 +211,8 @@ pub async fn request(
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| failed(e.to_string()))?;
-        let driver = tokio::spawn(conn);
+        // The connection's task ends with this call, however the call ends.
+        let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -226,7 +230,6 @@ pub async fn request(
             .await
             .map_err(|e| failed(format!("reading the body: {e}")))?
             .to_bytes();
-        driver.abort();
         Ok((status, body))
     };
     tokio::time::timeout(timeout, exchange).await.unwrap_or_else(|_| {

@@ -225,12 +225,22 @@ async fn a_stripe_is_founded_only_when_all_its_servers_are_present() {
         client.put(CACHE, b"k", b"v").await.is_err(),
         "a half-present stripe serves nothing"
     );
+    for name in rest {
+        let admin = array.admin_addr(name);
+        let (code, body) = common::http_get(&admin, "/healthz");
+        assert_eq!(code, 503, "{name} knows no active, so it is not ready: {body}");
+        assert_eq!(common::http_get(&admin, "/livez").0, 200, "{name} is alive");
+    }
 
     phase("the first server starts: the stripe is founded and serves");
     array.spawn(first);
     let client = array.client().await;
     array.wait_active(&client, 0, Duration::from_secs(20)).await;
     common::put_retrying(&client, CACHE, b"formed", b"with all three").await;
+    for name in &servers {
+        let (code, body) = common::http_get(&array.admin_addr(name), "/healthz");
+        assert_eq!(code, 200, "{name} is ready once its stripe has an active: {body}");
+    }
     for name in &servers {
         array
             .wait_status(name, Duration::from_secs(20), |s| {

@@ -66,8 +66,12 @@ impl Up {
     }
 
     fn put(&self, key: &str) {
+        self.put_in("console-demo", key, "value");
+    }
+
+    fn put_in(&self, cache: &str, key: &str, value: &str) {
         let out = ferrocotta()
-            .args(["cache", "put", "--cache", "console-demo", key, "value"])
+            .args(["cache", "put", "--cache", cache, key, value])
             .env("FERROCOTTA_DIR", self.dir.path())
             .output()
             .unwrap();
@@ -342,12 +346,26 @@ fn the_console_shows_the_whole_cluster_follows_a_failover_and_takes_a_node_offli
     let (_, active_pid, _) = servers.iter().find(|s| s.0 == active).unwrap().clone();
     // The page is opened on a mirror: it shows the whole array whichever server serves it, and it
     // stays up when the active is killed.
-    let (mirror, _, mirror_admin) = servers.iter().find(|s| s.0 != active).unwrap().clone();
+    let (_, _, mirror_admin) = servers.iter().find(|s| s.0 != active).unwrap().clone();
 
-    phase("some load");
+    phase("some load, and member entries that are not a node's");
     for i in 0..12 {
         up.put(&format!("k{i}"));
     }
+    // Anyone who may write the member cache can write anything there: the page shows what reads
+    // as a member, as text, and leaves out the rest.
+    let html = "<img src=x onerror=window.pwned=1>";
+    up.put_in(
+        "ferrocotta.node.members.evil",
+        html,
+        &json!({"logical_name": html, "state": "<b>online</b>", "service": "x"}).to_string(),
+    );
+    up.put_in("ferrocotta.node.members.evil", "null", "null");
+    up.put_in(
+        "ferrocotta.node.members.evil",
+        "bad-events",
+        r#"{"logical_name":"bad-events","events":5}"#,
+    );
 
     phase("the console in Chromium");
     let browser = Browser::start();
@@ -384,7 +402,18 @@ fn the_console_shows_the_whole_cluster_follows_a_failover_and_takes_a_node_offli
     browser.wait_until(
         "the cache written listed with its entries",
         Duration::from_secs(20),
-        "const r = document.querySelector('tr[data-cache=\"console-demo\"]'); return !!r && r.innerText.includes('12');",
+        "const r = document.querySelector('tr[data-cache=\"console-demo\"]'); return !!r && r.children[1].innerText === '12';",
+    );
+    assert_eq!(
+        browser.eval(
+            "const rows = [...document.querySelectorAll('#nodes tr[data-node]')]; \
+             return [rows.some(r => r.dataset.cluster === 'evil' && r.innerText.includes('<img src=x')), \
+                     rows.some(r => r.dataset.node === 'bad-events'), \
+                     document.querySelectorAll('#nodes img, #nodes b').length, \
+                     window.pwned === undefined];"
+        ),
+        json!([true, false, 0, true]),
+        "a hostile member entry is shown as text, a malformed one left out, nothing runs"
     );
     browser.screenshot("cluster");
 
@@ -421,18 +450,6 @@ fn the_console_shows_the_whole_cluster_follows_a_failover_and_takes_a_node_offli
         Duration::from_secs(10),
         "const m = document.getElementById('message'); return m.dataset.result === 'error' && m.innerText.includes('401');",
     );
-    assert_eq!(
-        browser.eval("return document.querySelector('tr[data-node=\"node1\"]').dataset.state;"),
-        json!("online")
-    );
-    browser.type_into("#token", &token);
-    browser.click("button[data-action=\"offline\"][data-node=\"node1\"]");
-    let took = browser.wait_until(
-        "node1 shown offline",
-        Duration::from_secs(15),
-        "const r = document.querySelector('tr[data-node=\"node1\"]'); return !!r && r.dataset.state === 'offline';",
-    );
-    eprintln!("node1 shown offline {took:?} after the click");
     let node1_admin = up.endpoints()["processes"]
         .as_array()
         .unwrap()
@@ -444,6 +461,16 @@ fn the_console_shows_the_whole_cluster_follows_a_failover_and_takes_a_node_offli
         .trim_start_matches("http://")
         .to_string();
     let (code, _) = common::http_get(&node1_admin, "/readyz");
+    assert_eq!(code, 200, "the wrong token changed nothing: node1 is still ready");
+    browser.type_into("#token", &token);
+    browser.click("button[data-action=\"offline\"][data-node=\"node1\"]");
+    let took = browser.wait_until(
+        "node1 shown offline",
+        Duration::from_secs(15),
+        "const r = document.querySelector('tr[data-node=\"node1\"]'); return !!r && r.dataset.state === 'offline';",
+    );
+    eprintln!("node1 shown offline {took:?} after the click");
+    let (code, _) = common::http_get(&node1_admin, "/readyz");
     assert_eq!(code, 503, "an offline node is not ready");
     browser.screenshot("node1-offline");
     browser.click("button[data-action=\"online\"][data-node=\"node1\"]");
@@ -452,6 +479,8 @@ fn the_console_shows_the_whole_cluster_follows_a_failover_and_takes_a_node_offli
         Duration::from_secs(15),
         "const r = document.querySelector('tr[data-node=\"node1\"]'); return !!r && r.dataset.state === 'online';",
     );
+    let (code, _) = common::http_get(&node1_admin, "/readyz");
+    assert_eq!(code, 200, "node1 serves again");
 
     phase("on a phone-sized screen nothing runs off the side");
     browser.resize(390, 844);
@@ -463,7 +492,6 @@ fn the_console_shows_the_whole_cluster_follows_a_failover_and_takes_a_node_offli
     browser.screenshot("phone");
     drop(browser);
     drop(up);
-    let _ = mirror;
 }
 
 #[test]
@@ -496,6 +524,36 @@ fn top_once_prints_every_server_and_its_role() {
     assert_eq!(roles.iter().filter(|r| **r == "active").count(), 1, "{text}");
     assert_eq!(roles.iter().filter(|r| **r == "mirror").count(), 2, "{text}");
     assert!(text.contains("node1"), "the node is listed:\n{text}");
+
+    // What others wrote reaches the terminal without its control characters.
+    let escape = "\u{1b}]0;owned\u{7}\u{1b}[2J";
+    up.put_in(
+        "ferrocotta.node.members.evil",
+        &format!("{escape}n"),
+        &json!({"logical_name": format!("{escape}n"), "state": escape}).to_string(),
+    );
+    // (A server serves the view it gathered for up to a second.)
+    let started = Instant::now();
+    let text = loop {
+        let out = ferrocotta()
+            .args(["top", "--once", "--dir"])
+            .arg(up.dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("evil") {
+            break text;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the entry is not listed:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "control characters reach the terminal:\n{text:?}"
+    );
 
     // Pointed at one admin port alone (no secret), and at a dead one first.
     let dead = format!("127.0.0.1:{}", common::free_ports(1)[0]);

@@ -365,6 +365,30 @@ fn a_node_cut_from_the_array_degrades_then_reconnects_and_rejoins() {
         out["counter"], 3,
         "the session (array data) survived the node's rejoins"
     );
+
+    phase("the cluster console shows the node's rejoins and nonstop timeouts, with their events");
+    let admin = array.admin_addr(&array.stripe_servers(0)[0]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = common::http_get(&admin, "/v1/console");
+        let view: ferrocotta::console::ArrayView = serde_json::from_str(&body).unwrap();
+        let entry = view.member("cut", "n1");
+        let shown = entry.as_ref().is_some_and(|m| {
+            let kinds: Vec<&str> = m.events.iter().map(|e| e.kind.as_str()).collect();
+            m.rejoins == 3
+                && m.nonstop_timeouts >= 1
+                && kinds.contains(&"rejoined")
+                && kinds.contains(&"nonstop_timeout")
+        });
+        if shown {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console does not show n1's rejoins and nonstop timeouts: {entry:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -46,7 +46,14 @@ pub struct AdminState {
     pub recorder: Arc<Recorder>,
     /// TLS towards the other servers' admin ports and the nodes' (None: plain HTTP).
     pub peer_tls: Option<Arc<ClientTls>>,
+    /// The last gathered view of the array and when it was gathered: however many pages ask,
+    /// a server gathers at most once per [`GATHERED_FRESH_FOR`] (callers wait for the one in
+    /// progress rather than start their own).
+    pub gathered: tokio::sync::Mutex<Option<(std::time::Instant, ferrocotta::console::ArrayView)>>,
 }
+
+/// How long a gathered view is served again.
+pub const GATHERED_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `GET /v1/status`.
 #[derive(Debug, Serialize)]
@@ -167,8 +174,21 @@ async fn console_local(State(s): State<Arc<AdminState>>) -> Response {
     Json(local(&s)).into_response()
 }
 
+/// Every server's view, gathered at most once per [`GATHERED_FRESH_FOR`].
+async fn gathered(s: &AdminState) -> ferrocotta::console::ArrayView {
+    let mut last = s.gathered.lock().await;
+    if let Some((at, view)) = last.as_ref() {
+        if at.elapsed() < GATHERED_FRESH_FOR {
+            return view.clone();
+        }
+    }
+    let view = crate::console::gather(&s.stripe, local(s), s.peer_tls.clone()).await;
+    *last = Some((std::time::Instant::now(), view.clone()));
+    view
+}
+
 async fn console(State(s): State<Arc<AdminState>>) -> Response {
-    Json(crate::console::gather(&s.stripe, local(&s), s.peer_tls.clone()).await).into_response()
+    Json(gathered(&s).await).into_response()
 }
 
 /// `POST /v1/nodes/{cluster}/{name}/{offline|online|clear}` with the node's admin token
@@ -178,15 +198,8 @@ async fn node_action(
     Path((cluster, name, action)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let error = |status: StatusCode, code: &str, message: String| {
-        (
-            status,
-            Json(serde_json::json!({"error": {"code": code, "message": message}})),
-        )
-            .into_response()
-    };
     let Some(action) = NodeAction::parse(&action) else {
-        return error(
+        return error_reply(
             StatusCode::NOT_FOUND,
             "unknown_action",
             format!("no action `{action}`: offline, online or clear"),
@@ -198,19 +211,34 @@ async fn node_action(
         .and_then(|v| v.strip_prefix("Bearer "))
         .filter(|t| !t.is_empty())
     else {
-        return error(
+        return error_reply(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "the node's admin token is missing (Authorization: Bearer ...)".into(),
         );
     };
-    let view = crate::console::gather(&s.stripe, local(&s), s.peer_tls.clone()).await;
+    let view = gathered(&s).await;
     let result = crate::console::node_action(&view, &cluster, &name, action, token, s.peer_tls.as_deref()).await;
     match result {
-        Ok((code, body)) => {
-            tracing::info!(event = "console.node_action", cluster = %cluster, node = %name, action = ?action, status = code);
-            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
-            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        Ok(answer) => {
+            tracing::info!(event = "console.node_action", cluster = %cluster, node = %name, action = ?action, status = answer.status);
+            match (answer.status, answer.error) {
+                (200..=299, _) => Json(serde_json::json!({"done": action.name(), "node": name})).into_response(),
+                // The node refused (a wrong token, most often): its status and error, nothing more.
+                (code @ 400..=499, error) => {
+                    let (code_text, message) = error.unwrap_or_default();
+                    error_reply(
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+                        &format!("node_{code_text}"),
+                        format!("node {name} refused: {message}"),
+                    )
+                }
+                (code, _) => error_reply(
+                    StatusCode::BAD_GATEWAY,
+                    "node_failed",
+                    format!("node {name} answered HTTP {code}"),
+                ),
+            }
         }
         Err(e) => {
             tracing::warn!(event = "console.node_action_failed", cluster = %cluster, node = %name, action = ?action, error = %e);
@@ -218,9 +246,17 @@ async fn node_action(
                 NodeActionError::UnknownNode { .. } => StatusCode::NOT_FOUND,
                 NodeActionError::NoAdminAddress(_) | NodeActionError::Unreachable(_) => StatusCode::BAD_GATEWAY,
             };
-            error(status, "node_action_failed", e.to_string())
+            error_reply(status, "node_action_failed", e.to_string())
         }
     }
+}
+
+fn error_reply(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
 }
 
 /// The console page: one document with its styles and script, nothing fetched from elsewhere.

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrocotta::console::{
-    ArrayView, CacheFacts, Event, Sample, ServerEntry, ServerView, SessionFacts, EVENTS_KEPT, MEMBERS_CACHE_PREFIX,
-    SAMPLES_KEPT, SESSIONS_LISTED_MAX,
+    ArrayView, CacheFacts, Event, NodeMember, Sample, ServerEntry, ServerView, SessionFacts, EVENTS_KEPT,
+    MEMBERS_CACHE_PREFIX, MEMBER_CLUSTERS_MAX, MEMBER_ENTRY_BYTES_MAX, SAMPLES_KEPT, SESSIONS_LISTED_MAX,
 };
 use ferrocotta::http::{request, Call};
 use ferrocotta::protocol::{OpKind, Role};
@@ -35,6 +35,14 @@ pub const CACHE_FACTS_EVERY: u32 = 5;
 /// Member entries listed per node cluster at most.
 pub const MEMBERS_LISTED_MAX: usize = 1000;
 
+/// Entries whose bytes one count walks at most, over all caches: a larger cache is shown with its
+/// entry count alone, so that the walk (under the store's read lock, which applying the log
+/// waits for) stays short.
+pub const CACHE_BYTES_WALK_MAX: usize = 200_000;
+
+/// Largest answer of a node to an action that is read (its error, when it refuses).
+pub const NODE_ANSWER_BYTES_MAX: usize = 64 * 1024;
+
 /// Deadline for one server's view when gathering.
 pub const GATHER_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -45,8 +53,11 @@ pub const NODE_ACTION_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Recorder {
     /// This server's name (the source of its events).
     source: String,
+    /// The last [`SAMPLES_KEPT`] seconds, oldest first.
     samples: Mutex<VecDeque<Kept>>,
+    /// The last [`EVENTS_KEPT`] events, oldest first.
     events: Mutex<VecDeque<Event>>,
+    /// Entries and bytes by cache, as last counted.
     caches: Mutex<BTreeMap<String, CacheFacts>>,
 }
 
@@ -180,20 +191,28 @@ fn replication_lag(stripe: &Stripe) -> Option<u64> {
     m.replication.as_ref().map(|r| {
         r.iter()
             .filter(|(id, _)| **id != stripe.position().node_id())
-            .map(|(_, matched)| last.saturating_sub(matched.map(|l| l.index).unwrap_or(0)))
+            // A mirror whose position is not known yet (just after an election) is left out
+            // rather than counted as the whole log behind.
+            .filter_map(|(_, matched)| matched.map(|l| last.saturating_sub(l.index)))
             .max()
             .unwrap_or(0)
     })
 }
 
-/// Counts entries and bytes by cache (one walk over the stripe's entries).
+/// Counts entries by cache, and bytes of the caches that fit in [`CACHE_BYTES_WALK_MAX`] walked
+/// entries (smallest first).
 fn cache_facts(stripe: &Stripe) -> BTreeMap<String, CacheFacts> {
     stripe.shared().read(|d| {
-        d.store
-            .caches
-            .iter()
+        let mut by_size: Vec<(&String, &crate::store::Cache)> = d.store.caches.iter().collect();
+        by_size.sort_by_key(|(_, c)| c.entries.len());
+        let mut budget = CACHE_BYTES_WALK_MAX;
+        by_size
+            .into_iter()
             .map(|(name, c)| {
-                let bytes = c.entries.iter().map(|(k, e)| (k.len() + e.value.len()) as u64).sum();
+                let bytes = (c.entries.len() <= budget).then(|| {
+                    budget -= c.entries.len();
+                    c.entries.iter().map(|(k, e)| (k.len() + e.value.len()) as u64).sum()
+                });
                 (
                     name.clone(),
                     CacheFacts {
@@ -253,8 +272,11 @@ pub async fn run_sampler(
             (Role::Mirror, None) => {}
         }
         if n.is_multiple_of(CACHE_FACTS_EVERY) {
-            let facts = cache_facts(&stripe);
-            *recorder.caches.lock().expect("caches lock") = facts;
+            // A walk of up to CACHE_BYTES_WALK_MAX entries: off the runtime's workers.
+            let walker = stripe.clone();
+            if let Ok(facts) = tokio::task::spawn_blocking(move || cache_facts(&walker)).await {
+                *recorder.caches.lock().expect("caches lock") = facts;
+            }
         }
         n = n.wrapping_add(1);
     }
@@ -266,6 +288,9 @@ pub fn config_digest(config_toml: &str) -> String {
     let d = sha2::Sha256::digest(config_toml.as_bytes());
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
+
+/// A member entry's key and value as stored.
+type RawEntry = (Vec<u8>, bytes::Bytes);
 
 /// This server's facts for the console.
 pub fn local_view(stripe: &Stripe, recorder: &Recorder, metrics: &Metrics, config_digest: &str) -> ServerView {
@@ -286,7 +311,7 @@ pub fn local_view(stripe: &Stripe, recorder: &Recorder, metrics: &Metrics, confi
             })
             .collect()
     };
-    let (sessions, session_count, members) = stripe.shared().read(|d| {
+    let (sessions, session_count, raw_members) = stripe.shared().read(|d| {
         let sessions: Vec<SessionFacts> = d
             .store
             .sessions
@@ -298,27 +323,37 @@ pub fn local_view(stripe: &Stripe, recorder: &Recorder, metrics: &Metrics, confi
                 opened_ms: s.opened_ms,
             })
             .collect();
-        let mut members = BTreeMap::new();
+        // Only copied under the lock (values are reference-counted); read after it.
+        let mut raw: Vec<(String, Vec<RawEntry>)> = Vec::new();
         if active {
             let now = now_ms();
             for (name, cache) in d.store.caches.range(MEMBERS_CACHE_PREFIX.to_string()..) {
                 let Some(cluster) = name.strip_prefix(MEMBERS_CACHE_PREFIX) else {
                     break;
                 };
-                let entries: Vec<serde_json::Value> = cache
-                    .entries
-                    .values()
-                    .filter(|e| !e.expired(now))
-                    .take(MEMBERS_LISTED_MAX)
-                    .filter_map(|e| serde_json::from_slice(&e.value).ok())
-                    .collect();
-                if !entries.is_empty() {
-                    members.insert(cluster.to_string(), entries);
+                if raw.len() == MEMBER_CLUSTERS_MAX {
+                    break;
                 }
+                let entries: Vec<RawEntry> = cache
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| !e.expired(now) && e.value.len() <= MEMBER_ENTRY_BYTES_MAX)
+                    .take(MEMBERS_LISTED_MAX)
+                    .map(|(k, e)| (k.clone(), e.value.clone()))
+                    .collect();
+                raw.push((cluster.to_string(), entries));
             }
         }
-        (sessions, d.store.sessions.len() as u64, members)
+        (sessions, d.store.sessions.len() as u64, raw)
     });
+    let members: BTreeMap<String, Vec<NodeMember>> = raw_members
+        .into_iter()
+        .map(|(cluster, entries)| {
+            let nodes: Vec<NodeMember> = entries.iter().filter_map(|(k, v)| NodeMember::read(k, v)).collect();
+            (ferrocotta::console::clean(&cluster), nodes)
+        })
+        .filter(|(_, nodes)| !nodes.is_empty())
+        .collect();
     ServerView {
         name: stripe.name().to_string(),
         stripe: stripe.position().stripe,
@@ -419,6 +454,15 @@ impl NodeAction {
         }
     }
 
+    /// Its name in the console's URL.
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeAction::Offline => "offline",
+            NodeAction::Online => "online",
+            NodeAction::Clear => "clear",
+        }
+    }
+
     fn path(self) -> &'static str {
         match self {
             NodeAction::Offline => "/admin/offline",
@@ -447,8 +491,19 @@ pub enum NodeActionError {
     Unreachable(#[from] ferrocotta::http::CallError),
 }
 
+/// What a node answered to an action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAnswer {
+    /// Its status code.
+    pub status: u16,
+    /// Its error code and message when it refused (only those two fields of its answer, each
+    /// [`clean`](ferrocotta::console::clean)ed: nothing else a reachable address says comes back
+    /// through the console).
+    pub error: Option<(String, String)>,
+}
+
 /// Sends `action` to node `name` of `cluster` at the admin address its member entry gives, with
-/// the operator's `token`; the node's status code and body. The node checks the token.
+/// the operator's `token`. The node checks the token.
 pub async fn node_action(
     view: &ArrayView,
     cluster: &str,
@@ -456,30 +511,33 @@ pub async fn node_action(
     action: NodeAction,
     token: &str,
     tls: Option<&ClientTls>,
-) -> Result<(u16, bytes::Bytes), NodeActionError> {
+) -> Result<NodeAnswer, NodeActionError> {
     let entry = view.member(cluster, name).ok_or_else(|| NodeActionError::UnknownNode {
         cluster: cluster.to_string(),
         name: name.to_string(),
     })?;
-    let admin = entry["admin"]
-        .as_str()
+    let admin = entry
+        .admin
+        .clone()
         .ok_or_else(|| NodeActionError::NoAdminAddress(name.to_string()))?;
     // A node's ports speak TLS when its entry says so; the array's CA must then have signed its
     // certificate (as `ferrocotta up --tls` does).
-    let tls = if entry["tls"].as_bool().unwrap_or(false) {
-        tls
-    } else {
-        None
-    };
+    let tls = if entry.tls { tls } else { None };
     let call = Call {
         method: hyper::Method::POST,
         path: action.path(),
         headers: vec![("authorization", format!("Bearer {token}"))],
         body: Vec::new(),
-        body_max: 1 << 20,
+        body_max: NODE_ANSWER_BYTES_MAX,
         timeout: NODE_ACTION_TIMEOUT,
     };
-    Ok(request(admin, tls, call).await?)
+    let (status, body) = request(&admin, tls, call).await?;
+    let error = (!(200..300).contains(&status)).then(|| {
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let field = |f: &str| ferrocotta::console::clean(v["error"][f].as_str().unwrap_or(""));
+        (field("code"), field("message"))
+    });
+    Ok(NodeAnswer { status, error })
 }
 
 #[cfg(test)]

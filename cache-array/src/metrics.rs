@@ -25,7 +25,8 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; LATENCY_BUCKETS],
 }
 
-/// Latency buckets: four per power of two of microseconds, up to about 70 s.
+/// Latency buckets: four per power of two of microseconds; the last holds everything from about
+/// 235 s up.
 pub const LATENCY_BUCKETS: usize = 4 * 27;
 
 /// The bucket of a latency: exact below 4 µs, then four buckets per power of two (each at most

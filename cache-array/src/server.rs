@@ -329,6 +329,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         config_toml,
         recorder: recorder.clone(),
         peer_tls: tls.as_ref().map(|t| t.peer_dialler.clone()),
+        gathered: tokio::sync::Mutex::new(None),
     });
     tracker.spawn(ferrocotta::http::serve(
         "admin",

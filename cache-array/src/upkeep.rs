@@ -34,6 +34,9 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Entries one sweep removes at most.
 pub const SWEEP_BATCH_MAX: usize = 10_000;
 
+/// Sessions an expiry event names at most (the rest are counted).
+const EXPIRED_NAMED_MAX: usize = 5;
+
 /// Deadline of the active's own proposals.
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -85,6 +88,7 @@ async fn expire_silent_sessions(stripe: &Stripe, recorder: &Recorder, window: Du
     let clients: Vec<String> = stripe.shared().read(|d| {
         silent
             .iter()
+            .take(EXPIRED_NAMED_MAX)
             .filter_map(|id| {
                 d.store
                     .sessions
@@ -93,6 +97,7 @@ async fn expire_silent_sessions(stripe: &Stripe, recorder: &Recorder, window: Du
             })
             .collect()
     });
+    let more = silent.len().saturating_sub(EXPIRED_NAMED_MAX);
     match stripe
         .propose(CommandKind::ExpireSessions(silent.clone()), PROPOSAL_TIMEOUT)
         .await
@@ -105,7 +110,15 @@ async fn expire_silent_sessions(stripe: &Stripe, recorder: &Recorder, window: Du
             tracing::info!(event = "session.expired", sessions = ?silent, ended, window = ?window);
             recorder.event(
                 "session_expired",
-                format!("silent for {window:?}, expired: {}", clients.join(", ")),
+                format!(
+                    "silent for {window:?}, expired: {}{}",
+                    clients.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                ),
             );
             stripe.active().forget_sessions(&silent);
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use ferrocotta::console::{ArrayView, ServerView};
+use ferrocotta::console::{clean, ArrayView, ServerView};
 use ferrocotta::http::{request, Call};
 use ferrocotta::tls::ClientTls;
 use ferrocotta::ArrayClient;
@@ -36,6 +36,9 @@ pub struct TopArgs {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     interval: Duration,
 }
+
+/// Deadline of one read of the console (the server gathers every server's view within 1.5 s).
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where the console is read from.
 struct Source {
@@ -80,13 +83,7 @@ impl Source {
     async fn read(&self) -> Result<ArrayView, String> {
         let mut errors = Vec::new();
         for admin in &self.admins {
-            match request(
-                admin,
-                self.tls.as_deref(),
-                Call::get("/v1/console", Duration::from_secs(3)),
-            )
-            .await
-            {
+            match request(admin, self.tls.as_deref(), Call::get("/v1/console", READ_TIMEOUT)).await {
                 Ok((200, body)) => match serde_json::from_slice(&body) {
                     Ok(v) => return Ok(v),
                     Err(e) => errors.push(format!("{admin}: unreadable answer: {e}")),
@@ -236,7 +233,7 @@ pub fn frame(view: &ArrayView) -> Vec<String> {
                 s.name,
                 stripe,
                 "unreachable",
-                s.error.as_deref().unwrap_or("no answer")
+                clean(s.error.as_deref().unwrap_or("no answer"))
             )),
         }
     }
@@ -270,29 +267,31 @@ pub fn frame(view: &ArrayView) -> Vec<String> {
     for (cluster, m) in &members {
         out.push(format!(
             "{:<12} {:<14} {:<9} {:<22} {:>8} {:>17}",
-            cluster,
-            m["logical_name"].as_str().unwrap_or("?"),
-            m["state"].as_str().unwrap_or("?"),
-            m["service"].as_str().unwrap_or("?"),
-            m["rejoins"].as_u64().unwrap_or(0),
-            m["nonstop_timeouts"].as_u64().unwrap_or(0)
+            clean(cluster),
+            clean(&m.logical_name),
+            clean(&m.state),
+            clean(&m.service),
+            m.rejoins,
+            m.nonstop_timeouts
         ));
     }
 
     out.push(String::new());
-    let mut caches: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    // Bytes are None where a stripe's cache was too large to count.
+    let mut caches: BTreeMap<String, (u64, Option<u64>)> = BTreeMap::new();
     for stripe in 0..view.stripes.len() {
         if let Some(a) = view.active_of(stripe) {
             for (name, c) in &a.caches {
-                let e = caches.entry(name.clone()).or_default();
+                let e = caches.entry(clean(name)).or_insert((0, Some(0)));
                 e.0 += c.entries;
-                e.1 += c.bytes;
+                e.1 = e.1.zip(c.bytes).map(|(a, b)| a + b);
             }
         }
     }
     out.push(format!("{:<40} {:>10} {:>12}", "CACHE", "ENTRIES", "BYTES"));
     for (name, (entries, bytes)) in &caches {
-        out.push(format!("{name:<40} {entries:>10} {:>12}", human_bytes(*bytes)));
+        let bytes = bytes.map(human_bytes).unwrap_or_else(|| "not counted".into());
+        out.push(format!("{name:<40} {entries:>10} {bytes:>12}"));
     }
 
     out.push(String::new());
@@ -302,16 +301,20 @@ pub fn frame(view: &ArrayView) -> Vec<String> {
         .iter()
         .filter_map(|s| s.view.as_ref())
         .flat_map(|v| v.events.iter().cloned())
-        .chain(members.iter().flat_map(|(_, m)| {
-            serde_json::from_value::<Vec<ferrocotta::console::Event>>(m["events"].clone()).unwrap_or_default()
-        }))
+        .chain(members.iter().flat_map(|(_, m)| m.events.clone()))
         .collect();
     events.sort_by_key(|b| std::cmp::Reverse(b.t_ms));
     if events.is_empty() {
         out.push("(none)".into());
     }
     for e in events.iter().take(10) {
-        out.push(format!("{} {:<16} {:<10} {}", clock(e.t_ms), e.kind, e.source, e.text));
+        out.push(format!(
+            "{} {:<16} {:<10} {}",
+            clock(e.t_ms),
+            clean(&e.kind),
+            clean(&e.source),
+            clean(&e.text)
+        ));
     }
     out
 }
