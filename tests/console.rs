@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -116,7 +117,10 @@ impl Browser {
     fn start() -> Browser {
         let port = common::free_ports(1)[0];
         let addr = format!("127.0.0.1:{port}");
+        // Its own process group: the Chromium it starts goes with it on drop, even when no
+        // session was made to close.
         let driver = Command::new("chromedriver")
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -239,7 +243,8 @@ impl Drop for Browser {
         if !self.session.is_empty() {
             let _ = exchange(&self.addr, "DELETE", &format!("/session/{}", self.session), "");
         }
-        let _ = self.driver.kill();
+        let group = nix::unistd::Pid::from_raw(self.driver.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.driver.wait();
     }
 }
