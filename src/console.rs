@@ -45,6 +45,48 @@ pub struct Event {
     pub text: String,
 }
 
+/// The last events of one source, oldest dropped first: an array server's and a node's.
+#[derive(Debug)]
+pub struct EventLog {
+    source: String,
+    kept: usize,
+    events: std::sync::Mutex<std::collections::VecDeque<Event>>,
+}
+
+impl EventLog {
+    /// An empty log of `source`'s events keeping the last `kept`.
+    pub fn new(source: &str, kept: usize) -> EventLog {
+        EventLog {
+            source: source.to_string(),
+            kept,
+            events: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(kept)),
+        }
+    }
+
+    /// Records an event now (by the wall clock, ms since the epoch).
+    pub fn record(&self, kind: &str, text: String) {
+        let t_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut events = self.events.lock().expect("events lock");
+        if events.len() == self.kept {
+            events.pop_front();
+        }
+        events.push_back(Event {
+            t_ms,
+            source: self.source.clone(),
+            kind: kind.to_string(),
+            text,
+        });
+    }
+
+    /// The events kept, oldest first.
+    pub fn to_vec(&self) -> Vec<Event> {
+        self.events.lock().expect("events lock").iter().cloned().collect()
+    }
+}
+
 /// One cache on one stripe.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheFacts {

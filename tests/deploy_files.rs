@@ -12,9 +12,10 @@ use std::process::Command;
 
 use ferrocotta::config::ClusterConfig;
 
-/// Whether `systemd-analyze` runs here; says loudly why not, and in CI (`CI=true`) fails instead.
-fn systemd_analyze_available() -> bool {
-    match Command::new("systemd-analyze").arg("--version").output() {
+/// Whether `tool --version` runs here; says loudly what was not checked when it does not, and in
+/// CI (`CI=true`) fails instead, with how to install it.
+fn tool_available(tool: &str, install: &str, unchecked: &str) -> bool {
+    match Command::new(tool).arg("--version").output() {
         Ok(out) if out.status.success() => true,
         other => {
             let why = match other {
@@ -23,12 +24,21 @@ fn systemd_analyze_available() -> bool {
             };
             assert!(
                 std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-                "CI=true and systemd-analyze does not run ({why}): .ci/run installs Debian's systemd"
+                "CI=true and {tool} does not run ({why}): {install}"
             );
-            eprintln!("SKIPPED: systemd-analyze does not run here ({why}); the units were NOT verified");
+            eprintln!("SKIPPED: {tool} does not run here ({why}); {unchecked} NOT checked");
             false
         }
     }
+}
+
+/// Whether `systemd-analyze` runs here (see [`tool_available`]).
+fn systemd_analyze_available() -> bool {
+    tool_available(
+        "systemd-analyze",
+        ".ci/run installs Debian's systemd",
+        "the systemd units were",
+    )
 }
 
 /// Copies the template units into `dir`, their `ExecStart` pointed at the binaries of this build
@@ -148,26 +158,13 @@ fn kubernetes_manifests() -> Vec<PathBuf> {
     found
 }
 
-/// Whether `kubernetes-validate` runs here; says loudly why not, and in CI (`CI=true`) fails
-/// instead.
+/// Whether `kubernetes-validate` runs here (see [`tool_available`]).
 fn kubernetes_validate_available() -> bool {
-    match Command::new("kubernetes-validate").arg("--version").output() {
-        Ok(out) if out.status.success() => true,
-        other => {
-            let why = match other {
-                Ok(out) => format!("exit {:?}", out.status.code()),
-                Err(e) => e.to_string(),
-            };
-            assert!(
-                std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-                "CI=true and kubernetes-validate does not run ({why}): install it with `pip install kubernetes-validate`"
-            );
-            eprintln!(
-                "SKIPPED: kubernetes-validate does not run here ({why}); the Kubernetes manifests were NOT validated"
-            );
-            false
-        }
-    }
+    tool_available(
+        "kubernetes-validate",
+        "install it with `pip install kubernetes-validate==1.37.0` (.ci/run does)",
+        "the Kubernetes manifests were",
+    )
 }
 
 /// The resources in a manifest: its top-level `kind:` lines.

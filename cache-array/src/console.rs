@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrocotta::console::{
-    ArrayView, CacheFacts, Event, NodeMember, Sample, ServerEntry, ServerView, SessionFacts, EVENTS_KEPT,
+    ArrayView, CacheFacts, Event, EventLog, NodeMember, Sample, ServerEntry, ServerView, SessionFacts, EVENTS_KEPT,
     MEMBERS_CACHE_PREFIX, MEMBER_CLUSTERS_MAX, MEMBER_ENTRY_BYTES_MAX, SAMPLES_KEPT, SESSIONS_LISTED_MAX,
 };
 use ferrocotta::http::{request, Call};
@@ -51,12 +51,10 @@ pub const NODE_ACTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The console's memory of one server.
 pub struct Recorder {
-    /// This server's name (the source of its events).
-    source: String,
     /// The last [`SAMPLES_KEPT`] seconds, oldest first.
     samples: Mutex<VecDeque<Kept>>,
-    /// The last [`EVENTS_KEPT`] events, oldest first.
-    events: Mutex<VecDeque<Event>>,
+    /// The last [`EVENTS_KEPT`] events.
+    events: EventLog,
     /// Entries and bytes by cache, as last counted.
     caches: Mutex<BTreeMap<String, CacheFacts>>,
 }
@@ -65,25 +63,15 @@ impl Recorder {
     /// An empty recorder for server `source`.
     pub fn new(source: &str) -> Recorder {
         Recorder {
-            source: source.to_string(),
             samples: Mutex::new(VecDeque::with_capacity(SAMPLES_KEPT)),
-            events: Mutex::new(VecDeque::with_capacity(EVENTS_KEPT)),
+            events: EventLog::new(source, EVENTS_KEPT),
             caches: Mutex::new(BTreeMap::new()),
         }
     }
 
     /// Records an event (the oldest goes when [`EVENTS_KEPT`] are kept).
     pub fn event(&self, kind: &str, text: String) {
-        let mut events = self.events.lock().expect("events lock");
-        if events.len() == EVENTS_KEPT {
-            events.pop_front();
-        }
-        events.push_back(Event {
-            t_ms: now_ms(),
-            source: self.source.clone(),
-            kind: kind.to_string(),
-            text,
-        });
+        self.events.record(kind, text);
     }
 
     /// Keeps a sample (the oldest goes when [`SAMPLES_KEPT`] are kept).
@@ -107,7 +95,7 @@ impl Recorder {
 
     /// The events kept, oldest first.
     pub fn events(&self) -> Vec<Event> {
-        self.events.lock().expect("events lock").iter().cloned().collect()
+        self.events.to_vec()
     }
 }
 

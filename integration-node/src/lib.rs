@@ -184,6 +184,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
             instance.iter().map(|b| format!("{b:02x}")).collect()
         }
     };
+    let events = ferrocotta::console::EventLog::new(&logical_name, node::NODE_EVENTS_KEPT);
     let node = Arc::new(Node {
         settings,
         backend,
@@ -198,7 +199,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         online_changed: tokio::sync::Notify::new(),
         requests: AtomicU64::new(0),
         tls,
-        events: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        events,
     });
     if let Backend::Array(_) = &node.backend {
         let cache = node.settings.members_cache();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferrocotta::client::{ClientEvent, ConnectionState};
-use ferrocotta::console::Event;
+use ferrocotta::console::EventLog;
 use ferrocotta::ClientError;
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +50,7 @@ pub struct Node {
     /// TLS of both ports, if they speak it.
     pub tls: Option<Arc<ferrocotta::tls::ServerTls>>,
     /// The last [`NODE_EVENTS_KEPT`] events, shown by the cluster console through the member entry.
-    pub events: std::sync::Mutex<std::collections::VecDeque<Event>>,
+    pub events: EventLog,
 }
 
 /// Events a node keeps in its member entry.
@@ -86,7 +86,7 @@ impl Node {
                 Backend::Array(c) => c.nonstop_timeouts(),
                 Backend::Local(_) => 0,
             },
-            events: self.events.lock().expect("events lock").iter().cloned().collect(),
+            events: self.events.to_vec(),
         }
     }
 
@@ -102,16 +102,7 @@ impl Node {
     /// Records an event for the console (the oldest goes when [`NODE_EVENTS_KEPT`] are kept);
     /// the member refresh carries it to the array.
     pub fn event(&self, kind: &str, text: String) {
-        let mut events = self.events.lock().expect("events lock");
-        if events.len() == NODE_EVENTS_KEPT {
-            events.pop_front();
-        }
-        events.push_back(Event {
-            t_ms: now_ms(),
-            source: self.logical_name.clone(),
-            kind: kind.to_string(),
-            text,
-        });
+        self.events.record(kind, text);
     }
 
     /// Whether the node serves requests: online, and with its array (or stand-alone).
