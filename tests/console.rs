@@ -439,7 +439,7 @@ fn the_console_shows_the_whole_cluster_follows_a_failover_and_takes_a_node_offli
         ),
     );
     eprintln!("the page showed the new active {took:?} after the kill");
-    // The new active notes its election at its next sample (once a second).
+    // The new active notes its election as it learns of it; the page shows it at its next refresh.
     browser.wait_until(
         "the leader change among the recent events",
         Duration::from_secs(10),

@@ -213,8 +213,8 @@ fn cache_facts(stripe: &Stripe) -> BTreeMap<String, CacheFacts> {
     })
 }
 
-/// Takes a sample every second and notes when this server becomes or stops being the active,
-/// until `shutdown`.
+/// Takes a sample every second until `shutdown` (leader changes are noted where the server
+/// already watches them, `server::spawn_leader_log`).
 pub async fn run_sampler(
     recorder: Arc<Recorder>,
     stripe: Arc<Stripe>,
@@ -224,7 +224,6 @@ pub async fn run_sampler(
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut before = metrics.totals();
-    let mut active_in: Option<u64> = None;
     let mut n: u32 = 0;
     loop {
         tokio::select! {
@@ -235,30 +234,6 @@ pub async fn run_sampler(
         recorder.push_sample(sample_between(&before, &after, now_ms(), replication_lag(&stripe)));
         before = after;
 
-        let m = stripe.snapshot_metrics();
-        let stripe_name = &stripe.config().stripes[stripe.position().stripe].name;
-        match (m.role, active_in) {
-            (Role::Active, Some(t)) if t == m.term => {}
-            (Role::Active, _) => {
-                recorder.event(
-                    "leader_change",
-                    format!("became the active of {stripe_name} in term {}", m.term),
-                );
-                active_in = Some(m.term);
-            }
-            (Role::Mirror, Some(t)) => {
-                recorder.event(
-                    "leader_change",
-                    format!(
-                        "stopped being the active of {stripe_name} (term {t}; now term {}, active {})",
-                        m.term,
-                        m.leader.as_deref().unwrap_or("unknown")
-                    ),
-                );
-                active_in = None;
-            }
-            (Role::Mirror, None) => {}
-        }
         if n.is_multiple_of(CACHE_FACTS_EVERY) {
             // A walk of up to CACHE_BYTES_WALK_MAX entries: off the runtime's workers.
             let walker = stripe.clone();
@@ -367,56 +342,42 @@ pub fn local_view(stripe: &Stripe, recorder: &Recorder, metrics: &Metrics, confi
 /// same time, each within [`GATHER_TIMEOUT`].
 pub async fn gather(stripe: &Stripe, me: ServerView, tls: Option<Arc<ClientTls>>) -> ArrayView {
     let config = stripe.config().clone();
-    let mut fetches = Vec::new();
-    for (s, st) in config.stripes.iter().enumerate() {
-        for server in &st.servers {
+    let servers = config
+        .stripes
+        .iter()
+        .enumerate()
+        .flat_map(|(s, st)| st.servers.iter().map(move |server| (s, server)));
+    let entries = futures::future::join_all(servers.map(|(s, server)| {
+        let (me, tls) = (&me, tls.as_deref());
+        async move {
             let admin = server.admin_addr();
-            if server.name == me.name {
-                fetches.push(tokio::spawn({
-                    let entry = ServerEntry {
-                        name: server.name.clone(),
-                        stripe: s,
-                        admin,
-                        view: Some(me.clone()),
-                        error: None,
-                    };
-                    async move { entry }
-                }));
-                continue;
-            }
-            let tls = tls.clone();
-            let name = server.name.clone();
-            fetches.push(tokio::spawn(async move {
-                let answer = request(&admin, tls.as_deref(), Call::get("/v1/console/local", GATHER_TIMEOUT)).await;
-                let (view, error) = match answer {
+            let (view, error) = if server.name == me.name {
+                (Some(me.clone()), None)
+            } else {
+                match request(&admin, tls, Call::get("/v1/console/local", GATHER_TIMEOUT)).await {
                     Ok((200, body)) => match serde_json::from_slice::<ServerView>(&body) {
                         Ok(v) => (Some(v), None),
                         Err(e) => (None, Some(format!("unreadable answer: {e}"))),
                     },
                     Ok((code, _)) => (None, Some(format!("HTTP {code}"))),
                     Err(e) => (None, Some(e.to_string())),
-                };
-                ServerEntry {
-                    name,
-                    stripe: s,
-                    admin,
-                    view,
-                    error,
                 }
-            }));
+            };
+            ServerEntry {
+                name: server.name.clone(),
+                stripe: s,
+                admin,
+                view,
+                error,
+            }
         }
-    }
-    let mut servers = Vec::with_capacity(fetches.len());
-    for f in fetches {
-        if let Ok(entry) = f.await {
-            servers.push(entry);
-        }
-    }
+    }))
+    .await;
     ArrayView {
         array_name: config.array_name.clone(),
         stripes: config.stripes.iter().map(|s| s.name.clone()).collect(),
         gathered_by: me.name,
-        servers,
+        servers: entries,
     }
 }
 

@@ -393,7 +393,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         tls = tls.is_some(),
         version = SOFTWARE_VERSION,
     );
-    spawn_leader_log(&stripe, shutdown.clone());
+    spawn_leader_log(&stripe, recorder.clone(), shutdown.clone());
     tracker.spawn(crate::upkeep::run(stripe.clone(), recorder.clone(), shutdown.clone()));
     tracker.spawn(crate::console::run_sampler(
         recorder,
@@ -488,7 +488,7 @@ async fn start_raft(
 }
 
 /// Logs every change of active as seen by this server (stable event `stripe.leader_changed`).
-fn spawn_leader_log(stripe: &Arc<Stripe>, shutdown: CancellationToken) {
+fn spawn_leader_log(stripe: &Arc<Stripe>, recorder: Arc<Recorder>, shutdown: CancellationToken) {
     let stripe = stripe.clone();
     tokio::spawn(async move {
         let mut rx = stripe.raft().metrics();
@@ -506,6 +506,25 @@ fn spawn_leader_log(stripe: &Arc<Stripe>, shutdown: CancellationToken) {
                         leader = ?now.0.and_then(|id| stripe.name_of(id)),
                         me = stripe.name(),
                     );
+                    // The console hears it from the server that became, or stopped being, the
+                    // active (a crashed active says nothing; its successor does).
+                    let me = Some(stripe.position().node_id());
+                    let stripe_name = &stripe.config().stripes[stripe.position().stripe].name;
+                    if now.0 == me {
+                        recorder.event(
+                            "leader_change",
+                            format!("became the active of {stripe_name} in term {}", now.1),
+                        );
+                    } else if last.and_then(|l| l.0) == me {
+                        recorder.event(
+                            "leader_change",
+                            format!(
+                                "stopped being the active of {stripe_name} (now term {}, active {})",
+                                now.1,
+                                now.0.and_then(|id| stripe.name_of(id)).as_deref().unwrap_or("unknown")
+                            ),
+                        );
+                    }
                 }
                 last = Some(now);
             }
