@@ -1,7 +1,10 @@
 //! Hash slots: how keys are spread over stripes.
 //!
 //! A key's slot is CRC-16/XMODEM of its bytes modulo 16384 (the scheme Redis Cluster uses, so its
-//! distribution is well known). The slots are split into equal contiguous ranges in stripe order, so
+//! distribution is well known, and Redis Cluster clients compute the same slots). Hash tags follow
+//! Redis Cluster too: when a key holds a `{` and, after it, a `}` with at least one byte between
+//! them, only the bytes between the first `{` and the next `}` are hashed, so `{user7}.cart` and
+//! `{user7}.orders` share a slot and a stripe (and a multi-key write can cover both). The slots are split into equal contiguous ranges in stripe order, so
 //! the same key always lands on the same stripe for a given config, on every client and server.
 
 /// Number of hash slots.
@@ -25,7 +28,18 @@ fn crc16(bytes: &[u8]) -> u16 {
 
 /// The slot of a key.
 pub fn slot_of_key(key: &[u8]) -> u16 {
-    crc16(key) % SLOT_COUNT
+    crc16(hash_tag(key)) % SLOT_COUNT
+}
+
+/// The part of a key that decides its slot: the hash tag when it has one, else the whole key.
+pub fn hash_tag(key: &[u8]) -> &[u8] {
+    let Some(open) = key.iter().position(|&b| b == b'{') else {
+        return key;
+    };
+    match key[open + 1..].iter().position(|&b| b == b'}') {
+        Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+        _ => key,
+    }
 }
 
 /// A half-open range of slots `[start, end)`.
@@ -72,6 +86,22 @@ mod tests {
     fn crc16_matches_the_redis_reference() {
         // Redis Cluster spec: CRC16 of "123456789" is 0x31C3.
         assert_eq!(crc16(b"123456789"), 0x31C3);
+    }
+
+    #[test]
+    fn hash_tags_follow_the_redis_cluster_rule() {
+        // Examples from the Redis Cluster specification.
+        assert_eq!(hash_tag(b"{user1000}.following"), b"user1000");
+        assert_eq!(hash_tag(b"foo{}{bar}"), b"foo{}{bar}");
+        assert_eq!(hash_tag(b"foo{{bar}}zap"), b"{bar");
+        assert_eq!(hash_tag(b"foo{bar}{zap}"), b"bar");
+        assert_eq!(hash_tag(b"no tag"), b"no tag");
+        assert_eq!(hash_tag(b"open{only"), b"open{only");
+        assert_eq!(slot_of_key(b"{user7}.cart"), slot_of_key(b"{user7}.orders"));
+        // Known slots, as `CLUSTER KEYSLOT` reports them in Redis.
+        assert_eq!(slot_of_key(b"foo"), 12182);
+        assert_eq!(slot_of_key(b"{foo}bar"), 12182);
+        assert_eq!(slot_of_key(b"hello"), 866);
     }
 
     #[test]
