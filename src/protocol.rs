@@ -21,6 +21,9 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+mod txn;
+pub use txn::{parse_counter, EntryInfo, Expiry, Guard, Step, StepReply, Txn};
+
 /// Version of this protocol; a server refuses a client with another one.
 pub const PROTOCOL_VERSION: u32 = 4;
 
@@ -240,6 +243,12 @@ pub enum ReadOp {
     Size { cache: String },
     /// Locks held or waited for, optionally in one cache.
     ListLocks { cache: Option<String> },
+    /// Entries (value and expiry) of many keys (all of this stripe).
+    Entries {
+        cache: String,
+        #[serde(with = "crate::byte_lists::list")]
+        keys: Vec<Vec<u8>>,
+    },
 }
 
 /// Changes of cache data.
@@ -313,6 +322,8 @@ pub enum WriteOp {
     /// Creates a cache with these settings unless it exists (on this stripe); replies whether it
     /// was created.
     CreateCache { cache: String, settings: CacheSettings },
+    /// Guards, then steps, on keys of this stripe, all or nothing; replies [`Reply::Txn`].
+    Txn(Txn),
 }
 
 /// Client sessions and the locks they hold.
@@ -415,11 +426,13 @@ pub enum OpKind {
     CloseSession,
     Lock,
     Unlock,
+    Entries,
+    Txn,
 }
 
 impl OpKind {
     /// Every kind, in declaration order (`ALL[k as usize] == k`).
-    pub const ALL: [OpKind; 22] = [
+    pub const ALL: [OpKind; 24] = [
         OpKind::Ping,
         OpKind::Get,
         OpKind::GetAll,
@@ -442,6 +455,8 @@ impl OpKind {
         OpKind::CloseSession,
         OpKind::Lock,
         OpKind::Unlock,
+        OpKind::Entries,
+        OpKind::Txn,
     ];
 
     /// A short stable name, for metrics and logs.
@@ -469,6 +484,8 @@ impl OpKind {
             OpKind::CloseSession => "close_session",
             OpKind::Lock => "lock",
             OpKind::Unlock => "unlock",
+            OpKind::Entries => "entries",
+            OpKind::Txn => "txn",
         }
     }
 }
@@ -484,13 +501,24 @@ impl Op {
         }
     }
 
-    /// The cache the operation names, if any.
-    pub fn cache(&self) -> Option<&str> {
+    /// Every cache the operation names, each with whether it may change it (a lock changes its
+    /// cache; a transaction's guards and gets only read theirs).
+    pub fn caches(&self) -> Vec<(&str, bool)> {
         match self {
-            Op::Ping => None,
-            Op::Read(op, _) => op.cache(),
-            Op::Write(op) => Some(op.cache()),
-            Op::Session(op) => op.cache(),
+            Op::Ping => Vec::new(),
+            Op::Read(op, _) => op.cache().map(|c| (c, false)).into_iter().collect(),
+            Op::Write(WriteOp::Txn(txn)) => {
+                let mut uses: Vec<(&str, bool)> = Vec::new();
+                for (cache, _, write) in txn.targets() {
+                    match uses.iter_mut().find(|(c, _)| *c == cache) {
+                        Some(u) => u.1 |= write,
+                        None => uses.push((cache, write)),
+                    }
+                }
+                uses
+            }
+            Op::Write(op) => vec![(op.cache(), true)],
+            Op::Session(op) => op.cache().map(|c| (c, true)).into_iter().collect(),
         }
     }
 
@@ -515,6 +543,7 @@ impl ReadOp {
             ReadOp::Keys { .. } => OpKind::Keys,
             ReadOp::Size { .. } => OpKind::Size,
             ReadOp::ListLocks { .. } => OpKind::ListLocks,
+            ReadOp::Entries { .. } => OpKind::Entries,
         }
     }
 
@@ -525,6 +554,7 @@ impl ReadOp {
             | ReadOp::GetAll { cache, .. }
             | ReadOp::Contains { cache, .. }
             | ReadOp::Keys { cache, .. }
+            | ReadOp::Entries { cache, .. }
             | ReadOp::Size { cache } => Some(cache),
             ReadOp::ListLocks { cache } => cache.as_deref(),
         }
@@ -534,7 +564,7 @@ impl ReadOp {
     pub fn keys(&self) -> Vec<&[u8]> {
         match self {
             ReadOp::Get { key, .. } | ReadOp::Contains { key, .. } => vec![key.as_slice()],
-            ReadOp::GetAll { keys, .. } => keys.iter().map(Vec::as_slice).collect(),
+            ReadOp::GetAll { keys, .. } | ReadOp::Entries { keys, .. } => keys.iter().map(Vec::as_slice).collect(),
             ReadOp::Keys { .. } | ReadOp::Size { .. } | ReadOp::ListLocks { .. } => Vec::new(),
         }
     }
@@ -554,10 +584,11 @@ impl WriteOp {
             WriteOp::Clear { .. } => OpKind::Clear,
             WriteOp::Increment { .. } => OpKind::Increment,
             WriteOp::CreateCache { .. } => OpKind::CreateCache,
+            WriteOp::Txn(_) => OpKind::Txn,
         }
     }
 
-    /// The cache it changes.
+    /// The cache it changes (a transaction's first; `Op::caches` names them all).
     pub fn cache(&self) -> &str {
         match self {
             WriteOp::Put { cache, .. }
@@ -570,6 +601,7 @@ impl WriteOp {
             | WriteOp::Clear { cache }
             | WriteOp::Increment { cache, .. }
             | WriteOp::CreateCache { cache, .. } => cache,
+            WriteOp::Txn(txn) => txn.targets().next().map_or("", |(c, _, _)| c),
         }
     }
 
@@ -584,6 +616,7 @@ impl WriteOp {
             | WriteOp::RemoveIfEqual { key, .. }
             | WriteOp::Increment { key, .. } => vec![key.as_slice()],
             WriteOp::PutAll { entries, .. } => entries.iter().map(|(k, _)| k.as_slice()).collect(),
+            WriteOp::Txn(txn) => txn.targets().map(|(_, k, _)| k).collect(),
             WriteOp::Clear { .. } | WriteOp::CreateCache { .. } => Vec::new(),
         }
     }
@@ -598,6 +631,7 @@ impl WriteOp {
             WriteOp::ReplaceIfEqual { expected, value, .. } => expected.len().max(value.len()),
             WriteOp::RemoveIfEqual { expected, .. } => expected.len(),
             WriteOp::PutAll { entries, .. } => entries.iter().map(|(_, v)| v.len()).max().unwrap_or(0),
+            WriteOp::Txn(txn) => txn.largest_value(),
             WriteOp::Remove { .. }
             | WriteOp::Clear { .. }
             | WriteOp::Increment { .. }
@@ -710,6 +744,11 @@ pub enum Reply {
     },
     /// Locks, for `ListLocks`.
     Locks(Vec<LockInfo>),
+    /// Entries in request order, for `Entries`.
+    Entries(Vec<Option<EntryInfo>>),
+    /// A transaction's outcome: whether its guards held, and what each step of the branch that ran
+    /// produced.
+    Txn { succeeded: bool, results: Vec<StepReply> },
 }
 
 /// Failures a server reports.

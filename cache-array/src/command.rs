@@ -1,6 +1,6 @@
 //! The log's own payload: what a log entry asks the state machine to do, and what applying it
 //! produced. The wire's requests ([`ferrocotta::protocol::Op`]) are converted where the client
-//! port hands them to the stripe (`Change::from` a write, `Change::try_from` a session operation),
+//! port hands them to the stripe (`Change::of_write` a write, `Change::try_from` a session operation),
 //! so the protocol can change shape without changing how existing
 //! logs decode.
 //!
@@ -11,6 +11,8 @@
 //! new tag; a tag is never reused.
 
 use ferrocotta::protocol::{CacheSettings, ErrorReply, LockMode, Reply, SessionOp, WriteOp};
+
+pub use crate::txn::TxnChange;
 use serde::de::{self, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -61,6 +63,7 @@ pub enum Change {
     CloseSession(SessionOf),
     Lock(Lock),
     Unlock(Unlock),
+    Txn(TxnChange),
 }
 
 /// Sets a key (also the body of a put-if-absent).
@@ -198,6 +201,9 @@ mod tag {
     pub const CLOSE_SESSION: u32 = 18;
     pub const LOCK: u32 = 19;
     pub const UNLOCK: u32 = 20;
+    /// A transaction: `ferrocotta::protocol::Txn` (whose variants are append only for this
+    /// reason) and the proposing active's value size limit.
+    pub const TXN: u32 = 21;
 }
 
 impl Serialize for Change {
@@ -217,6 +223,7 @@ impl Serialize for Change {
             Change::CloseSession(b) => tagged(s, tag::CLOSE_SESSION, b),
             Change::Lock(b) => tagged(s, tag::LOCK, b),
             Change::Unlock(b) => tagged(s, tag::UNLOCK, b),
+            Change::Txn(b) => tagged(s, tag::TXN, b),
         }
     }
 }
@@ -262,6 +269,7 @@ impl<'de> Deserialize<'de> for Change {
                     tag::CLOSE_SESSION => Change::CloseSession(body(&mut seq)?),
                     tag::LOCK => Change::Lock(body(&mut seq)?),
                     tag::UNLOCK => Change::Unlock(body(&mut seq)?),
+                    tag::TXN => Change::Txn(body(&mut seq)?),
                     other => {
                         return Err(de::Error::custom(format_args!(
                             "unknown change tag {other} (written by a newer build?)"
@@ -289,6 +297,8 @@ impl Change {
             | Change::Lock(Lock { cache, key, .. })
             | Change::Unlock(Unlock { cache, key, .. }) => Some((cache, key)),
             Change::PutAll(PutAll { cache, entries }) => entries.first().map(|(k, _)| (cache.as_str(), k.as_slice())),
+            // A transaction judges each key it meets as it goes.
+            Change::Txn(_) => None,
             Change::Clear(_) | Change::CreateCache(_) | Change::OpenSession(_) | Change::CloseSession(_) => None,
         }
     }
@@ -305,13 +315,21 @@ impl Change {
             | Change::Increment(Increment { key, .. })
             | Change::Lock(Lock { key, .. })
             | Change::Unlock(Unlock { key, .. }) => key.len(),
+            Change::Txn(t) => t
+                .txn
+                .targets()
+                .map(|(_, k, _)| k.len())
+                .sum::<usize>()
+                .saturating_add(t.txn.steps().map(|s| s.value_len()).sum::<usize>()),
             Change::Clear(_) | Change::CreateCache(_) | Change::OpenSession(_) | Change::CloseSession(_) => 0,
         }
     }
 }
 
-impl From<WriteOp> for Change {
-    fn from(op: WriteOp) -> Change {
+impl Change {
+    /// The log's form of a client's write; a transaction carries the proposing active's value
+    /// size limit.
+    pub fn of_write(op: WriteOp, max_value_bytes: u64) -> Change {
         let put = |cache, key, value, opts: ferrocotta::protocol::PutOptions| Put {
             cache,
             key,
@@ -353,6 +371,7 @@ impl From<WriteOp> for Change {
             WriteOp::Clear { cache } => Change::Clear(CacheOf { cache }),
             WriteOp::Increment { cache, key, delta } => Change::Increment(Increment { cache, key, delta }),
             WriteOp::CreateCache { cache, settings } => Change::CreateCache(CreateCache { cache, settings }),
+            WriteOp::Txn(txn) => Change::Txn(TxnChange { txn, max_value_bytes }),
         }
     }
 }

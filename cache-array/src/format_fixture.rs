@@ -42,7 +42,7 @@ fn sample_entries() -> Vec<Entry> {
     let c = || "orders".to_string();
     let k = |s: &str| s.as_bytes().to_vec();
     let changes: Vec<CommandKind> = vec![
-        CommandKind::Client(Change::from(WriteOp::CreateCache {
+        CommandKind::Client(write_change(WriteOp::CreateCache {
             cache: c(),
             settings: CacheSettings {
                 max_entries: Some(100),
@@ -53,7 +53,7 @@ fn sample_entries() -> Vec<Entry> {
         CommandKind::Client(Change::OpenSession(OpenSession {
             client_name: "node1".into(),
         })),
-        CommandKind::Client(Change::from(WriteOp::Put {
+        CommandKind::Client(write_change(WriteOp::Put {
             cache: c(),
             key: k("a"),
             value: k("1"),
@@ -63,11 +63,11 @@ fn sample_entries() -> Vec<Entry> {
                 session: None,
             },
         })),
-        CommandKind::Client(Change::from(WriteOp::PutAll {
+        CommandKind::Client(write_change(WriteOp::PutAll {
             cache: c(),
             entries: vec![(k("b"), k("2")), (k("c"), k("3"))],
         })),
-        CommandKind::Client(Change::from(WriteOp::PutIfAbsent {
+        CommandKind::Client(write_change(WriteOp::PutIfAbsent {
             cache: c(),
             key: k("d"),
             value: k("4"),
@@ -77,27 +77,27 @@ fn sample_entries() -> Vec<Entry> {
                 session: Some(4),
             },
         })),
-        CommandKind::Client(Change::from(WriteOp::Replace {
+        CommandKind::Client(write_change(WriteOp::Replace {
             cache: c(),
             key: k("a"),
             value: k("5"),
         })),
-        CommandKind::Client(Change::from(WriteOp::ReplaceIfEqual {
+        CommandKind::Client(write_change(WriteOp::ReplaceIfEqual {
             cache: c(),
             key: k("b"),
             expected: k("2"),
             value: k("6"),
         })),
-        CommandKind::Client(Change::from(WriteOp::Remove {
+        CommandKind::Client(write_change(WriteOp::Remove {
             cache: c(),
             key: k("c"),
         })),
-        CommandKind::Client(Change::from(WriteOp::RemoveIfEqual {
+        CommandKind::Client(write_change(WriteOp::RemoveIfEqual {
             cache: c(),
             key: k("b"),
             expected: k("6"),
         })),
-        CommandKind::Client(Change::from(WriteOp::Increment {
+        CommandKind::Client(write_change(WriteOp::Increment {
             cache: "counters".into(),
             key: k("n"),
             delta: -7,
@@ -145,16 +145,16 @@ fn sample_entries() -> Vec<Entry> {
         })),
         CommandKind::Touch(vec![(c(), k("a"), 1_700_000_000_500)]),
         CommandKind::Batch(vec![
-            Change::from(WriteOp::Put {
+            write_change(WriteOp::Put {
                 cache: "scratch".into(),
                 key: k("s"),
                 value: vec![0, 255, 7],
                 opts: PutOptions::default(),
             }),
-            Change::from(WriteOp::Clear {
+            write_change(WriteOp::Clear {
                 cache: "scratch".into(),
             }),
-            Change::from(WriteOp::Increment {
+            write_change(WriteOp::Increment {
                 cache: "counters".into(),
                 key: k("n"),
                 delta: 10,
@@ -250,4 +250,9 @@ async fn the_log_and_snapshot_of_the_previous_format_still_read() {
     });
     // The sample reaches every part of the store.
     assert!(!store.caches.is_empty() && !store.locks.is_empty() && !store.sessions.is_empty());
+}
+
+/// The log's form of a write (no transaction here, so the value limit plays no part).
+fn write_change(op: WriteOp) -> Change {
+    Change::of_write(op, u64::MAX)
 }

@@ -33,7 +33,7 @@ fn log_id() -> impl Strategy<Value = LogId<u64>> {
 /// Changes of every kind, as the client port makes them from requests.
 fn change() -> impl Strategy<Value = Change> {
     prop_oneof![
-        write_op().prop_map(Change::from),
+        (write_op(), any::<u64>()).prop_map(|(op, max_value_bytes)| Change::of_write(op, max_value_bytes)),
         session_op().prop_filter_map("a keep-alive is not logged", |op| Change::try_from(op).ok()),
     ]
 }

@@ -10,6 +10,7 @@
 //! - [`store`]: the replicated data: caches with expiry and eviction, sessions, locks.
 //! - [`sessions`]: client sessions in the store: open, end, what ending releases.
 //! - [`locks`]: exclusive and shared locks with ordered waiters.
+//! - [`txn`]: transactions: guards, then steps, all or nothing.
 //! - [`state_machine`]: the store behind openraft's state machine.
 //! - [`snapshot_file`]: checksummed snapshot files, replaced atomically and only by newer ones.
 //! - [`compaction`]: snapshots by log size, staggered over the servers of a stripe.
@@ -47,5 +48,6 @@ pub mod snapshot_file;
 pub mod state_machine;
 pub mod store;
 pub mod stripe;
+pub mod txn;
 pub mod types;
 pub mod upkeep;

@@ -21,7 +21,7 @@ use ferrocotta::handshake::{self, FrameDeadlines, FramedConn};
 use ferrocotta::log_throttle::LogThrottle;
 use ferrocotta::protocol::{
     check_cache_name, decode, encode, ClientMessage, ConnectionRole, ErrorReply, Hello, Op, ReadConsistency, ReadOp,
-    Refusal, Reply, Request, Response, ServerMessage, SessionOp, BATCH_KEYS_MAX, KEYS_PAGE_MAX,
+    Refusal, Reply, Request, Response, ServerMessage, SessionOp, WriteOp, BATCH_KEYS_MAX, KEYS_PAGE_MAX,
 };
 use ferrocotta::security::{Credentials, Grant};
 use ferrocotta::tls::NetStream;
@@ -308,7 +308,11 @@ impl ClientService {
         let timeout = Duration::from_millis(timeout_ms as u64).min(REQUEST_TIMEOUT_MAX);
         match op {
             Op::Ping => Ok((self.pong(), None)),
-            Op::Write(op) => Ok((self.stripe.write(Change::from(op), timeout).await?, None)),
+            Op::Write(op) => {
+                let max_value_bytes = self.stripe.config().limits.max_value_bytes as u64;
+                let change = Change::of_write(op, max_value_bytes);
+                Ok((self.stripe.write(change, timeout).await?, None))
+            }
             Op::Session(op) => Ok((self.session(op, grant, timeout).await?, None)),
             Op::Read(op, consistency) => self.read(op, consistency, grant, reply_budget, timeout).await,
         }
@@ -416,13 +420,7 @@ impl ClientService {
             )))
         };
         // Reads need read access to the cache; changes, locks included, write access.
-        let (cache, write) = match op {
-            Op::Ping => (None, false),
-            Op::Read(op, _) => (op.cache(), false),
-            Op::Write(op) => (Some(op.cache()), true),
-            Op::Session(op) => (op.cache(), true),
-        };
-        if let Some(cache) = cache {
+        for (cache, write) in op.caches() {
             let allowed = if write {
                 grant.may_write(cache)
             } else {
@@ -456,8 +454,11 @@ impl ClientService {
     fn validate(&self, op: &Op) -> Result<(), ErrorReply> {
         let config = &self.stripe.config();
         let limits = &config.limits;
-        if let Some(cache) = op.cache() {
+        for (cache, _) in op.caches() {
             check_cache_name(cache).map_err(ErrorReply::Invalid)?;
+        }
+        if let Op::Write(WriteOp::Txn(txn)) = op {
+            txn.check().map_err(ErrorReply::Invalid)?;
         }
         let keys = op.keys();
         if keys.len() > BATCH_KEYS_MAX {

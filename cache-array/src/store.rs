@@ -151,10 +151,10 @@ pub enum ReadError {
 
 /// What a put asks of its entry's life: its own ttl and tti (else the cache's), its session.
 #[derive(Debug, Clone, Copy, Default)]
-struct Lifetime {
-    ttl_ms: Option<u64>,
-    tti_ms: Option<u64>,
-    owner: Option<u64>,
+pub(crate) struct Lifetime {
+    pub ttl_ms: Option<u64>,
+    pub tti_ms: Option<u64>,
+    pub owner: Option<u64>,
 }
 
 impl Lifetime {
@@ -204,7 +204,7 @@ impl Store {
     }
 
     /// A live (unexpired at `now_ms`) entry.
-    fn live(&self, cache: &str, key: &[u8], now_ms: u64) -> Option<&CacheEntry> {
+    pub(crate) fn live(&self, cache: &str, key: &[u8], now_ms: u64) -> Option<&CacheEntry> {
         self.caches
             .get(cache)
             .and_then(|c| c.entries.get(key))
@@ -231,7 +231,7 @@ impl Store {
     }
 
     /// Inserts an entry (replacing any), maintaining indexes, ownership and `max_entries`.
-    fn insert_entry(&mut self, cache: &str, key: Vec<u8>, entry: CacheEntry, ctx: &ApplyContext) {
+    pub(crate) fn insert_entry(&mut self, cache: &str, key: Vec<u8>, entry: CacheEntry, ctx: &ApplyContext) {
         self.remove_entry(cache, &key);
         if let Some(owner) = entry.owner {
             if let Some(s) = self.sessions.get_mut(&owner) {
@@ -262,7 +262,7 @@ impl Store {
         }
     }
 
-    fn new_entry(&self, cache: &str, value: &[u8], lifetime: Lifetime, ctx: &ApplyContext) -> CacheEntry {
+    pub(crate) fn new_entry(&self, cache: &str, value: &[u8], lifetime: Lifetime, ctx: &ApplyContext) -> CacheEntry {
         let settings = self
             .caches
             .get(cache)
@@ -412,6 +412,7 @@ impl Store {
                 wait_ms,
             }) => self.lock(cache, key, *mode, *session, *wait_ms, ctx),
             Change::Unlock(Unlock { cache, key, session }) => self.unlock(cache, key, *session, ctx),
+            Change::Txn(txn) => self.apply_txn(txn, ctx),
         }
     }
 
@@ -533,6 +534,29 @@ impl Store {
                 Ok(Reply::Values(
                     keys.iter()
                         .map(|k| visible(cache, k).map(|e| e.value.to_vec()))
+                        .collect(),
+                ))
+            }
+            ReadOp::Entries { cache, keys } => {
+                let bytes: usize = keys
+                    .iter()
+                    .map(|k| visible(cache, k).map_or(0, |e| e.value.len()))
+                    .sum();
+                if bytes > budget {
+                    return too_large(bytes, "ask for fewer keys at a time");
+                }
+                needs(bytes)?;
+                Ok(Reply::Entries(
+                    keys.iter()
+                        .map(|k| {
+                            visible(cache, k).map(|e| {
+                                let accessed = pending_access(cache, k).map_or(e.accessed_ms, |p| p.max(e.accessed_ms));
+                                ferrocotta::protocol::EntryInfo {
+                                    value: e.value.to_vec(),
+                                    expires_at_ms: e.expires_at_with(accessed),
+                                }
+                            })
+                        })
                         .collect(),
                 ))
             }

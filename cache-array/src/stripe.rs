@@ -303,7 +303,9 @@ impl Stripe {
     pub fn record_reads(&self, op: &ReadOp, now_ms: u64) {
         let (cache, keys): (&str, Vec<&[u8]>) = match op {
             ReadOp::Get { cache, key } | ReadOp::Contains { cache, key } => (cache, vec![key.as_slice()]),
-            ReadOp::GetAll { cache, keys } => (cache, keys.iter().map(|k| k.as_slice()).collect()),
+            ReadOp::GetAll { cache, keys } | ReadOp::Entries { cache, keys } => {
+                (cache, keys.iter().map(|k| k.as_slice()).collect())
+            }
             ReadOp::Keys { .. } | ReadOp::Size { .. } | ReadOp::ListLocks { .. } => return,
         };
         if self.active_term().is_none() {

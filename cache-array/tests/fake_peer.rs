@@ -93,12 +93,15 @@ async fn a_fake_peer_can_neither_vote_append_nor_install_a_snapshot() {
         log_id: LogId::new(CommittedLeaderId::new(forged_term, 99), 1_000_000),
         payload: EntryPayload::Normal(Command {
             at_ms: 0,
-            kind: CommandKind::Client(Change::from(WriteOp::Put {
-                cache: CACHE.into(),
-                key: b"forged".to_vec(),
-                value: b"by a fake peer".to_vec(),
-                opts: PutOptions::default(),
-            })),
+            kind: CommandKind::Client(Change::of_write(
+                WriteOp::Put {
+                    cache: CACHE.into(),
+                    key: b"forged".to_vec(),
+                    value: b"by a fake peer".to_vec(),
+                    opts: PutOptions::default(),
+                },
+                u64::MAX,
+            )),
         }),
     };
     let append = AppendEntriesRequest::<TypeConfig> {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::protocol::{ErrorReply, Op, PutOptions, ReadConsistency, ReadOp, Reply, WriteOp};
+use crate::protocol::{ErrorReply, Op, PutOptions, ReadConsistency, ReadOp, Reply, StepReply, Txn, WriteOp};
 
 use super::{ArrayClient, ClientError, Entry, KeysCursor, KeysPage, ALL_KEYS_PAGE};
 
@@ -272,6 +272,33 @@ impl ArrayClient {
         });
         match self.keyed(key, op).await? {
             Reply::Counter(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Runs a transaction (guards, then the steps of the branch they choose, all or nothing) on
+    /// the one stripe its keys belong to: give related keys one hash tag (`{order42}.lines`,
+    /// `{order42}.total`). Returns whether the guards held and each step's result.
+    pub async fn txn(&self, txn: Txn) -> Result<(bool, Vec<StepReply>), ClientError> {
+        txn.check().map_err(ClientError::Invalid)?;
+        let mut stripes = std::collections::BTreeSet::new();
+        for (_, key, _) in txn.targets() {
+            self.check_key(key)?;
+            stripes.insert(self.stripe_of(key));
+        }
+        let stripe = match stripes.len() {
+            1 => stripes.into_iter().next().unwrap_or_default(),
+            0 => return Err(ClientError::Invalid("a transaction needs at least one key".into())),
+            _ => {
+                return Err(ClientError::Invalid(
+                    "a transaction's keys must all be on one stripe: give them one hash tag, as in `{tag}.a` and `{tag}.b`"
+                        .into(),
+                ))
+            }
+        };
+        let op = Op::Write(WriteOp::Txn(txn));
+        match self.execute(stripe, op, self.inner.settings.request_timeout).await? {
+            Reply::Txn { succeeded, results } => Ok((succeeded, results)),
             other => Err(unexpected(other)),
         }
     }

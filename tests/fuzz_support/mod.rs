@@ -4,7 +4,9 @@
 
 #![allow(dead_code)] // each includer uses its own part
 
-use ferrocotta::protocol::{CacheSettings, LockMode, Op, PutOptions, ReadConsistency, ReadOp, SessionOp, WriteOp};
+use ferrocotta::protocol::{
+    CacheSettings, Expiry, Guard, LockMode, Op, PutOptions, ReadConsistency, ReadOp, SessionOp, Step, Txn, WriteOp,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -111,6 +113,8 @@ pub fn read_op() -> impl Strategy<Value = ReadOp> {
         }),
         cache.clone().prop_map(|cache| ReadOp::Size { cache }),
         any::<Option<String>>().prop_map(|cache| ReadOp::ListLocks { cache }),
+        (cache.clone(), prop::collection::vec(bytes(8), 0..5))
+            .prop_map(|(cache, keys)| ReadOp::Entries { cache, keys }),
     ]
 }
 
@@ -181,7 +185,59 @@ pub fn write_op() -> impl Strategy<Value = WriteOp> {
                 },
             }
         }),
+        (
+            prop::collection::vec(guard(), 0..3),
+            prop::collection::vec(step(), 0..4),
+            prop::collection::vec(step(), 0..3)
+        )
+            .prop_map(|(guards, then, otherwise)| WriteOp::Txn(Txn {
+                guards,
+                then,
+                otherwise
+            })),
     ]
+}
+
+/// A transaction's guard on one of a few keys (so guards and steps meet).
+fn guard() -> impl Strategy<Value = Guard> {
+    (0..3u8, bytes(3), bytes(8)).prop_map(|(kind, key, value)| {
+        let cache = "t".to_string();
+        match kind {
+            0 => Guard::Present { cache, key },
+            1 => Guard::Absent { cache, key },
+            _ => Guard::ValueIs { cache, key, value },
+        }
+    })
+}
+
+fn expiry() -> impl Strategy<Value = Expiry> {
+    prop_oneof![
+        Just(Expiry::Default),
+        Just(Expiry::Keep),
+        Just(Expiry::Never),
+        any::<u64>().prop_map(Expiry::AfterMs),
+        any::<u64>().prop_map(Expiry::AtMs),
+    ]
+}
+
+/// A transaction's step on one of a few keys.
+fn step() -> impl Strategy<Value = Step> {
+    (0..6u8, bytes(3), bytes(8), expiry(), any::<i64>()).prop_map(|(kind, key, value, expiry, delta)| {
+        let cache = "t".to_string();
+        match kind {
+            0 => Step::Get { cache, key },
+            1 => Step::Put {
+                cache,
+                key,
+                value,
+                expiry,
+            },
+            2 => Step::Remove { cache, key },
+            3 => Step::SetExpiry { cache, key, expiry },
+            4 => Step::Append { cache, key, value },
+            _ => Step::Increment { cache, key, delta },
+        }
+    })
 }
 
 /// Session operations of every kind.
