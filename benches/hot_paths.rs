@@ -156,6 +156,7 @@ fn routing(c: &mut Criterion) {
             port: base,
             group_port: base + 1,
             admin_port: base + 2,
+            resp_port: None,
         }
     });
     let keys: Vec<Vec<u8>> = (0..ROUTING_KEYS).map(key).collect();

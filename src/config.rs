@@ -336,6 +336,9 @@ pub struct ServerConfig {
     /// a container, where the name others use does not belong to one of this host's interfaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen_host: Option<String>,
+    /// The Redis-protocol port (RESP2 and RESP3; docs/redis.md); none: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp_port: Option<u16>,
 }
 
 fn default_client_port() -> u16 {
@@ -365,6 +368,10 @@ impl ServerConfig {
     /// `host:port` of the admin port.
     pub fn admin_addr(&self) -> String {
         format!("{}:{}", self.host, self.admin_port)
+    }
+    /// `host:port` of the Redis-protocol port, when it has one.
+    pub fn resp_addr(&self) -> Option<String> {
+        self.resp_port.map(|p| format!("{}:{p}", self.host))
     }
 }
 
@@ -546,11 +553,13 @@ impl ClusterConfig {
                 if server.host.is_empty() {
                     return Err(field_err(format!("{at}.host"), "must not be empty"));
                 }
-                for (field, port) in [
-                    ("port", server.port),
-                    ("group_port", server.group_port),
-                    ("admin_port", server.admin_port),
-                ] {
+                let ports = [
+                    ("port", Some(server.port)),
+                    ("group_port", Some(server.group_port)),
+                    ("admin_port", Some(server.admin_port)),
+                    ("resp_port", server.resp_port),
+                ];
+                for (field, port) in ports.into_iter().filter_map(|(f, p)| Some((f, p?))) {
                     if port == 0 {
                         return Err(field_err(format!("{at}.{field}"), "must not be 0"));
                     }
@@ -647,6 +656,8 @@ pub struct ServerPorts {
     pub group_port: u16,
     /// Admin port.
     pub admin_port: u16,
+    /// Redis-protocol port, if any.
+    pub resp_port: Option<u16>,
 }
 
 /// Builds the config of an array on one host (`ferrocotta up`, tests): `stripes` stripes of
@@ -676,6 +687,7 @@ pub fn local_array(
                         admin_port: p.admin_port,
                         data_dir: PathBuf::from(format!("data/a{n}")),
                         listen_host: None,
+                        resp_port: p.resp_port,
                     }
                 })
                 .collect(),

@@ -12,29 +12,9 @@ use std::process::Command;
 
 use ferrocotta::config::ClusterConfig;
 
-/// Whether `tool --version` runs here; says loudly what was not checked when it does not, and in
-/// CI (`CI=true`) fails instead, with how to install it.
-fn tool_available(tool: &str, install: &str, unchecked: &str) -> bool {
-    match Command::new(tool).arg("--version").output() {
-        Ok(out) if out.status.success() => true,
-        other => {
-            let why = match other {
-                Ok(out) => format!("exit {:?}", out.status.code()),
-                Err(e) => e.to_string(),
-            };
-            assert!(
-                std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-                "CI=true and {tool} does not run ({why}): {install}"
-            );
-            eprintln!("SKIPPED: {tool} does not run here ({why}); {unchecked} NOT checked");
-            false
-        }
-    }
-}
-
-/// Whether `systemd-analyze` runs here (see [`tool_available`]).
+/// Whether `systemd-analyze` runs here (see `common::tool_available`).
 fn systemd_analyze_available() -> bool {
-    tool_available(
+    common::tool_available(
         "systemd-analyze",
         ".ci/run installs Debian's systemd",
         "the systemd units were",
@@ -158,9 +138,9 @@ fn kubernetes_manifests() -> Vec<PathBuf> {
     found
 }
 
-/// Whether `kubernetes-validate` runs here (see [`tool_available`]).
+/// Whether `kubernetes-validate` runs here (see `common::tool_available`).
 fn kubernetes_validate_available() -> bool {
-    tool_available(
+    common::tool_available(
         "kubernetes-validate",
         "install it with `pip install kubernetes-validate==1.37.0` (.ci/run does)",
         "the Kubernetes manifests were",

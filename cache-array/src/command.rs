@@ -430,6 +430,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_transaction_encodes_as_it_always_did() {
+        use ferrocotta::protocol::{Expiry, Guard, Step, Txn};
+        let (cache, key) = ("c".to_string(), b"k".to_vec());
+        let change = Change::Txn(TxnChange {
+            txn: Txn {
+                guards: vec![Guard::Absent {
+                    cache: cache.clone(),
+                    key: key.clone(),
+                }],
+                then: vec![
+                    Step::Put {
+                        cache: cache.clone(),
+                        key: key.clone(),
+                        value: b"v".to_vec(),
+                        expiry: Expiry::AfterMs(5),
+                    },
+                    Step::Increment { cache, key, delta: -1 },
+                ],
+                otherwise: Vec::new(),
+            },
+            max_value_bytes: 9,
+        });
+        let bytes = postcard::to_allocvec(&change).unwrap();
+        // The log keeps these bytes: the protocol's transaction enums are append only.
+        assert_eq!(
+            bytes,
+            [21, 1, 1, 1, b'c', 1, b'k', 2, 1, 1, b'c', 1, b'k', 1, b'v', 3, 5, 5, 1, b'c', 1, b'k', 1, 0, 9]
+        );
+        assert_eq!(postcard::from_bytes::<Change>(&bytes).unwrap(), change);
+    }
+
+    #[test]
     fn a_change_of_an_unknown_kind_is_refused() {
         // postcard keeps only that a custom error happened, not its message.
         let bytes = postcard::to_allocvec(&(99u32, CacheOf { cache: "c".into() })).unwrap();

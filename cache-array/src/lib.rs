@@ -21,6 +21,7 @@
 //! - [`stripe`]: the Raft node of this server, stripe formation, safe writes and read-index reads.
 //! - [`service`]: the client port.
 //! - [`admin`]: admin HTTP.
+//! - [`resp`]: the Redis-protocol front end.
 //! - [`metrics`]: request counters.
 //! - [`server`]: wiring and shutdown.
 
@@ -41,6 +42,7 @@ pub mod log_store;
 pub mod mark;
 pub mod metrics;
 pub mod network;
+pub mod resp;
 pub mod server;
 pub mod service;
 pub mod sessions;

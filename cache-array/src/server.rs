@@ -202,6 +202,10 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     let client_listener = bind("client port", me.listen_host(), me.port).await?;
     let group_listener = bind("group port", me.listen_host(), me.group_port).await?;
     let admin_listener = bind("admin port", me.listen_host(), me.admin_port).await?;
+    let resp_listener = match me.resp_port {
+        Some(port) => Some(bind("Redis-protocol port", me.listen_host(), port).await?),
+        None => None,
+    };
 
     let configured = config.caches.iter().map(|(n, c)| (n.clone(), c.settings())).collect();
     let folder = match data_folder::open(&data_dir, configured) {
@@ -310,7 +314,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
             handshake_timeout: limits.handshake_timeout.0,
             max_frame: limits.max_frame_bytes as usize,
         },
-        credentials,
+        credentials: credentials.clone(),
         metrics: metrics.clone(),
         recorder: recorder.clone(),
     });
@@ -320,6 +324,41 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         shutdown.clone(),
         tracker.clone(),
     ));
+    if let Some(resp_listener) = resp_listener {
+        let topology = Arc::new(crate::resp::topology::Topology::new(
+            stripe.clone(),
+            tls.as_ref().map(|t| t.peer_dialler.clone()),
+        ));
+        if config.stripes.len() > 1 {
+            tracker.spawn(topology.clone().run(shutdown.clone()));
+        }
+        let resp = Arc::new(crate::resp::RespService {
+            ops: service.clone(),
+            topology,
+            cluster_secret: secrets.cluster.clone(),
+            credentials: credentials.clone(),
+            tls: tls.as_ref().map(|t| t.client.clone()),
+            admission: Admission::new(AdmissionLimits {
+                connections_max: limits.max_connections,
+                connections_per_ip_max: limits.max_connections_per_ip,
+                pending_handshakes_max: limits.max_pending_handshakes,
+            }),
+            handshake_timeout: limits.handshake_timeout.0,
+            limits: crate::resp::codec::RequestLimits {
+                args_max: 2 * ferrocotta::protocol::BATCH_KEYS_MAX + 8,
+                bytes_max: limits.max_frame_bytes as usize,
+            },
+            clients: Default::default(),
+            next_id: Default::default(),
+            started: std::time::Instant::now(),
+        });
+        tracker.spawn(crate::resp::serve(
+            resp,
+            resp_listener,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
 
     let admin_state = Arc::new(AdminState {
         stripe: stripe.clone(),
@@ -390,6 +429,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         client = %me.client_addr(),
         group = %me.group_addr(),
         admin = %me.admin_addr(),
+        resp = me.resp_addr().as_deref().unwrap_or("off"),
         tls = tls.is_some(),
         version = SOFTWARE_VERSION,
     );

@@ -278,8 +278,9 @@ impl ClientService {
         let _ = writer.await;
     }
 
-    /// Serves a request; its result, and the share of the reply budget a large reply took.
-    async fn handle(
+    /// Serves a request; its result, and the share of the reply budget a large reply took. The
+    /// Redis front end serves its commands through here too.
+    pub(crate) async fn handle(
         &self,
         request: Request,
         grant: &Grant,
@@ -294,6 +295,48 @@ impl ClientService {
         self.metrics
             .record(kind, result.is_ok(), started.elapsed().as_micros() as u64);
         (result, budget)
+    }
+
+    /// Serves one connection's run of writes (the Redis front end's pipelines): each checked as
+    /// [`ClientService::handle`] checks it, then all proposed in their order and awaited together.
+    pub(crate) async fn handle_writes(
+        &self,
+        ops: Vec<WriteOp>,
+        grant: &Grant,
+        timeout: Duration,
+    ) -> Vec<Result<Reply, ErrorReply>> {
+        let started = Instant::now();
+        let max_value_bytes = self.stripe.config().limits.max_value_bytes as u64;
+        let mut results: Vec<Option<Result<Reply, ErrorReply>>> = Vec::with_capacity(ops.len());
+        let mut kinds = Vec::with_capacity(ops.len());
+        let mut changes = Vec::new();
+        for op in ops {
+            let op = Op::Write(op);
+            kinds.push(op.kind());
+            match self.validate(&op).and_then(|_| self.authorize(&op, grant)) {
+                Ok(()) => {
+                    if let Op::Write(write) = op {
+                        changes.push(Change::of_write(write, max_value_bytes));
+                    }
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let mut applied = self
+            .stripe
+            .write_many(changes, timeout.min(REQUEST_TIMEOUT_MAX))
+            .await
+            .into_iter();
+        let results: Vec<Result<Reply, ErrorReply>> = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| applied.next().unwrap_or(Err(ErrorReply::ShuttingDown))))
+            .collect();
+        let micros = started.elapsed().as_micros() as u64;
+        for (kind, r) in kinds.iter().zip(&results) {
+            self.metrics.record(*kind, r.is_ok(), micros);
+        }
+        results
     }
 
     async fn serve_request(

@@ -227,8 +227,39 @@ impl Stripe {
     /// Proposes a command through the write batcher and waits for what applying it produced.
     pub async fn propose(&self, kind: CommandKind, timeout: Duration) -> Result<CommandResult, ErrorReply> {
         self.check_serving()?;
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let result = self.enqueue(kind, deadline).await?;
+        self.outcome(result, deadline).await
+    }
+
+    /// Proposes one connection's client changes in their order (the log keeps it: a later change
+    /// never applies before an earlier one) and waits for them together, so they share the
+    /// batcher's group commit; each change's own result, in order.
+    pub async fn write_many(&self, changes: Vec<Change>, timeout: Duration) -> Vec<Result<Reply, ErrorReply>> {
+        if let Err(e) = self.check_serving() {
+            return changes.iter().map(|_| Err(e.clone())).collect();
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut queued = Vec::with_capacity(changes.len());
+        for change in changes {
+            queued.push(self.enqueue(CommandKind::Client(change), deadline).await);
+        }
+        let mut out = Vec::with_capacity(queued.len());
+        for q in queued {
+            out.push(match q {
+                Ok(result) => self.outcome(result, deadline).await.and_then(client_result),
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    /// Queues a command for the write batcher by `deadline`; where its result will come.
+    async fn enqueue(
+        &self,
+        kind: CommandKind,
+        deadline: tokio::time::Instant,
+    ) -> Result<oneshot::Receiver<Result<CommandResult, ErrorReply>>, ErrorReply> {
         let (reply, result) = oneshot::channel();
         tokio::select! {
             sent = self.writes.send(PendingWrite { kind, reply }) => {
@@ -237,14 +268,23 @@ impl Stripe {
                 }
             }
             // Not queued, so certainly not applied.
-            _ = &mut deadline => return Err(ErrorReply::NoQuorum),
+            _ = tokio::time::sleep_until(deadline) => return Err(ErrorReply::NoQuorum),
         }
+        Ok(result)
+    }
+
+    /// Waits by `deadline` for what applying a queued command produced.
+    async fn outcome(
+        &self,
+        result: oneshot::Receiver<Result<CommandResult, ErrorReply>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<CommandResult, ErrorReply> {
         tokio::pin!(result);
         let mut watch = tokio::time::interval(QUORUM_WATCH_INTERVAL);
         loop {
             tokio::select! {
                 r = &mut result => return r.unwrap_or(Err(ErrorReply::ShuttingDown)),
-                _ = &mut deadline => return Err(ErrorReply::Timeout),
+                _ = tokio::time::sleep_until(deadline) => return Err(ErrorReply::Timeout),
                 _ = watch.tick() => {
                     // The entry may be in our log and still commit later: the outcome is unknown,
                     // so this is a timeout, never `NoQuorum` (which promises "not applied").

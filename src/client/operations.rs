@@ -289,12 +289,10 @@ impl ArrayClient {
         let stripe = match stripes.len() {
             1 => stripes.into_iter().next().unwrap_or_default(),
             0 => return Err(ClientError::Invalid("a transaction needs at least one key".into())),
-            _ => {
-                return Err(ClientError::Invalid(
-                    "a transaction's keys must all be on one stripe: give them one hash tag, as in `{tag}.a` and `{tag}.b`"
-                        .into(),
-                ))
-            }
+            _ => return Err(ClientError::Invalid(
+                "a transaction's keys must all be on one stripe: give them one hash tag, as in `{tag}.a` and `{tag}.b`"
+                    .into(),
+            )),
         };
         let op = Op::Write(WriteOp::Txn(txn));
         match self.execute(stripe, op, self.inner.settings.request_timeout).await? {

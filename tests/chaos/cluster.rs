@@ -57,6 +57,7 @@ impl Cluster {
                 port: CLIENT_PORT,
                 group_port: CLIENT_PORT + 1,
                 admin_port: CLIENT_PORT + 2,
+                resp_port: None,
             },
         );
         config.timing.client_reconnect_window = ConfigDuration(RECONNECT_WINDOW);

@@ -172,6 +172,7 @@ impl TestArray {
                 port: ports[i * 3],
                 group_port: ports[i * 3 + 1],
                 admin_port: ports[i * 3 + 2],
+                resp_port: None,
             },
         );
         let tls = tls.then(|| {
@@ -982,5 +983,25 @@ pub fn wait_port(addr: &str, open: bool, timeout: Duration) {
             if open { "open" } else { "closed" }
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `tool --version` runs here; says loudly what was not checked when it does not, and in
+/// CI (`CI=true`) fails instead, with how to install it.
+pub fn tool_available(tool: &str, install: &str, unchecked: &str) -> bool {
+    match Command::new(tool).arg("--version").output() {
+        Ok(out) if out.status.success() => true,
+        other => {
+            let why = match other {
+                Ok(out) => format!("exit {:?}", out.status.code()),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+                "CI=true and {tool} does not run ({why}): {install}"
+            );
+            eprintln!("SKIPPED: {tool} does not run here ({why}); {unchecked} NOT checked");
+            false
+        }
     }
 }

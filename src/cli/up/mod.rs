@@ -51,8 +51,8 @@ pub struct UpArgs {
     #[arg(long)]
     host: Option<String>,
     /// First client port; server i uses client port BASE+i, group port BASE+20+i, admin port
-    /// BASE+30+i (so the first server gets the defaults 9510, 9530, 9540). 0 picks free ports
-    /// [default: 9510].
+    /// BASE+30+i, Redis-protocol port BASE+40+i (so the first server gets the defaults 9510, 9530,
+    /// 9540, and 9550). 0 picks free ports [default: 9510].
     #[arg(long)]
     base_port: Option<u16>,
     /// Name of the array [default: local].
@@ -142,6 +142,9 @@ pub struct ProcessEntry {
     /// Service port of a node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// Redis-protocol port of an array server (docs/redis.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp: Option<String>,
     /// Admin port (both roles).
     pub admin: String,
 }
@@ -228,10 +231,10 @@ fn pick_ports(host: &str, base: u16, count: usize) -> anyhow::Result<Vec<ServerP
         if count > 10 {
             bail!("--base-port lays out at most 10 servers; use --base-port 0 for free ports");
         }
-        // The last port laid out is BASE+30+count-1; it must not wrap round past 65535.
-        if base.checked_add(30 + count as u16).is_none() {
+        // The last port laid out is BASE+40+count-1; it must not wrap round past 65535.
+        if base.checked_add(40 + count as u16).is_none() {
             bail!(
-                "--base-port {base}: the ports of {count} server(s) would go past 65535 (the admin ports are BASE+30..); pick a lower base"
+                "--base-port {base}: the ports of {count} server(s) would go past 65535 (the RESP ports are BASE+40..); pick a lower base"
             );
         }
         return Ok((0..count as u16)
@@ -239,11 +242,12 @@ fn pick_ports(host: &str, base: u16, count: usize) -> anyhow::Result<Vec<ServerP
                 port: base + i,
                 group_port: base + 20 + i,
                 admin_port: base + 30 + i,
+                resp_port: Some(base + 40 + i),
             })
             .collect());
     }
     // Hold every listener until all are chosen so no port is handed out twice.
-    let listeners = (0..count * 3)
+    let listeners = (0..count * 4)
         .map(|_| TcpListener::bind((host, 0)))
         .collect::<Result<Vec<_>, _>>()
         .context("cannot find free ports")?;
@@ -252,11 +256,12 @@ fn pick_ports(host: &str, base: u16, count: usize) -> anyhow::Result<Vec<ServerP
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect::<Result<_, _>>()?;
     Ok(ports
-        .chunks(3)
+        .chunks(4)
         .map(|c| ServerPorts {
             port: c[0],
             group_port: c[1],
             admin_port: c[2],
+            resp_port: Some(c[3]),
         })
         .collect())
 }
@@ -477,6 +482,9 @@ fn check_ports_free(config: &ClusterConfig, nodes: &[NodeLayout]) -> anyhow::Res
         wanted.push((s.client_addr(), format!("client port of array server {}", s.name)));
         wanted.push((s.group_addr(), format!("group port of array server {}", s.name)));
         wanted.push((s.admin_addr(), format!("admin port of array server {}", s.name)));
+        if let Some(resp) = s.resp_addr() {
+            wanted.push((resp, format!("Redis-protocol port of array server {}", s.name)));
+        }
     }
     for n in nodes {
         wanted.push((
@@ -752,6 +760,7 @@ fn process_entries(config: &ClusterConfig, nodes: &[NodeLayout], procs: &[Proc])
         client: Some(s.client_addr()),
         group: Some(s.group_addr()),
         service: None,
+        resp: s.resp_addr(),
         admin: s.admin_addr(),
     });
     let nodes = nodes
@@ -765,6 +774,7 @@ fn process_entries(config: &ClusterConfig, nodes: &[NodeLayout], procs: &[Proc])
             client: None,
             group: None,
             service: Some(n.service.clone()),
+            resp: None,
             admin: n.admin.clone(),
         });
     servers.chain(nodes).collect()
@@ -783,8 +793,8 @@ fn print_summary(config: &ClusterConfig, endpoints: &Endpoints, endpoints_path: 
         config.stripes.len(),
     );
     println!(
-        "{:<6} {:<6} {:<10} {:>8} {:<22} {:<22} ADMIN",
-        "ROLE", "NAME", "STRIPE", "PID", "CLIENT/SERVICE", "GROUP"
+        "{:<6} {:<6} {:<10} {:>8} {:<22} {:<22} {:<22} ADMIN",
+        "ROLE", "NAME", "STRIPE", "PID", "CLIENT/SERVICE", "GROUP", "REDIS"
     );
     for e in &endpoints.processes {
         let stripe = e
@@ -797,13 +807,14 @@ fn print_summary(config: &ClusterConfig, endpoints: &Endpoints, endpoints_path: 
             .or(e.service.clone().map(|s| format!("{scheme}://{s}")))
             .unwrap_or_default();
         println!(
-            "{:<6} {:<6} {:<10} {:>8} {:<22} {:<22} {scheme}://{}",
+            "{:<6} {:<6} {:<10} {:>8} {:<22} {:<22} {:<22} {scheme}://{}",
             e.role,
             e.name,
             stripe,
             e.pid,
             front,
             e.group.as_deref().unwrap_or("-"),
+            e.resp.as_deref().unwrap_or("-"),
             e.admin
         );
     }
@@ -821,6 +832,24 @@ fn print_summary(config: &ClusterConfig, endpoints: &Endpoints, endpoints_path: 
     };
     println!("  ferrocotta cache put --cache demo hello world && ferrocotta cache get --cache demo hello");
     println!("  ferrocotta status");
+    let resp: Vec<&str> = endpoints.processes.iter().filter_map(|e| e.resp.as_deref()).collect();
+    match resp.first() {
+        Some(first) => {
+            let (host, port) = first.rsplit_once(':').unwrap_or((first, ""));
+            let tls = match &endpoints.tls_ca_file {
+                Some(ca) => format!(" --tls --cacert {}", ca.display()),
+                None => String::new(),
+            };
+            println!(
+                "  redis-cli -c -h {host} -p {port}{tls} --user default --pass \"$(cat {})\" set hello world   # Redis protocol on {}",
+                endpoints_path.parent().unwrap_or(Path::new(".")).join("secret").display(),
+                resp.join(", ")
+            );
+        }
+        None => {
+            println!("  (no Redis-protocol ports: this folder's cluster.toml predates them; `up --fresh` adds them)")
+        }
+    }
     let services: Vec<&str> = endpoints
         .processes
         .iter()
