@@ -16,8 +16,13 @@ use redis::AsyncCommands;
 /// A plain (no TLS) array of `stripes` x `per` servers, each with a Redis-protocol port, with an
 /// active in every stripe; the actives' names by stripe.
 async fn resp_array(stripes: usize, per: usize) -> (TestArray, Vec<String>) {
+    resp_array_tls(stripes, per, false).await
+}
+
+/// [`resp_array`], with TLS on every port or not.
+async fn resp_array_tls(stripes: usize, per: usize, tls: bool) -> (TestArray, Vec<String>) {
     let ports = free_ports(stripes * per);
-    let mut array = TestArray::configured_tls(stripes, per, false, |c| {
+    let mut array = TestArray::configured_tls(stripes, per, tls, |c| {
         let servers = c.stripes.iter_mut().flat_map(|s| s.servers.iter_mut());
         for (server, port) in servers.zip(&ports) {
             server.resp_port = Some(*port);
@@ -431,6 +436,58 @@ async fn redis_clients_speak_to_a_two_stripe_array() {
     assert_eq!(keys.len(), 7);
     let size: i64 = redis::cmd("DBSIZE").query_async(&mut con).await.unwrap();
     assert!(size >= 7, "{size}");
+
+    phase("ArrayClient::txn: one step over two caches, guards, and the keys Redis sees");
+    {
+        use ferrocotta::protocol::{Expiry, Guard, Step, StepReply, Txn};
+        let client = array.client().await;
+        let order = format!("{{{}}}", tag_on(0, 2, "order"));
+        let (lines, total) = (format!("{order}.lines"), format!("{order}.total"));
+        let put = |cache: &str, key: &str, value: &str| Step::Put {
+            cache: cache.into(),
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            expiry: Expiry::Default,
+        };
+        let first = Txn {
+            guards: vec![Guard::Absent {
+                cache: "orders".into(),
+                key: lines.as_bytes().to_vec(),
+            }],
+            then: vec![put("orders", &lines, "2 lines"), put("redis", &total, "42")],
+            otherwise: vec![Step::Get {
+                cache: "orders".into(),
+                key: lines.as_bytes().to_vec(),
+            }],
+        };
+        let (applied, results) = client.txn(first.clone()).await.expect("txn");
+        assert!(applied && results.len() == 2, "{results:?}");
+        let (applied, results) = client.txn(first).await.expect("txn again");
+        assert!(!applied, "the guard fails the second time");
+        assert!(matches!(&results[..], [StepReply::Entry(Some(e))] if e.value == b"2 lines"));
+        let mut con = connect(&active0, Some(&pass), false).await.unwrap();
+        assert_eq!(
+            q(&mut con, &["GET", &total]).await,
+            "42",
+            "Redis sees the cache `redis`"
+        );
+        let spread = Txn {
+            then: vec![put("orders", &key0, "1"), put("orders", &other, "2")],
+            ..Txn::default()
+        };
+        let refused = client.txn(spread).await.expect_err("keys of two stripes");
+        assert!(refused.to_string().contains("one stripe"), "{refused}");
+        let counter = Txn {
+            then: vec![Step::Increment {
+                cache: "orders".into(),
+                key: lines.as_bytes().to_vec(),
+                delta: 1,
+            }],
+            ..Txn::default()
+        };
+        let refused = client.txn(counter).await.expect_err("not a counter");
+        assert!(refused.to_string().contains("counter"), "{refused}");
+    }
 
     if tool_available("redis-cli", ".ci/run installs Debian's redis-tools", "redis-cli") {
         phase("redis-cli: -c follows MOVED, -3, --pipe");
@@ -889,4 +946,37 @@ async fn cases_from_the_redis_test_suite() {
     expect_all(&mut r, &[(&["SET", "x", "foobar"], "OK"), (&["EXPIRE", "x", "1"], "1")]).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     expect_all(&mut r, &[(&["GET", "x"], "nil"), (&["EXISTS", "x"], "0")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_port_speaks_tls_when_the_array_does() {
+    if !tool_available(
+        "redis-cli",
+        ".ci/run installs Debian's redis-tools",
+        "the Redis-protocol port over TLS",
+    ) {
+        return;
+    }
+    let (array, actives) = resp_array_tls(1, 3, true).await;
+    let pass = secret(&array);
+    let (tls_dir, _) = array.tls.as_ref().expect("a TLS array");
+    let ca = ferrocotta::tls::LocalCa::cert_path(tls_dir);
+    let addr = resp_addr(&array, &actives[0]);
+    let port = addr.rsplit_once(':').unwrap().1.to_string();
+    let cli = |tls: bool, args: &[&str]| {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["--no-auth-warning", "-p", &port, "-a", &pass]);
+        if tls {
+            cmd.arg("--tls").arg("--cacert").arg(&ca);
+        }
+        let out = cmd.args(args).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert_eq!(cli(true, &["set", "k", "over-tls"]).trim(), "OK");
+    assert_eq!(cli(true, &["get", "k"]).trim(), "over-tls");
+    let plain = cli(false, &["get", "k"]);
+    assert!(
+        !plain.contains("over-tls"),
+        "a plain client gets nothing from a TLS port: {plain}"
+    );
 }

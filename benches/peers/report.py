@@ -8,6 +8,10 @@ parsing jobs that bash does badly. Standard library only.
     report.py record SYS WORKLOAD CONC EXIT OUT ERR
                                        one JSON line (stdout) and a progress line (stderr) for a run
     report.py table JSONL "SYS ..."    the side-by-side table
+    report.py resp FILE                the Redis-protocol addresses of ferrocotta up's endpoints.json
+    report.py rb_record SYS PIPELINE CLIENTS EXIT OUT ERR
+                                       JSON lines, as `record` writes them, from one redis-benchmark --csv
+                                       run (one per test: workload rb-set-P1, rb-get-P16, ...)
 """
 
 import json
@@ -38,6 +42,51 @@ def endpoints(path):
     e = json.load(open(path))
     nodes = [p["service"] for p in e["processes"] if p["role"] == "node"]
     print(e["array_urls"], e["secret_file"], nodes[0] if nodes else "-")
+
+
+def resp(path):
+    e = json.load(open(path))
+    addrs = [p["resp"] for p in e["processes"] if p.get("resp")]
+    if not addrs:
+        sys.exit("no Redis-protocol port in " + path)
+    print(" ".join(addrs))
+
+
+def rb_record(system, pipeline, clients, rc, out, err):
+    """redis-benchmark --csv prints "test","rps","avg_latency_ms","min_latency_ms",
+    "p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"; an error answered by the
+    server ends the run with "Error from server: ..." on stderr."""
+    errors = sum(1 for line in open(err, errors="replace") if "Error from server" in line)
+    rows = []
+    try:
+        lines = [l.strip() for l in open(out) if l.strip()]
+        head = [h.strip('"') for h in lines[0].split(",")]
+        for line in lines[1:]:
+            row = dict(zip(head, [v.strip('"') for v in line.split(",")]))
+            rows.append(row)
+    except (OSError, IndexError):
+        rows = []
+    if int(rc) != 0 or not rows:
+        tail = open(err, errors="replace").read().strip().splitlines()[-3:]
+        for test in ("set", "get"):
+            r = {"workload": f"rb-{test}-P{pipeline}", "concurrency": int(clients), "failed": True,
+                 "stderr": " | ".join(tail), "system": system, "exit_code": int(rc)}
+            print(json.dumps(r, sort_keys=True))
+            print("  " + summary(r), file=sys.stderr)
+        return
+    for row in rows:
+        r = {
+            "workload": f"rb-{row['test'].lower()}-P{pipeline}",
+            "concurrency": int(clients),
+            "ops_per_s": float(row["rps"]),
+            "latency_us_p50": round(float(row["p50_latency_ms"]) * 1000),
+            "latency_us_p99": round(float(row["p99_latency_ms"]) * 1000),
+            "errors": {"server": errors} if errors else {},
+            "system": system,
+            "exit_code": int(rc),
+        }
+        print(json.dumps(r, sort_keys=True))
+        print("  " + summary(r), file=sys.stderr)
 
 
 def summary(r):
@@ -122,6 +171,8 @@ def main(argv):
         "endpoints": (endpoints, 1),
         "record": (record, 6),
         "table": (table, 2),
+        "resp": (resp, 1),
+        "rb_record": (rb_record, 6),
     }
     if len(argv) < 2 or argv[1] not in commands or len(argv) - 2 != commands[argv[1]][1]:
         sys.exit(__doc__)

@@ -13,6 +13,8 @@ ROOT=$(pwd)
 DURATION=${PEERS_DURATION:-10s}
 WARMUP=${PEERS_WARMUP:-2s}
 WORKLOADS=${PEERS_WORKLOADS:-"put:1 put:64 put:256 get:1 get:64 get:256 cas:64 ycsb-a:64 session:64 session:256"}
+# `none`: only the redis-benchmark runs.
+[[ $WORKLOADS == none ]] && WORKLOADS=
 SYSTEMS=${PEERS_SYSTEMS:-"ferrocotta etcd redis redis-aof"}
 CONNECTIONS=${PEERS_CONNECTIONS:-1}
 KEYS=${PEERS_KEYS:-10000}
@@ -20,6 +22,12 @@ VALUE_SIZE=${PEERS_VALUE_SIZE:-}
 SEED=${PEERS_SEED:-1}
 RESULTS_DIR=${PEERS_RESULTS_DIR:-$ROOT/target/bench-peers}
 BUILD=${PEERS_BUILD:-1}
+# redis-benchmark against Redis, Redis with appendfsync always and ferrocotta's Redis-protocol
+# port, after the load generator's runs: SET and GET with this many clients, at each pipeline
+# depth, this many requests per test (0 requests: skip).
+RB_REQUESTS=${PEERS_RB_REQUESTS:-100000}
+RB_CLIENTS=${PEERS_RB_CLIENTS:-50}
+RB_PIPELINES=${PEERS_RB_PIPELINES:-"1 16"}
 
 # Bounds of the waits (seconds). A run may take its warm-up and measured period plus this for
 # connecting and preloading the keys before `timeout` ends it.
@@ -46,6 +54,9 @@ secs() { python3 "$REPORT" secs "$1"; }
 for sys in $SYSTEMS; do
     case $sys in ferrocotta | etcd | redis | redis-aof) ;; *) die "PEERS_SYSTEMS: unknown system $sys" ;; esac
 done
+[[ $RB_REQUESTS =~ ^[0-9]+$ && $RB_CLIENTS =~ ^[1-9][0-9]*$ ]] ||
+    die "PEERS_RB_REQUESTS and PEERS_RB_CLIENTS must be numbers (clients at least 1)"
+for p in $RB_PIPELINES; do [[ $p =~ ^[1-9][0-9]*$ ]] || die "PEERS_RB_PIPELINES: $p is not a pipeline depth"; done
 for spec in $WORKLOADS; do
     [[ $spec =~ ^(put|get|get-eventual|cas|ycsb-a|session):[0-9]+$ ]] ||
         die "PEERS_WORKLOADS: $spec is not WORKLOAD:CONCURRENCY (put, get, get-eventual, cas, ycsb-a, session)"
@@ -59,6 +70,7 @@ wants() { [[ " $SYSTEMS " == *" $1 "* ]]; }
 missing=()
 if wants etcd; then command -v etcd >/dev/null || missing+=(etcd-server); fi
 if wants redis || wants redis-aof; then command -v redis-server >/dev/null || missing+=(redis-server); fi
+if ((RB_REQUESTS > 0)); then command -v redis-benchmark >/dev/null || missing+=(redis-tools); fi
 # etcd-client's build script runs protoc.
 if [[ $BUILD == 1 ]]; then command -v protoc >/dev/null || missing+=(protobuf-compiler); fi
 if ((${#missing[@]})); then
@@ -216,6 +228,7 @@ if wants ferrocotta; then
         sleep 0.2
     done
     read -r ARRAY_URLS SECRET_FILE NODE <<<"$facts"
+    RESP_ADDRS=$(python3 "$REPORT" resp "$TMP/fc/endpoints.json") || die "ferrocotta up opened no Redis-protocol port"
     [[ $NODE != - ]] || die "ferrocotta up started no integration node"
     host=${NODE%:*} port=${NODE##*:}
     until (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; do
@@ -283,8 +296,58 @@ for spec in $WORKLOADS; do
     done
 done
 
+# --- redis-benchmark -----------------------------------------------------------------------------
+# The same redis-benchmark against each Redis and ferrocotta's Redis-protocol port: the port of the
+# stripe's active, which holds every slot of the one stripe (redis-benchmark --cluster wants three
+# masters or more). Its own figures: requests per second over the whole run, latency percentiles;
+# an error answered by a server ends its run.
+RB_JSONL=$RESULTS_DIR/peers-$STAMP-redis-benchmark.jsonl
+: >"$RB_JSONL"
+if ((RB_REQUESTS > 0)) && wants ferrocotta; then
+    RESP_ADDR=
+    for addr in $RESP_ADDRS; do
+        if redis-cli -h "${addr%:*}" -p "${addr##*:}" -a "$(cat "$SECRET_FILE")" --no-auth-warning \
+            info replication 2>/dev/null | grep -q '^role:master'; then
+            RESP_ADDR=$addr
+        fi
+    done
+    [[ -n $RESP_ADDR ]] || die "no Redis-protocol port of ferrocotta says role:master ($RESP_ADDRS)"
+    log "ferrocotta: the active's Redis-protocol port is $RESP_ADDR"
+fi
+if ((RB_REQUESTS > 0)); then
+    log "redis-benchmark: SET and GET, $RB_CLIENTS clients, pipelines $RB_PIPELINES, $RB_REQUESTS requests each"
+    for pipeline in $RB_PIPELINES; do
+        for sys in $SYSTEMS; do
+            case $sys in
+            redis) target=(-h 127.0.0.1 -p "$REDIS_PORT") ;;
+            redis-aof) target=(-h 127.0.0.1 -p "$REDIS_AOF_PORT") ;;
+            ferrocotta) target=(-h "${RESP_ADDR%:*}" -p "${RESP_ADDR##*:}" -a "$(cat "$SECRET_FILE")") ;;
+            *) continue ;;
+            esac
+            rc=0
+            timeout -k 10 "$RUN_BOUND_S" redis-benchmark "${target[@]}" -t set,get -c "$RB_CLIENTS" \
+                -P "$pipeline" -n "$RB_REQUESTS" -r "$KEYS" -d 100 --csv \
+                >"$TMP/rb.out" 2>"$TMP/rb.err" &
+            CLIENT_PID=$!
+            if wait "$CLIENT_PID"; then rc=0; else rc=$?; fi
+            CLIENT_PID=
+            python3 "$REPORT" rb_record "$sys" "$pipeline" "$RB_CLIENTS" "$rc" "$TMP/rb.out" "$TMP/rb.err" >>"$RB_JSONL"
+        done
+    done
+fi
+
 # --- the table -----------------------------------------------------------------------------------
-python3 "$REPORT" table "$RESULTS_JSONL" "$SYSTEMS" >"$TMP/table.txt"
+: >"$TMP/table.txt"
+if [[ -s $RESULTS_JSONL ]]; then
+    python3 "$REPORT" table "$RESULTS_JSONL" "$SYSTEMS" >"$TMP/table.txt"
+fi
+if [[ -s $RB_JSONL ]]; then
+    {
+        echo
+        echo "# redis-benchmark -t set,get -c $RB_CLIENTS -n $RB_REQUESTS -r $KEYS -d 100 (ferrocotta: the Redis-protocol port of its stripe's active)"
+        python3 "$REPORT" table "$RB_JSONL" "$SYSTEMS"
+    } >>"$TMP/table.txt"
+fi
 {
     echo
     cat "$TMP/table.txt"

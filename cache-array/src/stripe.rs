@@ -241,8 +241,18 @@ impl Stripe {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut queued = Vec::with_capacity(changes.len());
+        // Once one could not be queued (the deadline passed, the server stops), none after it is:
+        // a later change must not apply when an earlier one did not.
+        let mut failed: Option<ErrorReply> = None;
         for change in changes {
-            queued.push(self.enqueue(CommandKind::Client(change), deadline).await);
+            let q = match &failed {
+                Some(e) => Err(e.clone()),
+                None => self.enqueue(CommandKind::Client(change), deadline).await,
+            };
+            if let Err(e) = &q {
+                failed.get_or_insert_with(|| e.clone());
+            }
+            queued.push(q);
         }
         let mut out = Vec::with_capacity(queued.len());
         for q in queued {

@@ -107,6 +107,27 @@ pub struct Planned {
     pub finish: Box<dyn FnOnce(Reply) -> Outcome + Send>,
 }
 
+/// The runs a pipeline's commands form (see `RespService::run_kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    Writes,
+    Reads,
+}
+
+/// Most reads of a pipeline served at once: their replies (each at most one value,
+/// `limits.max_value_bytes`) are held together until written.
+pub const READ_RUN_MAX: usize = 16;
+
+/// Whether a command reads one key's entry (a pipeline's run of them is served at once). `MGET`
+/// runs alone: its reply may be as large as a frame.
+pub fn is_keyed_read(name: &str, args: &[Vec<u8>]) -> bool {
+    match name {
+        "get" | "exists" | "type" | "ttl" | "pttl" | "strlen" => args.len() == 2,
+        "getex" => args.len() == 2,
+        _ => false,
+    }
+}
+
 /// Whether a command is a write that becomes one array operation (a pipeline's run of them is
 /// proposed together; see `RespService::run_writes`).
 pub fn is_planned_write(name: &str, args: &[Vec<u8>]) -> bool {
@@ -147,14 +168,12 @@ impl RespService {
             let reply = self.run_writes(conn, vec![args]).await.pop();
             return (reply.unwrap_or_else(|| Value::err("ERR no reply")), false);
         }
+        if is_keyed_read(&name, &args) {
+            return (self.keyed_read(conn, &name, &args).await.unwrap_or_else(|e| e), false);
+        }
         let outcome = match name.as_str() {
-            "get" => self.get(conn, &args).await,
-            "getex" => self.get(conn, &args).await,
-            "exists" => self.exists(conn, &args).await,
-            "type" => self.type_of(conn, &args).await,
-            "ttl" | "pttl" => self.ttl(conn, &name, &args).await,
-            "strlen" => self.strlen(conn, &args).await,
             "mget" => self.mget(conn, &args).await,
+            "exists" => self.exists(conn, &args).await,
             "keys" => self.keys(conn, &args).await,
             "scan" => self.scan(conn, &args).await,
             "dbsize" => self.dbsize(conn).await,
@@ -181,8 +200,48 @@ impl RespService {
 
     /// Whether a command is a write that may join a run (authenticated, well-formed).
     pub fn plannable(&self, conn: &Conn, args: &[Vec<u8>]) -> bool {
+        self.run_kind(conn, args) == Some(RunKind::Writes)
+    }
+
+    /// Which run of a pipeline a command may join: writes, keyed reads, or none (it runs alone).
+    pub fn run_kind(&self, conn: &Conn, args: &[Vec<u8>]) -> Option<RunKind> {
         let name = lower(&args[0]);
-        conn.grant.is_some() && spec_of(&name).is_some_and(|s| s.accepts(args.len())) && is_planned_write(&name, args)
+        if conn.grant.is_none() || !spec_of(&name).is_some_and(|s| s.accepts(args.len())) {
+            return None;
+        }
+        if is_planned_write(&name, args) {
+            Some(RunKind::Writes)
+        } else if is_keyed_read(&name, args) {
+            Some(RunKind::Reads)
+        } else {
+            None
+        }
+    }
+
+    /// A run of a pipeline's consecutive keyed reads (at most [`READ_RUN_MAX`]), served at once
+    /// (their read-index rounds batch together); each reply in order. Reads change nothing, so
+    /// their order among themselves does not matter, and every write before them has been
+    /// applied.
+    pub async fn run_reads(&self, conn: &Conn, run: Vec<Vec<Vec<u8>>>) -> Vec<Value> {
+        let reads = run.iter().map(|args| async move {
+            self.keyed_read(conn, &lower(&args[0]), args)
+                .await
+                .unwrap_or_else(|e| e)
+        });
+        futures::future::join_all(reads).await
+    }
+
+    /// The reads of one key: `GET`, `GETEX` without options, `EXISTS` and `TYPE` of one key,
+    /// `TTL`, `PTTL`, `STRLEN`.
+    async fn keyed_read(&self, conn: &Conn, name: &str, args: &[Vec<u8>]) -> Outcome {
+        match name {
+            "get" | "getex" => self.get(conn, args).await,
+            "exists" => self.exists(conn, args).await,
+            "type" => self.type_of(conn, args).await,
+            "ttl" | "pttl" => self.ttl(conn, name, args).await,
+            "strlen" => self.strlen(conn, args).await,
+            other => Err(Value::err(format!("ERR {other} is not a read of keys"))),
+        }
     }
 
     /// A run of a pipeline's consecutive writes: planned, proposed together in their order (see

@@ -40,6 +40,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::service::{ClientService, REPLY_BYTES_QUEUED_PER_CONNECTION_MAX};
 use codec::{parse_request, RequestLimits, Value};
+use commands::{RunKind, READ_RUN_MAX};
 use topology::Topology;
 
 /// The cache Redis commands use until `SELECT` names another.
@@ -210,24 +211,40 @@ impl RespService {
                 admitted.handshake_done();
             }
             // What has arrived runs in order. Consecutive writes (up to a bound) are proposed
-            // together (`run_writes`); anything else runs alone after them.
+            // together (`run_writes`), consecutive reads of keys served together (`run_reads`);
+            // anything else runs alone, after them.
             let mut run: Vec<Vec<Vec<u8>>> = Vec::new();
+            let mut run_kind = None;
             loop {
-                let parsed = match parse_request(&mut buf, self.limits) {
+                let parsed = parse_request(&mut buf, self.limits);
+                let joins = match &parsed {
                     Ok(Some(args)) if args.is_empty() => continue,
-                    Ok(Some(args)) if run.len() < WRITE_RUN_MAX && self.plannable(&conn, &args) => {
-                        run.push(args);
-                        continue;
-                    }
-                    parsed => parsed,
+                    Ok(Some(args)) => self.run_kind(&conn, args),
+                    _ => None,
                 };
+                let room = match run_kind {
+                    Some(RunKind::Reads) => READ_RUN_MAX,
+                    _ => WRITE_RUN_MAX,
+                };
+                if joins.is_some() && joins == run_kind && run.len() < room {
+                    if let Ok(Some(args)) = parsed {
+                        run.push(args);
+                    }
+                    continue;
+                }
                 if !run.is_empty() {
-                    for reply in self.run_writes(&conn, std::mem::take(&mut run)).await {
+                    let run = std::mem::take(&mut run);
+                    let replies = match run_kind {
+                        Some(RunKind::Reads) => self.run_reads(&conn, run).await,
+                        _ => self.run_writes(&conn, run).await,
+                    };
+                    for reply in replies {
                         reply.encode(conn.resp3, &mut out);
                     }
                 }
+                run_kind = joins;
                 match parsed {
-                    Ok(Some(args)) if self.plannable(&conn, &args) => run.push(args),
+                    Ok(Some(args)) if joins.is_some() => run.push(args),
                     Ok(Some(args)) => {
                         let (reply, close) = self.command(&mut conn, args).await;
                         reply.encode(conn.resp3, &mut out);
