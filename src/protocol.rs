@@ -249,6 +249,9 @@ pub enum ReadOp {
         #[serde(with = "crate::byte_lists::list")]
         keys: Vec<Vec<u8>>,
     },
+    /// The stripe's time: the clock the active stamps log entries with (expiry, scheduled jobs).
+    /// With `Linearizable` it is the active's own clock, read after it confirmed it still leads.
+    Time,
 }
 
 /// Changes of cache data.
@@ -428,11 +431,12 @@ pub enum OpKind {
     Unlock,
     Entries,
     Txn,
+    Time,
 }
 
 impl OpKind {
     /// Every kind, in declaration order (`ALL[k as usize] == k`).
-    pub const ALL: [OpKind; 24] = [
+    pub const ALL: [OpKind; 25] = [
         OpKind::Ping,
         OpKind::Get,
         OpKind::GetAll,
@@ -457,6 +461,7 @@ impl OpKind {
         OpKind::Unlock,
         OpKind::Entries,
         OpKind::Txn,
+        OpKind::Time,
     ];
 
     /// A short stable name, for metrics and logs.
@@ -486,6 +491,7 @@ impl OpKind {
             OpKind::Unlock => "unlock",
             OpKind::Entries => "entries",
             OpKind::Txn => "txn",
+            OpKind::Time => "time",
         }
     }
 }
@@ -544,6 +550,7 @@ impl ReadOp {
             ReadOp::Size { .. } => OpKind::Size,
             ReadOp::ListLocks { .. } => OpKind::ListLocks,
             ReadOp::Entries { .. } => OpKind::Entries,
+            ReadOp::Time => OpKind::Time,
         }
     }
 
@@ -557,6 +564,7 @@ impl ReadOp {
             | ReadOp::Entries { cache, .. }
             | ReadOp::Size { cache } => Some(cache),
             ReadOp::ListLocks { cache } => cache.as_deref(),
+            ReadOp::Time => None,
         }
     }
 
@@ -565,7 +573,7 @@ impl ReadOp {
         match self {
             ReadOp::Get { key, .. } | ReadOp::Contains { key, .. } => vec![key.as_slice()],
             ReadOp::GetAll { keys, .. } | ReadOp::Entries { keys, .. } => keys.iter().map(Vec::as_slice).collect(),
-            ReadOp::Keys { .. } | ReadOp::Size { .. } | ReadOp::ListLocks { .. } => Vec::new(),
+            ReadOp::Keys { .. } | ReadOp::Size { .. } | ReadOp::ListLocks { .. } | ReadOp::Time => Vec::new(),
         }
     }
 }
@@ -749,6 +757,8 @@ pub enum Reply {
     /// A transaction's outcome: whether its guards held, and what each step of the branch that ran
     /// produced.
     Txn { succeeded: bool, results: Vec<StepReply> },
+    /// The stripe's time, ms since the Unix epoch, for `Time`.
+    Time(u64),
 }
 
 /// Failures a server reports.

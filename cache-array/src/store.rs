@@ -613,6 +613,7 @@ impl Store {
                     .count();
                 Ok(Reply::Size(c.entries.len().saturating_sub(hidden) as u64))
             }
+            ReadOp::Time => Ok(Reply::Time(now_ms)),
             ReadOp::ListLocks { cache } => {
                 let locks = self.list_locks(cache.as_deref());
                 let bytes: usize = locks

@@ -356,7 +356,7 @@ impl Stripe {
             ReadOp::GetAll { cache, keys } | ReadOp::Entries { cache, keys } => {
                 (cache, keys.iter().map(|k| k.as_slice()).collect())
             }
-            ReadOp::Keys { .. } | ReadOp::Size { .. } | ReadOp::ListLocks { .. } => return,
+            ReadOp::Keys { .. } | ReadOp::Size { .. } | ReadOp::ListLocks { .. } | ReadOp::Time => return,
         };
         if self.active_term().is_none() {
             return;

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 
 use crate::node::Node;
@@ -25,7 +25,7 @@ pub const ADMIN_BODY_BYTES_MAX: usize = 4096;
 /// and digits, counts as no cookie).
 pub const SESSION_ID_BYTES_MAX: usize = 64;
 
-fn error_response(e: ServiceError) -> Response {
+pub(crate) fn error_response(e: ServiceError) -> Response {
     (e.status, Json(json!({"error": {"code": e.code, "message": e.message}}))).into_response()
 }
 
@@ -143,7 +143,9 @@ async fn require_token(
 /// counts and what public services already show (`/healthz`, `/metrics`, the page `/`, whose
 /// member list is `wm.server.cluster:getMembers`' without admin addresses) needs no token, so a
 /// browser and a Prometheus scraper can open them; the JSON admin API and every action need it.
-pub fn admin_router(node: Arc<Node>) -> Router {
+pub fn admin_router(node: Arc<Node>, jobs: Arc<crate::jobs::Jobs>) -> Router {
+    let jobs_routes = crate::jobs::admin::router(jobs.clone())
+        .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_token));
     Router::new()
         .route("/admin/status", get(status))
         .route("/admin/cluster", get(cluster))
@@ -156,7 +158,9 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .route("/", get(page))
         .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
+        .layer(axum::Extension(jobs))
         .with_state(node)
+        .merge(jobs_routes)
 }
 
 fn status_of(node: &Node) -> Value {
@@ -236,9 +240,9 @@ async fn set_online(node: &Node, online: bool) {
     }
 }
 
-async fn metrics(State(node): State<Arc<Node>>) -> Response {
+async fn metrics(State(node): State<Arc<Node>>, Extension(jobs): Extension<Arc<crate::jobs::Jobs>>) -> Response {
     let s = status_of(&node);
-    let text = format!(
+    let mut text = format!(
         "# TYPE ferrocotta_node_requests_total counter\nferrocotta_node_requests_total {}\n\
          # TYPE ferrocotta_node_rejoins_total counter\nferrocotta_node_rejoins_total {}\n\
          # TYPE ferrocotta_node_connected gauge\nferrocotta_node_connected {}\n",
@@ -246,11 +250,13 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         s["rejoins"],
         (s["state"] == "connected") as u8
     );
+    text.push_str(&jobs.metrics.prometheus());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn page(State(node): State<Arc<Node>>) -> Response {
+async fn page(State(node): State<Arc<Node>>, Extension(jobs): Extension<Arc<crate::jobs::Jobs>>) -> Response {
     let s = status_of(&node);
+    let job_rows = job_rows(&jobs).await;
     let members = node.members().await;
     let rows: String = members
         .iter()
@@ -290,7 +296,9 @@ async fn page(State(node): State<Arc<Node>>) -> Response {
         "<!doctype html><html><head><meta charset=utf-8><title>node {name}</title></head><body>\
          <h1>integration node {name}</h1><p>cluster {cluster} ({eff}); array: {state}; online: {online}; rejoins: {rejoins}</p>\
          <p id=console>cluster console:{console}</p>\
-         <h2>members</h2><table><tr><th>name</th><th>service</th><th>state</th></tr>{rows}</table></body></html>",
+         <h2>members</h2><table><tr><th>name</th><th>service</th><th>state</th></tr>{rows}</table>\
+         <h2>scheduled jobs</h2><table id=jobs><tr><th>job</th><th>service</th><th>target</th><th>state</th>\
+         <th>last runs (firing, node, outcome)</th></tr>{job_rows}</table></body></html>",
         name = html_escape(&node.logical_name),
         cluster = html_escape(&node.settings.cluster_name),
         eff = html_escape(&node.settings.effective_cluster_name),
@@ -299,6 +307,45 @@ async fn page(State(node): State<Arc<Node>>) -> Response {
         rejoins = s["rejoins"],
     ))
     .into_response()
+}
+
+/// The page's rows of jobs: each job and its last runs (a few per lane).
+async fn job_rows(jobs: &crate::jobs::Jobs) -> String {
+    const LAST_RUNS_SHOWN: usize = 5;
+    let Ok(list) = jobs.list().await else {
+        return "<tr><td colspan=5>the jobs cannot be read now (array away, or stand-alone)</td></tr>".into();
+    };
+    const JOBS_SHOWN: usize = 50;
+    let mut rows = String::new();
+    let more = list.len().saturating_sub(JOBS_SHOWN);
+    for job in list.into_iter().take(JOBS_SHOWN) {
+        let runs = jobs.runs(&job.id).await.unwrap_or_default();
+        let last: Vec<String> = runs
+            .iter()
+            .rev()
+            .take(LAST_RUNS_SHOWN)
+            .map(|r| {
+                let at = chrono::DateTime::from_timestamp_millis(r.firing_ms as i64)
+                    .map(|t| t.format("%H:%M:%S%.3f").to_string())
+                    .unwrap_or_default();
+                format!("{at} {} {:?}", html_escape(&r.owner.node), r.outcome)
+            })
+            .collect();
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:?}</td><td>{}</td></tr>",
+            html_escape(&job.id),
+            html_escape(&job.service),
+            html_escape(&serde_json::to_string(&job.target).unwrap_or_default()),
+            job.state,
+            last.join("; ")
+        ));
+    }
+    if more > 0 {
+        rows.push_str(&format!(
+            "<tr><td colspan=5>and {more} more (GET /admin/jobs)</td></tr>"
+        ));
+    }
+    rows
 }
 
 fn html_escape(s: &str) -> String {

@@ -10,12 +10,14 @@
 //! - [`node`]: the running node (its context): identity, its member entry, online state.
 //! - [`state_dir`]: the node's own folder: an identity kept across restarts, locked while it runs.
 //! - [`http`]: the service and admin ports: routers, the page, metrics.
+//! - [`jobs`]: scheduled jobs, kept in the array and fired by the array's clock.
 //! - [`services`]: the service registry and the built-in services, each module owning its state:
 //!   cache, session, locks (`pub.cache.lock`, `pub.storage`), checkpoint, cluster.
 
 pub mod backend;
 pub mod cluster_name;
 pub mod http;
+pub mod jobs;
 pub mod members;
 pub mod node;
 pub mod services;
@@ -249,13 +251,9 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         reloadables.push(t);
     }
     ferrocotta::tls::spawn_reloader(reloadables, TLS_RELOAD_INTERVAL, shutdown.clone());
-    let done = tokio::spawn(serve(
-        node.clone(),
-        Arc::new(registry),
-        service,
-        admin,
-        shutdown.clone(),
-    ));
+    let registry = Arc::new(registry);
+    let jobs = Arc::new(jobs::Jobs::new(node.clone(), registry.clone()));
+    let done = tokio::spawn(serve(node.clone(), registry, jobs, service, admin, shutdown.clone()));
     tracing::info!(
         event = "node.serving",
         name = %node.logical_name,
@@ -304,18 +302,27 @@ fn service_limits() -> HttpLimits {
 async fn serve(
     node: Arc<Node>,
     registry: Arc<Registry>,
+    jobs: Arc<jobs::Jobs>,
     service: TcpListener,
     admin: TcpListener,
     shutdown: CancellationToken,
 ) {
     let refresh = tokio::spawn(node::member_refresh(node.clone(), shutdown.clone()));
+    let declared = node.settings.jobs.clone();
+    let (scheduler_jobs, scheduler_stop) = (jobs.clone(), shutdown.clone());
+    let scheduler = tokio::spawn(async move {
+        if !declared.is_empty() && scheduler_jobs.client().is_ok() {
+            scheduler_jobs.declare(&declared).await;
+        }
+        jobs::run_scheduler(scheduler_jobs, scheduler_stop).await
+    });
     let service_task = tokio::spawn(service_loop(node.clone(), registry, service, shutdown.clone()));
     let admin_task = tokio::spawn(ferrocotta::http::serve(
         "node admin",
         admin,
         node.tls.clone(),
         HttpLimits::default(),
-        http::admin_router(node.clone()),
+        http::admin_router(node.clone(), jobs),
         shutdown.clone(),
     ));
     shutdown.cancelled().await;
@@ -323,6 +330,7 @@ async fn serve(
     let _ = tokio::time::timeout(SERVICE_DRAIN_MAX, service_task).await;
     let _ = tokio::time::timeout(ADMIN_DRAIN_MAX, admin_task).await;
     refresh.abort();
+    scheduler.abort();
     node.leave().await;
     tracing::info!(event = "node.stopped", name = %node.logical_name);
 }

@@ -73,19 +73,21 @@ pub async fn list(backend: &Backend, cache: &str, me: &Member) -> Vec<Member> {
             if c.connection_state() == ConnectionState::Disconnected {
                 return Vec::new();
             }
-            let Ok(keys) = c.all_keys(cache, b"", MEMBERS_LISTED_MAX).await else {
-                return Vec::new();
-            };
-            let Ok(values) = c.get_all(cache, &keys).await else {
-                return Vec::new();
-            };
-            values
-                .into_iter()
-                .flatten()
-                .filter_map(|v| serde_json::from_slice(&v).ok())
-                .collect()
+            read_all(c, cache).await.unwrap_or_default()
         }
     }
+}
+
+/// Every entry of the member list, or why it could not be read: for decisions that must not take
+/// an unreadable list for an empty one (declaring a dead node's scheduled runs in doubt).
+pub async fn read_all(c: &ferrocotta::ArrayClient, cache: &str) -> Result<Vec<Member>, ClientError> {
+    let keys = c.all_keys(cache, b"", MEMBERS_LISTED_MAX).await?;
+    let values = c.get_all(cache, &keys).await?;
+    Ok(values
+        .into_iter()
+        .flatten()
+        .filter_map(|v| serde_json::from_slice(&v).ok())
+        .collect())
 }
 
 /// The entry stored under `name`, if any (`Ok(None)` also for one that does not read as an entry).

@@ -90,6 +90,13 @@ impl Node {
         }
     }
 
+    /// This node's wall clock in ms since the epoch, with the `clock_skew_ms` of its settings (a
+    /// test's way to give it a wrong clock). Only for estimates: the array's time decides
+    /// scheduled firings.
+    pub fn wall_ms(&self) -> i64 {
+        now_ms() as i64 + self.settings.clock_skew_ms
+    }
+
     /// A bound address as others reach it: its port with `advertise_host`, if one is set.
     fn advertised(&self, bound: &str) -> String {
         match (&self.settings.advertise_host, bound.rsplit_once(':')) {

@@ -117,6 +117,10 @@ struct NodeFile {
     client_keepalive_interval: Option<String>,
     lock_max_duration: Option<String>,
     sessions_nonstop: Option<ferrocotta::client::NonstopSettings>,
+    jobs_missed_after: Option<String>,
+    clock_skew_ms: Option<i64>,
+    #[serde(default)]
+    jobs: Vec<crate::jobs::model::JobSpec>,
 }
 
 /// A `[tls]` or `[array_tls]` section of node.toml.
@@ -189,6 +193,14 @@ pub struct NodeSettings {
     /// Nonstop settings of the sessions cache (what a session read or write does while the array
     /// does not answer); the default raises, which the services answer with 503.
     pub sessions_nonstop: Option<ferrocotta::client::NonstopSettings>,
+    /// A scheduled firing not started this long after its time counts as missed (its job's
+    /// missed-firing policy decides whether it still runs once).
+    pub jobs_missed_after: Duration,
+    /// Added to this node's wall clock (ms; a test's way to give a node a wrong clock). Firings
+    /// are judged by the array's clock, so it changes nothing but estimates.
+    pub clock_skew_ms: i64,
+    /// Jobs declared in node.toml (`[[jobs]]`): created at start if no job of their id exists.
+    pub jobs: Vec<crate::jobs::model::JobSpec>,
 }
 
 /// Shortest admin token accepted.
@@ -345,6 +357,9 @@ impl NodeSettings {
             )?,
             lock_max_duration: duration("lock_max_duration", file.lock_max_duration, Duration::from_secs(180))?,
             sessions_nonstop: file.sessions_nonstop,
+            jobs_missed_after: duration("jobs_missed_after", file.jobs_missed_after, Duration::from_secs(10))?,
+            clock_skew_ms: file.clock_skew_ms.unwrap_or(0),
+            jobs: file.jobs,
         })
     }
 

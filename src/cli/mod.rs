@@ -5,9 +5,11 @@
 //! - [`cache`]: get, put, remove and list keys from a shell.
 //! - [`bench`]: a load generator with latency percentiles.
 //! - [`top`]: the cluster console's facts live in a terminal.
+//! - [`jobs`]: scheduled jobs through an integration node's admin API.
 
 mod bench;
 mod cache;
+mod jobs;
 mod status;
 mod top;
 mod up;
@@ -43,6 +45,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The whole cluster live in the terminal (servers, ops/s, nodes, caches, events); `q` quits.
     Top(top::TopArgs),
+    /// Scheduled jobs of a cluster of integration nodes (through any node's admin API).
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
 }
 
 /// How to reach an array; shared by every command that talks to one.
@@ -165,5 +170,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Cache(c) => cache::run(c).await,
         Command::Bench(a) => bench::run(a).await,
         Command::Top(a) => top::run(a).await,
+        Command::Jobs(c) => jobs::run(c).await,
     }
 }

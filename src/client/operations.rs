@@ -301,6 +301,20 @@ impl ArrayClient {
         }
     }
 
+    /// The time of the stripe that holds `key`, ms since the Unix epoch: its active's clock, the
+    /// one that stamps that stripe's log entries (and so judges expiry). Integration nodes judge
+    /// scheduled firings by it instead of their own wall clocks.
+    pub async fn time_of(&self, key: &[u8]) -> Result<u64, ClientError> {
+        let op = Op::Read(ReadOp::Time, ReadConsistency::Linearizable);
+        match self
+            .execute(self.stripe_of(key), op, self.inner.settings.request_timeout)
+            .await?
+        {
+            Reply::Time(ms) => Ok(ms),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// One page of keys with `prefix`, starting at `cursor` (`None`: the beginning).
     pub async fn keys(
         &self,

@@ -5,11 +5,14 @@
 //!   between its invoke and its return (Wing & Gong / Lowe search, memoized as in Porcupine).
 //! - `durability`: after heal and restart, no acknowledged write is missing from the final values.
 //! - `sessions`: a session's counter never goes back and skips only what unanswered requests explain.
+//! - `jobs`: scheduled firings run at most once, and every firing is decided (run, in doubt, skipped,
+//!   or missed only where allowed).
 
 // Each scenario uses its own part of the checkers.
 #![allow(dead_code)]
 
 mod durability;
+mod jobs;
 mod linearizable;
 mod sessions;
 
@@ -17,6 +20,7 @@ mod sessions;
 #[allow(unused_imports)]
 pub use {
     durability::check_durability,
+    jobs::{check_jobs, start_lines, JobRecord, JobReport, StartLine},
     linearizable::{check_linearizable, LinReport},
     sessions::{check_sessions, SessionReport},
 };

@@ -344,10 +344,18 @@ impl Ctx {
 
     /// A node's admin JSON (`/admin/status` or `/admin/cluster`).
     pub async fn node_admin(&self, name: &str, path: &str) -> serde_json::Value {
+        self.node_admin_call(name, "GET", path, "").await
+    }
+
+    /// An admin request to a node with the token and a JSON body; its JSON answer (`Null` when
+    /// none came within 5 s).
+    pub async fn node_admin_call(&self, name: &str, method: &str, path: &str, body: &str) -> serde_json::Value {
         let addr = self.cluster.node_admin(&self.net, name);
         let token = self.cluster.node_token(name);
         let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
         );
         let text = async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};

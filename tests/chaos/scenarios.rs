@@ -462,3 +462,155 @@ async fn nemesis_for(ctx: &mut Ctx, length: Duration, rotate: Option<Duration>) 
         ctx.sleep(rest).await;
     }
 }
+
+/// Scheduled jobs under node kills, node pauses, node-array cuts and kills of the active: an
+/// every-second `any` job runs each firing at most once and decides every firing (none missed:
+/// a node was connected throughout); an `all` job runs each firing at most once per node.
+#[test]
+fn scheduled_jobs() {
+    let setup = Setup {
+        nodes: &["n1", "n2", "n3"],
+        sessions: 0,
+        ..Setup::default()
+    };
+    scenario("scheduled_jobs", setup, |ctx| {
+        Box::pin(async move {
+            for (id, target) in [
+                ("tick-any", serde_json::json!("any")),
+                ("tick-all", serde_json::json!("all")),
+            ] {
+                let body = serde_json::json!({
+                    "id": id, "service": "demo:echo", "schedule": {"every": "1s"},
+                    "target": target, "overlap": "allow"
+                });
+                let answer = ctx
+                    .node_admin_call("n1", "POST", "/admin/jobs", &body.to_string())
+                    .await;
+                assert_eq!(answer["job"]["id"], id, "creating {id}: {answer}");
+            }
+            ctx.sleep(Duration::from_secs(3)).await;
+            let nodes = ["n1", "n2", "n3"];
+            let urls = ctx.cluster.urls();
+            for round in 0..8 {
+                let node = nodes[ctx.rng.gen_range(0..nodes.len())];
+                match round % 4 {
+                    0 => {
+                        ctx.mark("node-kill", false);
+                        ctx.cluster.kill9(node);
+                        // Without a state folder the name is free once the dead node's array
+                        // session expired.
+                        ctx.sleep(RECONNECT_WINDOW + Duration::from_secs(1)).await;
+                        restart_node(ctx, node, &urls).await;
+                    }
+                    1 => {
+                        ctx.mark("node-pause", false);
+                        ctx.cluster.pause(node);
+                        let hold = ctx.ms(2000, 3500);
+                        ctx.sleep(hold).await;
+                        ctx.cluster.resume(node);
+                    }
+                    2 => {
+                        ctx.mark("node-cut-from-array", false);
+                        for s in ctx.cluster.servers.clone() {
+                            ctx.net.cut(node, &s);
+                        }
+                        let hold = ctx.ms(2000, 6000);
+                        ctx.sleep(hold).await;
+                        ctx.net.heal();
+                    }
+                    _ => {
+                        let a = ctx.active().await;
+                        ctx.mark("kill-active", true);
+                        ctx.cluster.kill9(&a);
+                        let hold = ctx.ms(1000, 2500);
+                        ctx.sleep(hold).await;
+                        ctx.cluster.start_server(&ctx.net, &a);
+                    }
+                }
+                ctx.sleep(Duration::from_secs(2)).await;
+            }
+            ctx.heal_all().await;
+            for node in nodes {
+                if !ctx.cluster.is_running(node) {
+                    restart_node(ctx, node, &urls).await;
+                }
+            }
+            ctx.sleep(Duration::from_secs(3)).await;
+            for id in ["tick-any", "tick-all"] {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let answer = ctx
+                        .node_admin_call("n1", "POST", &format!("/admin/jobs/{id}/suspend"), "")
+                        .await;
+                    if answer["job"]["state"] == "suspended" {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "cannot suspend {id}: {answer}");
+                    ctx.sleep(Duration::from_millis(500)).await;
+                }
+            }
+            // Runs of nodes that died are declared in doubt once their array session ends.
+            ctx.sleep(RECONNECT_WINDOW + Duration::from_secs(4)).await;
+            let mut anomalies = Vec::new();
+            for (id, any) in [("tick-any", true), ("tick-all", false)] {
+                let answer = ctx
+                    .node_admin_call("n1", "GET", &format!("/admin/jobs/{id}/runs"), "")
+                    .await;
+                let records: Vec<crate::checkers::JobRecord> = answer["runs"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("no runs of {id}: {answer}"))
+                    .iter()
+                    .map(|r| crate::checkers::JobRecord {
+                        lane: r["lane"].as_str().unwrap_or("").to_string(),
+                        firing_ms: r["firing_ms"].as_u64().unwrap_or(0),
+                        missed_before: r["missed_before"].as_u64().unwrap_or(0),
+                        outcome: r["outcome"].as_str().unwrap_or("").to_string(),
+                        owner: r["owner"]["node"].as_str().unwrap_or("").to_string(),
+                    })
+                    .collect();
+                let starts: Vec<crate::checkers::StartLine> = nodes
+                    .iter()
+                    .flat_map(|n| {
+                        let log = std::fs::read_to_string(ctx.cluster.log_path(n)).unwrap_or_default();
+                        crate::checkers::start_lines(n, &log, id)
+                    })
+                    .collect();
+                // `any`: a node was connected throughout, so no firing may be missed. `all`: a
+                // node's own firings are missed while it is down; what counts is no double run.
+                let report = crate::checkers::check_jobs(&records, &starts, 1000, &|_, _| !any);
+                ctx.notes.push(format!(
+                    "{id}: {} firings decided, {} runs started, {} in doubt, {} missed, {} anomalies",
+                    report.firings,
+                    report.started,
+                    report.in_doubt,
+                    report.missed,
+                    report.anomalies.len()
+                ));
+                assert!(report.firings >= 20, "{id}: too few firings to judge: {report:#?}");
+                anomalies.extend(report.anomalies.into_iter().map(|a| format!("{id}: {a}")));
+            }
+            assert!(
+                anomalies.is_empty(),
+                "scheduled jobs anomalies:\n{}\n{}",
+                anomalies.join("\n"),
+                ctx.cluster.log_tails()
+            );
+        })
+    });
+}
+
+/// Starts a node again, retrying while its old entry still holds the name (exit code 5).
+async fn restart_node(ctx: &mut Ctx, node: &str, urls: &str) {
+    for _ in 0..5 {
+        ctx.cluster.start_node(&ctx.net, node, urls);
+        ctx.sleep(Duration::from_secs(2)).await;
+        if ctx.cluster.is_running(node) {
+            ctx.wait_node(node, Duration::from_secs(30)).await;
+            return;
+        }
+        say(&format!(
+            "    {node} did not start yet (its old member entry holds the name); again"
+        ));
+    }
+    panic!("{node} never started again\n{}", ctx.cluster.log_tails());
+}

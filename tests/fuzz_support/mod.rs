@@ -115,6 +115,7 @@ pub fn read_op() -> impl Strategy<Value = ReadOp> {
         any::<Option<String>>().prop_map(|cache| ReadOp::ListLocks { cache }),
         (cache.clone(), prop::collection::vec(bytes(8), 0..5))
             .prop_map(|(cache, keys)| ReadOp::Entries { cache, keys }),
+        Just(ReadOp::Time),
     ]
 }
 

@@ -168,6 +168,11 @@ impl Registry {
         self.administrative.insert(name.to_string());
     }
 
+    /// Whether a service of this name exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.services.contains_key(name)
+    }
+
     /// Whether a service is administrative.
     pub fn is_administrative(&self, name: &str) -> bool {
         self.administrative.contains(name)
