@@ -25,7 +25,10 @@ mod txn;
 pub use txn::{parse_counter, EntryInfo, Expiry, Guard, Step, StepReply, Txn};
 
 /// Version of this protocol; a server refuses a client with another one.
-pub const PROTOCOL_VERSION: u32 = 4;
+///
+/// 5 (2026-12-04): transactions and entry reads, hash tags in the key-to-slot rule (keys with
+/// `{...}` moved stripes), and the stripe's time. A client or server of 4 is refused.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The software version of this build.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

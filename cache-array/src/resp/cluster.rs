@@ -200,15 +200,15 @@ impl RespService {
                 Err(_) => return Err(Value::err("ERR Protocol version is not an integer or out of range")),
             }
         }
+        // Every option is checked before AUTH takes effect: a HELLO refused for a bad option
+        // leaves the connection as it was.
         let mut i = 2;
         let mut name = None;
+        let mut auth = None;
         while i < args.len() {
             match lower(&args[i]).as_str() {
                 "auth" if i + 2 < args.len() => {
-                    match self.authenticate(Some(&args[i + 1]), &args[i + 2]) {
-                        Some(grant) => conn.grant = Some(Arc::new(grant)),
-                        None => return Err(wrongpass()),
-                    }
+                    auth = Some((&args[i + 1], &args[i + 2]));
                     i += 3;
                 }
                 "setname" if i + 1 < args.len() => {
@@ -221,6 +221,12 @@ impl RespService {
                         String::from_utf8_lossy(&args[i])
                     )))
                 }
+            }
+        }
+        if let Some((user, password)) = auth {
+            match self.authenticate(Some(user.as_slice()), password) {
+                Some(grant) => conn.grant = Some(Arc::new(grant)),
+                None => return Err(wrongpass()),
             }
         }
         if conn.grant.is_none() {

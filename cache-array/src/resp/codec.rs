@@ -9,8 +9,18 @@
 
 use bytes::{Buf, BytesMut};
 
-/// Longest inline command or header line (Redis' own limit).
+/// Longest inline command (Redis' own limit).
 pub const LINE_BYTES_MAX: usize = 64 * 1024;
+
+/// Longest `*N` or `$N` header line: a sign, 19 digits and CRLF fit.
+pub const HEADER_LINE_BYTES_MAX: usize = 24;
+
+/// Bounds before a connection authenticated, as Redis 7 has them: at most 10 arguments and 16 KiB
+/// in all.
+pub const UNAUTHENTICATED_LIMITS: RequestLimits = RequestLimits {
+    args_max: 10,
+    bytes_max: 16 * 1024,
+};
 
 /// Bounds on one request.
 #[derive(Debug, Clone, Copy)]
@@ -31,44 +41,94 @@ fn protocol(what: &str) -> ProtocolError {
     ProtocolError(what.to_string())
 }
 
+/// How far a multibulk request at the front of the buffer has been read: what
+/// [`parse_request`] keeps between calls while the request is incomplete.
+#[derive(Debug, Default)]
+pub struct Partial {
+    /// Arguments announced.
+    count: usize,
+    /// Where each argument read so far lies in the buffer.
+    spans: Vec<(usize, usize)>,
+    /// Where the next header starts.
+    at: usize,
+    /// Bytes of the arguments read so far.
+    total: usize,
+}
+
 /// Takes one complete request off the front of `buf`: `Ok(None)` when more bytes are needed, an
-/// empty list for an empty inline line or `*0`/`*-1` (ignored, as Redis does).
-pub fn parse_request(buf: &mut BytesMut, limits: RequestLimits) -> Result<Option<Vec<Vec<u8>>>, ProtocolError> {
+/// empty list for an empty inline line or `*0`/`*-1` (ignored, as Redis does). `partial` keeps
+/// how far an incomplete request was read (the caller keeps it with the buffer, `None` at first),
+/// so a request that arrives in many pieces is read once, not from its start at every piece.
+pub fn parse_request(
+    buf: &mut BytesMut,
+    limits: RequestLimits,
+    partial: &mut Option<Partial>,
+) -> Result<Option<Vec<Vec<u8>>>, ProtocolError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
     if first != b'*' {
+        *partial = None;
         return parse_inline(buf, limits);
     }
-    let Some((count, mut at)) = header(buf, 0, b'*', "invalid multibulk length")? else {
-        return Ok(None);
+    let mut state = match partial.take() {
+        Some(p) => p,
+        None => {
+            let Some((count, at)) = header(buf, 0, b'*', "invalid multibulk length")? else {
+                return Ok(None);
+            };
+            if count <= 0 {
+                buf.advance(at);
+                return Ok(Some(Vec::new()));
+            }
+            if count as usize > limits.args_max {
+                return Err(protocol("invalid multibulk length"));
+            }
+            Partial {
+                count: count as usize,
+                spans: Vec::with_capacity((count as usize).min(1024)),
+                at,
+                total: 0,
+            }
+        }
     };
-    if count <= 0 {
-        buf.advance(at);
-        return Ok(Some(Vec::new()));
-    }
-    if count as usize > limits.args_max {
-        return Err(protocol("invalid multibulk length"));
-    }
-    // First pass: is it all here, and within bounds? Nothing is copied until it is.
-    let mut spans = Vec::with_capacity(count as usize);
-    let mut total = 0usize;
-    for _ in 0..count {
-        if at >= buf.len() {
-            return Ok(None);
+    match read_arguments(buf, limits, &mut state)? {
+        true => {
+            let args = state.spans.iter().map(|&(s, e)| buf[s..e].to_vec()).collect();
+            buf.advance(state.at);
+            Ok(Some(args))
         }
-        if buf[at] != b'$' {
-            return Err(ProtocolError(format!("expected '$', got '{}'", buf[at] as char)));
+        false => {
+            *partial = Some(state);
+            Ok(None)
         }
-        let Some((len, body)) = header(buf, at, b'$', "invalid bulk length")? else {
-            return Ok(None);
+    }
+}
+
+/// Reads the arguments of a multibulk request that are complete in `buf`, from where `state`
+/// stopped; whether all are. Nothing is copied until they are.
+fn read_arguments(buf: &BytesMut, limits: RequestLimits, state: &mut Partial) -> Result<bool, ProtocolError> {
+    let Partial {
+        count,
+        spans,
+        at,
+        total,
+    } = state;
+    while spans.len() < *count {
+        if *at >= buf.len() {
+            return Ok(false);
+        }
+        if buf[*at] != b'$' {
+            return Err(ProtocolError(format!("expected '$', got '{}'", buf[*at] as char)));
+        }
+        let Some((len, body)) = header(buf, *at, b'$', "invalid bulk length")? else {
+            return Ok(false);
         };
         if len < 0 {
             return Err(protocol("invalid bulk length"));
         }
         let len = len as usize;
-        total = total.saturating_add(len);
-        if total > limits.bytes_max {
+        if total.saturating_add(len) > limits.bytes_max {
             return Err(ProtocolError(format!(
                 "request larger than the limit of {} bytes",
                 limits.bytes_max
@@ -76,25 +136,24 @@ pub fn parse_request(buf: &mut BytesMut, limits: RequestLimits) -> Result<Option
         }
         let end = body + len;
         if buf.len() < end + 2 {
-            return Ok(None);
+            return Ok(false);
         }
         if &buf[end..end + 2] != b"\r\n" {
             return Err(protocol("bulk string not followed by CRLF"));
         }
+        *total += len;
         spans.push((body, end));
-        at = end + 2;
+        *at = end + 2;
     }
-    let args = spans.iter().map(|&(s, e)| buf[s..e].to_vec()).collect();
-    buf.advance(at);
-    Ok(Some(args))
+    Ok(true)
 }
 
 /// A `*N\r\n` or `$N\r\n` header at `at`: the number and where what follows starts.
 fn header(buf: &[u8], at: usize, kind: u8, invalid: &str) -> Result<Option<(i64, usize)>, ProtocolError> {
     debug_assert_eq!(buf[at], kind);
     let rest = &buf[at + 1..];
-    let Some(nl) = rest.iter().take(LINE_BYTES_MAX).position(|&b| b == b'\n') else {
-        if rest.len() >= LINE_BYTES_MAX {
+    let Some(nl) = rest.iter().take(HEADER_LINE_BYTES_MAX).position(|&b| b == b'\n') else {
+        if rest.len() >= HEADER_LINE_BYTES_MAX {
             return Err(protocol(if kind == b'*' {
                 "too big mbulk count string"
             } else {
@@ -288,7 +347,7 @@ mod tests {
     };
 
     fn parse(bytes: &[u8]) -> Result<Option<Vec<Vec<u8>>>, ProtocolError> {
-        parse_request(&mut BytesMut::from(bytes), LIMITS)
+        parse_request(&mut BytesMut::from(bytes), LIMITS, &mut None)
     }
 
     fn words(ws: &[&str]) -> Vec<Vec<u8>> {
@@ -303,8 +362,8 @@ mod tests {
         }
         assert_eq!(parse(full), Ok(Some(words(&["GET", "k"]))));
         let mut two = BytesMut::from(&b"*1\r\n$4\r\nPING\r\nPING\r\n"[..]);
-        assert_eq!(parse_request(&mut two, LIMITS), Ok(Some(words(&["PING"]))));
-        assert_eq!(parse_request(&mut two, LIMITS), Ok(Some(words(&["PING"]))));
+        assert_eq!(parse_request(&mut two, LIMITS, &mut None), Ok(Some(words(&["PING"]))));
+        assert_eq!(parse_request(&mut two, LIMITS, &mut None), Ok(Some(words(&["PING"]))));
         assert!(two.is_empty());
         assert_eq!(
             parse(b"set k \"a b\\n\" 'c d'\r\n"),
@@ -323,6 +382,40 @@ mod tests {
         assert!(parse(b"*1\r\n$4\r\nPINGxx").is_err());
         assert!(parse(b"get \"open\r\n").is_err());
         assert!(parse(&vec![b'a'; LINE_BYTES_MAX + 1]).is_err());
+    }
+
+    #[test]
+    fn a_request_in_pieces_is_read_once_with_the_same_result() {
+        let full = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n*1\r\n$4\r\nPING\r\n";
+        let mut buf = BytesMut::new();
+        let mut partial = None;
+        let mut got = Vec::new();
+        for b in full {
+            buf.extend_from_slice(&[*b]);
+            while let Some(args) = parse_request(&mut buf, LIMITS, &mut partial).unwrap() {
+                got.push(args);
+            }
+        }
+        assert_eq!(got, vec![words(&["SET", "k", "hello"]), words(&["PING"])]);
+        assert!(buf.is_empty() && partial.is_none());
+    }
+
+    #[test]
+    fn header_lines_are_short_and_unauthenticated_requests_small() {
+        // Leading zeros cannot stretch a header: the line is bounded, not just its value.
+        let long = format!("*1\r\n${}1\r\n", "0".repeat(HEADER_LINE_BYTES_MAX));
+        assert!(parse(long.as_bytes()).is_err());
+        assert!(parse(format!("*{}1\r\n", "0".repeat(HEADER_LINE_BYTES_MAX)).as_bytes()).is_err());
+        let unauth = |bytes: &[u8]| parse_request(&mut BytesMut::from(bytes), UNAUTHENTICATED_LIMITS, &mut None);
+        assert!(unauth(b"*11\r\n").is_err(), "at most 10 arguments before AUTH");
+        assert!(
+            unauth(b"*2\r\n$4\r\nAUTH\r\n$16385\r\n").is_err(),
+            "at most 16 KiB before AUTH"
+        );
+        assert_eq!(
+            unauth(b"*2\r\n$4\r\nAUTH\r\n$1\r\nx\r\n"),
+            Ok(Some(words(&["AUTH", "x"])))
+        );
     }
 
     #[test]

@@ -700,9 +700,10 @@ impl RespService {
                 expires_at_ms: Some(at),
                 ..
             }) => {
-                let left = at.saturating_sub(now_ms());
+                // Clamped: an expiry set through the native API may lie beyond what i64 holds.
+                let left = at.saturating_sub(now_ms()).min(i64::MAX as u64 - 500);
                 if name == "ttl" {
-                    left.saturating_add(500) as i64 / 1000
+                    (left + 500) as i64 / 1000
                 } else {
                     left as i64
                 }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ferrocotta::admission::{Admission, Admitted};
+use ferrocotta::config::ServerConfig;
 use ferrocotta::log_throttle::LogThrottle;
 use ferrocotta::protocol::{ErrorReply, Op, ReadConsistency, Reply, Request};
 use ferrocotta::security::{constant_time_eq, Credentials, Grant};
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::service::{ClientService, REPLY_BYTES_QUEUED_PER_CONNECTION_MAX};
-use codec::{parse_request, RequestLimits, Value};
+use codec::{parse_request, Partial, RequestLimits, Value, UNAUTHENTICATED_LIMITS};
 use commands::{RunKind, READ_RUN_MAX};
 use topology::Topology;
 
@@ -205,6 +206,9 @@ impl RespService {
         let accepted = Instant::now();
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut buf = BytesMut::with_capacity(16 * 1024);
+        // How far the request at the front of `buf` has been read, so that a request arriving in
+        // many small pieces is not parsed from its start again at each piece.
+        let mut partial: Option<Partial> = None;
         let mut out = Vec::with_capacity(16 * 1024);
         'conn: loop {
             if conn.grant.is_some() {
@@ -216,7 +220,13 @@ impl RespService {
             let mut run: Vec<Vec<Vec<u8>>> = Vec::new();
             let mut run_kind = None;
             loop {
-                let parsed = parse_request(&mut buf, self.limits);
+                // Before AUTH, requests are held to Redis' own pre-authentication bounds.
+                let limits = if conn.grant.is_some() {
+                    self.limits
+                } else {
+                    UNAUTHENTICATED_LIMITS
+                };
+                let parsed = parse_request(&mut buf, limits, &mut partial);
                 let joins = match &parsed {
                     Ok(Some(args)) if args.is_empty() => continue,
                     Ok(Some(args)) => self.run_kind(&conn, args),
@@ -349,7 +359,17 @@ impl RespService {
     /// `-MOVED slot host:port` to a stripe's active (or a server of it when its active is not
     /// known here).
     fn moved(&self, slot: u16, stripe: usize) -> Value {
-        let target = self.topology.target_of(stripe);
+        self.moved_to(slot, self.topology.target_of(stripe))
+    }
+
+    /// `-MOVED slot host:port` to this server; never to this server itself (a client would come
+    /// straight back): while it does not know its stripe's active, `-TRYAGAIN`.
+    fn moved_to(&self, slot: u16, target: &ServerConfig) -> Value {
+        let position = self.ops.stripe.position();
+        let me = &self.topology.config().stripes[position.stripe].servers[position.index];
+        if target.name == me.name {
+            return Value::err("TRYAGAIN the stripe is choosing its active; try again");
+        }
         match target.resp_port {
             Some(port) => Value::err(format!("MOVED {slot} {}:{port}", target.host)),
             None => Value::err(format!(
@@ -364,7 +384,18 @@ impl RespService {
         let mine = self.ops.stripe.position().stripe;
         match (e, slot) {
             (ErrorReply::WrongStripe { owner }, Some(s)) => self.moved(s, owner as usize),
-            (ErrorReply::NotLeader { leader: Some(_) }, Some(s)) => self.moved(s, mine),
+            (ErrorReply::NotLeader { leader: Some(l) }, Some(s)) => {
+                match self
+                    .topology
+                    .config()
+                    .servers()
+                    .map(|(_, srv)| srv)
+                    .find(|srv| srv.name == l)
+                {
+                    Some(target) => self.moved_to(s, target),
+                    None => self.moved(s, mine),
+                }
+            }
             (ErrorReply::NotLeader { .. } | ErrorReply::NoQuorum, _) => clusterdown(),
             (ErrorReply::NotACounter, _) => Value::err("ERR value is not an integer or out of range"),
             (ErrorReply::Forbidden(m), _) => Value::err(format!("NOPERM {m}")),
