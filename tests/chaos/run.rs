@@ -328,14 +328,31 @@ impl Ctx {
         }
     }
 
-    /// Waits until a node's admin port answers.
+    /// Waits until a node serves: its `/readyz` answers 200 (online, connected to its array, and
+    /// so registered in the member list). Its admin port accepts connections earlier, while it
+    /// still downloads the array's configuration: a fault injected then would hit its start-up,
+    /// not the running cluster the scenario means to test.
     pub async fn wait_node(&self, name: &str, timeout: Duration) {
         let addr = self.cluster.node_admin(&self.net, name);
         let deadline = Instant::now() + timeout;
-        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        let ready = || async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(&addr).await.ok()?;
+            let req = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).await.ok()?;
+            Some(raw.starts_with(b"HTTP/1.1 200"))
+        };
+        while tokio::time::timeout(Duration::from_secs(2), ready())
+            .await
+            .ok()
+            .flatten()
+            != Some(true)
+        {
             assert!(
                 Instant::now() < deadline,
-                "node {name} did not start\n{}",
+                "node {name} did not start serving\n{}",
                 self.cluster.log_tails()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
