@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use ferrocotta::protocol::{Role, SOFTWARE_VERSION};
+use ferrocotta::security::Grant;
 use ferrocotta::slots::{slot_of_key, SlotRange};
 
 use super::codec::Value;
@@ -273,8 +274,14 @@ impl RespService {
                 _ => Value::Null,
             }),
             ("setinfo", 4) => Ok(Value::ok()),
+            // Every connection for the cluster secret; a named credential sees only its own, as
+            // it sees only its own sessions.
             ("list", 2) => Ok(Value::Text(
-                clients.iter().map(|(id, f)| client_line(*id, f) + "\n").collect(),
+                clients
+                    .iter()
+                    .filter(|(id, _)| **id == conn.id || matches!(conn.grant.as_deref(), Some(Grant::Full)))
+                    .map(|(id, f)| client_line(*id, f) + "\n")
+                    .collect(),
             )),
             ("info", 2) => Ok(Value::Text(
                 clients
@@ -356,7 +363,9 @@ impl RespService {
                 m.applied_index
             );
         }
-        if want("keyspace") {
+        // Only for a cache the connection may read; the count includes entries that expired and
+        // are not yet removed (DBSIZE counts exactly).
+        if want("keyspace") && conn.grant.as_deref().is_some_and(|g| g.may_read(&conn.cache)) {
             let keys = stripe
                 .shared()
                 .read(|d| d.store.caches.get(&conn.cache).map_or(0, |c| c.entries.len()));
