@@ -145,6 +145,7 @@ async fn require_token(
 /// browser and a Prometheus scraper can open them; the JSON admin API and every action need it.
 pub fn admin_router(node: Arc<Node>, jobs: Arc<crate::jobs::Jobs>) -> Router {
     let jobs_routes = crate::jobs::admin::router(jobs.clone())
+        .merge(crate::gd::admin::router(node.clone()))
         .route_layer(axum::middleware::from_fn_with_state(node.clone(), require_token));
     Router::new()
         .route("/admin/status", get(status))
@@ -251,6 +252,7 @@ async fn metrics(State(node): State<Arc<Node>>, Extension(jobs): Extension<Arc<c
         (s["state"] == "connected") as u8
     );
     text.push_str(&jobs.metrics.prometheus());
+    text.push_str(&node.gd_metrics.prometheus());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -10,16 +10,21 @@
 //! - [`node`]: the running node (its context): identity, its member entry, online state.
 //! - [`state_dir`]: the node's own folder: an identity kept across restarts, locked while it runs.
 //! - [`http`]: the service and admin ports: routers, the page, metrics.
+//! - [`owner`]: who runs shared work (a node's process), judged alive by the member list.
+//! - [`gd`]: guaranteed delivery: transactions whose service runs once and only once, kept in
+//!   the array; its services are among the built-ins.
 //! - [`jobs`]: scheduled jobs, kept in the array and fired by the array's clock.
 //! - [`services`]: the service registry and the built-in services, each module owning its state:
 //!   cache, session, locks (`pub.cache.lock`, `pub.storage`), checkpoint, cluster.
 
 pub mod backend;
 pub mod cluster_name;
+pub mod gd;
 pub mod http;
 pub mod jobs;
 pub mod members;
 pub mod node;
+pub mod owner;
 pub mod services;
 pub mod settings;
 pub mod state_dir;
@@ -202,7 +207,11 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         requests: AtomicU64::new(0),
         tls,
         events,
+        gd_metrics: Default::default(),
+        services: Default::default(),
+        this: Default::default(),
     });
+    let _ = node.this.set(Arc::downgrade(&node));
     if let Backend::Array(_) = &node.backend {
         let cache = node.settings.members_cache();
         // Claimed in one step: a check then a put would let two nodes starting at once both
@@ -252,6 +261,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
     }
     ferrocotta::tls::spawn_reloader(reloadables, TLS_RELOAD_INTERVAL, shutdown.clone());
     let registry = Arc::new(registry);
+    let _ = node.services.set(registry.clone());
     let jobs = Arc::new(jobs::Jobs::new(node.clone(), registry.clone()));
     let done = tokio::spawn(serve(node.clone(), registry, jobs, service, admin, shutdown.clone()));
     tracing::info!(

@@ -51,6 +51,12 @@ pub struct Node {
     pub tls: Option<Arc<ferrocotta::tls::ServerTls>>,
     /// The last [`NODE_EVENTS_KEPT`] events, shown by the cluster console through the member entry.
     pub events: EventLog,
+    /// Guaranteed-delivery counters.
+    pub gd_metrics: crate::gd::GdMetrics,
+    /// The node's services (set once at start): guaranteed delivery calls them.
+    pub services: std::sync::OnceLock<Arc<crate::services::Registry>>,
+    /// This node as shared (set once at start), for work that outlives a request.
+    pub this: std::sync::OnceLock<std::sync::Weak<Node>>,
 }
 
 /// Events a node keeps in its member entry.
@@ -104,6 +110,19 @@ impl Node {
             (Some(host), Some((_, port))) => format!("{host}:{port}"),
             _ => bound.to_string(),
         }
+    }
+
+    /// The node's services.
+    pub fn registry(&self) -> Arc<crate::services::Registry> {
+        self.services.get().cloned().unwrap_or_default()
+    }
+
+    /// This node as shared.
+    pub fn self_arc(&self) -> Arc<Node> {
+        self.this
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .expect("the node is shared once started")
     }
 
     /// Records an event for the console (the oldest goes when [`NODE_EVENTS_KEPT`] are kept);

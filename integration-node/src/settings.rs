@@ -119,6 +119,10 @@ struct NodeFile {
     sessions_nonstop: Option<ferrocotta::client::NonstopSettings>,
     jobs_missed_after: Option<String>,
     clock_skew_ms: Option<i64>,
+    gd_ttl: Option<String>,
+    gd_retention: Option<String>,
+    #[serde(default)]
+    gd_takeover: crate::gd::TakeoverSettings,
     #[serde(default)]
     jobs: Vec<crate::jobs::model::JobSpec>,
 }
@@ -201,6 +205,13 @@ pub struct NodeSettings {
     pub clock_skew_ms: i64,
     /// Jobs declared in node.toml (`[[jobs]]`): created at start if no job of their id exists.
     pub jobs: Vec<crate::jobs::model::JobSpec>,
+    /// Default ttl of a guaranteed-delivery transaction (30 min, as in the seed).
+    pub gd_ttl: Duration,
+    /// How long an ended or past-deadline transaction's record is kept.
+    pub gd_retention: Duration,
+    /// What a taken-over transaction of a service does (`[gd_takeover]`: service = "rerun" or
+    /// "in_doubt"; in_doubt for a service not named).
+    pub gd_takeover: crate::gd::TakeoverSettings,
 }
 
 /// Shortest admin token accepted.
@@ -360,6 +371,9 @@ impl NodeSettings {
             jobs_missed_after: duration("jobs_missed_after", file.jobs_missed_after, Duration::from_secs(10))?,
             clock_skew_ms: file.clock_skew_ms.unwrap_or(0),
             jobs: file.jobs,
+            gd_ttl: duration("gd_ttl", file.gd_ttl, Duration::from_secs(30 * 60))?,
+            gd_retention: duration("gd_retention", file.gd_retention, Duration::from_secs(3600))?,
+            gd_takeover: file.gd_takeover,
         })
     }
 
@@ -381,6 +395,11 @@ impl NodeSettings {
     /// values, so a store named `x.locks` never reaches the locks of store `x`.
     pub fn storage_locks_cache(&self, store: &str) -> String {
         format!("ferrocotta.node.storage_locks.{}.{store}", self.effective_cluster_name)
+    }
+
+    /// The array cache of guaranteed-delivery transactions.
+    pub fn gd_cache(&self) -> String {
+        format!("ferrocotta.node.gd.{}", self.effective_cluster_name)
     }
 
     /// The array cache of `demo:checkpointed` jobs.

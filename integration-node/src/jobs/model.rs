@@ -9,6 +9,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::owner::Owner;
+
 /// Jobs a cluster keeps at most (a create beyond is refused).
 pub const JOBS_MAX: usize = 256;
 /// Longest job id.
@@ -207,18 +209,6 @@ pub struct Cursor {
     pub seq: u64,
     /// Runs in flight.
     pub running: Vec<RunRef>,
-}
-
-/// Who runs a run: the node, its instance and its process (start time), so that a node restarted
-/// from the same folder is not taken for the process that died.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Owner {
-    /// Logical name.
-    pub node: String,
-    /// Instance id.
-    pub instance: String,
-    /// Its process' start time (the member entry's `start_time_ms`).
-    pub started_ms: u64,
 }
 
 /// A run in flight, as its cursor lists it.

@@ -138,11 +138,7 @@ pub async fn run_scheduler(jobs: Arc<Jobs>, shutdown: CancellationToken) {
 impl Jobs {
     /// This process as the owner of runs.
     fn me(&self) -> Owner {
-        Owner {
-            node: self.node.logical_name.clone(),
-            instance: self.node.instance_id.clone(),
-            started_ms: self.node.started_ms,
-        }
+        Owner::of(&self.node)
     }
 
     /// Whether the owner of a run still runs it: this process knows its own runs; another node's
@@ -155,11 +151,7 @@ impl Jobs {
                 run.seq,
             ));
         }
-        members.iter().any(|m| {
-            m.logical_name == run.owner.node
-                && m.instance.as_deref() == Some(run.owner.instance.as_str())
-                && m.start_time_ms == run.owner.started_ms
-        })
+        run.owner.listed(members)
     }
 
     /// Decides the due firings of one lane of a job (at most [`DECISIONS_PER_PASS`]); returns the

@@ -147,6 +147,7 @@ impl Registry {
         cluster::register(&mut r);
         locks::register(&mut r);
         checkpoint::register(&mut r);
+        crate::gd::register(&mut r);
         r
     }
 
