@@ -185,6 +185,17 @@ pub async fn request(
     tls: Option<&crate::tls::ClientTls>,
     call: Call<'_>,
 ) -> Result<(u16, bytes::Bytes), CallError> {
+    request_with_headers(addr, tls, call)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// [`request`], with the answer's headers.
+pub async fn request_with_headers(
+    addr: &str,
+    tls: Option<&crate::tls::ClientTls>,
+    call: Call<'_>,
+) -> Result<(u16, hyper::HeaderMap, bytes::Bytes), CallError> {
     let Call {
         method,
         path,
@@ -225,12 +236,13 @@ pub async fn request(
             .map_err(|e| failed(format!("bad request: {e}")))?;
         let response = sender.send_request(request).await.map_err(|e| failed(e.to_string()))?;
         let status = response.status().as_u16();
+        let headers = response.headers().clone();
         let limited = http_body_util::Limited::new(response.into_body(), body_max);
         let body = http_body_util::BodyExt::collect(limited)
             .await
             .map_err(|e| failed(format!("reading the body: {e}")))?
             .to_bytes();
-        Ok((status, body))
+        Ok((status, headers, body))
     };
     tokio::time::timeout(timeout, exchange).await.unwrap_or_else(|_| {
         Err(CallError::Timeout {

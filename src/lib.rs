@@ -15,6 +15,8 @@
 //! - [`slots`]: hash slots, how keys are spread over stripes.
 //! - [`pipelined`]: one connection with many requests in flight, the client's and the peers' transport.
 //! - [`client`]: `ArrayClient`, bootstrap from a URL list, routing and failover.
+//! - [`node_client`]: `NodeClient`, a client of integration nodes that fails over between them
+//!   and resubmits guaranteed-delivery transactions (the seed's `Context`).
 //! - `loadgen` (feature `loadgen`, on by default): the load generator of `ferrocotta bench` and the
 //!   peer comparison; a program that embeds only the client builds without it.
 
@@ -29,6 +31,7 @@ pub mod json_bytes;
 #[cfg(feature = "loadgen")]
 pub mod loadgen;
 pub mod log_throttle;
+pub mod node_client;
 pub mod pipelined;
 pub mod protocol;
 pub mod security;

@@ -210,6 +210,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         gd_metrics: Default::default(),
         services: Default::default(),
         this: Default::default(),
+        remote_clients: Default::default(),
     });
     let _ = node.this.set(Arc::downgrade(&node));
     if let Backend::Array(_) = &node.backend {

@@ -57,6 +57,9 @@ pub struct Node {
     pub services: std::sync::OnceLock<Arc<crate::services::Registry>>,
     /// This node as shared (set once at start), for work that outlives a request.
     pub this: std::sync::OnceLock<std::sync::Weak<Node>>,
+    /// Failover clients of the remote aliases, by (alias, `$clusterRetry`).
+    pub remote_clients:
+        tokio::sync::Mutex<std::collections::HashMap<(String, bool), Arc<ferrocotta::node_client::NodeClient>>>,
 }
 
 /// Events a node keeps in its member entry.

@@ -124,6 +124,9 @@ struct NodeFile {
     #[serde(default)]
     gd_takeover: crate::gd::TakeoverSettings,
     #[serde(default)]
+    remote: std::collections::HashMap<String, crate::services::remote::RemoteAlias>,
+    gd_answer_delay: Option<String>,
+    #[serde(default)]
     jobs: Vec<crate::jobs::model::JobSpec>,
 }
 
@@ -212,6 +215,11 @@ pub struct NodeSettings {
     /// What a taken-over transaction of a service does (`[gd_takeover]`: service = "rerun" or
     /// "in_doubt"; in_doubt for a service not named).
     pub gd_takeover: crate::gd::TakeoverSettings,
+    /// Remote clusters by alias (`[remote."alias"]`), for `pub.remote:invoke` and `pub.remote.gd:*`.
+    pub remote: std::collections::HashMap<String, crate::services::remote::RemoteAlias>,
+    /// How long `pub.remote.gd:invoke` waits between committing a transaction and answering (0;
+    /// a test's way to kill a node after the commit and before the answer).
+    pub gd_answer_delay: Duration,
 }
 
 /// Shortest admin token accepted.
@@ -374,6 +382,8 @@ impl NodeSettings {
             gd_ttl: duration("gd_ttl", file.gd_ttl, Duration::from_secs(30 * 60))?,
             gd_retention: duration("gd_retention", file.gd_retention, Duration::from_secs(3600))?,
             gd_takeover: file.gd_takeover,
+            remote: file.remote,
+            gd_answer_delay: duration("gd_answer_delay", file.gd_answer_delay, Duration::ZERO)?,
         })
     }
 

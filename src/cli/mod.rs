@@ -6,9 +6,11 @@
 //! - [`bench`]: a load generator with latency percentiles.
 //! - [`top`]: the cluster console's facts live in a terminal.
 //! - [`jobs`]: scheduled jobs through an integration node's admin API.
+//! - [`invoke`]: a service of the nodes through the failover client, optionally guaranteed.
 
 mod bench;
 mod cache;
+mod invoke;
 mod jobs;
 mod status;
 mod top;
@@ -48,6 +50,9 @@ enum Command {
     /// Scheduled jobs of a cluster of integration nodes (through any node's admin API).
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Invoke a service of a cluster of integration nodes, failing over between them (and with
+    /// --gd under guaranteed delivery).
+    Invoke(Box<invoke::InvokeArgs>),
 }
 
 /// How to reach an array; shared by every command that talks to one.
@@ -171,5 +176,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Bench(a) => bench::run(a).await,
         Command::Top(a) => top::run(a).await,
         Command::Jobs(c) => jobs::run(c).await,
+        Command::Invoke(a) => invoke::run(*a).await,
     }
 }

@@ -768,11 +768,24 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a node against an array with a node.toml holding `extra_toml`; does not wait.
     pub fn spawn(array: &TestArray, name: &str, cluster: &str, extra_args: &[&str], extra_toml: &str) -> TestNode {
+        let ports = free_ports(2);
+        let (service, admin) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
+        Self::spawn_at(array, name, cluster, extra_args, extra_toml, service, admin)
+    }
+
+    /// Like [`TestNode::spawn`], on given service and admin addresses (a node that comes back
+    /// where its clients knew it).
+    pub fn spawn_at(
+        array: &TestArray,
+        name: &str,
+        cluster: &str,
+        extra_args: &[&str],
+        extra_toml: &str,
+        service: String,
+        admin: String,
+    ) -> TestNode {
         let dir = array.path().join(format!("node-{name}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports = free_ports(2);
-        let service = format!("127.0.0.1:{}", ports[0]);
-        let admin = format!("127.0.0.1:{}", ports[1]);
         let token = format!("token-{name}-0123456789");
         std::fs::write(dir.join("token"), &token).unwrap();
         std::fs::write(dir.join("node.toml"), extra_toml).unwrap();

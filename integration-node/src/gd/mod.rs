@@ -643,21 +643,62 @@ pub fn answer(txn: &GdTxn) -> Value {
     json!({"tid": txn.tid, "state": txn.state, "result": txn.result, "attempts": txn.attempts})
 }
 
+/// With an `alias`, a `pub.remote.gd` call runs on that remote cluster (its nodes, then its retry
+/// server): `invoke` resubmits the tid there until it is done, as the failover client does.
+async fn on_alias(node: &Node, op: &str, input: &Value) -> Option<Result<Value, ServiceError>> {
+    let alias = input.get("alias")?.as_str()?.to_string();
+    let mut forwarded = input.clone();
+    forwarded.as_object_mut()?.remove("alias");
+    Some(
+        async {
+            use crate::services::remote::{client_for, remote_error};
+            let client = client_for(node, &alias, true).await?;
+            if op == "invoke" {
+                let (tid, service, inner, wait) = invoke_args(node, &forwarded)?;
+                let deadline = wait.max(node.settings.request_timeout) * 3;
+                let (_, answer) = client
+                    .invoke_gd(&service, &inner, Some(tid), &json!({}), deadline)
+                    .await
+                    .map_err(remote_error)?;
+                return Ok(answer.value);
+            }
+            let answer = client
+                .invoke(&format!("pub.remote.gd:{op}"), &forwarded)
+                .await
+                .map_err(remote_error)?;
+            Ok(answer.value)
+        }
+        .await,
+    )
+}
+
 /// Registers `pub.remote.gd:*` and `demo:deposit`.
 pub fn register(r: &mut Registry) {
     r.register("pub.remote.gd:start", |node, _, input| {
-        Box::pin(async move { Ok(json!({"tid": Gd::of(node)?.start(&input).await?.tid})) })
+        Box::pin(async move {
+            if let Some(remote) = on_alias(node, "start", &input).await {
+                return remote;
+            }
+            Ok(json!({"tid": Gd::of(node)?.start(&input).await?.tid}))
+        })
     });
     r.register("pub.remote.gd:invoke", |node, _, input| {
         Box::pin(async move {
+            if let Some(remote) = on_alias(node, "invoke", &input).await {
+                return remote;
+            }
             let (tid, service, inner, wait) = invoke_args(node, &input)?;
             let registry = node.registry();
             let txn = Gd::of(node)?.invoke(&registry, &tid, &service, inner, wait).await?;
+            tokio::time::sleep(node.settings.gd_answer_delay).await;
             Ok(answer(&txn))
         })
     });
     r.register("pub.remote.gd:submit", |node, _, input| {
         Box::pin(async move {
+            if let Some(remote) = on_alias(node, "submit", &input).await {
+                return remote;
+            }
             let (tid, service, inner, wait) = invoke_args(node, &input)?;
             let gd = Gd::of(node)?;
             let (txn, _) = gd.read(&tid).await?;
@@ -674,6 +715,9 @@ pub fn register(r: &mut Registry) {
     });
     r.register("pub.remote.gd:retrieve", |node, _, input| {
         Box::pin(async move {
+            if let Some(remote) = on_alias(node, "retrieve", &input).await {
+                return remote;
+            }
             let tid = field(&input, "tid")?;
             let (txn, _) = Gd::of(node)?.read(tid).await?;
             match txn.state {
@@ -692,13 +736,26 @@ pub fn register(r: &mut Registry) {
         })
     });
     r.register("pub.remote.gd:end", |node, _, input| {
-        Box::pin(async move { Ok(answer(&Gd::of(node)?.end(field(&input, "tid")?).await?)) })
+        Box::pin(async move {
+            if let Some(remote) = on_alias(node, "end", &input).await {
+                return remote;
+            }
+            Ok(answer(&Gd::of(node)?.end(field(&input, "tid")?).await?))
+        })
     });
     r.register("pub.remote.gd:restart", |node, _, input| {
-        Box::pin(async move { Ok(answer(&Gd::of(node)?.restart(field(&input, "tid")?).await?)) })
+        Box::pin(async move {
+            if let Some(remote) = on_alias(node, "restart", &input).await {
+                return remote;
+            }
+            Ok(answer(&Gd::of(node)?.restart(field(&input, "tid")?).await?))
+        })
     });
     r.register("pub.remote.gd:status", |node, _, input| {
         Box::pin(async move {
+            if let Some(remote) = on_alias(node, "status", &input).await {
+                return remote;
+            }
             let (txn, _) = Gd::of(node)?.read(field(&input, "tid")?).await?;
             Ok(serde_json::to_value(txn).unwrap_or_default())
         })

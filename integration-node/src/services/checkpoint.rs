@@ -2,7 +2,9 @@
 //! again on any node after a crash, resumes from its last checkpoint (the seed's checkpoint
 //! restart).
 //!
-//! Input: `{"jobId": "...", "steps": N, "stepMillis": M}`. The checkpoint (`{"completed", "nodes"}`)
+//! Input: `{"jobId": "...", "steps": N, "stepMillis": M, "checkpoint": true}`; with `"checkpoint":
+//! false` it keeps no checkpoint and starts at the beginning every time (the seed's "other
+//! services"). The checkpoint (`{"completed", "nodes"}`)
 //! lives in `ferrocotta.node.checkpoints.<cluster>` under the job id.
 
 use std::time::Duration;
@@ -45,8 +47,14 @@ async fn run(node: &Node, input: Value) -> Result<Value, ServiceError> {
         .and_then(Value::as_u64)
         .unwrap_or(100)
         .min(STEP_MILLIS_MAX);
+    let keep = input.get("checkpoint").and_then(Value::as_bool).unwrap_or(true);
     let cache = node.settings.checkpoints_cache();
-    let mut checkpoint = match node.backend.get(&cache, job.as_bytes()).await? {
+    let stored = if keep {
+        node.backend.get(&cache, job.as_bytes()).await?
+    } else {
+        None
+    };
+    let mut checkpoint = match stored {
         // A document that is not a checkpoint is someone else's data: never overwrite it, and
         // never restart a job from zero because its progress could not be read.
         Some(b) => serde_json::from_slice::<Checkpoint>(&b).map_err(|e| {
@@ -70,8 +78,10 @@ async fn run(node: &Node, input: Value) -> Result<Value, ServiceError> {
         if !checkpoint.nodes.contains(&node.logical_name) {
             checkpoint.nodes.push(node.logical_name.clone());
         }
-        let bytes = serde_json::to_vec(&checkpoint).expect("a checkpoint always encodes");
-        node.backend.put(&cache, job.as_bytes(), &bytes, None).await?;
+        if keep {
+            let bytes = serde_json::to_vec(&checkpoint).expect("a checkpoint always encodes");
+            node.backend.put(&cache, job.as_bytes(), &bytes, None).await?;
+        }
     }
     Ok(json!({
         "jobId": job,

@@ -5,7 +5,8 @@
 //! `pub.session:get|put|remove`, the `ssnid` cookie), `cache`
 //! (`pub.cache:get|put|putIfAbsent|replace|remove|containsKey|getKeys|removeAll`), `locks`
 //! (`pub.cache.lock:acquireLock|releaseLock` with the locks this node holds, and `pub.storage:*`),
-//! `checkpoint` (`demo:checkpointed`), `cluster` (`wm.server.cluster:getMembers|
+//! `checkpoint` (`demo:checkpointed`), `remote` (`pub.remote:invoke` through node.toml's aliases),
+//! `cluster` (`wm.server.cluster:getMembers|
 //! clearClusterMemberList`); `demo:echo` is here. The modules below use the node and the shared
 //! types here, never each other's state, and nothing below `services` knows them (settings ->
 //! backend -> node -> services -> http).
@@ -14,6 +15,7 @@ mod cache;
 mod checkpoint;
 mod cluster;
 mod locks;
+pub mod remote;
 mod session;
 
 pub use cluster::clear_members;
@@ -147,6 +149,7 @@ impl Registry {
         cluster::register(&mut r);
         locks::register(&mut r);
         checkpoint::register(&mut r);
+        remote::register(&mut r);
         crate::gd::register(&mut r);
         r
     }
