@@ -107,10 +107,33 @@ fn a_transaction_runs_once_across_nodes_and_answers_its_stored_result() {
     }
     assert_eq!(balance(&a, "acct-2"), 20, "repeats answer the stored results");
 
+    phase("figures: guaranteed-delivery transactions through one node, 8 clients");
+    let started = Instant::now();
+    let per_client = 25;
+    std::thread::scope(|s| {
+        for c in 0..8 {
+            let a = &a;
+            s.spawn(move || {
+                for i in 0..per_client {
+                    let account = format!("load-{c}");
+                    let tid = start(a, json!({"tag": account}));
+                    let (code, out) = deposit(a, &tid, &account, i + 1);
+                    assert_eq!(code, 200, "{out}");
+                }
+            });
+        }
+    });
+    let took = started.elapsed();
+    eprintln!(
+        "FIGURES gd: {} transactions (start + invoke) through one node in {took:?}: {:.0} per second",
+        8 * per_client,
+        (8 * per_client) as f64 / took.as_secs_f64()
+    );
+
     phase("admin: transactions by state, one transaction, end");
     let (code, list) = a.admin_get("/admin/gd?state=done");
     assert_eq!(code, 200, "{list}");
-    assert_eq!(list["transactions"].as_array().map(Vec::len), Some(21), "{list}");
+    assert_eq!(list["transactions"].as_array().map(Vec::len), Some(221), "{list}");
     let path = format!("/admin/gd/{}", tid.replace('{', "%7B").replace('}', "%7D"));
     let (code, one) = a.admin_get(&path);
     assert_eq!((code, one["state"].as_str()), (200, Some("done")), "{one}");

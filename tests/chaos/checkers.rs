@@ -5,12 +5,14 @@
 //!   between its invoke and its return (Wing & Gong / Lowe search, memoized as in Porcupine).
 //! - `durability`: after heal and restart, no acknowledged write is missing from the final values.
 //! - `sessions`: a session's counter never goes back and skips only what unanswered requests explain.
+//! - `deposits`: guaranteed-delivery deposits applied exactly once (client view, records, balances).
 //! - `jobs`: scheduled firings run at most once, and every firing is decided (run, in doubt, skipped,
 //!   or missed only where allowed).
 
 // Each scenario uses its own part of the checkers.
 #![allow(dead_code)]
 
+mod deposits;
 mod durability;
 mod jobs;
 mod linearizable;
@@ -19,6 +21,7 @@ mod sessions;
 // The report types are named only by scenarios that keep a report around.
 #[allow(unused_imports)]
 pub use {
+    deposits::{check_deposits, Deposit, DepositReport},
     durability::check_durability,
     jobs::{check_jobs, start_lines, JobRecord, JobReport, StartLine},
     linearizable::{check_linearizable, LinReport},

@@ -130,7 +130,8 @@ impl Cluster {
         std::fs::write(
             dir.join("node.toml"),
             format!(
-                "request_timeout = \"{}ms\"\nclient_keepalive_interval = \"250ms\"\nmember_refresh_interval = \"500ms\"\n",
+                "request_timeout = \"{}ms\"\nclient_keepalive_interval = \"250ms\"\nmember_refresh_interval = \"500ms\"\n\
+                 [gd_takeover]\n\"demo:deposit\" = \"rerun\"\n",
                 NODE_REQUEST_TIMEOUT.as_millis()
             ),
         )

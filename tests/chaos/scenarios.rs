@@ -614,3 +614,177 @@ async fn restart_node(ctx: &mut Ctx, node: &str, urls: &str) {
     }
     panic!("{node} never started again\n{}", ctx.cluster.log_tails());
 }
+
+/// One deposit of the guaranteed-delivery workload: tid, account, amount, and the balance its
+/// client was answered (if it saw it succeed).
+type Attempt = (String, String, i64, Option<i64>);
+
+/// Guaranteed delivery under node kills, node pauses, node-array cuts and kills of the active:
+/// clients run `demo:deposit` transactions through the failover client (resubmitting each tid
+/// until it is done); every tid a client saw succeed moved its balance once, none moved it twice.
+#[test]
+fn guaranteed_delivery() {
+    let setup = Setup {
+        nodes: &["n1", "n2", "n3"],
+        sessions: 0,
+        ..Setup::default()
+    };
+    scenario("guaranteed_delivery", setup, |ctx| {
+        Box::pin(async move {
+            use ferrocotta::node_client::{NodeClient, NodeClientSettings};
+            use std::sync::atomic::{AtomicBool, Ordering};
+            use std::sync::{Arc, Mutex};
+            let nodes = ["n1", "n2", "n3"];
+            let addrs: Vec<String> = nodes.iter().map(|n| ctx.cluster.node_addr(&ctx.net, n)).collect();
+            let stop = Arc::new(AtomicBool::new(false));
+            let history: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+            let mut clients = Vec::new();
+            for c in 0..4u64 {
+                let mut settings = NodeClientSettings::new(&addrs.join(",")).unwrap();
+                settings.request_timeout = Duration::from_secs(6);
+                settings.discover = false;
+                let (stop, history) = (stop.clone(), history.clone());
+                clients.push(tokio::spawn(async move {
+                    let client = NodeClient::connect(settings).await;
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let account = format!("acct-{}", (c + n) % 3);
+                        let amount = (c * 1000 + n) as i64;
+                        let start = serde_json::json!({"tag": account});
+                        let tid = match client.invoke("pub.remote.gd:start", &start).await {
+                            Ok(a) => a.value["tid"].as_str().unwrap_or_default().to_string(),
+                            Err(_) => {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                continue;
+                            }
+                        };
+                        let input = serde_json::json!({"account": account, "amount": amount});
+                        let seen = client
+                            .invoke_gd(
+                                "demo:deposit",
+                                &input,
+                                Some(tid.clone()),
+                                &start,
+                                Duration::from_secs(20),
+                            )
+                            .await
+                            .ok()
+                            .and_then(|(_, a)| a.value["result"]["balance"].as_i64());
+                        history.lock().unwrap().push((tid, account, amount, seen));
+                    }
+                }));
+            }
+            ctx.sleep(Duration::from_secs(2)).await;
+            let urls = ctx.cluster.urls();
+            for round in 0..8 {
+                let node = nodes[ctx.rng.gen_range(0..nodes.len())];
+                match round % 4 {
+                    0 => {
+                        ctx.mark("node-kill", false);
+                        ctx.cluster.kill9(node);
+                        ctx.sleep(RECONNECT_WINDOW + Duration::from_secs(1)).await;
+                        restart_node(ctx, node, &urls).await;
+                    }
+                    1 => {
+                        ctx.mark("node-pause", false);
+                        ctx.cluster.pause(node);
+                        let hold = ctx.ms(2000, 3500);
+                        ctx.sleep(hold).await;
+                        ctx.cluster.resume(node);
+                    }
+                    2 => {
+                        ctx.mark("node-cut-from-array", false);
+                        for s in ctx.cluster.servers.clone() {
+                            ctx.net.cut(node, &s);
+                        }
+                        let hold = ctx.ms(2000, 6000);
+                        ctx.sleep(hold).await;
+                        ctx.net.heal();
+                    }
+                    _ => {
+                        let a = ctx.active().await;
+                        ctx.mark("kill-active", true);
+                        ctx.cluster.kill9(&a);
+                        let hold = ctx.ms(1000, 2500);
+                        ctx.sleep(hold).await;
+                        ctx.cluster.start_server(&ctx.net, &a);
+                    }
+                }
+                ctx.sleep(Duration::from_secs(2)).await;
+            }
+            ctx.heal_all().await;
+            for node in nodes {
+                if !ctx.cluster.is_running(node) {
+                    restart_node(ctx, node, &urls).await;
+                }
+            }
+            ctx.sleep(Duration::from_secs(3)).await;
+            stop.store(true, Ordering::Relaxed);
+            for c in clients {
+                let _ = tokio::time::timeout(Duration::from_secs(60), c).await;
+            }
+            // What the array kept: each tid's record and each account's balance.
+            let mut settings = NodeClientSettings::new(&addrs.join(",")).unwrap();
+            settings.discover = false;
+            let reader = NodeClient::connect(settings).await;
+            let history = history.lock().unwrap().clone();
+            let mut deposits = Vec::new();
+            for (tid, account, amount, seen) in history {
+                let status = reader
+                    .invoke("pub.remote.gd:status", &serde_json::json!({"tid": tid}))
+                    .await;
+                let (state, stored) = match status {
+                    Ok(a) => (
+                        a.value["state"].as_str().unwrap_or("?").to_string(),
+                        a.value["result"]["balance"].as_i64(),
+                    ),
+                    Err(_) => ("missing".to_string(), None),
+                };
+                deposits.push(crate::checkers::Deposit {
+                    tid,
+                    account,
+                    amount,
+                    client_balance: seen,
+                    state,
+                    stored_balance: stored,
+                });
+            }
+            let mut finals = std::collections::BTreeMap::new();
+            for account in ["acct-0", "acct-1", "acct-2"] {
+                let key = format!("{{{account}}}");
+                let answer = reader
+                    .invoke(
+                        "pub.cache:get",
+                        &serde_json::json!({"cacheName": "demo.accounts", "key": key}),
+                    )
+                    .await
+                    .expect("the balances can be read after the heal");
+                finals.insert(
+                    account.to_string(),
+                    answer.value["value"].as_str().map_or(0, |v| v.parse().unwrap_or(-1)),
+                );
+            }
+            let report = crate::checkers::check_deposits(&deposits, &finals);
+            ctx.notes.push(format!(
+                "guaranteed delivery: {} transactions, {} seen to succeed by their clients, {} done but unseen, {} never \
+                 applied, final balances {finals:?}, {} anomalies",
+                report.transactions,
+                report.client_succeeded,
+                report.done_unseen.len(),
+                report.not_applied.len(),
+                report.anomalies.len()
+            ));
+            assert!(
+                report.client_succeeded >= 20,
+                "too few transactions to judge: {report:#?}"
+            );
+            assert!(
+                report.anomalies.is_empty(),
+                "guaranteed-delivery anomalies:\n{}\n{}",
+                report.anomalies.join("\n"),
+                ctx.cluster.log_tails()
+            );
+        })
+    });
+}
