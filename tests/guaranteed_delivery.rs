@@ -206,7 +206,8 @@ fn a_dead_runners_transaction_is_taken_over_as_its_service_says() {
 #[test]
 fn expiry_restart_followtid_and_bad_input_answer_clearly() {
     let array = array();
-    let mut n = TestNode::spawn(&array, "n", "gd", &["--logical-name", "n"], NODE_TOML);
+    let toml = format!("{NODE_TOML}gd_retention = \"2s\"\n");
+    let mut n = TestNode::spawn(&array, "n", "gd", &["--logical-name", "n"], &toml);
     n.wait_ready(Duration::from_secs(30));
 
     phase("past its ttl a transaction expires; restart revives it");
@@ -262,6 +263,20 @@ fn expiry_restart_followtid_and_bad_input_answer_clearly() {
         }
         assert!(Instant::now() < deadline, "never done: {out}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+
+    phase("an ended transaction's record goes after the retention (2 s here)");
+    let (code, out) = call(&n, "pub.remote.gd:end", json!({"tid": tid}));
+    assert_eq!((code, out["state"].as_str()), (200, Some("ended")), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, out) = call(&n, "pub.remote.gd:status", json!({"tid": tid}));
+        if code == 404 {
+            assert_eq!(out["error"]["code"], "unknown_tid", "{out}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ended record stayed: {out}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     phase("bad input");
