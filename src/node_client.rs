@@ -8,6 +8,10 @@
 //! answer (a result, or the service's own error) is final. The session cookie (`ssnid`) goes with
 //! every request, so a conversation continues on the next node.
 //!
+//! Without guaranteed delivery that is the seed's "clustering" row: a request whose node failed
+//! while it ran (or whose answer was lost) runs again on the next node, so it may run twice. With
+//! it, the tid makes the second run answer the first one's result.
+//!
 //! With guaranteed delivery ([`NodeClient::invoke_gd`]) the client starts a transaction and invokes
 //! it with the same tid on whichever node answers until it is done, or its ttl or retries run out.
 //!
@@ -38,6 +42,9 @@ pub struct NodeClientSettings {
     pub discover: bool,
     /// TLS of the nodes' ports.
     pub tls: Option<Arc<ClientTls>>,
+    /// Whether to keep the session cookie a node gives (a client of its own); a client that
+    /// serves many callers (a node's remote alias) keeps none, so callers never share a session.
+    pub keep_session: bool,
 }
 
 impl NodeClientSettings {
@@ -58,6 +65,7 @@ impl NodeClientSettings {
             request_timeout: Duration::from_secs(10),
             discover: true,
             tls: None,
+            keep_session: true,
         })
     }
 }
@@ -214,6 +222,7 @@ impl NodeClient {
         if let Some(id) = headers
             .get_all(hyper::header::SET_COOKIE)
             .iter()
+            .filter(|_| self.settings.keep_session)
             .filter_map(|v| v.to_str().ok())
             .filter_map(|v| v.split(';').next()?.trim().strip_prefix("ssnid=").map(str::to_string))
             .next()
@@ -260,7 +269,10 @@ impl NodeClient {
                 }
             },
         };
-        let body = json!({"tid": tid, "service": service, "input": input});
+        // The node waits for a run elsewhere at most half this client's own deadline, so it
+        // answers `running` before the client gives up on it and moves on.
+        let wait_ms = (self.settings.request_timeout / 2).as_millis() as u64;
+        let body = json!({"tid": tid, "service": service, "input": input, "timeout": wait_ms});
         loop {
             match self.invoke("pub.remote.gd:invoke", &body).await {
                 Ok(a) => return Ok((tid, a)),

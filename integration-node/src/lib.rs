@@ -208,6 +208,7 @@ pub async fn start(settings: NodeSettings, registry: Registry) -> Result<Running
         tls,
         events,
         gd_metrics: Default::default(),
+        gd_in_flight: Default::default(),
         services: Default::default(),
         this: Default::default(),
         remote_clients: Default::default(),

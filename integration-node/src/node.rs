@@ -53,6 +53,9 @@ pub struct Node {
     pub events: EventLog,
     /// Guaranteed-delivery counters.
     pub gd_metrics: crate::gd::GdMetrics,
+    /// Guaranteed-delivery transactions this process runs now (by tid): a `running` record of
+    /// this process that is not here is a run that ended without writing its end.
+    pub gd_in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The node's services (set once at start): guaranteed delivery calls them.
     pub services: std::sync::OnceLock<Arc<crate::services::Registry>>,
     /// This node as shared (set once at start), for work that outlives a request.

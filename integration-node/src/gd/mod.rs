@@ -39,6 +39,8 @@ pub const TAG_BYTES_MAX: usize = 128;
 pub const INPUT_BYTES_MAX: usize = 64 * 1024;
 /// Largest result kept (its JSON text); a larger one fails the attempt.
 pub const RESULT_BYTES_MAX: usize = 64 * 1024;
+/// Longest ttl a transaction may have.
+pub const TTL_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often a waiting invoke looks at a transaction another process runs.
 const WAIT_POLL: Duration = Duration::from_millis(100);
 /// Attempts of one invoke whose commit lost a race on the service's own reads (the service runs
@@ -169,7 +171,7 @@ fn duration_ms(input: &Value, name: &str, default: Duration) -> Result<u64, Serv
             .as_u64()
             .ok_or_else(|| ServiceError::bad_request(format!("`{name}` is a whole number of ms or a duration text"))),
         Some(Value::String(s)) => humantime::parse_duration(s)
-            .map(|d| d.as_millis() as u64)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .map_err(|e| ServiceError::bad_request(format!("`{name}`: `{s}` is not a duration ({e})"))),
         Some(_) => Err(ServiceError::bad_request(format!("`{name}` is ms or a duration text"))),
     }
@@ -267,8 +269,11 @@ impl<'a> Gd<'a> {
     /// `start`: a new transaction.
     pub async fn start(&self, input: &Value) -> Result<GdTxn, ServiceError> {
         let ttl_ms = duration_ms(input, "ttl", self.node.settings.gd_ttl)?;
-        if ttl_ms == 0 {
-            return Err(ServiceError::bad_request("`ttl` must be more than 0"));
+        if ttl_ms == 0 || ttl_ms > TTL_MAX.as_millis() as u64 {
+            return Err(ServiceError::bad_request(format!(
+                "`ttl` is more than 0 and at most {}",
+                humantime::format_duration(TTL_MAX)
+            )));
         }
         let retries = match input.get("retries") {
             None | Some(Value::Null) => 0,
@@ -338,20 +343,7 @@ impl<'a> Gd<'a> {
         input: Value,
         wait: Duration,
     ) -> Result<GdTxn, ServiceError> {
-        crate::services::check_service_name(service)?;
-        if !registry.has(service) {
-            return Err(gd_error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no service `{service}`"),
-            ));
-        }
-        let input_len = serde_json::to_vec(&input).map(|v| v.len()).unwrap_or(usize::MAX);
-        if input_len > INPUT_BYTES_MAX {
-            return Err(ServiceError::bad_request(format!(
-                "the input is {input_len} bytes; at most {INPUT_BYTES_MAX}"
-            )));
-        }
+        precheck(registry, service, &input)?;
         let waited_from = Instant::now();
         let me = Owner::of(self.node);
         loop {
@@ -393,7 +385,34 @@ impl<'a> Gd<'a> {
                 _ => {}
             }
             let now = self.now(tid).await?;
-            let out_of_retries = txn.retries > 0 && txn.attempts >= txn.retries && txn.state != State::Running;
+            // A run whose runner is alive is never expired nor taken over from under it: wait for
+            // its result. This process knows its own runs; another's is alive while listed.
+            let runner = txn.owner.clone().unwrap_or_else(|| me.clone());
+            if txn.state == State::Running {
+                let alive = if runner == me {
+                    self.node.gd_in_flight.lock().expect("in-flight lock").contains(tid)
+                } else {
+                    let members = crate::members::read_all(self.client, &self.node.settings.members_cache())
+                        .await
+                        .map_err(ServiceError::from_array)?;
+                    runner.listed(&members)
+                };
+                if alive {
+                    if waited_from.elapsed() < wait {
+                        tokio::time::sleep(WAIT_POLL).await;
+                        continue;
+                    }
+                    return Err(gd_error(
+                        StatusCode::CONFLICT,
+                        "running",
+                        format!(
+                            "transaction `{tid}` runs on node {}; invoke again or retrieve later",
+                            runner.node
+                        ),
+                    ));
+                }
+            }
+            let out_of_retries = txn.retries > 0 && txn.attempts >= txn.retries;
             if now > txn.deadline_ms || out_of_retries {
                 let mut expired = txn.clone();
                 expired.state = State::Expired;
@@ -406,7 +425,9 @@ impl<'a> Gd<'a> {
             }
             if let Some(f) = &txn.followtid {
                 let (first, _) = self.read(f).await?;
-                if first.state != State::Done {
+                // Done, or done and then ended by its client.
+                let completed = first.state == State::Done || (first.state == State::Ended && first.result.is_some());
+                if !completed {
                     if waited_from.elapsed() < wait {
                         tokio::time::sleep(WAIT_POLL).await;
                         continue;
@@ -423,25 +444,7 @@ impl<'a> Gd<'a> {
             }
             let mut claimed = txn.clone();
             if txn.state == State::Running {
-                let owner = txn.owner.clone().unwrap_or_else(|| me.clone());
-                let members = crate::members::read_all(self.client, &self.node.settings.members_cache())
-                    .await
-                    .map_err(ServiceError::from_array)?;
-                if owner.listed(&members) {
-                    // Another process (or another request of this one) runs it: wait for its result.
-                    if waited_from.elapsed() < wait {
-                        tokio::time::sleep(WAIT_POLL).await;
-                        continue;
-                    }
-                    return Err(gd_error(
-                        StatusCode::CONFLICT,
-                        "running",
-                        format!(
-                            "transaction `{tid}` runs on node {}; invoke again or retrieve later",
-                            owner.node
-                        ),
-                    ));
-                }
+                let owner = runner.clone();
                 // Its runner died or lost the array: take it over as the service says.
                 claimed.takeovers += 1;
                 if self.node.settings.gd_takeover.get(service).copied().unwrap_or_default() == Takeover::InDoubt {
@@ -461,18 +464,76 @@ impl<'a> Gd<'a> {
             claimed.state = State::Running;
             claimed.owner = Some(me.clone());
             claimed.service = Some(service.to_string());
-            claimed.attempts += 1;
+            claimed.attempts = claimed.attempts.saturating_add(1);
             claimed.changed_ms = now;
-            if !self.replace(&raw, &claimed, now, Default::default()).await? {
-                continue;
+            // Marked in flight before the claim can apply, so this process never takes its own
+            // live run for a dead one.
+            self.node
+                .gd_in_flight
+                .lock()
+                .expect("in-flight lock")
+                .insert(tid.to_string());
+            match self.replace(&raw, &claimed, now, Default::default()).await {
+                Ok(true) => {}
+                other => {
+                    self.node.gd_in_flight.lock().expect("in-flight lock").remove(tid);
+                    other?;
+                    continue;
+                }
             }
             let claimed_raw = serde_json::to_vec(&claimed).expect("a transaction always encodes");
-            return self.run(registry, claimed, claimed_raw, input).await;
+            // The run goes on in its own task: a caller that goes away (its connection closed)
+            // does not cut it short and leave the record `running`.
+            let node = self.node.self_arc();
+            let registry = self.node.registry();
+            let task = tokio::spawn(async move {
+                let tid = claimed.tid.clone();
+                let result = match Gd::of(&node) {
+                    Ok(gd) => gd.run(&registry, claimed, claimed_raw, input).await,
+                    Err(e) => Err(e),
+                };
+                node.gd_in_flight.lock().expect("in-flight lock").remove(&tid);
+                result
+            });
+            return task.await.map_err(|e| {
+                gd_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "run_failed",
+                    format!("the run ended abnormally: {e}"),
+                )
+            })?;
         }
     }
 
-    /// Runs a claimed transaction's service and commits its effects with its result.
+    /// Runs a claimed transaction's service and commits its effects with its result; if the array
+    /// fails it on the way, writes `failed` back (if it still can) so the next invoke runs it.
     async fn run(
+        &self,
+        registry: &Registry,
+        claimed: GdTxn,
+        claimed_raw: Vec<u8>,
+        input: Value,
+    ) -> Result<GdTxn, ServiceError> {
+        let result = self
+            .attempt(registry, claimed.clone(), claimed_raw.clone(), input)
+            .await;
+        if let Err(e) = &result {
+            if !matches!(e.code.as_str(), "failed" | "lost") {
+                let mut failed = claimed;
+                failed.state = State::Failed;
+                failed.error = Some(format!("{}: {}", e.code, e.message));
+                if let Ok(now) = self.now(&failed.tid).await {
+                    if let Err(w) = self.replace(&claimed_raw, &failed, now, Default::default()).await {
+                        tracing::warn!(event = "gd.fail_unrecorded", tid = %failed.tid, error = %w.message);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// One run of the service, rerun while what it read changed under it.
+    async fn attempt(
         &self,
         registry: &Registry,
         claimed: GdTxn,
@@ -638,6 +699,34 @@ impl<'a> Gd<'a> {
     }
 }
 
+/// What every guaranteed-delivery run of `service` must satisfy: it exists, it is not
+/// administrative (those need the admin token, which a transaction does not carry), its input is
+/// within bounds.
+fn precheck(registry: &Registry, service: &str, input: &Value) -> Result<(), ServiceError> {
+    crate::services::check_service_name(service)?;
+    if !registry.has(service) {
+        return Err(gd_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no service `{service}`"),
+        ));
+    }
+    if registry.is_administrative(service) {
+        return Err(gd_error(
+            StatusCode::FORBIDDEN,
+            "administrative",
+            format!("`{service}` is administrative: it needs the admin token and is not run under guaranteed delivery"),
+        ));
+    }
+    let input_len = serde_json::to_vec(input).map(|v| v.len()).unwrap_or(usize::MAX);
+    if input_len > INPUT_BYTES_MAX {
+        return Err(ServiceError::bad_request(format!(
+            "the input is {input_len} bytes; at most {INPUT_BYTES_MAX}"
+        )));
+    }
+    Ok(())
+}
+
 /// What a finished invoke answers.
 pub fn answer(txn: &GdTxn) -> Value {
     json!({"tid": txn.tid, "state": txn.state, "result": txn.result, "attempts": txn.attempts})
@@ -646,7 +735,14 @@ pub fn answer(txn: &GdTxn) -> Value {
 /// With an `alias`, a `pub.remote.gd` call runs on that remote cluster (its nodes, then its retry
 /// server): `invoke` resubmits the tid there until it is done, as the failover client does.
 async fn on_alias(node: &Node, op: &str, input: &Value) -> Option<Result<Value, ServiceError>> {
-    let alias = input.get("alias")?.as_str()?.to_string();
+    let alias = match input.get("alias")? {
+        Value::String(a) => a.clone(),
+        _ => {
+            return Some(Err(ServiceError::bad_request(
+                "`alias` is the name of a [remote] alias",
+            )))
+        }
+    };
     let mut forwarded = input.clone();
     forwarded.as_object_mut()?.remove("alias");
     Some(
@@ -701,8 +797,20 @@ pub fn register(r: &mut Registry) {
             }
             let (tid, service, inner, wait) = invoke_args(node, &input)?;
             let gd = Gd::of(node)?;
-            let (txn, _) = gd.read(&tid).await?;
             let registry = node.registry();
+            precheck(&registry, &service, &inner)?;
+            let (txn, _) = gd.read(&tid).await?;
+            match txn.state {
+                State::Done => return Ok(answer(&txn)),
+                State::Ended | State::Expired | State::InDoubt => {
+                    return Err(gd_error(
+                        StatusCode::CONFLICT,
+                        "not_runnable",
+                        format!("transaction `{tid}` is {:?}", txn.state),
+                    ))
+                }
+                _ => {}
+            }
             let node = node.self_arc();
             tokio::spawn(async move {
                 let Ok(gd) = Gd::of(&node) else { return };

@@ -97,6 +97,8 @@ pub async fn client_for(node: &Node, alias: &str, cluster_retry: bool) -> Result
         s.discover = false;
         s
     };
+    // Shared by every caller of the alias: no session of its own.
+    settings.keep_session = false;
     settings.request_timeout = match &conf.timeout {
         Some(t) => humantime::parse_duration(t)
             .map_err(|e| ServiceError::bad_request(format!("remote `{alias}` timeout `{t}`: {e}")))?,
