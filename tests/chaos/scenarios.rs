@@ -490,51 +490,7 @@ fn scheduled_jobs() {
             }
             ctx.sleep(Duration::from_secs(3)).await;
             let nodes = ["n1", "n2", "n3"];
-            let urls = ctx.cluster.urls();
-            for round in 0..8 {
-                let node = nodes[ctx.rng.gen_range(0..nodes.len())];
-                match round % 4 {
-                    0 => {
-                        ctx.mark("node-kill", false);
-                        ctx.cluster.kill9(node);
-                        // Without a state folder the name is free once the dead node's array
-                        // session expired.
-                        ctx.sleep(RECONNECT_WINDOW + Duration::from_secs(1)).await;
-                        restart_node(ctx, node, &urls).await;
-                    }
-                    1 => {
-                        ctx.mark("node-pause", false);
-                        ctx.cluster.pause(node);
-                        let hold = ctx.ms(2000, 3500);
-                        ctx.sleep(hold).await;
-                        ctx.cluster.resume(node);
-                    }
-                    2 => {
-                        ctx.mark("node-cut-from-array", false);
-                        for s in ctx.cluster.servers.clone() {
-                            ctx.net.cut(node, &s);
-                        }
-                        let hold = ctx.ms(2000, 6000);
-                        ctx.sleep(hold).await;
-                        ctx.net.heal();
-                    }
-                    _ => {
-                        let a = ctx.active().await;
-                        ctx.mark("kill-active", true);
-                        ctx.cluster.kill9(&a);
-                        let hold = ctx.ms(1000, 2500);
-                        ctx.sleep(hold).await;
-                        ctx.cluster.start_server(&ctx.net, &a);
-                    }
-                }
-                ctx.sleep(Duration::from_secs(2)).await;
-            }
-            ctx.heal_all().await;
-            for node in nodes {
-                if !ctx.cluster.is_running(node) {
-                    restart_node(ctx, node, &urls).await;
-                }
-            }
+            node_faults(ctx, &nodes, 8).await;
             ctx.sleep(Duration::from_secs(3)).await;
             for id in ["tick-any", "tick-all"] {
                 let deadline = Instant::now() + Duration::from_secs(30);
@@ -597,6 +553,57 @@ fn scheduled_jobs() {
             );
         })
     });
+}
+
+/// `rounds` faults on integration nodes and the array, in turn: a node killed (started again once
+/// its array session expired), a node paused 2-3.5 s, a node cut from every server 2-6 s, the
+/// active killed (back after 1-2.5 s); then everything healed and every node running.
+async fn node_faults(ctx: &mut Ctx, nodes: &[&str], rounds: usize) {
+    let urls = ctx.cluster.urls();
+    for round in 0..rounds {
+        let node = nodes[ctx.rng.gen_range(0..nodes.len())];
+        match round % 4 {
+            0 => {
+                ctx.mark("node-kill", false);
+                ctx.cluster.kill9(node);
+                // Without a state folder the name is free once the dead node's array session
+                // expired.
+                ctx.sleep(RECONNECT_WINDOW + Duration::from_secs(1)).await;
+                restart_node(ctx, node, &urls).await;
+            }
+            1 => {
+                ctx.mark("node-pause", false);
+                ctx.cluster.pause(node);
+                let hold = ctx.ms(2000, 3500);
+                ctx.sleep(hold).await;
+                ctx.cluster.resume(node);
+            }
+            2 => {
+                ctx.mark("node-cut-from-array", false);
+                for s in ctx.cluster.servers.clone() {
+                    ctx.net.cut(node, &s);
+                }
+                let hold = ctx.ms(2000, 6000);
+                ctx.sleep(hold).await;
+                ctx.net.heal();
+            }
+            _ => {
+                let a = ctx.active().await;
+                ctx.mark("kill-active", true);
+                ctx.cluster.kill9(&a);
+                let hold = ctx.ms(1000, 2500);
+                ctx.sleep(hold).await;
+                ctx.cluster.start_server(&ctx.net, &a);
+            }
+        }
+        ctx.sleep(Duration::from_secs(2)).await;
+    }
+    ctx.heal_all().await;
+    for node in nodes {
+        if !ctx.cluster.is_running(node) {
+            restart_node(ctx, node, &urls).await;
+        }
+    }
 }
 
 /// Starts a node again, retrying while its old entry still holds the name (exit code 5).
@@ -676,49 +683,7 @@ fn guaranteed_delivery() {
                 }));
             }
             ctx.sleep(Duration::from_secs(2)).await;
-            let urls = ctx.cluster.urls();
-            for round in 0..8 {
-                let node = nodes[ctx.rng.gen_range(0..nodes.len())];
-                match round % 4 {
-                    0 => {
-                        ctx.mark("node-kill", false);
-                        ctx.cluster.kill9(node);
-                        ctx.sleep(RECONNECT_WINDOW + Duration::from_secs(1)).await;
-                        restart_node(ctx, node, &urls).await;
-                    }
-                    1 => {
-                        ctx.mark("node-pause", false);
-                        ctx.cluster.pause(node);
-                        let hold = ctx.ms(2000, 3500);
-                        ctx.sleep(hold).await;
-                        ctx.cluster.resume(node);
-                    }
-                    2 => {
-                        ctx.mark("node-cut-from-array", false);
-                        for s in ctx.cluster.servers.clone() {
-                            ctx.net.cut(node, &s);
-                        }
-                        let hold = ctx.ms(2000, 6000);
-                        ctx.sleep(hold).await;
-                        ctx.net.heal();
-                    }
-                    _ => {
-                        let a = ctx.active().await;
-                        ctx.mark("kill-active", true);
-                        ctx.cluster.kill9(&a);
-                        let hold = ctx.ms(1000, 2500);
-                        ctx.sleep(hold).await;
-                        ctx.cluster.start_server(&ctx.net, &a);
-                    }
-                }
-                ctx.sleep(Duration::from_secs(2)).await;
-            }
-            ctx.heal_all().await;
-            for node in nodes {
-                if !ctx.cluster.is_running(node) {
-                    restart_node(ctx, node, &urls).await;
-                }
-            }
+            node_faults(ctx, &nodes, 8).await;
             ctx.sleep(Duration::from_secs(3)).await;
             stop.store(true, Ordering::Relaxed);
             for c in clients {
