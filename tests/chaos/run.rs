@@ -102,6 +102,8 @@ pub struct Ctx {
     started: Instant,
     /// Further lines for the report.
     pub notes: Vec<String>,
+    /// What a scenario's own check found wrong (reported as anomalies, after the figures).
+    pub failures: Vec<String>,
 }
 
 /// Whether namespaces are usable; says loudly why not. In CI (`CI=true`) that is a failure.
@@ -191,6 +193,7 @@ where
             node_names: setup.nodes.iter().map(|n| n.to_string()).collect(),
             started: Instant::now(),
             notes: Vec::new(),
+            failures: Vec::new(),
         }
     });
     rt.block_on(async {
@@ -525,6 +528,7 @@ impl Ctx {
             .chain(durability.iter().map(|a| format!("durability: {a}")))
             .chain(split.anomalies.iter().map(|a| format!("split brain: {a}")))
             .chain(sessions.anomalies.iter().map(|a| format!("session: {a}")))
+            .chain(self.failures.iter().map(|a| format!("{}: {a}", self.name)))
             .chain(
                 lin.undecided
                     .iter()
