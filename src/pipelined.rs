@@ -73,6 +73,15 @@ pub struct Connection {
     next_id: AtomicU64,
     /// Largest frame the server accepts; a larger request is refused here, before it is sent.
     max_frame_bytes: usize,
+    /// The reader task, stopped when the last holder lets the connection go (a connection
+    /// dropped because it stopped answering must not keep its socket for ever).
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Connection {
@@ -97,13 +106,14 @@ impl Connection {
             (every, frame)
         });
         tokio::spawn(write_loop(sink, rx, pending.clone(), ping));
-        tokio::spawn(read_loop(stream, pending.clone()));
+        let reader = tokio::spawn(read_loop(stream, pending.clone())).abort_handle();
         Arc::new(Connection {
             welcome,
             outgoing: tx,
             pending,
             next_id: AtomicU64::new(1),
             max_frame_bytes,
+            reader,
         })
     }
 

@@ -63,6 +63,32 @@ pub struct ProbeReply {
     pub last_log_index: Option<u64>,
     /// Whether it is joining after losing its data (so the stripe exists).
     pub joining: bool,
+    /// Whether it is the active or heard one lately (`crate::elections`: a mirror campaigns only
+    /// when a majority does not). Servers before this field answer without it; their answer
+    /// decodes with `false` here ([`ProbeReply::decode`]).
+    pub hears_active: bool,
+}
+
+/// A probe answer from a server that predates [`ProbeReply::hears_active`].
+#[derive(Deserialize)]
+struct ProbeReplyV1 {
+    initialized: bool,
+    last_log_index: Option<u64>,
+    joining: bool,
+}
+
+impl ProbeReply {
+    /// Decodes a peer's answer, from this version or the one before.
+    pub fn decode(bytes: &[u8]) -> Result<ProbeReply, postcard::Error> {
+        postcard::from_bytes(bytes).or_else(|_| {
+            postcard::from_bytes::<ProbeReplyV1>(bytes).map(|v1| ProbeReply {
+                initialized: v1.initialized,
+                last_log_index: v1.last_log_index,
+                joining: v1.joining,
+                hears_active: false,
+            })
+        })
+    }
 }
 
 impl ProbeReply {
@@ -247,7 +273,6 @@ impl Formation {
     /// Waits until the active has caught this joining server up: it has applied the commit index
     /// the active announced when first heard. Then it votes and campaigns like any member.
     async fn catch_up(&self, shutdown: tokio_util::sync::CancellationToken) {
-        self.raft.runtime_config().elect(false);
         let mut last_said = tokio::time::Instant::now();
         loop {
             let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
@@ -257,8 +282,8 @@ impl Formation {
                         tracing::error!(event = "stripe.standing_failed", error = %e);
                         return;
                     }
+                    // From here on it votes, and `crate::elections` lets it campaign.
                     self.gate.set(MAY_VOTE);
-                    self.raft.runtime_config().elect(true);
                     tracing::info!(
                         event = "stripe.joined",
                         applied = target,

@@ -31,6 +31,7 @@ pub mod command;
 pub mod compaction;
 pub mod console;
 pub mod data_folder;
+pub mod elections;
 #[cfg(test)]
 mod format_fixture;
 pub mod formation;

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferrocotta::handshake::{self, ClientIdentity, FrameDeadlines, FramedConn};
 use ferrocotta::log_throttle::LogThrottle;
@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::elections::Elections;
 use crate::formation::{ProbeError, ProbeReply, VoteGate};
 use crate::listener::{self, HandshakeFailed, Listening, Port};
 use crate::log_store::LogStore;
@@ -57,6 +58,10 @@ pub const PEER_REPLY_QUEUE_MAX: usize = 1024;
 /// slow enough not to spin.
 pub const PEER_REDIAL_INTERVAL: Duration = Duration::from_millis(200);
 
+/// A peer connection that has answered no call for this long is dropped at the next timeout and
+/// dialled again.
+pub const PEER_STALE_AFTER: Duration = Duration::from_secs(1);
+
 /// Largest frame between peers: large enough for a snapshot chunk plus a batch of entries.
 pub const PEER_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -66,6 +71,8 @@ struct PeerLink {
     addr: String,
     /// The live connection, if any.
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// When a call on this link last got an answer (or its connection was made).
+    answered: Mutex<Instant>,
 }
 
 /// Builds openraft network clients for the other servers of this stripe.
@@ -104,6 +111,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
                 Arc::new(PeerLink {
                     addr,
                     conn: tokio::sync::Mutex::new(None),
+                    answered: Mutex::new(Instant::now()),
                 })
             })
             .clone();
@@ -148,6 +156,7 @@ impl PeerNetwork {
         .map_err(|e| LinkError(format!("dial {}: {e}", self.link.addr)))?;
         let conn = Connection::start(framed, welcome, None);
         *slot = Some(conn.clone());
+        *self.link.answered.lock().expect("answered lock") = Instant::now();
         Ok(conn)
     }
 
@@ -166,13 +175,26 @@ impl PeerNetwork {
             .await
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let bytes = match conn.call_peer(rpc, payload, option.hard_ttl()).await {
-            Ok(b) => b,
+            Ok(b) => {
+                *self.link.answered.lock().expect("answered lock") = Instant::now();
+                b
+            }
             Err(CallError::TimedOut) => {
+                // A connection that has answered nothing for a while is likely dead without a
+                // reset (a link that went down and came back leaves TCP retransmitting with
+                // growing pauses): dial afresh instead of waiting for it.
+                if self.link.answered.lock().expect("answered lock").elapsed() >= PEER_STALE_AFTER {
+                    let mut slot = self.link.conn.lock().await;
+                    if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                        tracing::debug!(event = "peer.connection_stale", target = self.target);
+                        *slot = None;
+                    }
+                }
                 return Err(RPCError::Unreachable(Unreachable::new(&LinkError(format!(
                     "no reply from node {} within {:?}",
                     self.target,
                     option.hard_ttl()
-                )))))
+                )))));
             }
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&LinkError(format!("{e:?}"))))),
         };
@@ -223,7 +245,7 @@ pub async fn probe_peer(addr: &str, identity: &ClientIdentity, timeout: Duration
         .call_peer(PeerRpc::Probe, Vec::new(), timeout)
         .await
         .map_err(ProbeError::Call)?;
-    Ok(postcard::from_bytes(&bytes)?)
+    Ok(ProbeReply::decode(&bytes)?)
 }
 
 /// Which secret proves which role on the group port: only the peer secret, only for the other
@@ -261,6 +283,9 @@ pub struct PeerService {
     pub gate: Arc<VoteGate>,
     /// The log, for the standing a probe reports.
     pub log: LogStore,
+    /// When this server campaigns: told when an active is heard and when a peer's connection
+    /// closes.
+    pub elections: Arc<Elections>,
 }
 
 static HANDSHAKE_FAILED: LogThrottle = LogThrottle::new();
@@ -377,6 +402,9 @@ impl PeerService {
         }
         drop(tx);
         let _ = writer.await;
+        if !shutdown.is_cancelled() {
+            self.elections.connection_closed(&self.raft, node);
+        }
     }
 
     /// Serves one Raft call from the peer authenticated as `node`.
@@ -398,9 +426,12 @@ impl PeerService {
                 from_peer(req.vote.leader_id().voted_for(), "AppendEntries")?;
                 let commit = req.leader_commit.map(|c| c.index);
                 let resp = self.raft.append_entries(req).await;
-                if let (Ok(r), Some(c)) = (&resp, commit) {
+                if let Ok(r) = &resp {
                     if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
-                        self.gate.note_leader_commit(c);
+                        self.elections.heard_active();
+                        if let Some(c) = commit {
+                            self.gate.note_leader_commit(c);
+                        }
                     }
                 }
                 encode_payload(&resp)
@@ -420,13 +451,22 @@ impl PeerService {
                         Ok(VoteResponse::new(mine, None, false));
                     encode_payload(&refused)
                 } else {
-                    encode_payload(&self.raft.vote(req).await)
+                    let resp = self.raft.vote(req).await;
+                    if resp.as_ref().is_ok_and(|r| r.vote_granted) {
+                        // Give the candidate its time, as Raft's election timer does.
+                        self.elections.heard_active();
+                    }
+                    encode_payload(&resp)
                 }
             }
             PeerRpc::InstallSnapshot => {
                 let req: InstallSnapshotRequest<TypeConfig> = decode_payload(payload)?;
                 from_peer(req.vote.leader_id().voted_for(), "InstallSnapshot")?;
-                encode_payload(&self.raft.install_snapshot(req).await)
+                let resp = self.raft.install_snapshot(req).await;
+                if resp.is_ok() {
+                    self.elections.heard_active();
+                }
+                encode_payload(&resp)
             }
             PeerRpc::Probe => {
                 let m = self.raft.metrics().borrow().clone();
@@ -434,6 +474,7 @@ impl PeerService {
                     initialized: self.raft.is_initialized().await.unwrap_or(false),
                     last_log_index: m.last_log_index.max(m.purged.map(|p| p.index)),
                     joining: matches!(self.log.standing(), Standing::Joining { .. }),
+                    hears_active: m.current_leader == Some(m.id) || self.elections.hears_active(),
                 };
                 encode_payload(&reply)
             }

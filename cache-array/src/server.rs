@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminState};
 use crate::console::Recorder;
 use crate::data_folder::{self, FolderError, OpenedFolder};
+use crate::elections::{Elections, REACH_PROBE_TIMEOUT};
 use crate::formation::{Formation, Prober, VoteGate};
 use crate::listener::{self, Listening};
 use crate::log_store::LogStore;
@@ -255,8 +256,16 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         .filter(|(id, _)| **id != position.node_id())
         .map(|(id, name)| (name.clone(), *id))
         .collect();
+    let group_addrs: HashMap<NodeId, String> = config.stripes[position.stripe]
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as NodeId + 1, s.group_addr()))
+        .collect();
+    let elections = Elections::new(position.node_id(), group_addrs.clone(), &config.timing);
     let peer_service = Arc::new(PeerService {
         raft: raft.clone(),
+        elections: elections.clone(),
         listening: Listening {
             name: "group",
             identity: ServerIdentity {
@@ -399,20 +408,22 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         .unwrap_or(TLS_RELOAD_INTERVAL);
     ferrocotta::tls::spawn_reloader(reloadables, reload_every, shutdown.clone());
 
-    let addrs: HashMap<NodeId, String> = config.stripes[position.stripe]
-        .servers
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as NodeId + 1, s.group_addr()))
-        .collect();
-    let prober: Prober = {
+    let addrs = group_addrs;
+    let prober = |timeout: Duration| -> Prober {
         let identity = peer_client_identity.clone();
+        let addrs = addrs.clone();
         Arc::new(move |id: NodeId| {
             let identity = identity.clone();
             let addr = addrs.get(&id).cloned().unwrap_or_default();
-            Box::pin(async move { probe_peer(&addr, &identity, PROBE_TIMEOUT).await })
+            Box::pin(async move { probe_peer(&addr, &identity, timeout).await })
         })
     };
+    tracker.spawn(elections.clone().run(
+        raft.clone(),
+        gate.clone(),
+        prober(REACH_PROBE_TIMEOUT),
+        shutdown.clone(),
+    ));
     let formation = Formation {
         raft: raft.clone(),
         log: log_store.clone(),
@@ -420,7 +431,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         me: position.node_id(),
         members: stripe.members().clone(),
     };
-    tracker.spawn(formation.run(opened, prober, shutdown.clone()));
+    tracker.spawn(formation.run(opened, prober(PROBE_TIMEOUT), shutdown.clone()));
 
     tracing::info!(
         event = "server.serving",
@@ -494,15 +505,19 @@ async fn start_raft(
     state_machine: StateMachineStore,
 ) -> anyhow::Result<Raft> {
     let timing = &config.timing;
-    let election_ms = timing.election_timeout.0.as_millis() as u64;
+    let heartbeat_ms = timing.heartbeat_interval.0.as_millis() as u64;
     let raft_config = openraft::Config {
         cluster_name: config.array_name.clone(),
-        heartbeat_interval: timing.heartbeat_interval.0.as_millis() as u64,
-        election_timeout_min: election_ms,
-        // A narrow randomization range keeps failover short: openraft adds the leader lease
-        // (= election_timeout_max) to the timeout, so a wide range would double the wait. Split
-        // votes stay rare at 25% spread and cost one more short round when they happen.
-        election_timeout_max: election_ms + election_ms / 4,
+        heartbeat_interval: heartbeat_ms,
+        // openraft's own election timer is off: `crate::elections` decides when a mirror
+        // campaigns (after `timing.election_timeout` of silence, at once for a crashed active,
+        // never without a majority). What remains of these two settings is openraft's leader
+        // lease (= election_timeout_max: how long after hearing the active a mirror refuses
+        // votes) and a vote request's timeout (= election_timeout_min): short, so the lease
+        // costs little after a crash.
+        election_timeout_min: heartbeat_ms + heartbeat_ms / 2,
+        election_timeout_max: heartbeat_ms * 2,
+        enable_elect: false,
         // Staggered like the size threshold (compaction.rs): the servers of a stripe snapshot one
         // after another.
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(crate::compaction::stagger(
