@@ -56,6 +56,11 @@ pub const ACTIVE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// answer in this time is skipped for now, so one hung server never holds up a client.
 pub const SERVER_CONNECT_ATTEMPT_MAX: Duration = Duration::from_secs(2);
 
+/// Longest a request waits for a connection to one server before it tries the next (the dial
+/// goes on in the background, up to [`SERVER_CONNECT_ATTEMPT_MAX`]): a silent server, paused or
+/// cut off, costs a request this much, not a whole attempt.
+pub const CONNECT_STAGGER: Duration = Duration::from_millis(250);
+
 /// Pause between rounds once every server of a stripe has been tried without success.
 pub const ROUND_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
@@ -204,10 +209,21 @@ impl ArrayClient {
             let mut failures = Vec::new();
             let mut all = true;
             for names in &routing.stripe_servers {
+                // All of the stripe's servers at once: the first that answers will do, and a
+                // silent one does not hold up the others.
+                let mut dials: futures::stream::FuturesUnordered<_> = names
+                    .iter()
+                    .map(|name| {
+                        let handle = routing.servers[name].clone();
+                        async move {
+                            let result = self.connection(&handle, SERVER_CONNECT_ATTEMPT_MAX).await;
+                            (name, handle, result)
+                        }
+                    })
+                    .collect();
                 let mut reached = false;
-                for name in names {
-                    let handle = &routing.servers[name];
-                    match self.connection(handle, SERVER_CONNECT_ATTEMPT_MAX).await {
+                while let Some((name, handle, result)) = futures::StreamExt::next(&mut dials).await {
+                    match result {
                         Ok(_) => {
                             reached = true;
                             break;
@@ -232,17 +248,58 @@ impl ArrayClient {
         }
     }
 
-    /// The live connection to a server, connecting if needed.
-    async fn connection(&self, handle: &ServerHandle, timeout: Duration) -> Result<Arc<Connection>, ConnectFailure> {
+    /// The live connection to a server, connecting if needed. The dial runs in a task of its own
+    /// for up to [`SERVER_CONNECT_ATTEMPT_MAX`]; the caller waits at most `wait` for it, so a
+    /// silent server costs a request only that long (it goes on to the next server) while the
+    /// dial may still succeed for later requests. Concurrent callers share one dial.
+    async fn connection(&self, handle: &Arc<ServerHandle>, wait: Duration) -> Result<Arc<Connection>, ConnectFailure> {
+        if let Ok(slot) = handle.conn.try_lock() {
+            if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+                return Ok(c.clone());
+            }
+        }
+        let asked = Instant::now();
+        let dial = {
+            let this = self.clone();
+            let handle = handle.clone();
+            tokio::spawn(async move { this.dial(&handle, asked).await })
+        };
+        match tokio::time::timeout(wait, dial).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(ConnectFailure::Retry(format!("dial task failed: {e}"))),
+            Err(_) => Err(ConnectFailure::Retry(format!(
+                "no handshake answer within {wait:?} (still trying)"
+            ))),
+        }
+    }
+
+    /// Connects to a server unless a connection is live, or a dial that started after `asked`
+    /// failed already (its answer stands: callers queued behind a failing dial do not each dial
+    /// again).
+    async fn dial(&self, handle: &ServerHandle, asked: Instant) -> Result<Arc<Connection>, ConnectFailure> {
         let mut slot = handle.conn.lock().await;
         if let Some(c) = slot.as_ref() {
             if !c.is_closed() {
                 return Ok(c.clone());
             }
         }
+        if let Some((at, why)) = handle.last_failure.lock().expect("failure lock").as_ref() {
+            if *at >= asked {
+                return Err(ConnectFailure::Retry(why.clone()));
+            }
+        }
         *slot = None;
+        *handle.dialling_since.lock().expect("dialling lock") = Some(Instant::now());
         let max_frame = self.routing().config.limits.max_frame_bytes as usize;
-        match handshake::connect(&handle.addr, &self.inner.identity, timeout, max_frame).await {
+        let dialled = handshake::connect(
+            &handle.addr,
+            &self.inner.identity,
+            SERVER_CONNECT_ATTEMPT_MAX,
+            max_frame,
+        )
+        .await;
+        *handle.dialling_since.lock().expect("dialling lock") = None;
+        match dialled {
             Ok((framed, welcome)) => {
                 *handle.last_failure.lock().expect("failure lock") = None;
                 let config_toml = welcome.config_toml.clone();
@@ -333,37 +390,61 @@ enum ConnectFailure {
 }
 
 /// Tries the URL list in order, round after round, until one server hands over the config or
-/// `connect_timeout` passes.
+/// `connect_timeout` passes. A URL that has not answered within [`CONNECT_STAGGER`] does not hold
+/// up the list: the next one is dialled while it is still tried (each for up to
+/// [`SERVER_CONNECT_ATTEMPT_MAX`]), and the first server to answer wins.
 async fn download_config(
     settings: &ClientSettings,
     identity: &ClientIdentity,
 ) -> Result<(String, handshake::FramedConn, crate::protocol::Welcome), ClientError> {
+    use futures::StreamExt;
     let started = Instant::now();
     let deadline = started + settings.connect_timeout;
-    let mut failures: Vec<(String, String)> = settings
-        .array_urls
-        .iter()
-        .map(|u| (u.clone(), "not tried".into()))
-        .collect();
+    let urls = &settings.array_urls;
+    let mut failures: Vec<(String, String)> = urls.iter().map(|u| (u.clone(), "not tried".into())).collect();
     loop {
-        for (i, url) in settings.array_urls.iter().enumerate() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        let mut dials = futures::stream::FuturesUnordered::new();
+        let mut next = 0;
+        let mut next_at = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
                 break;
             }
-            // One silent server (paused, cut off) must not spend the whole deadline: each URL gets
-            // at most one attempt's time, then the next is tried.
-            let attempt = left.min(SERVER_CONNECT_ATTEMPT_MAX);
-            match handshake::connect(url, identity, attempt, crate::config::FRAME_BYTES_SETTING_MAX as usize).await {
-                Ok((framed, welcome)) => return Ok((url.clone(), framed, welcome)),
-                Err(HandshakeError::Refused(r)) => {
-                    tracing::error!(event = "client.refused", url = %url, reason = %r);
-                    return Err(ClientError::from_refusal(r));
-                }
-                Err(e) => {
-                    tracing::debug!(event = "client.url_failed", url = %url, error = %e);
-                    failures[i].1 = e.to_string();
-                }
+            if next < urls.len() && (dials.is_empty() || now >= next_at) {
+                let url = urls[next].clone();
+                let attempt = (deadline - now).min(SERVER_CONNECT_ATTEMPT_MAX);
+                let i = next;
+                dials.push(async move {
+                    let result =
+                        handshake::connect(&url, identity, attempt, crate::config::FRAME_BYTES_SETTING_MAX as usize)
+                            .await;
+                    (i, result)
+                });
+                failures[i].1 = "no answer yet".into();
+                next += 1;
+                next_at = now + CONNECT_STAGGER;
+                continue;
+            }
+            if dials.is_empty() {
+                break;
+            }
+            let stagger = tokio::time::sleep_until(if next < urls.len() { next_at } else { deadline });
+            tokio::select! {
+                Some((i, result)) = dials.next() => match result {
+                    Ok((framed, welcome)) => return Ok((urls[i].clone(), framed, welcome)),
+                    Err(HandshakeError::Refused(r)) => {
+                        tracing::error!(event = "client.refused", url = %urls[i], reason = %r);
+                        return Err(ClientError::from_refusal(r));
+                    }
+                    Err(e) => {
+                        tracing::debug!(event = "client.url_failed", url = %urls[i], error = %e);
+                        failures[i].1 = e.to_string();
+                        // The next URL at once.
+                        next_at = Instant::now();
+                    }
+                },
+                _ = stagger => {}
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());

@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::ClusterConfig;
-use crate::protocol::{ErrorReply, Op, ReadConsistency, Reply};
+use crate::protocol::{ErrorReply, Op, ReadConsistency, Reply, Role};
 
 use super::{
-    ArrayClient, CallError, ClientError, ConnectFailure, Connection, ROUND_BACKOFF_MAX, ROUND_BACKOFF_STEP,
-    SERVER_CONNECT_ATTEMPT_MAX,
+    ArrayClient, CallError, ClientError, ConnectFailure, Connection, CONNECT_STAGGER, ROUND_BACKOFF_MAX,
+    ROUND_BACKOFF_STEP,
 };
 
 /// One server of the current config, with its connection.
@@ -24,7 +24,17 @@ pub(super) struct ServerHandle {
     pub(super) conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// When the last connect failed and why; such a server is tried last for a while.
     pub(super) last_failure: Mutex<Option<(Instant, String)>>,
+    /// When the dial in progress started, if one is; a server that takes long to answer one is
+    /// tried last, like one that failed.
+    pub(super) dialling_since: Mutex<Option<Instant>>,
 }
+
+/// How long a request waits on the stripe's active before it asks the other servers whether
+/// another one is the active now (one that is means the awaited server is cut off or deposed).
+pub const SILENT_ACTIVE_AFTER: Duration = Duration::from_millis(400);
+
+/// How often the other servers are asked after that.
+const SILENT_ACTIVE_POLL: Duration = Duration::from_millis(100);
 
 /// Routing state derived from one config document.
 pub(super) struct Routing {
@@ -58,6 +68,7 @@ impl Routing {
                     addr,
                     conn: tokio::sync::Mutex::new(None),
                     last_failure: Mutex::new(None),
+                    dialling_since: Mutex::new(None),
                 })
             });
             servers.insert(srv.name.clone(), handle);
@@ -76,20 +87,25 @@ impl Routing {
     }
 }
 
-/// Whether connecting to a server failed within the last `window` (a mirror's `NotLeader` hint
-/// naming a dead active must not send the client straight back to it).
+/// Whether connecting to a server failed within the last `window`, or a dial to it has gone
+/// unanswered for longer than [`CONNECT_STAGGER`] (a mirror's `NotLeader` hint naming a dead
+/// active must not send the client straight back to it).
 fn recently_failed(routing: &Routing, name: &str, window: Duration) -> bool {
-    routing
-        .servers
-        .get(name)
-        .and_then(|h| {
-            h.last_failure
-                .lock()
-                .expect("failure lock")
-                .as_ref()
-                .map(|(at, _)| at.elapsed() < window)
-        })
-        .unwrap_or(false)
+    let Some(h) = routing.servers.get(name) else {
+        return false;
+    };
+    let failed = h
+        .last_failure
+        .lock()
+        .expect("failure lock")
+        .as_ref()
+        .is_some_and(|(at, _)| at.elapsed() < window);
+    let hanging = h
+        .dialling_since
+        .lock()
+        .expect("dialling lock")
+        .is_some_and(|since| since.elapsed() >= CONNECT_STAGGER);
+    failed || hanging
 }
 
 impl ArrayClient {
@@ -131,6 +147,37 @@ impl ArrayClient {
         }
     }
 
+    /// Resolves once another server of the stripe says it is the active, after the request to
+    /// `name` has gone unanswered for [`SILENT_ACTIVE_AFTER`]; pending for ever otherwise (the
+    /// caller races it against the request).
+    async fn active_moved(&self, routing: &Routing, stripe: usize, name: &str) -> String {
+        tokio::time::sleep(SILENT_ACTIVE_AFTER).await;
+        loop {
+            let asks = routing.stripe_servers[stripe]
+                .iter()
+                .filter(|n| *n != name)
+                .map(|other| {
+                    let handle = routing.servers[other].clone();
+                    async move {
+                        let conn = self.connection(&handle, CONNECT_STAGGER).await.ok()?;
+                        match conn.call(Op::Ping, SILENT_ACTIVE_POLL * 2).await {
+                            Ok(Reply::Pong {
+                                role: Role::Active,
+                                server,
+                                ..
+                            }) => Some(server),
+                            _ => None,
+                        }
+                    }
+                });
+            let found = futures::future::join_all(asks).await;
+            if let Some(active) = found.into_iter().flatten().find(|s| s != name) {
+                return active;
+            }
+            tokio::time::sleep(SILENT_ACTIVE_POLL).await;
+        }
+    }
+
     /// Runs one operation on a stripe until it succeeds, fails for good, or `timeout` passes.
     pub async fn execute(&self, stripe: usize, op: Op, timeout: Duration) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + timeout;
@@ -153,10 +200,7 @@ impl ArrayClient {
                     break;
                 }
                 let handle = routing.servers[&name].clone();
-                let conn = match self
-                    .connection(&handle, SERVER_CONNECT_ATTEMPT_MAX.min(deadline - now))
-                    .await
-                {
+                let conn = match self.connection(&handle, CONNECT_STAGGER.min(deadline - now)).await {
                     Ok(c) => c,
                     Err(ConnectFailure::Final(e)) => return Err(e),
                     Err(ConnectFailure::Retry(why)) => {
@@ -165,7 +209,35 @@ impl ArrayClient {
                     }
                 };
                 let left = deadline.saturating_duration_since(Instant::now());
-                match conn.call(op.clone(), left).await {
+                let answer = if needs_leader && routing.stripe_servers[stripe].len() > 1 {
+                    let call = conn.call(op.clone(), left);
+                    tokio::pin!(call);
+                    tokio::select! {
+                        biased;
+                        answer = &mut call => Some(answer),
+                        active = self.active_moved(&routing, stripe, &name) => {
+                            // The server we wait on is cut off or deposed: it may never answer.
+                            tracing::debug!(event = "client.active_moved", from = %name, to = %active);
+                            self.set_leader(stripe, Some(active.clone()));
+                            let why = format!("no answer, and {active} is the active now");
+                            *handle.last_failure.lock().expect("failure lock") = Some((Instant::now(), why.clone()));
+                            if changes {
+                                return Err(ClientError::Indeterminate(format!(
+                                    "{name} did not answer and {active} is the stripe's active now: the request may or may not have been applied"
+                                )));
+                            }
+                            failures.insert(name.clone(), why);
+                            redirected = true;
+                            None
+                        }
+                    }
+                } else {
+                    Some(conn.call(op.clone(), left).await)
+                };
+                let Some(answer) = answer else {
+                    break;
+                };
+                match answer {
                     Ok(reply) => {
                         if needs_leader {
                             self.set_leader(stripe, Some(name));
