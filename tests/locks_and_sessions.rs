@@ -185,7 +185,13 @@ async fn lock_wait_modes_order_and_session_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_gives_idle_sessions_a_fresh_window() {
     let window = Duration::from_secs(4);
-    let mut array = TestArray::start_with(1, 3, short_window(window));
+    // The failover must take long enough that the old window and the fresh one end apart: the
+    // active is paused (a crashed one is replaced in a few hundred milliseconds, whatever the
+    // timeout), and its mirrors wait a 2 s election timeout before they campaign.
+    let mut array = TestArray::start_with(1, 3, |c| {
+        short_window(window)(c);
+        c.timing.election_timeout = ConfigDuration(Duration::from_secs(2));
+    });
     let observer = array.client().await;
     let active = array.wait_active(&observer, 0, Duration::from_secs(20)).await;
     let mut settings = array.settings();
@@ -193,14 +199,15 @@ async fn failover_gives_idle_sessions_a_fresh_window() {
     let proxy = ProxiedArray::start(&array, &mut settings).await;
     let idle = ArrayClient::connect(settings).await.unwrap();
 
-    phase("a client takes a lock, goes silent, and the active is killed");
+    phase("a client takes a lock, goes silent, and the active is paused");
     let held = idle
         .lock(CACHE, b"k", LockMode::Exclusive, LockWait::NoWait)
         .await
         .unwrap();
     proxy.cut();
     let silent_since = Instant::now();
-    array.kill9(&active);
+    let paused = nix::unistd::Pid::from_raw(array.pid(&active) as i32);
+    nix::sys::signal::kill(paused, nix::sys::signal::Signal::SIGSTOP).unwrap();
     array.wait_active(&observer, 0, Duration::from_secs(20)).await;
     let failover_seen = Instant::now();
     eprintln!("new active after {:?}", failover_seen - silent_since);
@@ -225,4 +232,5 @@ async fn failover_gives_idle_sessions_a_fresh_window() {
         after_failover >= window - Duration::from_millis(500),
         "expired before a full window"
     );
+    array.kill9(&active);
 }
