@@ -210,45 +210,76 @@ async fn client_times() -> (Duration, Duration, Duration, Duration) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; any other argument is a filter we do not support.
+    // `cargo bench` passes `--bench`; another argument picks the figures whose name holds it
+    // (`failover`, `restart`, `client`, `memory`), e.g. `cargo bench --bench array_figures -- failover`.
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut times = Vec::new();
-        for run in 0..FAILOVER_RUNS {
-            let t = failover_once().await;
-            println!("failover run {run}: first successful write {:.0} ms after kill -9 of the active", t.as_secs_f64() * 1e3);
-            times.push(t);
+        if wanted("failover") {
+            failover_figures().await;
         }
-        times.sort();
+        if wanted("restart") {
+            restart_figures().await;
+        }
+        if wanted("client") {
+            client_figures().await;
+        }
+        if wanted("memory") {
+            memory_figures().await;
+        }
+    });
+}
+
+async fn failover_figures() {
+    let mut times = Vec::new();
+    for run in 0..FAILOVER_RUNS {
+        let t = failover_once().await;
         println!(
-            "failover: median {:.0} ms, min {:.0} ms, max {:.0} ms over {FAILOVER_RUNS} runs",
-            times[FAILOVER_RUNS / 2].as_secs_f64() * 1e3,
-            times[0].as_secs_f64() * 1e3,
-            times[FAILOVER_RUNS - 1].as_secs_f64() * 1e3
+            "failover run {run}: first successful write {:.0} ms after kill -9 of the active",
+            t.as_secs_f64() * 1e3
         );
-        let (load, restart) = restart_with_entries().await;
-        println!(
+        times.push(t);
+    }
+    times.sort();
+    println!(
+        "failover: median {:.0} ms, min {:.0} ms, max {:.0} ms over {FAILOVER_RUNS} runs",
+        times[FAILOVER_RUNS / 2].as_secs_f64() * 1e3,
+        times[0].as_secs_f64() * 1e3,
+        times[FAILOVER_RUNS - 1].as_secs_f64() * 1e3
+    );
+}
+
+async fn restart_figures() {
+    let (load, restart) = restart_with_entries().await;
+    println!(
             "restart: {RESTART_ENTRIES} entries of 100 bytes (loaded in {:.1} s) serving again {:.0} ms after kill -9 and restart of all three servers",
             load.as_secs_f64(),
             restart.as_secs_f64() * 1e3
         );
-        let (noticed, reconnected, serving, rejoined) = client_times().await;
-        println!(
+}
+
+async fn client_figures() {
+    let (noticed, reconnected, serving, rejoined) = client_times().await;
+    println!(
             "client (keep-alive 1 s): noticed the array gone after {:.0} ms; reconnected {:.0} ms after the servers restarted (first linearizable read after {:.0} ms); rejoined {:.0} ms after the link healed past its window",
             noticed.as_secs_f64() * 1e3,
             reconnected.as_secs_f64() * 1e3,
             serving.as_secs_f64() * 1e3,
             rejoined.as_secs_f64() * 1e3
         );
-        // Last: the heaviest (three servers with a gigabyte each).
-        let (raw, rows) = memory_with_entries().await;
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        for (name, peak, end) in rows {
-            println!(
+}
+
+/// Last: the heaviest (three servers with a gigabyte each).
+async fn memory_figures() {
+    let (raw, rows) = memory_with_entries().await;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    for (name, peak, end) in rows {
+        println!(
                 "memory: {name} holding {MEMORY_ENTRIES} entries of {MEMORY_VALUE_BYTES} B ({:.0} MiB of keys and values) after {MEMORY_OVERWRITES} overwrites: {:.0} MiB resident ({:.2}x), peak {:.0} MiB ({:.2}x)",
                 mib(raw),
                 mib(end),
@@ -256,6 +287,5 @@ fn main() {
                 mib(peak),
                 peak as f64 / raw as f64
             );
-        }
-    });
+    }
 }
