@@ -106,6 +106,13 @@ pub enum FrameError {
     Idle(Duration),
 }
 
+impl FrameError {
+    /// Whether the client only went away (closed or reset the connection), which is no fault.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, FrameError::Bad(e) if is_disconnect(e))
+    }
+}
+
 /// How often a [`DeadlineReader`] looks at its deadlines while it waits.
 const DEADLINE_TICK: Duration = Duration::from_millis(500);
 
@@ -442,6 +449,19 @@ pub enum AcceptError {
     /// I/O error, timeout, or a malformed hello.
     #[error("{0}")]
     Broken(String),
+    /// The client went away (closed or reset the connection) before the handshake completed:
+    /// an ordinary event (a client that dialled several servers keeps the first to answer).
+    #[error("the client left: {0}")]
+    Gone(String),
+}
+
+/// Whether an I/O error only says that the other side went away (closed, reset, aborted).
+pub fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe
+    )
 }
 
 /// Runs the server side of the handshake on a fresh connection within `timeout`. On success the
@@ -487,8 +507,9 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(_) => return Err(fatal(framed, "the first message must be a hello").await),
             Err(_) => return Err(fatal(framed, "malformed hello").await),
         },
+        Some(Err(e)) if is_disconnect(&e) => return Err(AcceptError::Gone(e.to_string())),
         Some(Err(e)) => return Err(fatal(framed, &format!("bad frame: {e}")).await),
-        None => return Err(AcceptError::Broken("closed before hello".into())),
+        None => return Err(AcceptError::Gone("closed before its hello".into())),
     };
     let secret = match identity.authority.secret_for(&hello.role) {
         Err(refusal) => {
@@ -556,10 +577,13 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S, LengthDelimitedCodec>,
     msg: &ServerMessage,
 ) -> Result<(), AcceptError> {
-    framed
-        .send(encode(msg))
-        .await
-        .map_err(|e| AcceptError::Broken(format!("send: {e}")))
+    framed.send(encode(msg)).await.map_err(|e| {
+        if is_disconnect(&e) {
+            AcceptError::Gone(format!("send: {e}"))
+        } else {
+            AcceptError::Broken(format!("send: {e}"))
+        }
+    })
 }
 
 async fn fatal<S: AsyncRead + AsyncWrite + Unpin>(

@@ -869,3 +869,99 @@ async fn bench_runs_every_workload_and_reports_json() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--keys"), "{err}");
 }
+
+/// `array restart --rolling` restarts every server of a 2x3 `up` in turn (mirrors first, the
+/// active last, each after the one before caught up) while four clients write: not one client
+/// request fails (the clients retry inside their 15 s timeout, as a nonstop cache does), and
+/// every acknowledged write is there afterwards.
+#[test]
+fn array_restart_rolling_fails_no_client_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let _lock = common::cluster_lock();
+    let _cache_array = binary("cache-array");
+    let dir = tempfile::tempdir().unwrap();
+    let (_up, _) = start_up(&["--base-port", "0", "--nodes", "0", "--stripes", "2"], dir.path());
+    let endpoints = read_endpoints(dir.path());
+    let mut settings = ferrocotta::ClientSettings::new(endpoints["array_urls"].as_str().unwrap()).unwrap();
+    settings.secret = std::fs::read(endpoints["secret_file"].as_str().unwrap())
+        .unwrap()
+        .trim_ascii()
+        .to_vec();
+    settings.request_timeout = Duration::from_secs(15);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(ferrocotta::ArrayClient::connect(settings)).unwrap();
+
+    phase("four clients write while every server is restarted in turn");
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (client, stop, acknowledged, failures) =
+                (client.clone(), stop.clone(), acknowledged.clone(), failures.clone());
+            rt.spawn(async move {
+                // Bounded: the restart stops it much sooner.
+                for i in 0..200_000u32 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("w{w}-{i}");
+                    match client.put("rolling", key.as_bytes(), b"v").await {
+                        Ok(_) => acknowledged.lock().unwrap().push((key, Instant::now())),
+                        Err(e) => failures.lock().unwrap().push(format!("{key}: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, out, err) = run(ferrocotta()
+        .args(["array", "restart", "--rolling", "--dir"])
+        .arg(dir.path()));
+    println!("{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.matches("serving again and caught up").count(), 6, "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        rt.block_on(w).unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let mut times: Vec<Instant> = acknowledged.iter().map(|(_, t)| *t).collect();
+    times.sort();
+    let longest = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    println!(
+        "{} writes acknowledged, {} failed; longest pause between acknowledged writes {longest:.2?}",
+        acknowledged.len(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "client requests failed during the rolling restart: {failures:?}"
+    );
+    assert!(
+        acknowledged.len() > 100,
+        "the writers wrote little: {}",
+        acknowledged.len()
+    );
+
+    phase("every acknowledged write is there");
+    for chunk in acknowledged.chunks(500) {
+        let keys: Vec<Vec<u8>> = chunk.iter().map(|(k, _)| k.clone().into_bytes()).collect();
+        let values = rt.block_on(client.get_all("rolling", &keys)).unwrap();
+        for ((k, _), v) in chunk.iter().zip(values) {
+            assert_eq!(v.as_deref(), Some(&b"v"[..]), "acknowledged write {k} is missing");
+        }
+    }
+
+    phase("without --rolling, or without --dir: a clear refusal");
+    let (code, _, err) = run(ferrocotta().args(["array", "restart", "--dir"]).arg(dir.path()));
+    assert_ne!(code, 0);
+    assert!(err.contains("--rolling"), "{err}");
+    let urls = endpoints["array_urls"].as_str().unwrap();
+    let (code, _, err) = run(ferrocotta().args(["array", "restart", "--rolling", "--array-urls", urls]));
+    assert_ne!(code, 0);
+    assert!(err.contains("--dir"), "{err}");
+}

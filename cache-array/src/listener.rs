@@ -94,6 +94,18 @@ pub enum HandshakeFailed {
     Timeout(Duration),
 }
 
+impl HandshakeFailed {
+    /// Whether the client only went away before the handshake completed (no fault: logged at
+    /// debug level, not counted as a rejection).
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            HandshakeFailed::Tls(e) => handshake::is_disconnect(e),
+            HandshakeFailed::Protocol(AcceptError::Gone(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 /// TLS (when the port speaks it) and the protocol handshake, within the handshake deadline.
 async fn handshake(l: &Listening, tcp: TcpStream) -> Result<(FramedConn, Hello), HandshakeFailed> {
     let both = async {

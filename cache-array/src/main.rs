@@ -139,15 +139,36 @@ async fn wait_for_signal() {
 }
 
 fn init_tracing(format: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let quiet = tracing_subscriber::filter::filter_fn(|m| !is_openraft_rpc_noise(m));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
+    let layer = if format == "json" {
+        layer.json().with_filter(quiet).boxed()
     } else {
-        builder.init();
+        layer.with_filter(quiet).boxed()
+    };
+    tracing_subscriber::registry().with(filter).with(layer).init();
+}
+
+/// openraft's lines for each failed Raft call while a peer is down (an ERROR `RPCError` and
+/// three WARNs about every 200-300 ms: the failed replication, its backoff, the failed
+/// heartbeat), and its ERROR for each vote request that found no peer: the group port logs
+/// `peer.unreachable` and `peer.reachable` once per change instead (cache-array/src/network.rs).
+/// openraft's storage errors (ERROR with an `error` field in replication) still show.
+fn is_openraft_rpc_noise(m: &tracing::Metadata<'_>) -> bool {
+    let has = |f: &str| m.fields().field(f).is_some();
+    let (error, warn) = (*m.level() == tracing::Level::ERROR, *m.level() == tracing::Level::WARN);
+    match m.target() {
+        "openraft::replication" => (error && has("err")) || warn,
+        "openraft::engine::handler::replication_handler" => warn,
+        "openraft::core::raft_core" => error && has("error") && has("target"),
+        _ => false,
     }
 }

@@ -73,6 +73,17 @@ struct PeerLink {
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// When a call on this link last got an answer (or its connection was made).
     answered: Mutex<Instant>,
+    /// The outage being reported, if any.
+    outage: Mutex<Outage>,
+}
+
+/// A peer that stopped answering, as logged.
+#[derive(Default)]
+struct Outage {
+    /// Since when it answered nothing, once reported.
+    since: Option<Instant>,
+    /// Calls that failed since its last answer.
+    failed_calls: u64,
 }
 
 /// Builds openraft network clients for the other servers of this stripe.
@@ -112,6 +123,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
                     addr,
                     conn: tokio::sync::Mutex::new(None),
                     answered: Mutex::new(Instant::now()),
+                    outage: Mutex::new(Outage::default()),
                 })
             })
             .clone();
@@ -160,7 +172,54 @@ impl PeerNetwork {
         Ok(conn)
     }
 
+    /// One Raft call. openraft logs every failed call (about every 300 ms to a dead peer; the
+    /// server's log filter drops those lines); this logs once when a peer has answered nothing
+    /// for [`PEER_STALE_AFTER`] (`peer.unreachable`) and once when it answers again
+    /// (`peer.reachable`, with the calls that failed meanwhile).
     async fn call<Req: Serialize, Resp: DeserializeOwned, E>(
+        &self,
+        rpc: PeerRpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, openraft::EmptyNode, RaftError<NodeId, E>>>
+    where
+        E: std::error::Error + DeserializeOwned,
+    {
+        let result = self.call_once(rpc, req, option).await;
+        let mut outage = self.link.outage.lock().expect("outage lock");
+        match &result {
+            Err(RPCError::Unreachable(e)) => {
+                outage.failed_calls += 1;
+                let silent = self.link.answered.lock().expect("answered lock").elapsed();
+                if outage.since.is_none() && silent >= PEER_STALE_AFTER {
+                    outage.since = Some(Instant::now() - silent);
+                    tracing::warn!(
+                        event = "peer.unreachable",
+                        peer = self.target,
+                        addr = %self.link.addr,
+                        error = %e,
+                        "no answer from this peer for {silent:.1?}; dialling it again every {PEER_REDIAL_INTERVAL:?}"
+                    );
+                }
+            }
+            Err(_) => {}
+            Ok(_) => {
+                if let Some(since) = outage.since.take() {
+                    tracing::info!(
+                        event = "peer.reachable",
+                        peer = self.target,
+                        down_for = ?since.elapsed(),
+                        failed_calls = outage.failed_calls,
+                        "the peer answers again"
+                    );
+                }
+                outage.failed_calls = 0;
+            }
+        }
+        result
+    }
+
+    async fn call_once<Req: Serialize, Resp: DeserializeOwned, E>(
         &self,
         rpc: PeerRpc,
         req: &Req,
@@ -303,6 +362,10 @@ impl Port for PeerService {
     }
 
     fn handshake_failed(&self, remote: SocketAddr, error: HandshakeFailed) {
+        if error.is_disconnect() {
+            tracing::debug!(event = "peer.left_before_handshake", remote = %remote, error = %error);
+            return;
+        }
         if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
             tracing::warn!(event = "peer.handshake_failed", remote = %remote, error = %error, suppressed);
         }
@@ -360,6 +423,10 @@ impl PeerService {
             };
             let bytes = match next {
                 Ok(None) => break,
+                Err(e) if e.is_disconnect() => {
+                    tracing::debug!(event = "peer.disconnected", peer = %name, error = %e);
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(event = "peer.bad_frame", peer = %name, error = %e);
                     let _ = tx.send(listener::fatal(e.to_string())).await;

@@ -120,6 +120,29 @@ impl From<QueuedReply> for bytes::Bytes {
     }
 }
 
+/// When the server stops, how long a connection must have sent no new request (with every
+/// request it sent answered) before it is closed; see [`draining_done`].
+pub const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+/// Longest a connection drains when the server stops, however busy its client is.
+pub const DRAIN_MAX: Duration = Duration::from_secs(3);
+
+/// Resolves when a draining connection may close: every request in flight was answered and no
+/// new one came for [`DRAIN_QUIET`], or [`DRAIN_MAX`] passed. A request that arrives while it
+/// drains is answered `ShuttingDown` (definitely not applied; clients try another server), so a
+/// client never loses an answer to a request it sent before the connection closed: no write of a
+/// stopping server is left in doubt.
+async fn draining_done(since: Instant, last_request: Instant, in_flight: &Semaphore) {
+    loop {
+        let quiet = last_request.max(since).elapsed() >= DRAIN_QUIET;
+        let answered = in_flight.available_permits() == REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX;
+        if (quiet && answered) || since.elapsed() >= DRAIN_MAX {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Permits of a byte budget for `bytes` (a single item larger than the budget takes all of it).
 async fn take_budget(budget: &Arc<Semaphore>, bytes: usize, max: usize) -> Option<OwnedSemaphorePermit> {
     budget.clone().acquire_many_owned(bytes.clamp(1, max) as u32).await.ok()
@@ -142,6 +165,10 @@ impl Port for ClientService {
     }
 
     fn handshake_failed(&self, remote: SocketAddr, error: HandshakeFailed) {
+        if error.is_disconnect() {
+            tracing::debug!(event = "client.left_before_handshake", remote = %remote, error = %error);
+            return;
+        }
         self.metrics.rejected_connections.fetch_add(1, Relaxed);
         if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
             tracing::warn!(event = "client.handshake_failed", remote = %remote, error = %error, suppressed);
@@ -200,9 +227,20 @@ impl ClientService {
         let request_bytes = Arc::new(Semaphore::new(REQUEST_BYTES_IN_FLIGHT_PER_CONNECTION_MAX));
         let reply_bytes = Arc::new(Semaphore::new(REPLY_BYTES_QUEUED_PER_CONNECTION_MAX));
         let grant = Arc::new(grant);
+        // Set when the server stops: (since when, last request seen).
+        let mut draining: Option<(Instant, Instant)> = None;
         loop {
             let next = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled(), if draining.is_none() => {
+                    draining = Some((Instant::now(), Instant::now()));
+                    continue;
+                }
+                _ = async {
+                    match draining {
+                        Some((since, last)) => draining_done(since, last, &in_flight).await,
+                        None => std::future::pending().await,
+                    }
+                } => break,
                 // The writer stopped (the socket broke): nothing could be answered any more.
                 _ = &mut writer => return,
                 n = reader.next() => n,
@@ -212,6 +250,10 @@ impl ClientService {
                 Err(handshake::FrameError::Idle(d)) => {
                     tracing::debug!(event = "client.idle_closed", remote = %remote, idle = ?d);
                     let _ = tx.send(fatal(&format!("idle for {d:?}; closing"))).await;
+                    break;
+                }
+                Err(e) if e.is_disconnect() => {
+                    tracing::debug!(event = "client.connection_closed", remote = %remote, error = %e);
                     break;
                 }
                 Err(e) => {
@@ -239,6 +281,15 @@ impl ClientService {
                     break;
                 }
             };
+            if let Some((_, last)) = draining.as_mut() {
+                *last = Instant::now();
+                let frame = encode(&ServerMessage::Response(Response {
+                    id: request.id,
+                    result: Err(ErrorReply::ShuttingDown),
+                }));
+                let _ = tx.send(QueuedReply { frame, _budget: None }).await;
+                continue;
+            }
             let frame_len = bytes.len();
             drop(bytes);
             // Backpressure: wait for room by count (and by bytes for a large request) before

@@ -1,6 +1,7 @@
 //! Subcommands of the `ferrocotta` CLI, one module each.
 //!
 //! - [`up`]: a whole local cluster in one command (and `down` to stop one in the background).
+//! - [`array`]: operations on a running array as a whole (a rolling restart).
 //! - [`status`]: the array at a glance.
 //! - [`cache`]: get, put, remove and list keys from a shell.
 //! - [`bench`]: a load generator with latency percentiles.
@@ -8,6 +9,7 @@
 //! - [`jobs`]: scheduled jobs through an integration node's admin API.
 //! - [`invoke`]: a service of the nodes through the failover client, optionally guaranteed.
 
+mod array;
 mod bench;
 mod cache;
 mod invoke;
@@ -40,6 +42,9 @@ enum Command {
     Down(up::DownArgs),
     /// Show every server of an array: stripe, role, term, indexes.
     Status(status::StatusArgs),
+    /// Operations on a running array as a whole: `restart --rolling`.
+    #[command(subcommand)]
+    Array(array::ArrayCommand),
     /// Read and write cache entries.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -172,6 +177,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Up(a) => up::run(a).await,
         Command::Down(a) => up::down(a).await,
         Command::Status(a) => status::run(a).await,
+        Command::Array(c) => array::run(c).await,
         Command::Cache(c) => cache::run(c).await,
         Command::Bench(a) => bench::run(a).await,
         Command::Top(a) => top::run(a).await,

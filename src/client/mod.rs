@@ -23,6 +23,7 @@ mod routing;
 mod session;
 mod settings;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -123,6 +124,10 @@ struct Inner {
     local: nonstop::LocalCopies,
     /// Operations of nonstop caches whose timeout behaviour applied.
     nonstop_timeouts: std::sync::atomic::AtomicU64,
+    /// Per stripe and silent server: when the stripe's other servers were last asked which of
+    /// them is the active, and who said so (shared by every request waiting on that server, so
+    /// they ask once between them).
+    actives_asked: Mutex<HashMap<(usize, String), (Instant, Vec<String>)>>,
 }
 
 impl ArrayClient {
@@ -170,6 +175,7 @@ impl ArrayClient {
                 sessions: session::SessionState::new(stripes),
                 local: nonstop::LocalCopies::default(),
                 nonstop_timeouts: std::sync::atomic::AtomicU64::new(0),
+                actives_asked: Mutex::new(HashMap::new()),
             }),
         };
         Ok(client)
@@ -255,6 +261,9 @@ impl ArrayClient {
     async fn connection(&self, handle: &Arc<ServerHandle>, wait: Duration) -> Result<Arc<Connection>, ConnectFailure> {
         if let Ok(slot) = handle.conn.try_lock() {
             if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+                if handle.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    return Err(ConnectFailure::Retry("shutting down".into()));
+                }
                 return Ok(c.clone());
             }
         }
@@ -280,9 +289,14 @@ impl ArrayClient {
         let mut slot = handle.conn.lock().await;
         if let Some(c) = slot.as_ref() {
             if !c.is_closed() {
+                if handle.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    return Err(ConnectFailure::Retry("shutting down".into()));
+                }
                 return Ok(c.clone());
             }
         }
+        // The connection of a stopping server closed: whatever answers next is a new process.
+        handle.stopping.store(false, std::sync::atomic::Ordering::Release);
         if let Some((at, why)) = handle.last_failure.lock().expect("failure lock").as_ref() {
             if *at >= asked {
                 return Err(ConnectFailure::Retry(why.clone()));

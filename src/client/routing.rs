@@ -27,6 +27,9 @@ pub(super) struct ServerHandle {
     /// When the dial in progress started, if one is; a server that takes long to answer one is
     /// tried last, like one that failed.
     pub(super) dialling_since: Mutex<Option<Instant>>,
+    /// Set when the server answered `ShuttingDown`: its live connection takes no new request (so
+    /// the server can finish and close it); a connection made after it closed clears it.
+    pub(super) stopping: std::sync::atomic::AtomicBool,
 }
 
 /// How long a request waits on the stripe's active before it asks the other servers whether
@@ -69,6 +72,7 @@ impl Routing {
                     conn: tokio::sync::Mutex::new(None),
                     last_failure: Mutex::new(None),
                     dialling_since: Mutex::new(None),
+                    stopping: std::sync::atomic::AtomicBool::new(false),
                 })
             });
             servers.insert(srv.name.clone(), handle);
@@ -153,29 +157,51 @@ impl ArrayClient {
     async fn active_moved(&self, routing: &Routing, stripe: usize, name: &str) -> String {
         tokio::time::sleep(SILENT_ACTIVE_AFTER).await;
         loop {
-            let asks = routing.stripe_servers[stripe]
-                .iter()
-                .filter(|n| *n != name)
-                .map(|other| {
-                    let handle = routing.servers[other].clone();
-                    async move {
-                        let conn = self.connection(&handle, CONNECT_STAGGER).await.ok()?;
-                        match conn.call(Op::Ping, SILENT_ACTIVE_POLL * 2).await {
-                            Ok(Reply::Pong {
-                                role: Role::Active,
-                                server,
-                                ..
-                            }) => Some(server),
-                            _ => None,
-                        }
-                    }
-                });
-            let found = futures::future::join_all(asks).await;
-            if let Some(active) = found.into_iter().flatten().find(|s| s != name) {
+            let actives = self.others_saying_active(routing, stripe, name).await;
+            if let Some(active) = actives.into_iter().find(|s| s != name) {
                 return active;
             }
             tokio::time::sleep(SILENT_ACTIVE_POLL).await;
         }
+    }
+
+    /// The servers of a stripe other than `silent` that say they are its active, as asked at
+    /// most [`SILENT_ACTIVE_POLL`] ago by this or another request waiting on `silent` (one asks
+    /// while the others wait for its answer).
+    async fn others_saying_active(&self, routing: &Routing, stripe: usize, silent: &str) -> Vec<String> {
+        let key = (stripe, silent.to_string());
+        {
+            let mut asked = self.inner.actives_asked.lock().expect("actives lock");
+            if let Some((at, actives)) = asked.get(&key) {
+                if at.elapsed() < SILENT_ACTIVE_POLL {
+                    return actives.clone();
+                }
+            }
+            // Claimed while this request asks: the others wait for the next round.
+            asked.insert(key.clone(), (Instant::now(), Vec::new()));
+        }
+        let others = routing.stripe_servers[stripe].iter().filter(|s| *s != silent);
+        let asks = others.map(|server| {
+            let handle = routing.servers[server].clone();
+            async move {
+                let conn = self.connection(&handle, CONNECT_STAGGER).await.ok()?;
+                match conn.call(Op::Ping, SILENT_ACTIVE_POLL * 2).await {
+                    Ok(Reply::Pong {
+                        role: Role::Active,
+                        server,
+                        ..
+                    }) => Some(server),
+                    _ => None,
+                }
+            }
+        });
+        let actives: Vec<String> = futures::future::join_all(asks).await.into_iter().flatten().collect();
+        self.inner
+            .actives_asked
+            .lock()
+            .expect("actives lock")
+            .insert(key, (Instant::now(), actives.clone()));
+        actives
     }
 
     /// Runs one operation on a stripe until it succeeds, fails for good, or `timeout` passes.
@@ -266,6 +292,12 @@ impl ArrayClient {
                         break;
                     }
                     Err(CallError::Server(ErrorReply::ShuttingDown)) => {
+                        // It is stopping (and did not apply the request): try it last for a while,
+                        // and not as the active.
+                        self.forget_leader(stripe, &name);
+                        handle.stopping.store(true, std::sync::atomic::Ordering::Release);
+                        *handle.last_failure.lock().expect("failure lock") =
+                            Some((Instant::now(), "shutting down".into()));
                         failures.insert(name.clone(), "shutting down".into());
                     }
                     Err(CallError::Server(ErrorReply::Timeout)) => {
