@@ -105,6 +105,9 @@ pub struct ArrayClient {
     inner: Arc<Inner>,
 }
 
+/// When a stripe's servers were asked which of them is the active, and those that said so.
+type ActivesAsked = (Instant, Vec<String>);
+
 struct Inner {
     /// Settings given at connect.
     settings: ClientSettings,
@@ -127,7 +130,7 @@ struct Inner {
     /// Per stripe and silent server: when the stripe's other servers were last asked which of
     /// them is the active, and who said so (shared by every request waiting on that server, so
     /// they ask once between them).
-    actives_asked: Mutex<HashMap<(usize, String), (Instant, Vec<String>)>>,
+    actives_asked: Mutex<HashMap<(usize, String), ActivesAsked>>,
 }
 
 impl ArrayClient {
