@@ -234,10 +234,17 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         role: ConnectionRole::Peer { from: me.name.clone() },
         tls: tls.as_ref().map(|t| t.peer_dialler.clone()),
     };
+    // Group addresses of the stripe's servers by node id: Raft traffic, elections, probes.
+    let group_addrs: HashMap<NodeId, String> = config.stripes[position.stripe]
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as NodeId + 1, s.group_addr()))
+        .collect();
     let raft = start_raft(
         &config,
         position,
-        peer_client_identity.clone(),
+        PeerNetworkFactory::new(peer_client_identity.clone(), group_addrs.clone()),
         log_store.clone(),
         state_machine,
     )
@@ -255,12 +262,6 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         .iter()
         .filter(|(id, _)| **id != position.node_id())
         .map(|(id, name)| (name.clone(), *id))
-        .collect();
-    let group_addrs: HashMap<NodeId, String> = config.stripes[position.stripe]
-        .servers
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as NodeId + 1, s.group_addr()))
         .collect();
     let elections = Elections::new(position.node_id(), group_addrs.clone(), &config.timing);
     let peer_service = Arc::new(PeerService {
@@ -500,7 +501,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
 async fn start_raft(
     config: &Arc<ClusterConfig>,
     position: ServerPosition,
-    identity: ClientIdentity,
+    network: PeerNetworkFactory,
     log_store: LogStore,
     state_machine: StateMachineStore,
 ) -> anyhow::Result<Raft> {
@@ -528,14 +529,6 @@ async fn start_raft(
         ..Default::default()
     };
     let raft_config = Arc::new(raft_config.validate().context("raft settings")?);
-    let stripe = &config.stripes[position.stripe];
-    let addrs: HashMap<NodeId, String> = stripe
-        .servers
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as NodeId + 1, s.group_addr()))
-        .collect();
-    let network = PeerNetworkFactory::new(identity, addrs);
     let raft = Raft::new(position.node_id(), raft_config, network, log_store, state_machine)
         .await
         .context("starting raft")?;
