@@ -263,11 +263,8 @@ impl ArrayClient {
     /// dial may still succeed for later requests. Concurrent callers share one dial.
     async fn connection(&self, handle: &Arc<ServerHandle>, wait: Duration) -> Result<Arc<Connection>, ConnectFailure> {
         if let Ok(slot) = handle.conn.try_lock() {
-            if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-                if handle.stopping.load(std::sync::atomic::Ordering::Acquire) {
-                    return Err(ConnectFailure::Retry("shutting down".into()));
-                }
-                return Ok(c.clone());
+            if let Some(live) = live_connection(handle, &slot) {
+                return live;
             }
         }
         let asked = Instant::now();
@@ -290,13 +287,8 @@ impl ArrayClient {
     /// again).
     async fn dial(&self, handle: &ServerHandle, asked: Instant) -> Result<Arc<Connection>, ConnectFailure> {
         let mut slot = handle.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            if !c.is_closed() {
-                if handle.stopping.load(std::sync::atomic::Ordering::Acquire) {
-                    return Err(ConnectFailure::Retry("shutting down".into()));
-                }
-                return Ok(c.clone());
-            }
+        if let Some(live) = live_connection(handle, &slot) {
+            return live;
         }
         // The connection of a stopping server closed: whatever answers next is a new process.
         handle.stopping.store(false, std::sync::atomic::Ordering::Release);
@@ -473,6 +465,20 @@ async fn download_config(
         }
         tokio::time::sleep(settings.reconnect_wait_interval.min(left)).await;
     }
+}
+
+/// What a server's open connection gives a request: itself, or (once the server answered
+/// `ShuttingDown`) a refusal so that it can drain; `None` when there is no open connection.
+fn live_connection(
+    handle: &ServerHandle,
+    slot: &Option<Arc<Connection>>,
+) -> Option<Result<Arc<Connection>, ConnectFailure>> {
+    let c = slot.as_ref().filter(|c| !c.is_closed())?;
+    Some(if handle.stopping.load(std::sync::atomic::Ordering::Acquire) {
+        Err(ConnectFailure::Retry("shutting down".into()))
+    } else {
+        Ok(c.clone())
+    })
 }
 
 /// How often a connection that sent nothing pings the server: well within the array's idle timeout.
