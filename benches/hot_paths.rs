@@ -60,6 +60,7 @@ fn put_request() -> ClientMessage {
 fn put_reply() -> ServerMessage {
     ServerMessage::Response(Response {
         id: 1_234_567,
+        generation: 3,
         result: Ok(Reply::Value(Some(vec![b'p'; VALUE_BYTES]))),
     })
 }

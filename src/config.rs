@@ -309,8 +309,17 @@ impl Default for Storage {
 pub struct StripeConfig {
     /// Name shown in status output.
     pub name: String,
-    /// The servers of the stripe; their position (from 1) is their Raft node id.
+    /// The servers of the stripe; a server's Raft node id is its `id`, or else its position
+    /// (from 1).
     pub servers: Vec<ServerConfig>,
+    /// How many membership changes the stripe has committed since its cluster.toml (0 in a
+    /// cluster.toml; the live document a server hands out carries its stripe's own).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One array server.
@@ -319,6 +328,10 @@ pub struct StripeConfig {
 pub struct ServerConfig {
     /// Unique name of the server in the array (`--name` on the command line).
     pub name: String,
+    /// Its Raft node id in its stripe, when not its position: set for servers added to a running
+    /// array (`ferrocotta array add-server`), whose ids are never reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
     /// Host name or address the other servers and the clients use to reach it.
     pub host: String,
     /// Client port.
@@ -380,14 +393,23 @@ impl ServerConfig {
 pub struct ServerPosition {
     /// Index of its stripe in `stripes`.
     pub stripe: usize,
-    /// Index of the server in its stripe; its Raft node id is this plus one.
+    /// Index of the server in its stripe.
     pub index: usize,
+    /// Its Raft node id: the server's `id`, or else its index plus one.
+    pub id: u64,
 }
 
 impl ServerPosition {
     /// The Raft node id of this server within its stripe.
     pub fn node_id(&self) -> u64 {
-        self.index as u64 + 1
+        self.id
+    }
+}
+
+impl ServerConfig {
+    /// Its Raft node id, given its index in its stripe.
+    pub fn node_id_at(&self, index: usize) -> u64 {
+        self.id.unwrap_or(index as u64 + 1)
     }
 }
 
@@ -539,10 +561,27 @@ impl ClusterConfig {
                     "at most 7 servers per stripe",
                 ));
             }
+            let mut ids = HashSet::new();
             for (i, server) in stripe.servers.iter().enumerate() {
                 let at = format!("stripes[{si}].servers[{i}]");
                 if server.name.is_empty() || server.name.len() > 64 {
                     return Err(field_err(format!("{at}.name"), "must be 1 to 64 characters"));
+                }
+                if server
+                    .name
+                    .chars()
+                    .any(|c| c.is_control() || c.is_whitespace() || c == '/')
+                {
+                    return Err(field_err(
+                        format!("{at}.name"),
+                        "may not hold spaces, control characters or `/`",
+                    ));
+                }
+                if server.id == Some(0) || !ids.insert(server.node_id_at(i)) {
+                    return Err(field_err(
+                        format!("{at}.id"),
+                        format!("node id {} is 0 or used twice in the stripe", server.node_id_at(i)),
+                    ));
                 }
                 if !names.insert(server.name.clone()) {
                     return Err(field_err(
@@ -605,10 +644,11 @@ impl ClusterConfig {
     /// Finds a server by name.
     pub fn find_server(&self, name: &str) -> Option<(ServerPosition, &ServerConfig)> {
         self.stripes.iter().enumerate().find_map(|(stripe, s)| {
-            s.servers
-                .iter()
-                .position(|srv| srv.name == name)
-                .map(|index| (ServerPosition { stripe, index }, &s.servers[index]))
+            s.servers.iter().position(|srv| srv.name == name).map(|index| {
+                let srv = &s.servers[index];
+                let id = srv.node_id_at(index);
+                (ServerPosition { stripe, index, id }, srv)
+            })
         })
     }
 
@@ -620,10 +660,10 @@ impl ClusterConfig {
     /// Every server with its position, in config order.
     pub fn servers(&self) -> impl Iterator<Item = (ServerPosition, &ServerConfig)> {
         self.stripes.iter().enumerate().flat_map(|(stripe, s)| {
-            s.servers
-                .iter()
-                .enumerate()
-                .map(move |(index, srv)| (ServerPosition { stripe, index }, srv))
+            s.servers.iter().enumerate().map(move |(index, srv)| {
+                let id = srv.node_id_at(index);
+                (ServerPosition { stripe, index, id }, srv)
+            })
         })
     }
 
@@ -681,6 +721,7 @@ pub fn local_array(
                     n += 1;
                     ServerConfig {
                         name: format!("a{n}"),
+                        id: None,
                         host: host.to_string(),
                         port: p.port,
                         group_port: p.group_port,
@@ -691,6 +732,7 @@ pub fn local_array(
                     }
                 })
                 .collect(),
+            generation: 0,
         })
         .collect();
     ClusterConfig {

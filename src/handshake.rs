@@ -427,6 +427,14 @@ pub trait Authority: Send + Sync {
     fn secret_for(&self, role: &ConnectionRole) -> Result<Option<Vec<u8>>, Refusal>;
 }
 
+/// Where the configuration document of a welcome comes from (it changes as the array does).
+pub type DocumentSource = Arc<dyn Fn() -> Arc<String> + Send + Sync>;
+
+/// A source with no document (the group port's).
+pub fn no_document() -> DocumentSource {
+    Arc::new(|| Arc::new(String::new()))
+}
+
 /// What the server side checks a hello against.
 #[derive(Clone)]
 pub struct ServerIdentity {
@@ -434,8 +442,9 @@ pub struct ServerIdentity {
     pub server_name: String,
     /// Array this server belongs to.
     pub array_name: String,
-    /// The configuration document sent in the welcome (empty on the group port).
-    pub config_toml: String,
+    /// The configuration document sent in the welcome (empty on the group port); the live one,
+    /// which changes with the array's servers.
+    pub config_toml: DocumentSource,
     /// Which secrets prove which roles on this port.
     pub authority: Arc<dyn Authority>,
 }
@@ -567,7 +576,7 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
         software_version: crate::protocol::SOFTWARE_VERSION.to_string(),
         server_name: identity.server_name.clone(),
         proof: server_proof(&secret, &server_nonce, &hello.client_nonce),
-        config_toml: identity.config_toml.clone(),
+        config_toml: (identity.config_toml)().to_string(),
     };
     send(framed, &ServerMessage::Welcome(welcome)).await?;
     Ok(hello)

@@ -76,6 +76,8 @@ pub struct Connection {
     /// The reader task, stopped when the last holder lets the connection go (a connection
     /// dropped because it stopped answering must not keep its socket for ever).
     reader: tokio::task::AbortHandle,
+    /// The highest configuration generation the server's responses named.
+    generation: Arc<AtomicU64>,
 }
 
 impl Drop for Connection {
@@ -106,7 +108,8 @@ impl Connection {
             (every, frame)
         });
         tokio::spawn(write_loop(sink, rx, pending.clone(), ping));
-        let reader = tokio::spawn(read_loop(stream, pending.clone())).abort_handle();
+        let generation = Arc::new(AtomicU64::new(0));
+        let reader = tokio::spawn(read_loop(stream, pending.clone(), generation.clone())).abort_handle();
         Arc::new(Connection {
             welcome,
             outgoing: tx,
@@ -114,7 +117,14 @@ impl Connection {
             next_id: AtomicU64::new(1),
             max_frame_bytes,
             reader,
+            generation,
         })
+    }
+
+    /// The highest configuration generation of its stripe the server has named in a response
+    /// (0 before the first).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Whether the connection is known to be broken.
@@ -224,13 +234,20 @@ fn deliver(pending: &Mutex<Pending>, id: u64, answer: Answer) {
     }
 }
 
-async fn read_loop(mut stream: futures::stream::SplitStream<FramedConn>, pending: Arc<Mutex<Pending>>) {
+async fn read_loop(
+    mut stream: futures::stream::SplitStream<FramedConn>,
+    pending: Arc<Mutex<Pending>>,
+    generation: Arc<AtomicU64>,
+) {
     let why = loop {
         match stream.next().await {
             None => break "the server closed the connection".to_string(),
             Some(Err(e)) => break format!("read failed: {e}"),
             Some(Ok(bytes)) => match decode::<ServerMessage>(&bytes) {
-                Ok(ServerMessage::Response(resp)) => deliver(&pending, resp.id, Answer::Reply(resp.result)),
+                Ok(ServerMessage::Response(resp)) => {
+                    generation.fetch_max(resp.generation, Ordering::AcqRel);
+                    deliver(&pending, resp.id, Answer::Reply(resp.result))
+                }
                 Ok(ServerMessage::PeerReply { id, payload }) => deliver(&pending, id, Answer::Peer(payload)),
                 Ok(ServerMessage::Fatal(why)) => break format!("the server closed the connection: {why}"),
                 Ok(other) => break format!("unexpected message from server: {other:?}"),

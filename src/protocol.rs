@@ -28,7 +28,10 @@ pub use txn::{parse_counter, EntryInfo, Expiry, Guard, Step, StepReply, Txn};
 ///
 /// 5 (2026-12-04): transactions and entry reads, hash tags in the key-to-slot rule (keys with
 /// `{...}` moved stripes), and the stripe's time. A client or server of 4 is refused.
-pub const PROTOCOL_VERSION: u32 = 5;
+///
+/// 6 (2026-12-04): every response names the stripe's configuration generation; peers ask each
+/// other for the roster and hand over; a removed server is refused as such.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The software version of this build.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -141,6 +144,9 @@ pub enum Refusal {
     WrongPort(String),
     /// The server holds as many connections as it may; try again later or elsewhere.
     Busy(String),
+    /// The dialling server is no longer a member of the stripe (it was removed); the message says
+    /// what to do.
+    NotAMember(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -158,6 +164,7 @@ impl std::fmt::Display for Refusal {
             }
             Refusal::WrongPort(why) => write!(f, "wrong port: {why}"),
             Refusal::Busy(why) => write!(f, "the server is busy: {why}"),
+            Refusal::NotAMember(why) => f.write_str(why),
         }
     }
 }
@@ -814,6 +821,9 @@ pub enum ErrorReply {
 pub struct Response {
     /// Id of the request answered.
     pub id: u64,
+    /// The answering server's configuration generation for its stripe: a client whose document
+    /// is older downloads it again.
+    pub generation: u64,
     /// The outcome.
     pub result: Result<Reply, ErrorReply>,
 }
@@ -830,6 +840,11 @@ pub enum PeerRpc {
     /// What the peer holds, for stripe formation (no payload; answered even before the peer's
     /// Raft group is initialized).
     Probe,
+    /// The stripe's roster as the peer has applied it (no payload): how a server added to a
+    /// running array learns where it belongs.
+    Roster,
+    /// From the active to a mirror: campaign now, the active hands over (no payload).
+    CampaignNow,
 }
 
 /// Messages a client (or peer) sends.
@@ -912,6 +927,66 @@ pub fn server_proof(secret: &[u8], server_nonce: &[u8; NONCE_BYTES], client_nonc
     mac(secret, b"ferrocotta-server-v1", &[client_nonce, server_nonce])
 }
 
+/// Header that carries an admin change's proof: `<unix seconds>:<hex HMAC>`.
+pub const ADMIN_PROOF_HEADER: &str = "x-ferrocotta-proof";
+
+/// How far an admin change's time may be from the server's clock.
+pub const ADMIN_PROOF_WINDOW_SECS: u64 = 60;
+
+/// The proof of an admin change (a membership change on an array server's admin port): HMAC with
+/// the peer secret over the method, path, time and body. The secret never crosses the wire, and a
+/// proof is good for one request within [`ADMIN_PROOF_WINDOW_SECS`].
+pub fn admin_change_proof(peer_secret: &[u8], method: &str, path: &str, at_secs: u64, body: &[u8]) -> [u8; 32] {
+    mac(
+        peer_secret,
+        b"ferrocotta-admin-change-v1",
+        &[method.as_bytes(), path.as_bytes(), at_secs.to_string().as_bytes(), body],
+    )
+}
+
+/// The header value proving an admin change made now.
+pub fn admin_proof_header(peer_secret: &[u8], method: &str, path: &str, body: &[u8]) -> String {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let proof = admin_change_proof(peer_secret, method, path, at, body);
+    format!("{at}:{}", proof.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// Checks an admin change's proof header against the peer secret and the clock.
+pub fn check_admin_proof(
+    peer_secret: &[u8],
+    header: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(), String> {
+    let header = header.ok_or_else(|| {
+        format!("a change needs the `{ADMIN_PROOF_HEADER}` header (made with the peer secret by `ferrocotta array`)")
+    })?;
+    let (at, hex) = header.split_once(':').ok_or("malformed proof header")?;
+    let at: u64 = at.parse().map_err(|_| "malformed proof time")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if now.abs_diff(at) > ADMIN_PROOF_WINDOW_SECS {
+        return Err(format!(
+            "the proof was made {}s away from this server's clock (at most {ADMIN_PROOF_WINDOW_SECS}s): check the clocks",
+            now.abs_diff(at)
+        ));
+    }
+    let given: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    let want = admin_change_proof(peer_secret, method, path, at, body);
+    if given.len() != 32 || !crate::security::constant_time_eq(&given, &want) {
+        return Err("the proof does not match: made without this array's peer secret".into());
+    }
+    Ok(())
+}
+
 /// Compares two proofs in constant time.
 pub fn proofs_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
     crate::security::constant_time_eq(a, b)
@@ -945,6 +1020,31 @@ pub fn codec(max_frame_bytes: usize) -> tokio_util::codec::LengthDelimitedCodec 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_admin_proof_holds_only_for_its_secret_request_and_time() {
+        let secret = b"peer-secret-0123456789";
+        let header = admin_proof_header(secret, "DELETE", "/v1/roster/servers/a1", b"");
+        assert_eq!(
+            check_admin_proof(secret, Some(&header), "DELETE", "/v1/roster/servers/a1", b""),
+            Ok(())
+        );
+        // Another request, another secret, no header, an old time: refused.
+        assert!(check_admin_proof(secret, Some(&header), "DELETE", "/v1/roster/servers/a2", b"").is_err());
+        assert!(check_admin_proof(
+            b"client-secret-0123456",
+            Some(&header),
+            "DELETE",
+            "/v1/roster/servers/a1",
+            b""
+        )
+        .is_err());
+        assert!(check_admin_proof(secret, None, "DELETE", "/v1/roster/servers/a1", b"").is_err());
+        let old = admin_change_proof(secret, "DELETE", "/v1/roster/servers/a1", 1_000, b"");
+        let old = format!("1000:{}", old.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let err = check_admin_proof(secret, Some(&old), "DELETE", "/v1/roster/servers/a1", b"").unwrap_err();
+        assert!(err.contains("clock"), "{err}");
+    }
+
     use super::*;
 
     /// Byte fields are `serde_bytes`; the wire format is what it was when they were sequences of

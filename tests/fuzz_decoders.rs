@@ -81,7 +81,8 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         text(16).prop_map(|why| Err(ErrorReply::Forbidden(why))),
     ];
     prop_oneof![
-        (any::<u64>(), reply).prop_map(|(id, result)| ServerMessage::Response(Response { id, result })),
+        (any::<u64>(), any::<u64>(), reply)
+            .prop_map(|(id, generation, result)| { ServerMessage::Response(Response { id, generation, result }) }),
         any::<[u8; NONCE_BYTES]>().prop_map(|server_nonce| ServerMessage::Challenge { server_nonce }),
         text(16).prop_map(|why| ServerMessage::Refused(Refusal::Busy(why))),
         text(16).prop_map(ServerMessage::Fatal),
@@ -152,7 +153,7 @@ fn identity() -> ServerIdentity {
     ServerIdentity {
         server_name: "fuzz".into(),
         array_name: "fuzz-array".into(),
-        config_toml: String::new(),
+        config_toml: ferrocotta::handshake::no_document(),
         authority: std::sync::Arc::new(OneSecret),
     }
 }

@@ -1,11 +1,12 @@
 //! Admin HTTP (axum): config, status, health, metrics, and the cluster console (the page `/` and
 //! its documents, docs/operations.md "The console").
 //!
-//! Every endpoint here only reads and none needs a token; nothing here shows a secret (the config
-//! document names the files that hold them, never their content). The one that changes state,
-//! `POST /v1/nodes/{cluster}/{name}/{action}`, changes nothing here: it passes the operator's
-//! node admin token on to that node, which checks it. Served by [`ferrocotta::http::serve`] with
-//! its bounds, plain or TLS.
+//! The endpoints that read need no token; nothing here shows a secret (the config document names
+//! the files that hold them, never their content). `POST /v1/nodes/{cluster}/{name}/{action}`
+//! changes nothing here: it passes the operator's node admin token on to that node, which checks
+//! it. The membership changes (`/v1/roster/...`, [`crate::membership`]) need a proof made with the
+//! peer secret ([`ferrocotta::protocol::admin_change_proof`]): a server-level act, which no client
+//! credential may do. Served by [`ferrocotta::http::serve`] with its bounds, plain or TLS.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
@@ -38,10 +39,12 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Group-commit counters.
     pub flush_stats: Arc<FlushStats>,
-    /// The config document as served to clients.
-    pub config_toml: String,
-    /// Its digest, shown by the console.
+    /// The digest of this server's cluster.toml, shown by the console.
     pub config_digest: String,
+    /// Membership changes of this server's stripe.
+    pub changes: Arc<crate::membership::Changes>,
+    /// The peer secret, which proves a membership change.
+    pub peer_secret: Vec<u8>,
     /// The console's samples and events.
     pub recorder: Arc<Recorder>,
     /// TLS towards the other servers' admin ports and the nodes' (None: plain HTTP).
@@ -92,6 +95,8 @@ pub struct Status {
     pub log_flushes: u64,
     /// Appends and votes those fsyncs covered.
     pub log_flush_waiters: u64,
+    /// The configuration generation of its stripe this server goes by.
+    pub generation: u64,
 }
 
 /// The admin router.
@@ -106,7 +111,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/config", get(config))
         .route("/v1/status", get(status))
-        // Nothing here takes a body.
+        .route("/v1/roster", get(roster))
+        .route("/v1/roster/servers", post(add_server))
+        .route("/v1/roster/servers/:name", axum::routing::delete(remove_server))
+        .route("/v1/roster/hand-over", post(hand_over))
+        // Nothing here takes a large body (a new server's settings at most).
         .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
         .with_state(state)
 }
@@ -135,6 +144,7 @@ fn status_of(s: &AdminState) -> Status {
         locks: s.stripe.shared().read(|d| d.store.locks.len() as u64),
         log_flushes: s.flush_stats.flushes.load(Relaxed),
         log_flush_waiters: s.flush_stats.waiters.load(Relaxed),
+        generation: s.stripe.roster().generation(),
     }
 }
 
@@ -142,8 +152,135 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
     Json(status_of(&s))
 }
 
+/// The live configuration document: cluster.toml with this stripe's servers and generation as
+/// its roster has them.
 async fn config(State(s): State<Arc<AdminState>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/toml")], s.config_toml.clone()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/toml")],
+        s.stripe.roster().document().to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /v1/roster`: the stripe's roster and openraft's view of who votes.
+#[derive(Debug, Serialize)]
+pub struct RosterView {
+    /// Stripe index.
+    pub stripe: usize,
+    /// The roster's generation as this server has applied it.
+    pub generation: u64,
+    /// The stripe's servers.
+    pub servers: Vec<ferrocotta::config::ServerConfig>,
+    /// Servers added and not yet voters.
+    pub joining: Vec<String>,
+    /// Names of removed servers.
+    pub retired: Vec<String>,
+    /// Node ids that vote (both sets while a change is joint).
+    pub voters: Vec<u64>,
+    /// Node ids that only learn.
+    pub learners: Vec<u64>,
+    /// Whether the membership is joint (a change in progress).
+    pub joint: bool,
+    /// The active this server knows of.
+    pub active: Option<String>,
+    /// On the active: the last log index each other server has acknowledged.
+    pub matched: std::collections::BTreeMap<String, Option<u64>>,
+}
+
+async fn roster(State(s): State<Arc<AdminState>>) -> Json<RosterView> {
+    let r = s.stripe.roster().get();
+    let m = s.stripe.raft().metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    Json(RosterView {
+        stripe: s.stripe.position().stripe,
+        generation: r.generation,
+        servers: r.servers.clone(),
+        joining: r.joining.clone(),
+        retired: r.retired.clone(),
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
+        joint: membership.get_joint_config().len() > 1,
+        active: m.current_leader.and_then(|id| s.stripe.name_of(id)),
+        matched: m
+            .replication
+            .iter()
+            .flatten()
+            .map(|(id, l)| {
+                (
+                    s.stripe.name_of(*id).unwrap_or_else(|| id.to_string()),
+                    l.map(|l| l.index),
+                )
+            })
+            .collect(),
+    })
+}
+
+/// Checks a change's proof (made with the peer secret); the refusal to send otherwise.
+fn authorize(s: &AdminState, headers: &HeaderMap, method: &str, path: &str, body: &[u8]) -> Result<(), Response> {
+    let header = headers
+        .get(ferrocotta::protocol::ADMIN_PROOF_HEADER)
+        .and_then(|v| v.to_str().ok());
+    ferrocotta::protocol::check_admin_proof(&s.peer_secret, header, method, path, body).map_err(|why| {
+        tracing::warn!(event = "admin.change_refused", path, reason = %why);
+        error_reply(StatusCode::UNAUTHORIZED, "unauthorized", why)
+    })
+}
+
+fn change_reply(result: Result<crate::membership::ChangeOutcome, crate::membership::ChangeError>) -> Response {
+    use crate::membership::ChangeError;
+    match result {
+        Ok(outcome) => Json(outcome).into_response(),
+        Err(ChangeError::NotActive { active }) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"error": {"code": "not_active", "active": active,
+                "message": format!("not the active of the stripe; the active is {}", active.as_deref().unwrap_or("unknown"))}})),
+        )
+            .into_response(),
+        Err(e @ ChangeError::Invalid(_)) => error_reply(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+        Err(e @ ChangeError::Unavailable(_)) => error_reply(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+    }
+}
+
+async fn add_server(State(s): State<Arc<AdminState>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Err(r) = authorize(&s, &headers, "POST", "/v1/roster/servers", &body) {
+        return r;
+    }
+    let server: ferrocotta::config::ServerConfig = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error_reply(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("not a server's settings: {e}"),
+            )
+        }
+    };
+    change_reply(s.changes.add(server).await)
+}
+
+async fn remove_server(State(s): State<Arc<AdminState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    let path = format!("/v1/roster/servers/{name}");
+    if let Err(r) = authorize(&s, &headers, "DELETE", &path, b"") {
+        return r;
+    }
+    change_reply(s.changes.remove(&name).await)
+}
+
+async fn hand_over(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers, "POST", "/v1/roster/hand-over", b"") {
+        return r;
+    }
+    let me = s.stripe.name().to_string();
+    let result = match s.changes.hand_over_if_active().await {
+        Ok(to) => Ok(crate::membership::ChangeOutcome {
+            server: me,
+            id: s.stripe.position().node_id(),
+            generation: s.stripe.roster().generation(),
+            message: format!("handed over to {to}"),
+        }),
+        Err(e) => Err(e),
+    };
+    change_reply(result)
 }
 
 /// Ready: this server's Raft runs and its stripe has an active it knows (itself or a peer). A

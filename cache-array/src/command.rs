@@ -44,6 +44,13 @@ pub enum CommandKind {
     /// order, each with its own result, all made durable by one append (group commit). Never holds
     /// an `OpenSession` (a session's id is its entry's index).
     Batch(Vec<Change>),
+    /// A new roster of the stripe's servers (`crate::roster`), stored only if the stored one is
+    /// still at generation `expected`; the result says which.
+    SetRoster {
+        expected: u64,
+        #[serde(with = "serde_bytes")]
+        roster: Vec<u8>,
+    },
 }
 
 /// A change a client asked for, as the log keeps it.

@@ -191,7 +191,12 @@ fn replication_lag(stripe: &Stripe) -> Option<u64> {
 /// entries (smallest first).
 fn cache_facts(stripe: &Stripe) -> BTreeMap<String, CacheFacts> {
     stripe.shared().read(|d| {
-        let mut by_size: Vec<(&String, &crate::store::Cache)> = d.store.caches.iter().collect();
+        let mut by_size: Vec<(&String, &crate::store::Cache)> = d
+            .store
+            .caches
+            .iter()
+            .filter(|(n, _)| !crate::roster::is_internal_cache(n))
+            .collect();
         by_size.sort_by_key(|(_, c)| c.entries.len());
         let mut budget = CACHE_BYTES_WALK_MAX;
         by_size

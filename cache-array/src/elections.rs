@@ -21,7 +21,7 @@
 //! makes a mirror refuse votes for that long after it last heard the active; the server sets it
 //! to twice the heartbeat interval, so the lease costs little after a crash.
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use ferrocotta::config::Timing;
 
 use crate::formation::{Prober, VoteGate};
+use crate::roster::LiveRoster;
 use crate::types::{NodeId, Raft};
 
 /// Longest a reachability probe of one peer may take before a campaign.
@@ -62,8 +63,12 @@ pub struct Elections {
     crash_seen: Mutex<Option<Instant>>,
     /// Wakes the driver for a crashed active.
     wake: Notify,
-    /// Group addresses of the stripe's servers, for the crash dial.
-    addrs: HashMap<NodeId, String>,
+    /// The stripe's servers (group addresses by node id).
+    roster: Arc<LiveRoster>,
+    /// Set while this server, the active, hands over: its probe answers say it hears no active.
+    handing_over: AtomicBool,
+    /// Set when the active asked this server to campaign: no stagger behind other mirrors.
+    asked: AtomicBool,
     /// This server.
     me: NodeId,
     /// Silence after which a mirror suspects the active (`timing.election_timeout`).
@@ -74,13 +79,15 @@ pub struct Elections {
 
 impl Elections {
     /// State for server `me`, whose stripe's servers have these group addresses.
-    pub fn new(me: NodeId, addrs: HashMap<NodeId, String>, timing: &Timing) -> Arc<Elections> {
+    pub fn new(me: NodeId, roster: Arc<LiveRoster>, timing: &Timing) -> Arc<Elections> {
         Arc::new(Elections {
             heard: Mutex::new(Instant::now()),
             active_crashed: Mutex::new(None),
             crash_seen: Mutex::new(None),
             wake: Notify::new(),
-            addrs,
+            roster,
+            handing_over: AtomicBool::new(false),
+            asked: AtomicBool::new(false),
             me,
             election_timeout: timing.election_timeout.0,
             heartbeat: timing.heartbeat_interval.0,
@@ -112,7 +119,7 @@ impl Elections {
         if raft.metrics().borrow().current_leader != Some(peer) {
             return;
         }
-        let Some(addr) = self.addrs.get(&peer).cloned() else {
+        let Some(addr) = self.roster.group_addr(peer) else {
             return;
         };
         let this = self.clone();
@@ -132,6 +139,25 @@ impl Elections {
                 this.wake.notify_one();
             }
         });
+    }
+
+    /// The active asked this server to campaign now ([`ferrocotta::protocol::PeerRpc::CampaignNow`]):
+    /// it does, as after a crash of the active, without waiting behind other mirrors.
+    pub fn campaign_now(&self, active: NodeId) {
+        self.asked.store(true, Ordering::Release);
+        *self.crash_seen.lock().expect("crash lock") = Some(Instant::now());
+        *self.active_crashed.lock().expect("crashed lock") = Some(active);
+        self.wake.notify_one();
+    }
+
+    /// Whether this server, the active, is handing over.
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Acquire)
+    }
+
+    /// Marks the start and end of a hand-over by this server.
+    pub fn set_handing_over(&self, on: bool) {
+        self.handing_over.store(on, Ordering::Release);
     }
 
     /// Runs until `shutdown`: decides when this server campaigns.
@@ -160,7 +186,11 @@ impl Elections {
             if let Some(dead) = self.active_crashed.lock().expect("crashed lock").take() {
                 // Mirrors go one after another by node id, so their first campaigns do not split
                 // the vote; a later one campaigns only if the earlier one has not won by then.
-                let rank = voters.iter().filter(|v| **v != dead && **v < me).count() as u32;
+                let rank = if self.asked.swap(false, Ordering::AcqRel) {
+                    0
+                } else {
+                    voters.iter().filter(|v| **v != dead && **v < me).count() as u32
+                };
                 next_try = Instant::now() + heartbeat * 2 * rank;
                 crashed = Some((dead, Instant::now() + CRASH_CAMPAIGN_WINDOW));
             }

@@ -52,6 +52,9 @@ pub enum ProbeError {
     /// It answered something that is not a probe reply.
     #[error("undecodable reply: {0}")]
     Undecodable(#[from] postcard::Error),
+    /// Its roster does not decode.
+    #[error("undecodable roster: {0}")]
+    Roster(String),
 }
 
 /// What a server answers a peer's probe.

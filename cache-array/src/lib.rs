@@ -18,6 +18,8 @@
 //! - [`upkeep`]: the active's duties: keep-alives, access-time batches, expiry sweeps.
 //! - [`listener`]: serving a framed port: admission, TLS, the handshake, one task a connection.
 //! - [`network`]: Raft traffic between servers on the group port, peers authenticated as themselves.
+//! - [`roster`]: the stripe's servers as a replicated, versioned document (the live config).
+//! - [`membership`]: adding and removing servers while the stripe runs; handing over the active.
 //! - [`stripe`]: the Raft node of this server, stripe formation, safe writes and read-index reads.
 //! - [`service`]: the client port.
 //! - [`admin`]: admin HTTP.
@@ -41,9 +43,11 @@ pub mod listener;
 pub mod locks;
 pub mod log_store;
 pub mod mark;
+pub mod membership;
 pub mod metrics;
 pub mod network;
 pub mod resp;
+pub mod roster;
 pub mod server;
 pub mod service;
 pub mod sessions;

@@ -31,7 +31,7 @@ use openraft::raft::{
     VoteResponse,
 };
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,7 @@ use crate::formation::{ProbeError, ProbeReply, VoteGate};
 use crate::listener::{self, HandshakeFailed, Listening, Port};
 use crate::log_store::LogStore;
 use crate::mark::Standing;
+use crate::roster::LiveRoster;
 use crate::types::{NodeId, Raft, TypeConfig};
 
 /// Longest a dial to a peer may take before the call is reported unreachable.
@@ -93,17 +94,17 @@ pub struct PeerNetworkFactory {
     identity: ClientIdentity,
     /// Links by target node id; one per peer for the life of the server.
     links: Arc<Mutex<HashMap<NodeId, Arc<PeerLink>>>>,
-    /// Group addresses of the stripe's servers by node id.
-    addrs: Arc<HashMap<NodeId, String>>,
+    /// The stripe's servers, whose group addresses it dials.
+    roster: Arc<LiveRoster>,
 }
 
 impl PeerNetworkFactory {
-    /// A factory for a stripe whose servers have these group addresses.
-    pub fn new(identity: ClientIdentity, addrs: HashMap<NodeId, String>) -> Self {
+    /// A factory for the stripe of this roster.
+    pub fn new(identity: ClientIdentity, roster: Arc<LiveRoster>) -> Self {
         PeerNetworkFactory {
             identity,
             links: Arc::new(Mutex::new(HashMap::new())),
-            addrs: Arc::new(addrs),
+            roster,
         }
     }
 }
@@ -112,7 +113,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetworkFactory {
     type Network = PeerNetwork;
 
     async fn new_client(&mut self, target: NodeId, _node: &openraft::EmptyNode) -> PeerNetwork {
-        let addr = self.addrs.get(&target).cloned().unwrap_or_default();
+        let addr = self.roster.group_addr(target).unwrap_or_default();
         let link = self
             .links
             .lock()
@@ -308,18 +309,23 @@ pub async fn probe_peer(addr: &str, identity: &ClientIdentity, timeout: Duration
 }
 
 /// Which secret proves which role on the group port: only the peer secret, only for the other
-/// servers of this stripe.
+/// servers of this stripe's roster. A removed server is told so.
 pub struct PeerAuthority {
     /// The peer secret.
     pub peer_secret: Vec<u8>,
-    /// Names of the other servers of this stripe.
-    pub peers: HashMap<String, NodeId>,
+    /// The stripe's servers.
+    pub roster: Arc<LiveRoster>,
 }
 
 impl handshake::Authority for PeerAuthority {
     fn secret_for(&self, role: &ConnectionRole) -> Result<Option<Vec<u8>>, Refusal> {
         match role {
-            ConnectionRole::Peer { from } => Ok(self.peers.contains_key(from).then(|| self.peer_secret.clone())),
+            ConnectionRole::Peer { from } => {
+                if let Some(why) = self.roster.retired_message(from) {
+                    return Err(Refusal::NotAMember(why));
+                }
+                Ok(self.roster.peer_id(from).map(|_| self.peer_secret.clone()))
+            }
             ConnectionRole::Client | ConnectionRole::Credential { .. } => Err(Refusal::WrongPort(
                 "this is a group port; clients use the client port".into(),
             )),
@@ -334,12 +340,14 @@ pub struct PeerService {
     /// The port: handshake identity (group flavour, with a [`PeerAuthority`]), TLS (with it, a
     /// peer's certificate must name the server it claims to be), bounds.
     pub listening: Listening,
-    /// The other servers of this stripe by name.
-    pub peers: HashMap<String, NodeId>,
+    /// The stripe's servers.
+    pub roster: Arc<LiveRoster>,
     /// Frame deadlines after it.
     pub deadlines: FrameDeadlines,
     /// Whether this server may vote.
     pub gate: Arc<VoteGate>,
+    /// Index of this server's stripe (told to a server that asks for the roster).
+    pub stripe: usize,
     /// The log, for the standing a probe reports.
     pub log: LogStore,
     /// When this server campaigns: told when an active is heard and when a peer's connection
@@ -383,7 +391,7 @@ impl Port for PeerService {
         let ConnectionRole::Peer { from } = &hello.role else {
             return;
         };
-        let Some(&node) = self.peers.get(from) else {
+        let Some(node) = self.roster.peer_id(from) else {
             return;
         };
         if self.listening.tls.is_some() && !framed.get_ref().peer_certificate_names(from) {
@@ -541,12 +549,70 @@ impl PeerService {
                     initialized: self.raft.is_initialized().await.unwrap_or(false),
                     last_log_index: m.last_log_index.max(m.purged.map(|p| p.index)),
                     joining: matches!(self.log.standing(), Standing::Joining { .. }),
-                    hears_active: m.current_leader == Some(m.id) || self.elections.hears_active(),
+                    hears_active: (m.current_leader == Some(m.id) && !self.elections.handing_over())
+                        || self.elections.hears_active(),
                 };
                 encode_payload(&reply)
             }
+            PeerRpc::Roster => encode_payload(&RosterReply {
+                stripe: self.stripe as u32,
+                roster: self.roster.get().encode(),
+            }),
+            PeerRpc::CampaignNow => {
+                // Only the active hands over, and only to a voter.
+                let m = self.raft.metrics().borrow().clone();
+                let voter = m.membership_config.membership().voter_ids().any(|v| v == m.id);
+                let granted = m.current_leader == Some(node) && voter && self.gate.may_vote();
+                if granted {
+                    tracing::info!(
+                        event = "stripe.handover_asked",
+                        active = node,
+                        "the active hands over to this server: campaigning"
+                    );
+                    self.elections.campaign_now(node);
+                }
+                encode_payload(&granted)
+            }
         })
     }
+}
+
+/// A server's answer to [`PeerRpc::Roster`]: its stripe and the roster it goes by.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RosterReply {
+    /// Index of its stripe in cluster.toml.
+    pub stripe: u32,
+    /// [`crate::roster::Roster::encode`]'s bytes.
+    pub roster: Vec<u8>,
+}
+
+/// Asks a server of the array for its stripe's roster, as the server `identity` names (which
+/// must be in that roster, or the handshake is refused).
+pub async fn fetch_roster(
+    addr: &str,
+    identity: &ClientIdentity,
+    timeout: Duration,
+) -> Result<(usize, crate::roster::Roster), ProbeError> {
+    let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_FRAME_BYTES_MAX).await?;
+    let conn = Connection::start(framed, welcome, None);
+    let bytes = conn
+        .call_peer(PeerRpc::Roster, Vec::new(), timeout)
+        .await
+        .map_err(ProbeError::Call)?;
+    let reply: RosterReply = postcard::from_bytes(&bytes)?;
+    let roster = serde_json::from_slice(&reply.roster).map_err(|e| ProbeError::Roster(e.to_string()))?;
+    Ok((reply.stripe as usize, roster))
+}
+
+/// Asks a mirror to campaign now (the active hands over to it); whether it agreed.
+pub async fn ask_to_campaign(addr: &str, identity: &ClientIdentity, timeout: Duration) -> Result<bool, ProbeError> {
+    let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_FRAME_BYTES_MAX).await?;
+    let conn = Connection::start(framed, welcome, None);
+    let bytes = conn
+        .call_peer(PeerRpc::CampaignNow, Vec::new(), timeout)
+        .await
+        .map_err(ProbeError::Call)?;
+    Ok(postcard::from_bytes(&bytes)?)
 }
 
 fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CallRefused> {

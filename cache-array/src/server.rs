@@ -1,7 +1,6 @@
 //! Wiring of one array server: secrets and TLS, storage (verified), Raft, the three listeners,
 //! stripe formation, and shutdown.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -9,8 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ferrocotta::admission::{Admission, AdmissionLimits};
 use ferrocotta::config::{ClusterConfig, ServerPosition};
-use ferrocotta::handshake::{ClientIdentity, FrameDeadlines, ServerIdentity};
-use ferrocotta::protocol::{ConnectionRole, SOFTWARE_VERSION};
+use ferrocotta::handshake::{ClientIdentity, FrameDeadlines, HandshakeError, ServerIdentity};
+use ferrocotta::protocol::{ConnectionRole, Refusal, SOFTWARE_VERSION};
 use ferrocotta::security::{read_secret_file, Credentials};
 use ferrocotta::tls::{ClientTls, Reloadable, ServerTls, TlsError};
 use tokio::net::TcpListener;
@@ -24,8 +23,10 @@ use crate::elections::{Elections, REACH_PROBE_TIMEOUT};
 use crate::formation::{Formation, Prober, VoteGate};
 use crate::listener::{self, Listening};
 use crate::log_store::LogStore;
+use crate::membership::Changes;
 use crate::metrics::Metrics;
-use crate::network::{probe_peer, PeerAuthority, PeerNetworkFactory, PeerService, PEER_FRAME_BYTES_MAX};
+use crate::network::{fetch_roster, probe_peer, PeerAuthority, PeerNetworkFactory, PeerService, PEER_FRAME_BYTES_MAX};
+use crate::roster::{LiveRoster, Roster};
 use crate::service::{ClientAuthority, ClientService};
 use crate::state_machine::StateMachineStore;
 use crate::stripe::Stripe;
@@ -180,24 +181,37 @@ async fn bind(what: &str, host: &str, port: u16) -> anyhow::Result<TcpListener> 
 
 /// Runs a server until `shutdown` is cancelled.
 pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let config = ClusterConfig::load(&opts.config_path)?;
-    for w in config.warnings() {
+    let seed = ClusterConfig::load(&opts.config_path)?;
+    for w in seed.warnings() {
         tracing::warn!(event = "config.warning", "{w}");
     }
-    let (position, me) = config.find_server(&opts.name).with_context(|| {
-        format!(
-            "--name {}: no server of that name in {}",
-            opts.name,
-            opts.config_path.display()
-        )
-    })?;
+    let secrets = Secrets::load(&opts.config_path, &seed)?;
+    let tls = ServerTlsSet::load(&opts.config_path, &seed, &opts.name)?;
+    let peer_client_identity = ClientIdentity {
+        software_version: SOFTWARE_VERSION.to_string(),
+        array_name: Some(seed.array_name.clone()),
+        secret: secrets.peer.clone(),
+        role: ConnectionRole::Peer {
+            from: opts.name.clone(),
+        },
+        tls: tls.as_ref().map(|t| t.peer_dialler.clone()),
+    };
+    // Where this server belongs: cluster.toml says, or (for a server added to a running array)
+    // the roster of its stripe, asked of the array's servers.
+    let (stripe_index, roster) = match seed.find_server(&opts.name) {
+        Some((pos, _)) => (pos.stripe, Roster::seed(&seed, pos.stripe)),
+        None => learn_roster(&seed, &opts, &peer_client_identity).await?,
+    };
+    let seed = Arc::new(seed);
+    let live = LiveRoster::new(seed.clone(), stripe_index, &opts.name, roster);
+    let config = Arc::new(ClusterConfig::parse(&live.document()).context("the live configuration document")?);
+    let (position, me) = config
+        .find_server(&opts.name)
+        .context("this server is not in its stripe's roster")?;
     let me = me.clone();
-    let secrets = Secrets::load(&opts.config_path, &config)?;
-    let tls = ServerTlsSet::load(&opts.config_path, &config, &me.name)?;
     let data_dir = ClusterConfig::resolve_path(&opts.config_path, &me.data_dir);
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
     let config_toml = std::fs::read_to_string(&opts.config_path)?;
-    let config = Arc::new(config);
 
     // Bind first: a port clash is reported before anything touches the data.
     let client_listener = bind("client port", me.listen_host(), me.port).await?;
@@ -226,30 +240,31 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     let flush_stats = log_store.flush_stats();
     let shared = state_machine.shared();
     let gate = Arc::new(VoteGate::new(&opened));
+    // The roster this server's own data holds is newer than cluster.toml's.
+    live.refresh(&shared);
+    refuse_if_removed(&live, &me.name, &peer_client_identity).await?;
 
-    let peer_client_identity = ClientIdentity {
-        software_version: SOFTWARE_VERSION.to_string(),
-        array_name: Some(config.array_name.clone()),
-        secret: secrets.peer.clone(),
-        role: ConnectionRole::Peer { from: me.name.clone() },
-        tls: tls.as_ref().map(|t| t.peer_dialler.clone()),
-    };
-    // Group addresses of the stripe's servers by node id: Raft traffic, elections, probes.
-    let group_addrs: HashMap<NodeId, String> = config.stripes[position.stripe]
-        .servers
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as NodeId + 1, s.group_addr()))
-        .collect();
     let raft = start_raft(
         &config,
         position,
-        PeerNetworkFactory::new(peer_client_identity.clone(), group_addrs.clone()),
+        PeerNetworkFactory::new(peer_client_identity.clone(), live.clone()),
         log_store.clone(),
         state_machine,
     )
     .await?;
-    let stripe = Arc::new(Stripe::new(raft.clone(), shared, config.clone(), position));
+    let stripe = Arc::new(Stripe::new(
+        raft.clone(),
+        shared.clone(),
+        config.clone(),
+        position,
+        live.clone(),
+    ));
+    tokio::spawn(crate::roster::follow(
+        live.clone(),
+        shared,
+        raft.clone(),
+        shutdown.clone(),
+    ));
 
     let tracker = TaskTracker::new();
     let limits = &config.limits;
@@ -257,13 +272,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         idle: limits.idle_timeout.0,
         frame: limits.frame_timeout.0,
     };
-    let peers: HashMap<String, NodeId> = stripe
-        .members()
-        .iter()
-        .filter(|(id, _)| **id != position.node_id())
-        .map(|(id, name)| (name.clone(), *id))
-        .collect();
-    let elections = Elections::new(position.node_id(), group_addrs.clone(), &config.timing);
+    let elections = Elections::new(position.node_id(), live.clone(), &config.timing);
     let peer_service = Arc::new(PeerService {
         raft: raft.clone(),
         elections: elections.clone(),
@@ -272,10 +281,10 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
             identity: ServerIdentity {
                 server_name: me.name.clone(),
                 array_name: config.array_name.clone(),
-                config_toml: String::new(),
+                config_toml: ferrocotta::handshake::no_document(),
                 authority: Arc::new(PeerAuthority {
                     peer_secret: secrets.peer.clone(),
-                    peers: peers.clone(),
+                    roster: live.clone(),
                 }),
             },
             tls: tls.as_ref().map(|t| t.group.clone()),
@@ -287,7 +296,8 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
             handshake_timeout: limits.handshake_timeout.0,
             max_frame: PEER_FRAME_BYTES_MAX,
         },
-        peers,
+        roster: live.clone(),
+        stripe: position.stripe,
         deadlines,
         gate: gate.clone(),
         log: log_store.clone(),
@@ -309,7 +319,10 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
             identity: ServerIdentity {
                 server_name: me.name.clone(),
                 array_name: config.array_name.clone(),
-                config_toml: config_toml.clone(),
+                config_toml: {
+                    let live = live.clone();
+                    Arc::new(move || live.document())
+                },
                 authority: Arc::new(ClientAuthority {
                     cluster_secret: secrets.cluster.clone(),
                     credentials: credentials.clone(),
@@ -370,12 +383,21 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         ));
     }
 
+    let changes = Arc::new(Changes {
+        stripe: stripe.clone(),
+        elections: elections.clone(),
+        peer_identity: peer_client_identity.clone(),
+        seed: seed.clone(),
+        lock: tokio::sync::Mutex::new(()),
+    });
+    tracker.spawn(changes.clone().run(shutdown.clone()));
     let admin_state = Arc::new(AdminState {
         stripe: stripe.clone(),
         metrics: metrics.clone(),
         flush_stats,
         config_digest: crate::console::config_digest(&config_toml),
-        config_toml,
+        changes,
+        peer_secret: secrets.peer.clone(),
         recorder: recorder.clone(),
         peer_tls: tls.as_ref().map(|t| t.peer_dialler.clone()),
         gathered: tokio::sync::Mutex::new(None),
@@ -409,13 +431,12 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         .unwrap_or(TLS_RELOAD_INTERVAL);
     ferrocotta::tls::spawn_reloader(reloadables, reload_every, shutdown.clone());
 
-    let addrs = group_addrs;
     let prober = |timeout: Duration| -> Prober {
         let identity = peer_client_identity.clone();
-        let addrs = addrs.clone();
+        let live = live.clone();
         Arc::new(move |id: NodeId| {
             let identity = identity.clone();
-            let addr = addrs.get(&id).cloned().unwrap_or_default();
+            let addr = live.group_addr(id).unwrap_or_default();
             Box::pin(async move { probe_peer(&addr, &identity, timeout).await })
         })
     };
@@ -430,7 +451,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         log: log_store.clone(),
         gate,
         me: position.node_id(),
-        members: stripe.members().clone(),
+        members: stripe.members(),
     };
     tracker.spawn(formation.run(opened, prober(PROBE_TIMEOUT), shutdown.clone()));
 
@@ -496,6 +517,96 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         Some(why) => bail!("the Raft core failed: {why}"),
         None => Ok(()),
     }
+}
+
+/// How many times the URL list of a new server's cluster.toml is gone through to find its stripe.
+const LEARN_ROUNDS: usize = 5;
+
+/// Finds the stripe of a server that cluster.toml does not name: one added to the running array
+/// with `ferrocotta array add-server`. Its peers let it in by name and hand over the roster.
+async fn learn_roster(
+    seed: &ClusterConfig,
+    opts: &ServerOptions,
+    identity: &ClientIdentity,
+) -> anyhow::Result<(usize, Roster)> {
+    let mut last = Vec::new();
+    for round in 0..LEARN_ROUNDS {
+        last.clear();
+        for (_, srv) in seed.servers() {
+            match fetch_roster(&srv.group_addr(), identity, PROBE_TIMEOUT).await {
+                Ok((stripe, roster)) if roster.server(&opts.name).is_some() => {
+                    tracing::info!(
+                        event = "roster.learned",
+                        from = %srv.name,
+                        stripe,
+                        generation = roster.generation,
+                        "this server is not in cluster.toml: its stripe's roster names it"
+                    );
+                    return Ok((stripe, roster));
+                }
+                Ok(_) => last.push(format!("{}: does not name it", srv.name)),
+                Err(crate::formation::ProbeError::Handshake(HandshakeError::Refused(Refusal::NotAMember(why)))) => {
+                    bail!("{why}")
+                }
+                Err(e) => last.push(format!("{}: {e}", srv.name)),
+            }
+        }
+        if round + 1 < LEARN_ROUNDS {
+            tokio::time::sleep(PROBE_TIMEOUT).await;
+        }
+    }
+    bail!(
+        "--name {}: no server of that name in {}, and no server of the array knows it ({}). \
+         Add it first with `ferrocotta array add-server`, then start it",
+        opts.name,
+        opts.config_path.display(),
+        last.join("; ")
+    )
+}
+
+/// Refuses to start a server that was removed from its stripe: its own data says so, or a peer
+/// refuses it by name, or a peer's roster is newer and lacks it. Peers that do not answer within
+/// [`PROBE_TIMEOUT`] are not waited for (the whole array may be starting).
+async fn refuse_if_removed(live: &LiveRoster, name: &str, identity: &ClientIdentity) -> anyhow::Result<()> {
+    let mine = live.get();
+    if mine.server(name).is_none() {
+        bail!(
+            "{}",
+            live.retired_message(name).unwrap_or_else(|| format!(
+                "server `{name}` is not in its stripe's roster (generation {})",
+                mine.generation
+            ))
+        );
+    }
+    let asks = mine
+        .servers
+        .iter()
+        .filter(|s| s.name != name)
+        .map(|s| fetch_roster_named(s.name.clone(), s.group_addr(), identity));
+    for (peer, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Err(crate::formation::ProbeError::Handshake(HandshakeError::Refused(Refusal::NotAMember(why)))) => {
+                bail!("{peer} refuses this server: {why}")
+            }
+            Ok((_, theirs)) if theirs.generation > mine.generation && theirs.server(name).is_none() => bail!(
+                "{peer} holds the stripe's roster at generation {} (this server's data is at {}), and it does \
+                 not name this server: it was removed. Delete its data or add it under a new name",
+                theirs.generation,
+                mine.generation
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn fetch_roster_named(
+    peer: String,
+    addr: String,
+    identity: &ClientIdentity,
+) -> (String, Result<(usize, Roster), crate::formation::ProbeError>) {
+    let answer = fetch_roster(&addr, identity, PROBE_TIMEOUT).await;
+    (peer, answer)
 }
 
 async fn start_raft(

@@ -285,6 +285,7 @@ impl ClientService {
                 *last = Instant::now();
                 let frame = encode(&ServerMessage::Response(Response {
                     id: request.id,
+                    generation: self.stripe.roster().generation(),
                     result: Err(ErrorReply::ShuttingDown),
                 }));
                 let _ = tx.send(QueuedReply { frame, _budget: None }).await;
@@ -309,7 +310,8 @@ impl ClientService {
             tracker.spawn(async move {
                 let id = request.id;
                 let (result, budget) = this.handle(request, &grant, &reply_bytes).await;
-                let mut frame = encode(&ServerMessage::Response(Response { id, result }));
+                let generation = this.stripe.roster().generation();
+                let mut frame = encode(&ServerMessage::Response(Response { id, generation, result }));
                 if frame.len() > max_frame {
                     let why = format!(
                         "the reply takes {} bytes, more than the frame limit of {max_frame}; ask for less",
@@ -317,6 +319,7 @@ impl ClientService {
                     );
                     frame = encode(&ServerMessage::Response(Response {
                         id,
+                        generation,
                         result: Err(ErrorReply::Invalid(why)),
                     }));
                 }

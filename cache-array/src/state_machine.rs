@@ -384,6 +384,11 @@ fn apply_command(store: &mut Store, kind: CommandKind, ctx: &mut ApplyContext) -
         CommandKind::LockWaitCancel { cache, key, session } => {
             CommandResult::Client(store.cancel_wait(&cache, &key, session, ctx))
         }
+        CommandKind::SetRoster { expected, roster } => CommandResult::Client(
+            crate::roster::Roster::apply(store, expected, &roster, ctx.now_ms)
+                .map(|()| Reply::Done)
+                .map_err(ErrorReply::Invalid),
+        ),
     }
 }
 

@@ -633,6 +633,7 @@ impl Store {
     pub fn entry_counts(&self) -> BTreeMap<String, u64> {
         self.caches
             .iter()
+            .filter(|(n, _)| !crate::roster::is_internal_cache(n))
             .map(|(n, c)| (n.clone(), c.entries.len() as u64))
             .collect()
     }

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::active::ActiveState;
 use crate::command::{Change, Command, CommandKind, CommandResult, Lock};
+use crate::roster::LiveRoster;
 use crate::state_machine::SharedState;
 use crate::types::{NodeId, Raft};
 
@@ -75,8 +76,8 @@ pub struct Stripe {
     config: Arc<ClusterConfig>,
     /// Where this server sits.
     position: ServerPosition,
-    /// Names of the stripe's servers by node id.
-    names: HashMap<NodeId, String>,
+    /// The stripe's servers: names and addresses by node id, as replicated.
+    roster: Arc<LiveRoster>,
     /// Queue of linearizable reads waiting for a read-index round.
     reads: mpsc::Sender<ReadWaiter>,
     /// A majority acknowledgement older than this means the active has lost its quorum.
@@ -85,37 +86,41 @@ pub struct Stripe {
     active: ActiveState,
     /// Queue of writes waiting for the write batcher.
     writes: mpsc::Sender<PendingWrite>,
+    /// Set while this server, the active, hands over to a mirror: it takes no new request, so
+    /// nothing it appends keeps the mirror from campaigning.
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 impl Stripe {
     /// Wraps a started Raft node and starts the read batcher.
-    pub fn new(raft: Raft, shared: Arc<SharedState>, config: Arc<ClusterConfig>, position: ServerPosition) -> Stripe {
-        let names = config.stripes[position.stripe]
-            .servers
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (i as NodeId + 1, s.name.clone()))
-            .collect::<HashMap<_, _>>();
+    pub fn new(
+        raft: Raft,
+        shared: Arc<SharedState>,
+        config: Arc<ClusterConfig>,
+        position: ServerPosition,
+        roster: Arc<LiveRoster>,
+    ) -> Stripe {
         let (tx, rx) = mpsc::channel(READ_QUEUE_MAX);
         let quorum_stale_after = config.timing.election_timeout.0;
-        tokio::spawn(read_batcher(raft.clone(), rx, names.clone(), quorum_stale_after * 2));
+        tokio::spawn(read_batcher(raft.clone(), rx, roster.clone(), quorum_stale_after * 2));
         let (writes, writes_rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let acks = AckLog {
             term: Arc::new(AtomicU64::new(0)),
             stripe: position.stripe,
             server: config.server(position).name.clone(),
         };
-        tokio::spawn(write_batcher(raft.clone(), writes_rx, names.clone(), acks));
+        tokio::spawn(write_batcher(raft.clone(), writes_rx, roster.clone(), acks));
         Stripe {
             raft,
             shared,
             config,
             position,
-            names,
+            roster,
             reads: tx,
             quorum_stale_after,
             active: ActiveState::default(),
             writes,
+            handing_over: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -150,13 +155,18 @@ impl Stripe {
     }
 
     /// The stripe's servers by node id, with their names.
-    pub fn members(&self) -> &HashMap<NodeId, String> {
-        &self.names
+    pub fn members(&self) -> HashMap<NodeId, String> {
+        self.roster.names()
+    }
+
+    /// The stripe's roster.
+    pub fn roster(&self) -> &Arc<LiveRoster> {
+        &self.roster
     }
 
     /// The name of a stripe member.
     pub fn name_of(&self, id: NodeId) -> Option<String> {
-        self.names.get(&id).cloned()
+        self.roster.name_of(id)
     }
 
     /// Role, term, leader name, last log index and applied index, from the Raft metrics.
@@ -180,11 +190,18 @@ impl Stripe {
         }
     }
 
+    /// Marks the start and end of a hand-over by this server (`crate::membership`).
+    pub fn set_handing_over(&self, on: bool) {
+        self.handing_over.store(on, Ordering::Release);
+    }
+
     /// Whether this server may serve writes and strong reads right now.
     fn check_serving(&self) -> Result<(), ErrorReply> {
         let m = self.raft.metrics();
         let m = m.borrow();
-        if m.state == ServerState::Leader {
+        if m.state == ServerState::Leader && self.handing_over.load(Ordering::Acquire) {
+            Err(ErrorReply::NotLeader { leader: None })
+        } else if m.state == ServerState::Leader {
             match m.millis_since_quorum_ack {
                 Some(ms) if Duration::from_millis(ms) > self.quorum_stale_after => Err(ErrorReply::NoQuorum),
                 _ => Ok(()),
@@ -417,7 +434,7 @@ pub struct MetricsView {
 async fn read_batcher(
     raft: Raft,
     mut rx: mpsc::Receiver<ReadWaiter>,
-    names: HashMap<NodeId, String>,
+    roster: Arc<LiveRoster>,
     round_timeout: Duration,
 ) {
     while let Some(first) = rx.recv().await {
@@ -431,7 +448,7 @@ async fn read_batcher(
         let result = match tokio::time::timeout(round_timeout, raft.ensure_linearizable()).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(ErrorReply::NotLeader {
-                leader: f.leader_id.and_then(|id| names.get(&id).cloned()),
+                leader: f.leader_id.and_then(|id| roster.name_of(id)),
             }),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(ErrorReply::NoQuorum),
             Ok(Err(RaftError::Fatal(_))) => Err(ErrorReply::ShuttingDown),
@@ -492,8 +509,7 @@ fn client_result(result: CommandResult) -> Result<Reply, ErrorReply> {
 /// `Batch`, or the command itself when alone), and hands each write its own result. At most
 /// [`WRITE_BATCHES_IN_FLIGHT_MAX`] entries are proposed and unapplied at once; writes arriving
 /// meanwhile form the next batch. Entries are proposed in queue order.
-async fn write_batcher(raft: Raft, mut rx: mpsc::Receiver<PendingWrite>, names: HashMap<NodeId, String>, acks: AckLog) {
-    let names = Arc::new(names);
+async fn write_batcher(raft: Raft, mut rx: mpsc::Receiver<PendingWrite>, roster: Arc<LiveRoster>, acks: AckLog) {
     let slots = Arc::new(tokio::sync::Semaphore::new(WRITE_BATCHES_IN_FLIGHT_MAX));
     let mut carry: Option<PendingWrite> = None;
     loop {
@@ -539,7 +555,7 @@ async fn write_batcher(raft: Raft, mut rx: mpsc::Receiver<PendingWrite>, names: 
             (CommandKind::Batch(changes), replies)
         };
         let submitted = raft.client_write_ff(Command { at_ms: now_ms(), kind }).await;
-        let (names, acks) = (names.clone(), acks.clone());
+        let (roster, acks) = (roster.clone(), acks.clone());
         tokio::spawn(async move {
             let n = replies.len();
             let results: Vec<Result<CommandResult, ErrorReply>> = match submitted {
@@ -553,7 +569,7 @@ async fn write_batcher(raft: Raft, mut rx: mpsc::Receiver<PendingWrite>, names: 
                         }
                     }
                     Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
-                        let leader = f.leader_id.and_then(|id| names.get(&id).cloned());
+                        let leader = f.leader_id.and_then(|id| roster.name_of(id));
                         vec![Err(ErrorReply::NotLeader { leader }); n]
                     }
                     Ok(Err(e)) => vec![Err(ErrorReply::Internal(e.to_string())); n],

@@ -39,6 +39,9 @@ struct ServerStatus {
     last_log_index: Option<u64>,
     applied_index: Option<u64>,
     leader: Option<String>,
+    /// The configuration generation of its stripe this server goes by (every change of the
+    /// stripe's servers adds one; a server behind its stripe's active has not applied one yet).
+    generation: Option<u64>,
     address: String,
     /// Why the server did not answer, when it did not.
     error: Option<String>,
@@ -48,6 +51,8 @@ struct ServerStatus {
 struct ArrayStatus {
     array_name: String,
     stripes: usize,
+    /// The configuration generation: each stripe's highest, summed (one more per change).
+    generation: u64,
     servers: Vec<ServerStatus>,
 }
 
@@ -86,6 +91,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<u8> {
                 last_log_index: Some(last_log_index),
                 applied_index: Some(applied_index),
                 leader,
+                generation: p.generation,
                 address: p.addr,
                 error: None,
             },
@@ -99,6 +105,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<u8> {
                 last_log_index: None,
                 applied_index: None,
                 leader: None,
+                generation: None,
                 address: p.addr,
                 error: Some(match other {
                     Err(e) => e,
@@ -109,23 +116,37 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<u8> {
         .collect();
     let every_stripe_has_active =
         (0..config.stripes.len()).all(|s| servers.iter().any(|srv| srv.stripe == s && srv.role == "active"));
+    let generation = (0..config.stripes.len())
+        .map(|s| {
+            servers
+                .iter()
+                .filter(|srv| srv.stripe == s)
+                .filter_map(|srv| srv.generation)
+                .max()
+                .unwrap_or(config.stripes[s].generation)
+        })
+        .sum();
     let status = ArrayStatus {
         array_name: config.array_name.clone(),
         stripes: config.stripes.len(),
+        generation,
         servers,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        println!("array {} ({} stripe(s))", status.array_name, status.stripes);
         println!(
-            "{:<12} {:<10} {:>8} {:<12} {:>6} {:>10} {:>10} {:<12} ADDRESS",
-            "SERVER", "STRIPE", "PID", "ROLE", "TERM", "LAST_LOG", "APPLIED", "ACTIVE"
+            "array {} ({} stripe(s), configuration generation {})",
+            status.array_name, status.stripes, status.generation
+        );
+        println!(
+            "{:<12} {:<10} {:>8} {:<12} {:>6} {:>10} {:>10} {:>4} {:<12} ADDRESS",
+            "SERVER", "STRIPE", "PID", "ROLE", "TERM", "LAST_LOG", "APPLIED", "GEN", "ACTIVE"
         );
         let dash = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
         for s in &status.servers {
             println!(
-                "{:<12} {:<10} {:>8} {:<12} {:>6} {:>10} {:>10} {:<12} {}{}",
+                "{:<12} {:<10} {:>8} {:<12} {:>6} {:>10} {:>10} {:>4} {:<12} {}{}",
                 s.name,
                 s.stripe_name,
                 dash(s.pid.map(u64::from)),
@@ -133,6 +154,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<u8> {
                 dash(s.term),
                 dash(s.last_log_index),
                 dash(s.applied_index),
+                dash(s.generation),
                 s.leader.as_deref().unwrap_or("-"),
                 s.address,
                 s.error.as_deref().map(|e| format!("  ({e})")).unwrap_or_default()

@@ -121,6 +121,7 @@ impl ClientError {
             }
             Refusal::WrongPort(why) => ClientError::Invalid(why),
             Refusal::Busy(why) => ClientError::Invalid(format!("the server is busy: {why}")),
+            Refusal::NotAMember(why) => ClientError::Invalid(why.clone()),
         }
     }
 }

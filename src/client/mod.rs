@@ -97,6 +97,8 @@ pub struct ServerProbe {
     pub addr: String,
     /// The answer, or why there was none.
     pub result: Result<Reply, String>,
+    /// The configuration generation of its stripe the server goes by, when it answered.
+    pub generation: Option<u64>,
 }
 
 /// The client of a ferrocotta array. Cheap to clone; clones share connections.
@@ -330,26 +332,55 @@ impl ArrayClient {
         }
     }
 
-    /// Replaces the routing state when a server hands over a different config document.
+    /// Takes what is newer in a document a server handed over: each stripe's servers at a higher
+    /// generation than this client's (a server's document is current for its own stripe only, so
+    /// a document never replaces another whole).
     fn maybe_refresh_config(&self, config_toml: String) {
         if config_toml.is_empty() || config_toml == self.routing().config_toml {
             return;
         }
-        match ClusterConfig::parse(&config_toml) {
-            Ok(config) => {
-                let mut guard = self.inner.routing.write().expect("routing lock");
-                let stripes = config.stripes.len();
-                let next = Routing::new(
-                    Arc::new(config),
-                    config_toml,
-                    Some(&guard),
-                    &self.inner.settings.address_map,
-                );
-                *guard = Arc::new(next);
-                *self.inner.leaders.lock().expect("leaders lock") = vec![None; stripes];
-                tracing::info!(event = "client.config_refreshed", stripes);
+        let incoming = match ClusterConfig::parse(&config_toml) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(event = "client.config_rejected", error = %e);
+                return;
             }
-            Err(e) => tracing::warn!(event = "client.config_rejected", error = %e),
+        };
+        let mut guard = self.inner.routing.write().expect("routing lock");
+        let Some((merged, changed)) = merge_documents(&guard.config, &incoming) else {
+            return;
+        };
+        let merged_toml = merged.to_toml();
+        let next = Routing::new(
+            Arc::new(merged),
+            merged_toml,
+            Some(&guard),
+            &self.inner.settings.address_map,
+        );
+        *guard = Arc::new(next);
+        let mut leaders = self.inner.leaders.lock().expect("leaders lock");
+        for s in &changed {
+            if let Some(l) = leaders.get_mut(*s) {
+                *l = None;
+            }
+        }
+        tracing::info!(event = "client.config_refreshed", stripes = ?changed);
+    }
+
+    /// Downloads the document again from a server whose responses name a newer generation of
+    /// its stripe than this client's (one handshake; the connection is then dropped).
+    async fn refresh_from(&self, handle: &routing::ServerHandle) {
+        let max_frame = self.routing().config.limits.max_frame_bytes as usize;
+        match handshake::connect(
+            &handle.addr,
+            &self.inner.identity,
+            SERVER_CONNECT_ATTEMPT_MAX,
+            max_frame,
+        )
+        .await
+        {
+            Ok((_, welcome)) => self.maybe_refresh_config(welcome.config_toml),
+            Err(e) => tracing::debug!(event = "client.refresh_failed", server = %handle.addr, error = %e),
         }
     }
 
@@ -360,16 +391,21 @@ impl ArrayClient {
             let handle = routing.servers[&srv.name].clone();
             let name = srv.name.clone();
             async move {
-                let result = match self.connection(&handle, timeout).await {
-                    Ok(conn) => conn.call(Op::Ping, timeout).await.map_err(|e| format!("{e:?}")),
-                    Err(ConnectFailure::Final(e)) => Err(e.to_string()),
-                    Err(ConnectFailure::Retry(why)) => Err(why),
+                let (result, generation) = match self.connection(&handle, timeout).await {
+                    Ok(conn) => {
+                        let r = conn.call(Op::Ping, timeout).await.map_err(|e| format!("{e:?}"));
+                        let generation = r.is_ok().then(|| conn.generation());
+                        (r, generation)
+                    }
+                    Err(ConnectFailure::Final(e)) => (Err(e.to_string()), None),
+                    Err(ConnectFailure::Retry(why)) => (Err(why), None),
                 };
                 ServerProbe {
                     name,
                     stripe: pos.stripe,
                     addr: handle.addr.clone(),
                     result,
+                    generation,
                 }
             }
         });
@@ -396,6 +432,27 @@ enum ConnectFailure {
     Final(ClientError),
     /// Worth trying again later or elsewhere.
     Retry(String),
+}
+
+/// `current` with each stripe of `incoming` that has a higher generation; `None` when nothing is
+/// newer or the two describe different arrays (another stripe count). Also the stripes taken.
+fn merge_documents(current: &ClusterConfig, incoming: &ClusterConfig) -> Option<(ClusterConfig, Vec<usize>)> {
+    if current.stripes.len() != incoming.stripes.len() || current.array_name != incoming.array_name {
+        return None;
+    }
+    let mut merged = current.clone();
+    let mut changed = Vec::new();
+    for (i, stripe) in incoming.stripes.iter().enumerate() {
+        if stripe.generation > merged.stripes[i].generation {
+            merged.stripes[i] = stripe.clone();
+            changed.push(i);
+        }
+    }
+    if changed.is_empty() {
+        return None;
+    }
+    // Two stripes' documents together must still make one valid array.
+    ClusterConfig::parse(&merged.to_toml()).ok().map(|m| (m, changed))
 }
 
 /// Tries the URL list in order, round after round, until one server hands over the config or
@@ -484,4 +541,48 @@ fn live_connection(
 /// How often a connection that sent nothing pings the server: well within the array's idle timeout.
 fn idle_ping_interval(config: &ClusterConfig) -> Duration {
     config.limits.idle_timeout.0 / 3
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn doc(stripes: usize) -> ClusterConfig {
+        crate::config::local_array(
+            "t",
+            "127.0.0.1",
+            stripes,
+            3,
+            crate::config::Security::secret_files("s", "p"),
+            |i| crate::config::ServerPorts {
+                port: 1000 + i as u16,
+                group_port: 2000 + i as u16,
+                admin_port: 3000 + i as u16,
+                resp_port: None,
+            },
+        )
+    }
+
+    #[test]
+    fn a_document_adds_only_the_stripes_it_has_newer() {
+        let current = doc(2);
+        // Stripe 1's server hands over its stripe at generation 1 and stripe 0 as cluster.toml
+        // has it: only stripe 1 is taken.
+        let mut from_stripe_1 = doc(2);
+        from_stripe_1.stripes[1].servers.remove(0);
+        from_stripe_1.stripes[1].generation = 1;
+        let (merged, changed) = merge_documents(&current, &from_stripe_1).unwrap();
+        assert_eq!(changed, vec![1]);
+        assert_eq!(merged.stripes[1].servers.len(), 2);
+        // Then stripe 0's server, which knows stripe 1 only from cluster.toml: stripe 1 stays.
+        let mut from_stripe_0 = doc(2);
+        from_stripe_0.stripes[0].generation = 2;
+        from_stripe_0.stripes[0].servers.remove(2);
+        let (merged, changed) = merge_documents(&merged, &from_stripe_0).unwrap();
+        assert_eq!(changed, vec![0]);
+        assert_eq!(merged.stripes[1].servers.len(), 2);
+        assert_eq!(merged.stripes[0].servers.len(), 2);
+        // An older or equal document changes nothing.
+        assert!(merge_documents(&merged, &current).is_none());
+    }
 }

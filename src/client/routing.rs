@@ -263,6 +263,11 @@ impl ArrayClient {
                 let Some(answer) = answer else {
                     break;
                 };
+                // The server's stripe changed servers since this client's document: take the new
+                // one before following a redirect that may name a server this client has not met.
+                if conn.generation() > routing.config.stripes[stripe].generation {
+                    self.refresh_from(&handle).await;
+                }
                 match answer {
                     Ok(reply) => {
                         if needs_leader {
@@ -271,7 +276,9 @@ impl ArrayClient {
                         return Ok(reply);
                     }
                     Err(CallError::Server(ErrorReply::NotLeader { leader: Some(l) }))
-                        if l != name && !recently_failed(&routing, &l, self.inner.settings.reconnect_wait_interval) =>
+                        if l != name
+                            && self.routing().servers.contains_key(&l)
+                            && !recently_failed(&self.routing(), &l, self.inner.settings.reconnect_wait_interval) =>
                     {
                         self.set_leader(stripe, Some(l));
                         redirected = true;

@@ -225,6 +225,29 @@ impl Cluster {
         }
     }
 
+    /// Waits up to `timeout` for a server to exit by itself; its exit code, or `None` if it still
+    /// runs (it is left running).
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.procs.get_mut(name).and_then(|p| p.child.as_mut()) {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Some(status.code().unwrap_or(-1));
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `host:port` of one of a host's server ports (0 client, 1 group, 2 admin): every server
+    /// uses the same ports on its own address.
+    pub fn server_addr(net: &Net, name: &str, port: u16) -> String {
+        format!("{}:{}", net.ip(name), CLIENT_PORT + port)
+    }
+
     /// SIGTERM and wait up to `timeout` for a graceful exit (then kill -9).
     pub fn terminate(&mut self, name: &str, timeout: Duration) {
         let pid = self.pid(name);

@@ -224,6 +224,153 @@ fn failover_times() {
     });
 }
 
+/// The stripe's servers change under load, with `ferrocotta array` as an operator would run it:
+/// a fourth server is added (it learns its stripe from the array, catches up, votes), the active
+/// is removed (it hands over first), a killed mirror is replaced by a new server on an empty disk.
+/// Then the two old servers are started again from the original cluster.toml (the removed active
+/// on its data, the killed mirror on a wiped disk): both must refuse to start, never serve. The
+/// checkers run on the history as always, and the final restart of every server is of the new set.
+#[test]
+fn membership_changes() {
+    let setup = Setup {
+        spare: &["a4", "a5"],
+        ..Setup::default()
+    };
+    scenario("membership_changes", setup, |ctx| {
+        Box::pin(async move {
+            let started = Instant::now();
+            ctx.mark("add-server", false);
+            array_cli(ctx, &new_server_args(ctx, "add-server", "a4")).await;
+            ctx.cluster.start_server(&ctx.net, "a4");
+            let mut wait = new_server_args(ctx, "add-server", "a4");
+            wait.extend(["--wait".to_string(), "60s".to_string()]);
+            array_cli(ctx, &wait).await;
+            ctx.cluster.servers.push("a4".into());
+            ctx.notes.push(format!(
+                "a4 added and voting {:.1?} after add-server",
+                started.elapsed()
+            ));
+            ctx.sleep(Duration::from_secs(2)).await;
+
+            let active = ctx.active().await;
+            ctx.mark("remove-active", true);
+            let removing = Instant::now();
+            array_cli(ctx, &["remove-server".to_string(), active.clone()]).await;
+            ctx.notes
+                .push(format!("{active} (the active) removed in {:.1?}", removing.elapsed()));
+            ctx.cluster.terminate(&active, Duration::from_secs(5));
+            ctx.cluster.servers.retain(|s| *s != active);
+            ctx.sleep(Duration::from_secs(2)).await;
+
+            let now_active = ctx.active().await;
+            let victim = ctx
+                .others(&now_active)
+                .into_iter()
+                .find(|s| s != "a4")
+                .unwrap_or_else(|| ctx.others(&now_active)[0].clone());
+            ctx.mark("kill-mirror", false);
+            ctx.cluster.kill9(&victim);
+            ctx.cluster.servers.retain(|s| *s != victim);
+            let replacing = Instant::now();
+            let mut replace = new_server_args(ctx, "replace-server", "a5");
+            replace.insert(1, victim.clone());
+            replace.extend(["--wait".to_string(), "60s".to_string()]);
+            let cli = spawn_array_cli(ctx, &replace);
+            ctx.sleep(Duration::from_millis(500)).await;
+            ctx.cluster.start_server(&ctx.net, "a5");
+            finish_array_cli(cli, &replace).await;
+            ctx.cluster.servers.push("a5".into());
+            ctx.notes.push(format!(
+                "{victim} (killed) replaced by a5 on an empty disk in {:.1?}",
+                replacing.elapsed()
+            ));
+            ctx.sleep(Duration::from_secs(2)).await;
+
+            // The old servers come back from the original cluster.toml.
+            let wiped = ctx.cluster.dir.path().join("data").join(&victim);
+            let _ = std::fs::remove_dir_all(&wiped);
+            for stale in [active.clone(), victim.clone()] {
+                ctx.cluster.start_server(&ctx.net, &stale);
+                let exit = ctx.cluster.wait_exit(&stale, Duration::from_secs(30));
+                let log = std::fs::read_to_string(ctx.cluster.log_path(&stale)).unwrap_or_default();
+                match exit {
+                    Some(code) if code != 0 && log.contains("removed") => {
+                        ctx.notes.push(format!("stale {stale} refused to start (exit {code})"))
+                    }
+                    other => {
+                        ctx.failures.push(format!(
+                            "stale {stale} started from the old cluster.toml: exit {other:?}"
+                        ));
+                        ctx.cluster.kill9(&stale);
+                    }
+                }
+            }
+            ctx.sleep(Duration::from_secs(2)).await;
+        })
+    });
+}
+
+/// `ferrocotta array <command> NAME --client .. --group .. --admin ..` for a spare host.
+fn new_server_args(ctx: &Ctx, command: &str, name: &str) -> Vec<String> {
+    let addr = |port| crate::cluster::Cluster::server_addr(&ctx.net, name, port);
+    vec![
+        command.to_string(),
+        "--name".into(),
+        name.into(),
+        "--client".into(),
+        addr(0),
+        "--group".into(),
+        addr(1),
+        "--admin".into(),
+        addr(2),
+    ]
+    .into_iter()
+    .chain(if command == "add-server" {
+        vec!["--stripe".to_string(), "0".to_string()]
+    } else {
+        Vec::new()
+    })
+    .collect()
+}
+
+fn spawn_array_cli(ctx: &Ctx, args: &[String]) -> tokio::process::Child {
+    let dir = ctx.cluster.dir.path();
+    tokio::process::Command::new(crate::common::binary("ferrocotta"))
+        .arg("array")
+        .args(args)
+        .arg("--array-urls")
+        .arg(ctx.cluster.urls())
+        .arg("--array-name")
+        .arg(&ctx.cluster.config.array_name)
+        .arg("--secret-file")
+        .arg(dir.join("secret"))
+        .arg("--peer-secret-file")
+        .arg(dir.join("peer-secret"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start ferrocotta array")
+}
+
+async fn finish_array_cli(child: tokio::process::Child, args: &[String]) {
+    let out = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
+        .await
+        .expect("ferrocotta array finishes within 90 s")
+        .expect("ferrocotta array ran");
+    say(&format!(
+        "    ferrocotta array {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    ));
+    assert!(out.status.success(), "ferrocotta array {} failed", args.join(" "));
+}
+
+async fn array_cli(ctx: &Ctx, args: &[String]) {
+    finish_array_cli(spawn_array_cli(ctx, args), args).await;
+}
+
 /// kill -9 of every server at once, then a restart of all of them.
 #[test]
 fn kill_all_and_restart() {
