@@ -211,7 +211,7 @@ async fn client_times() -> (Duration, Duration, Duration, Duration) {
 
 fn main() {
     // `cargo bench` passes `--bench`; another argument picks the figures whose name holds it
-    // (`failover`, `restart`, `client`, `memory`), e.g. `cargo bench --bench array_figures -- failover`.
+    // (`failover`, `restart`, `client`, `memory`, `add_server`), e.g. `cargo bench --bench array_figures -- failover`.
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -231,6 +231,9 @@ fn main() {
         }
         if wanted("memory") {
             memory_figures().await;
+        }
+        if wanted("add_server") {
+            add_server_figures().await;
         }
     });
 }
@@ -288,4 +291,122 @@ async fn memory_figures() {
                 peak as f64 / raw as f64
             );
     }
+}
+
+/// Entries the stripe holds when a server is added (the figure: 1M of 1 KiB).
+const ADD_SERVER_ENTRIES: u64 = 1_000_000;
+
+/// A fourth server added to a stripe holding 1M entries of 1 KiB, under a light write load:
+/// from `ferrocotta array add-server` to the new server voting (snapshot sent, log caught up,
+/// promoted), and what the writers saw meanwhile.
+async fn add_server_figures() {
+    let mut array = TestArray::start(1, 3);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let value = vec![b'v'; MEMORY_VALUE_BYTES];
+    let loaded = Instant::now();
+    let mut i = 0;
+    while i < ADD_SERVER_ENTRIES {
+        let end = (i + 200).min(ADD_SERVER_ENTRIES);
+        let batch: Vec<(Vec<u8>, Vec<u8>)> = (i..end)
+            .map(|k| (format!("m{k:015}").into_bytes(), value.clone()))
+            .collect();
+        // A put_all may be repeated: a batch whose outcome was unknown (a busy machine) is sent again.
+        let mut tries = 0;
+        while let Err(e) = client.put_all(CACHE, &batch).await {
+            tries += 1;
+            assert!(tries < 5, "loading: {e}");
+        }
+        i = end;
+    }
+    let load = loaded.elapsed();
+    println!(
+        "add_server: loaded {ADD_SERVER_ENTRIES} entries in {:.1} s",
+        load.as_secs_f64()
+    );
+    // Writers: one put at a time each, counting acknowledgements and the longest gap between two.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut acked, mut failed, mut longest) = (0u64, 0u64, Duration::ZERO);
+                let mut last = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match client
+                        .put(CACHE, format!("w{w}-{}", acked % 100).as_bytes(), b"x")
+                        .await
+                    {
+                        Ok(_) => {
+                            acked += 1;
+                            longest = longest.max(last.elapsed());
+                            last = Instant::now();
+                        }
+                        Err(_) => failed += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (acked, failed, longest)
+            })
+        })
+        .collect();
+    let ports = common::free_ports(3);
+    let (urls, dir) = (array.urls(), array.path().to_path_buf());
+    let args = |wait: bool| {
+        let mut a: Vec<String> = [
+            "array",
+            "add-server",
+            "--stripe",
+            "0",
+            "--name",
+            "a4",
+            "--client",
+            &format!("127.0.0.1:{}", ports[0]),
+            "--group",
+            &format!("127.0.0.1:{}", ports[1]),
+            "--admin",
+            &format!("127.0.0.1:{}", ports[2]),
+            "--array-urls",
+            &urls,
+            "--secret-file",
+            &dir.join("secret").display().to_string(),
+            "--peer-secret-file",
+            &dir.join("peer-secret").display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if wait {
+            a.extend(["--wait".to_string(), "30m".to_string()]);
+        }
+        a
+    };
+    let added = Instant::now();
+    let out = std::process::Command::new(common::binary("ferrocotta"))
+        .args(args(false))
+        .output()
+        .expect("ferrocotta array add-server");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    array.spawn("a4");
+    let out = tokio::process::Command::new(common::binary("ferrocotta"))
+        .args(args(true))
+        .output()
+        .await
+        .expect("ferrocotta array add-server --wait");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let took = added.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut failed, mut longest) = (0, 0, Duration::ZERO);
+    for w in writers {
+        let (a, f, l) = w.await.unwrap();
+        acked += a;
+        failed += f;
+        longest = longest.max(l);
+    }
+    println!(
+        "add_server: a fourth server joined a stripe holding {ADD_SERVER_ENTRIES} entries of {MEMORY_VALUE_BYTES} B (loaded in {:.1} s) and voted {:.1} s after add-server; meanwhile 4 writers: {acked} puts acknowledged, {failed} failed, longest gap {:.0} ms",
+        load.as_secs_f64(),
+        took.as_secs_f64(),
+        longest.as_secs_f64() * 1e3
+    );
 }

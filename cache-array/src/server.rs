@@ -55,6 +55,12 @@ const LOG_KEPT_BEHIND_SNAPSHOT: u64 = 1000;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Bytes of a snapshot sent in one call (well below `PEER_FRAME_BYTES_MAX`).
+const SNAPSHOT_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Longest one snapshot chunk may take to be sent, written and acknowledged.
+const SNAPSHOT_CHUNK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Everything needed to start a server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -637,6 +643,11 @@ async fn start_raft(
             position.index,
         )),
         max_in_snapshot_log_to_keep: LOG_KEPT_BEHIND_SNAPSHOT,
+        // A snapshot goes to a new or far-behind server in chunks, each one call of this timeout.
+        // openraft's 200 ms default was too short on a busy machine: a chunk that timed out made
+        // the active start the transfer again (a server joining a stripe of 1 GiB took 151 s).
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        install_snapshot_timeout: SNAPSHOT_CHUNK_TIMEOUT.as_millis() as u64,
         ..Default::default()
     };
     let raft_config = Arc::new(raft_config.validate().context("raft settings")?);

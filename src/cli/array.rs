@@ -2,12 +2,17 @@
 //!
 //! `restart --rolling` restarts the servers of a `ferrocotta up` one at a time: in each stripe the
 //! mirrors first and the active last, each server only once the one before it is serving again
-//! and has applied everything its stripe's active had when it came back. A stopping server
-//! answers requests that reach it while it drains `ShuttingDown` (not applied), finishes the ones
-//! it had, then closes; when it is the active, its mirrors see its port refuse connections and
-//! elect a new active at once. Clients retry inside their timeout, so none of their requests
+//! and has applied everything its stripe's active had when it came back. Before the active is
+//! stopped it hands over to its most up-to-date mirror (`POST /v1/roster/hand-over`, proved with
+//! the peer secret); if it cannot, its mirrors elect a new active when its port closes. A stopping
+//! server answers requests that reach it while it drains `ShuttingDown` (not applied), finishes
+//! the ones it had, then closes. Clients retry inside their timeout, so none of their requests
 //! fails. `ferrocotta up` starts each stopped server again; servers run by systemd or Kubernetes
 //! follow the same order by hand (docs/operations.md, "Rolling restart").
+//!
+//! `add-server`, `remove-server`, `replace-server` and `roster` change and show a stripe's
+//! servers while it runs (docs/operations.md, "Changing the array's servers"): each request goes
+//! to the stripe's active, proved with the peer secret.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -41,6 +46,18 @@ pub enum ArrayCommand {
     ReplaceServer(ReplaceServerArgs),
     /// Show each stripe's roster: generation, servers, who votes, who is joining.
     Roster(RosterArgs),
+    /// Ask a stripe's active to hand over to its most up-to-date mirror (before stopping it).
+    HandOver(HandOverArgs),
+}
+
+/// Flags of `ferrocotta array hand-over`.
+#[derive(Debug, Args)]
+pub struct HandOverArgs {
+    /// The stripe (index from 0).
+    #[arg(long, default_value_t = 0)]
+    stripe: usize,
+    #[command(flatten)]
+    change: ChangeArgs,
 }
 
 /// How a membership change reaches the array and proves itself.
@@ -223,6 +240,12 @@ pub async fn run(command: ArrayCommand) -> anyhow::Result<u8> {
             println!("{}: {} (generation {})", args.old, outcome.message, outcome.generation);
             Ok(0)
         }
+        ArrayCommand::HandOver(args) => {
+            let admin = Admin::connect(&args.change).await?;
+            let active = admin.active(args.stripe).await?;
+            hand_over(Some(&admin), args.stripe, &active).await;
+            Ok(0)
+        }
         ArrayCommand::Roster(args) => {
             let admin = Admin::connect(&ChangeArgs {
                 peer_secret_file: None,
@@ -284,6 +307,21 @@ impl Admin {
         })
     }
 
+    /// The stripe's active, asking again (a server that just started may not know it yet, and an
+    /// election may be under way) until the command's timeout.
+    async fn active(&self, stripe: usize) -> anyhow::Result<String> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match self.client.active_of(stripe).await {
+                Ok(a) => return Ok(a),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e).with_context(|| format!("stripe {stripe} has no active"))
+                }
+                Err(_) => tokio::time::sleep(POLL * 2).await,
+            }
+        }
+    }
+
     fn config(&self) -> std::sync::Arc<ferrocotta::config::ClusterConfig> {
         self.client.config()
     }
@@ -306,11 +344,7 @@ impl Admin {
         path: &str,
         body: Vec<u8>,
     ) -> anyhow::Result<serde_json::Value> {
-        let mut target = self
-            .client
-            .active_of(stripe)
-            .await
-            .context("the stripe has no active")?;
+        let mut target = self.active(stripe).await?;
         for _ in 0..FOLLOW_ACTIVE_MAX {
             let proof = ferrocotta::protocol::admin_proof_header(&self.peer_secret, method.as_str(), path, &body);
             let call = ferrocotta::http::Call {
@@ -331,11 +365,7 @@ impl Admin {
                     tokio::time::sleep(POLL * 3).await;
                     target = match json["error"]["active"].as_str() {
                         Some(a) if a != target => a.to_string(),
-                        _ => self
-                            .client
-                            .active_of(stripe)
-                            .await
-                            .context("the stripe has no active")?,
+                        _ => self.active(stripe).await?,
                     };
                 }
                 _ => bail!(
@@ -369,11 +399,7 @@ impl Admin {
     }
 
     async fn roster(&self, stripe: usize) -> anyhow::Result<serde_json::Value> {
-        let active = self
-            .client
-            .active_of(stripe)
-            .await
-            .context("the stripe has no active")?;
+        let active = self.active(stripe).await?;
         let addr = self.admin_addr(&active)?;
         let (status, body) = ferrocotta::http::request(
             &addr,
@@ -442,6 +468,15 @@ async fn restart(args: RestartArgs) -> anyhow::Result<u8> {
     };
     let client = args.array.connect().await?;
     let config = client.config();
+    // The active hands over before it is stopped (no failover to wait for); without the peer
+    // secret it is stopped like the others and its mirrors take over when its port closes.
+    let admin = Admin::connect(&ChangeArgs {
+        peer_secret_file: None,
+        array: args.array.clone(),
+    })
+    .await
+    .ok()
+    .filter(|a| !a.peer_secret.is_empty());
     let started = Instant::now();
     for stripe in 0..config.stripes.len() {
         let active = client
@@ -456,6 +491,9 @@ async fn restart(args: RestartArgs) -> anyhow::Result<u8> {
             .collect();
         order.push(active.clone());
         for name in order {
+            if name == active {
+                hand_over(admin.as_ref(), stripe, &name).await;
+            }
             let took = restart_one(&client, &dir, stripe, &name, name == active, args.per_server_timeout).await?;
             println!("{name}: serving again and caught up after {:.1}s", took.as_secs_f64());
         }
@@ -466,6 +504,27 @@ async fn restart(args: RestartArgs) -> anyhow::Result<u8> {
         started.elapsed().as_secs_f64()
     );
     Ok(0)
+}
+
+/// Asks the active `name` of `stripe` to hand over to its most up-to-date mirror; says how it went
+/// (a failed hand-over leaves the restart to the failover when the active stops).
+async fn hand_over(admin: Option<&Admin>, stripe: usize, name: &str) {
+    let Some(admin) = admin else {
+        println!("{name}: no peer secret to ask for a hand-over; its mirrors take over when it stops");
+        return;
+    };
+    let asked = Instant::now();
+    match admin
+        .change(stripe, hyper::Method::POST, "/v1/roster/hand-over", Vec::new())
+        .await
+    {
+        Ok(answer) => println!(
+            "{name}: {} in {:.2}s",
+            answer["message"].as_str().unwrap_or("handed over"),
+            asked.elapsed().as_secs_f64()
+        ),
+        Err(e) => println!("{name}: no hand-over ({e:#}); its mirrors take over when it stops"),
+    }
 }
 
 /// Stops one server (SIGTERM), waits until `ferrocotta up` started it again and it applied what

@@ -238,6 +238,8 @@ fn membership_changes() {
     };
     scenario("membership_changes", setup, |ctx| {
         Box::pin(async move {
+            // Built (if stale) before the clock starts.
+            crate::common::binary("ferrocotta");
             let started = Instant::now();
             ctx.mark("add-server", false);
             array_cli(ctx, &new_server_args(ctx, "add-server", "a4")).await;
@@ -310,6 +312,96 @@ fn membership_changes() {
     });
 }
 
+/// Membership changes meet faults: the active is killed right after a server is added (before it
+/// starts), the new server is cut off while it catches up, and the active is killed while it
+/// removes a server. Each change is completed by running the same command again; the checkers
+/// find no anomaly, and every server of the final set votes.
+#[test]
+fn membership_faults() {
+    let setup = Setup {
+        spare: &["a4", "a5"],
+        ..Setup::default()
+    };
+    scenario("membership_faults", setup, |ctx| {
+        Box::pin(async move {
+            // 1. The active dies right after it added a4 as a learner.
+            let add_a4 = new_server_args(ctx, "add-server", "a4");
+            array_cli(ctx, &add_a4).await;
+            let active = ctx.active().await;
+            ctx.mark("kill-active-after-add", true);
+            ctx.cluster.kill9(&active);
+            ctx.cluster.start_server(&ctx.net, "a4");
+            ctx.sleep(Duration::from_secs(2)).await;
+            ctx.cluster.start_server(&ctx.net, &active);
+            let mut wait = add_a4.clone();
+            wait.extend(["--wait".to_string(), "60s".to_string()]);
+            let tries = array_cli_until_done(ctx, &wait, 3).await;
+            ctx.cluster.servers.push("a4".into());
+            ctx.notes.push(format!(
+                "a4 voting after its active was killed ({tries} run(s) of add-server --wait)"
+            ));
+
+            // 2. a5 is cut off from everyone while it should catch up.
+            let add_a5 = new_server_args(ctx, "add-server", "a5");
+            array_cli(ctx, &add_a5).await;
+            ctx.cluster.start_server(&ctx.net, "a5");
+            ctx.mark("isolate-new-server", false);
+            ctx.net.isolate("a5");
+            ctx.sleep(Duration::from_secs(3)).await;
+            ctx.net.heal();
+            let mut wait = add_a5.clone();
+            wait.extend(["--wait".to_string(), "60s".to_string()]);
+            array_cli_until_done(ctx, &wait, 3).await;
+            ctx.cluster.servers.push("a5".into());
+
+            // 3. The active is killed while it removes a mirror.
+            let active = ctx.active().await;
+            let victim = ctx
+                .others(&active)
+                .into_iter()
+                .find(|s| s.starts_with('a') && s != "a4" && s != "a5")
+                .expect("an original mirror");
+            let remove = vec!["remove-server".to_string(), victim.clone()];
+            let cli = spawn_array_cli(ctx, &remove);
+            // The removal itself takes tens of milliseconds: the kill lands before, during or
+            // after it, by the seed.
+            let delay = ctx.ms(0, 60);
+            ctx.sleep(delay).await;
+            ctx.mark("kill-active-during-remove", true);
+            ctx.cluster.kill9(&active);
+            let first = try_finish_array_cli(cli, &remove).await;
+            ctx.sleep(Duration::from_secs(2)).await;
+            ctx.cluster.start_server(&ctx.net, &active);
+            let tries = array_cli_until_done(ctx, &remove, 3).await;
+            ctx.notes.push(format!(
+                "{victim} removed while its active was killed (first run {}, then {tries} run(s))",
+                if first { "succeeded" } else { "failed" }
+            ));
+            ctx.cluster.terminate(&victim, Duration::from_secs(5));
+            ctx.cluster.servers.retain(|s| *s != victim);
+
+            // Every server of the final set votes, and the membership is not left joint.
+            let roster = roster_of_active(ctx).await;
+            let voters = roster["voters"].as_array().map(|v| v.len()).unwrap_or(0);
+            if voters != ctx.cluster.servers.len() || roster["joint"] != serde_json::json!(false) {
+                ctx.failures.push(format!(
+                    "after the changes: {voters} voters for {} servers, roster {roster}",
+                    ctx.cluster.servers.len()
+                ));
+            }
+            ctx.sleep(Duration::from_secs(2)).await;
+        })
+    });
+}
+
+/// `GET /v1/roster` of the stripe's active.
+async fn roster_of_active(ctx: &Ctx) -> serde_json::Value {
+    let active = ctx.active().await;
+    let admin = crate::cluster::Cluster::server_addr(&ctx.net, &active, 2);
+    let (_, body) = crate::common::try_http_get(&admin, "/v1/roster").expect("the active's roster");
+    serde_json::from_str(&body).expect("a roster document")
+}
+
 /// `ferrocotta array <command> NAME --client .. --group .. --admin ..` for a spare host.
 fn new_server_args(ctx: &Ctx, command: &str, name: &str) -> Vec<String> {
     let addr = |port| crate::cluster::Cluster::server_addr(&ctx.net, name, port);
@@ -353,22 +445,45 @@ fn spawn_array_cli(ctx: &Ctx, args: &[String]) -> tokio::process::Child {
         .expect("start ferrocotta array")
 }
 
-async fn finish_array_cli(child: tokio::process::Child, args: &[String]) {
+/// Waits for a `ferrocotta array` command and says what it printed; whether it succeeded.
+async fn try_finish_array_cli(child: tokio::process::Child, args: &[String]) -> bool {
+    let started = Instant::now();
     let out = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
         .await
         .expect("ferrocotta array finishes within 90 s")
         .expect("ferrocotta array ran");
     say(&format!(
-        "    ferrocotta array {}: {}{}",
+        "    ferrocotta array {} ({:.1?} after waiting began): {} {}",
         args.join(" "),
+        started.elapsed(),
         String::from_utf8_lossy(&out.stdout).trim(),
         String::from_utf8_lossy(&out.stderr).trim()
     ));
-    assert!(out.status.success(), "ferrocotta array {} failed", args.join(" "));
+    out.status.success()
+}
+
+async fn finish_array_cli(child: tokio::process::Child, args: &[String]) {
+    assert!(
+        try_finish_array_cli(child, args).await,
+        "ferrocotta array {} failed",
+        args.join(" ")
+    );
 }
 
 async fn array_cli(ctx: &Ctx, args: &[String]) {
     finish_array_cli(spawn_array_cli(ctx, args), args).await;
+}
+
+/// Runs a `ferrocotta array` command until it succeeds (a change cut short by a fault is
+/// repeated by running the same command again, as an operator would), at most `tries` times.
+async fn array_cli_until_done(ctx: &Ctx, args: &[String], tries: usize) -> usize {
+    for attempt in 1..=tries {
+        if try_finish_array_cli(spawn_array_cli(ctx, args), args).await {
+            return attempt;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("ferrocotta array {} did not succeed in {tries} tries", args.join(" "));
 }
 
 /// kill -9 of every server at once, then a restart of all of them.
