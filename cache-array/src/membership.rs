@@ -44,6 +44,9 @@ const LOOP_EVERY: Duration = Duration::from_millis(250);
 /// How long a hand-over may take before the active takes requests again.
 const HAND_OVER_MAX: Duration = Duration::from_secs(3);
 
+/// Longest a hand-over waits for the writes in flight to commit and reach the successor.
+const HAND_OVER_DRAIN_MAX: Duration = Duration::from_secs(1);
+
 /// Longest a roster entry may take to commit.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -265,7 +268,8 @@ impl Changes {
     }
 
     /// Hands this server's activity over to the most up-to-date other voter: takes no new
-    /// request, stops heartbeats, asks that voter to campaign, and waits for a new active (at most
+    /// request, lets the ones in flight commit and reach that voter (at most
+    /// [`HAND_OVER_DRAIN_MAX`]), stops heartbeats, asks that voter to campaign, and waits for a new active (at most
     /// [`HAND_OVER_MAX`]); returns its name. Whatever happens, this server takes requests again
     /// afterwards (as a mirror, or as the active if no one took over).
     pub async fn hand_over(&self) -> Result<String, ChangeError> {
@@ -293,6 +297,28 @@ impl Changes {
         tracing::info!(event = "membership.hand_over", to = %target_name, "handing over the active's role");
         let started = tokio::time::Instant::now();
         self.stripe.set_handing_over(true);
+        // What is in flight commits and reaches the successor before it is asked (heartbeats
+        // still on): no write is left in doubt, and its log is complete when it campaigns.
+        let _ = tokio::time::timeout(HAND_OVER_DRAIN_MAX, async {
+            let mut rx = raft.metrics();
+            loop {
+                let settled = {
+                    let m = rx.borrow_and_update();
+                    let last = m.last_log_index;
+                    let applied = m.last_applied.map(|l| l.index);
+                    let matched = m
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&target).cloned().flatten())
+                        .map(|l| l.index);
+                    last.is_some() && applied == last && matched == last
+                };
+                if settled || rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
         self.elections.set_handing_over(true);
         raft.runtime_config().heartbeat(false);
         let outcome = async {

@@ -133,7 +133,15 @@ struct Inner {
     /// them is the active, and who said so (shared by every request waiting on that server, so
     /// they ask once between them).
     actives_asked: Mutex<HashMap<(usize, String), ActivesAsked>>,
+    /// Per stripe: the newer generation a server named, and when the document was last
+    /// downloaded again for it (at most once per [`REFRESH_AGAIN_AFTER`] per generation, so a
+    /// document that cannot be taken never costs a handshake per request).
+    refreshed: Mutex<HashMap<usize, (u64, Instant)>>,
 }
+
+/// How long after downloading the document again for a generation it is downloaded again for
+/// the same one (when the first download did not bring it).
+const REFRESH_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 impl ArrayClient {
     /// Bootstraps from the URL list (SPEC 3.1) and connects to the servers of the config.
@@ -181,6 +189,7 @@ impl ArrayClient {
                 local: nonstop::LocalCopies::default(),
                 nonstop_timeouts: std::sync::atomic::AtomicU64::new(0),
                 actives_asked: Mutex::new(HashMap::new()),
+                refreshed: Mutex::new(HashMap::new()),
             }),
         };
         Ok(client)
@@ -367,9 +376,19 @@ impl ArrayClient {
         tracing::info!(event = "client.config_refreshed", stripes = ?changed);
     }
 
-    /// Downloads the document again from a server whose responses name a newer generation of
-    /// its stripe than this client's (one handshake; the connection is then dropped).
-    async fn refresh_from(&self, handle: &routing::ServerHandle) {
+    /// Downloads the document again from a server whose responses name `generation` for
+    /// `stripe`, newer than this client's (one handshake; the connection is then dropped), unless
+    /// that was done for this generation within [`REFRESH_AGAIN_AFTER`].
+    async fn refresh_from(&self, handle: &routing::ServerHandle, stripe: usize, generation: u64) {
+        {
+            let mut refreshed = self.inner.refreshed.lock().expect("refreshed lock");
+            if let Some((g, at)) = refreshed.get(&stripe) {
+                if *g >= generation && at.elapsed() < REFRESH_AGAIN_AFTER {
+                    return;
+                }
+            }
+            refreshed.insert(stripe, (generation, Instant::now()));
+        }
         let max_frame = self.routing().config.limits.max_frame_bytes as usize;
         match handshake::connect(
             &handle.addr,

@@ -265,8 +265,9 @@ impl ArrayClient {
                 };
                 // The server's stripe changed servers since this client's document: take the new
                 // one before following a redirect that may name a server this client has not met.
-                if conn.generation() > routing.config.stripes[stripe].generation {
-                    self.refresh_from(&handle).await;
+                let generation = conn.generation();
+                if generation > routing.config.stripes[stripe].generation {
+                    self.refresh_from(&handle, stripe, generation).await;
                 }
                 match answer {
                     Ok(reply) => {
