@@ -297,15 +297,24 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     }
 }
 
-/// Asks a peer what it holds (stripe formation), over a connection of its own.
-pub async fn probe_peer(addr: &str, identity: &ClientIdentity, timeout: Duration) -> Result<ProbeReply, ProbeError> {
+/// One call without payload to a peer, over a connection of its own (each of handshake and call
+/// within `timeout`); the reply's bytes.
+async fn one_call(
+    addr: &str,
+    identity: &ClientIdentity,
+    rpc: PeerRpc,
+    timeout: Duration,
+) -> Result<Vec<u8>, ProbeError> {
     let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_FRAME_BYTES_MAX).await?;
     let conn = Connection::start(framed, welcome, None);
-    let bytes = conn
-        .call_peer(PeerRpc::Probe, Vec::new(), timeout)
-        .await
-        .map_err(ProbeError::Call)?;
-    Ok(ProbeReply::decode(&bytes)?)
+    conn.call_peer(rpc, Vec::new(), timeout).await.map_err(ProbeError::Call)
+}
+
+/// Asks a peer what it holds (stripe formation).
+pub async fn probe_peer(addr: &str, identity: &ClientIdentity, timeout: Duration) -> Result<ProbeReply, ProbeError> {
+    Ok(ProbeReply::decode(
+        &one_call(addr, identity, PeerRpc::Probe, timeout).await?,
+    )?)
 }
 
 /// Which secret proves which role on the group port: only the peer secret, only for the other
@@ -593,26 +602,16 @@ pub async fn fetch_roster(
     identity: &ClientIdentity,
     timeout: Duration,
 ) -> Result<(usize, crate::roster::Roster), ProbeError> {
-    let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_FRAME_BYTES_MAX).await?;
-    let conn = Connection::start(framed, welcome, None);
-    let bytes = conn
-        .call_peer(PeerRpc::Roster, Vec::new(), timeout)
-        .await
-        .map_err(ProbeError::Call)?;
-    let reply: RosterReply = postcard::from_bytes(&bytes)?;
+    let reply: RosterReply = postcard::from_bytes(&one_call(addr, identity, PeerRpc::Roster, timeout).await?)?;
     let roster = serde_json::from_slice(&reply.roster).map_err(|e| ProbeError::Roster(e.to_string()))?;
     Ok((reply.stripe as usize, roster))
 }
 
 /// Asks a mirror to campaign now (the active hands over to it); whether it agreed.
 pub async fn ask_to_campaign(addr: &str, identity: &ClientIdentity, timeout: Duration) -> Result<bool, ProbeError> {
-    let (framed, welcome) = handshake::connect(addr, identity, timeout, PEER_FRAME_BYTES_MAX).await?;
-    let conn = Connection::start(framed, welcome, None);
-    let bytes = conn
-        .call_peer(PeerRpc::CampaignNow, Vec::new(), timeout)
-        .await
-        .map_err(ProbeError::Call)?;
-    Ok(postcard::from_bytes(&bytes)?)
+    Ok(postcard::from_bytes(
+        &one_call(addr, identity, PeerRpc::CampaignNow, timeout).await?,
+    )?)
 }
 
 fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CallRefused> {

@@ -214,18 +214,14 @@ pub async fn run(command: ArrayCommand) -> anyhow::Result<u8> {
         }
         ArrayCommand::RemoveServer(args) => {
             let admin = Admin::connect(&args.change).await?;
-            let (stripe, _) = admin
-                .stripe_of(&args.name)
-                .with_context(|| format!("no server named `{}` in the array", args.name))?;
+            let stripe = admin.stripe_named(&args.name)?;
             let outcome = admin.remove(stripe, &args.name).await?;
             println!("{}: {} (generation {})", args.name, outcome.message, outcome.generation);
             Ok(0)
         }
         ArrayCommand::ReplaceServer(args) => {
             let admin = Admin::connect(&args.change).await?;
-            let (stripe, _) = admin
-                .stripe_of(&args.old)
-                .with_context(|| format!("no server named `{}` in the array", args.old))?;
+            let stripe = admin.stripe_named(&args.old)?;
             let server = args.server.config()?;
             let name = server.name.clone();
             let outcome = admin.add(stripe, &server).await?;
@@ -328,6 +324,13 @@ impl Admin {
 
     fn stripe_of(&self, name: &str) -> Option<(usize, ferrocotta::config::ServerConfig)> {
         self.config().find_server(name).map(|(p, s)| (p.stripe, s.clone()))
+    }
+
+    /// The stripe of a server the array's document names.
+    fn stripe_named(&self, name: &str) -> anyhow::Result<usize> {
+        self.stripe_of(name)
+            .map(|(stripe, _)| stripe)
+            .with_context(|| format!("no server named `{name}` in the array"))
     }
 
     fn admin_addr(&self, name: &str) -> anyhow::Result<String> {
