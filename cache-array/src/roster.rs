@@ -76,10 +76,14 @@ impl Roster {
         }
     }
 
+    /// The encoded roster a store holds, if a change was ever committed.
+    fn stored_bytes(store: &Store) -> Option<&Bytes> {
+        Some(&store.caches.get(ROSTER_CACHE)?.entries.get(ROSTER_KEY)?.value)
+    }
+
     /// The roster a store holds, if a change was ever committed.
     pub fn stored(store: &Store) -> Option<Roster> {
-        let entry = store.caches.get(ROSTER_CACHE)?.entries.get(ROSTER_KEY)?;
-        match serde_json::from_slice(&entry.value) {
+        match serde_json::from_slice(Roster::stored_bytes(store)?) {
             Ok(r) => Some(r),
             Err(e) => {
                 // Written by this code only; a roster that does not decode is a bug, said loudly.
@@ -196,13 +200,7 @@ impl LiveRoster {
 
     /// Takes the store's roster if it changed since last looked at; returns whether it did.
     pub fn refresh(&self, shared: &SharedState) -> bool {
-        let stored = shared.read(|d| {
-            d.store
-                .caches
-                .get(ROSTER_CACHE)
-                .and_then(|c| c.entries.get(ROSTER_KEY))
-                .map(|e| e.value.clone())
-        });
+        let stored = shared.read(|d| Roster::stored_bytes(&d.store).cloned());
         let Some(bytes) = stored else {
             return false;
         };
