@@ -211,7 +211,7 @@ async fn client_times() -> (Duration, Duration, Duration, Duration) {
 
 fn main() {
     // `cargo bench` passes `--bench`; another argument picks the figures whose name holds it
-    // (`failover`, `restart`, `client`, `memory`, `add_server`), e.g. `cargo bench --bench array_figures -- failover`.
+    // (`failover`, `restart`, `client`, `memory`, `add_server`, `slot_move`), e.g. `cargo bench --bench array_figures -- failover`.
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -231,6 +231,9 @@ fn main() {
         }
         if wanted("memory") {
             memory_figures().await;
+        }
+        if wanted("slot_move") {
+            slot_move_figures().await;
         }
         if wanted("add_server") {
             add_server_figures().await;
@@ -406,6 +409,125 @@ async fn add_server_figures() {
     println!(
         "add_server: a fourth server joined a stripe holding {ADD_SERVER_ENTRIES} entries of {MEMORY_VALUE_BYTES} B (loaded in {:.1} s) and voted {:.1} s after add-server; meanwhile 4 writers: {acked} puts acknowledged, {failed} failed, longest gap {:.0} ms",
         load.as_secs_f64(),
+        took.as_secs_f64(),
+        longest.as_secs_f64() * 1e3
+    );
+}
+
+/// Entries of the slot-move figure (1 KiB each; half of them move).
+const SLOT_MOVE_ENTRIES: u64 = 200_000;
+
+/// `ferrocotta array add-stripe` and `rebalance` on a stripe holding [`SLOT_MOVE_ENTRIES`] entries
+/// of 1 KiB: the move's throughput as the command prints it, and what a client reading and
+/// writing keys all over the slots saw meanwhile (the longest gap between two answered requests
+/// is the client-visible pause of a moving slot, retries included).
+async fn slot_move_figures() {
+    let mut array = TestArray::start(1, 3);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let value = vec![b'v'; MEMORY_VALUE_BYTES];
+    let mut i = 0;
+    while i < SLOT_MOVE_ENTRIES {
+        let end = (i + 200).min(SLOT_MOVE_ENTRIES);
+        let batch: Vec<(Vec<u8>, Vec<u8>)> = (i..end)
+            .map(|k| (format!("m{k:015}").into_bytes(), value.clone()))
+            .collect();
+        let mut tries = 0;
+        while let Err(e) = client.put_all(CACHE, &batch).await {
+            tries += 1;
+            assert!(tries < 5, "loading: {e}");
+        }
+        i = end;
+    }
+    let ports = common::free_ports(9);
+    let (urls, dir) = (array.urls(), array.path().to_path_buf());
+    let file = dir.join("cluster-2.toml");
+    let cli = move |args: Vec<String>| {
+        let mut all: Vec<String> = vec!["array".into()];
+        all.extend(args);
+        all.extend([
+            "--array-urls".to_string(),
+            urls.clone(),
+            "--secret-file".into(),
+            dir.join("secret").display().to_string(),
+            "--peer-secret-file".into(),
+            dir.join("peer-secret").display().to_string(),
+        ]);
+        let out = std::process::Command::new(common::binary("ferrocotta"))
+            .args(&all)
+            .output()
+            .expect("ferrocotta array");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mut plan: Vec<String> = vec![
+        "add-stripe".into(),
+        "--name".into(),
+        "stripe-b".into(),
+        "--out".into(),
+        file.display().to_string(),
+    ];
+    for (n, p) in ports.chunks(3).enumerate() {
+        plan.push("--server".into());
+        plan.push(format!("b{}=127.0.0.1:{}:{}:{}", n + 1, p[0], p[1], p[2]));
+    }
+    cli(plan);
+    for n in 1..=3 {
+        array.spawn_from(&format!("b{n}"), &file);
+    }
+    cli(vec!["add-stripe".into(), "--config".into(), file.display().to_string()]);
+    // Clients reading and writing keys all over the slots, counting the longest gap.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut acked, mut failed, mut longest) = (0u64, 0u64, Duration::ZERO);
+                let mut last = Instant::now();
+                let mut n = w as u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n = (n + 7919) % SLOT_MOVE_ENTRIES;
+                    let key = format!("m{n:015}").into_bytes();
+                    let r = if n.is_multiple_of(2) {
+                        client.put(CACHE, &key, b"x").await.map(|_| ())
+                    } else {
+                        client.get(CACHE, &key).await.map(|_| ())
+                    };
+                    match r {
+                        Ok(()) => {
+                            acked += 1;
+                            longest = longest.max(last.elapsed());
+                            last = Instant::now();
+                        }
+                        Err(_) => failed += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                (acked, failed, longest)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let rebalance = cli.clone();
+    let out = tokio::task::spawn_blocking(move || rebalance(vec!["rebalance".into()]))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut failed, mut longest) = (0, 0, Duration::ZERO);
+    for w in workers {
+        let (a, f, l) = w.await.unwrap();
+        acked += a;
+        failed += f;
+        longest = longest.max(l);
+    }
+    for line in out.lines() {
+        println!("slot_move: {line}");
+    }
+    println!(
+        "slot_move: rebalance of a stripe holding {SLOT_MOVE_ENTRIES} entries of {MEMORY_VALUE_BYTES} B to a new stripe took {:.1} s; meanwhile 4 clients: {acked} requests answered, {failed} failed, longest gap {:.0} ms",
         took.as_secs_f64(),
         longest.as_secs_f64() * 1e3
     );

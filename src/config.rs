@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::slots::{SlotRange, SLOT_COUNT};
+use crate::slots::{SlotRange, SlotSet, SLOT_COUNT};
 
 /// Default client port of an array server (Terracotta's `tsa-port`).
 pub const DEFAULT_CLIENT_PORT: u16 = 9510;
@@ -106,6 +106,10 @@ pub struct ClusterConfig {
     /// Settings of named caches, applied when such a cache is first used.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub caches: std::collections::BTreeMap<String, CacheConfig>,
+    /// How many times stripes were added or removed since the array's first cluster.toml: of two
+    /// documents, the list of stripes of the one with the higher layout is the current one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub layout: u64,
 }
 
 /// Settings of one named cache in the config.
@@ -316,6 +320,11 @@ pub struct StripeConfig {
     /// cluster.toml; the live document a server hands out carries its stripe's own).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generation: u64,
+    /// The hash slots the stripe owns, when they are named: after slots moved between stripes
+    /// (`ferrocotta array rebalance`), every stripe's section names them. When no stripe names
+    /// them, the slots are split evenly in stripe order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<SlotSet>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -545,9 +554,22 @@ impl ClusterConfig {
         }
         let mut names = HashSet::new();
         let mut endpoints = HashSet::new();
+        let mut stripe_names = HashSet::new();
         for (si, stripe) in self.stripes.iter().enumerate() {
             if stripe.name.is_empty() {
                 return Err(field_err(format!("stripes[{si}].name"), "must not be empty"));
+            }
+            if !stripe_names.insert(stripe.name.as_str()) {
+                return Err(field_err(
+                    format!("stripes[{si}].name"),
+                    format!("`{}` is used twice", stripe.name),
+                ));
+            }
+            if self.names_slots() && stripe.slots.is_none() {
+                return Err(field_err(
+                    format!("stripes[{si}].slots"),
+                    "missing: when one stripe names its slots, every stripe must",
+                ));
             }
             if stripe.servers.is_empty() {
                 return Err(field_err(
@@ -667,14 +689,93 @@ impl ClusterConfig {
         })
     }
 
-    /// The slots owned by a stripe.
-    pub fn stripe_slots(&self, stripe: usize) -> SlotRange {
-        SlotRange::for_stripe(stripe, self.stripes.len())
+    /// Whether the stripes' sections name their slots (slots have moved since the first
+    /// cluster.toml).
+    pub fn names_slots(&self) -> bool {
+        self.stripes.iter().any(|s| s.slots.is_some())
+    }
+
+    /// The slots owned by a stripe, by this document.
+    pub fn stripe_slots(&self, stripe: usize) -> SlotSet {
+        match &self.stripes[stripe].slots {
+            Some(set) => set.clone(),
+            None => {
+                let r = SlotRange::for_stripe(stripe, self.stripes.len());
+                SlotSet::range(r.start, r.end)
+            }
+        }
+    }
+
+    /// The stripe that owns a slot, by this document. A document merged from several servers'
+    /// may name no owner for a slot that is moving; the even split's stripe is asked then, and
+    /// its answer names the owner.
+    pub fn stripe_of_slot(&self, slot: u16) -> usize {
+        if self.names_slots() {
+            if let Some(i) = self
+                .stripes
+                .iter()
+                .position(|s| s.slots.as_ref().is_some_and(|set| set.contains(slot)))
+            {
+                return i;
+            }
+        }
+        crate::slots::stripe_of_slot(slot, self.stripes.len())
+    }
+
+    /// The stripe that owns a slot as stripe `me`'s servers see it: their own section is current
+    /// (it comes from their roster), the others' may be older and still name a slot that moved.
+    pub fn stripe_of_slot_seen_from(&self, me: usize, slot: u16) -> usize {
+        if self.stripes.get(me).is_some() && self.stripe_slots(me).contains(slot) {
+            return me;
+        }
+        if self.names_slots() {
+            if let Some(i) = self
+                .stripes
+                .iter()
+                .enumerate()
+                .position(|(i, s)| i != me && s.slots.as_ref().is_some_and(|set| set.contains(slot)))
+            {
+                return i;
+            }
+        }
+        crate::slots::stripe_of_slot(slot, self.stripes.len())
     }
 
     /// The stripe that owns a key.
     pub fn stripe_of_key(&self, key: &[u8]) -> usize {
-        crate::slots::stripe_of_slot(crate::slots::slot_of_key(key), self.stripes.len())
+        self.stripe_of_slot(crate::slots::slot_of_key(key))
+    }
+
+    /// Checks that every slot has exactly one owner: the rule for a cluster.toml a server starts
+    /// from (a document merged from servers' views may be caught in the middle of a move).
+    pub fn check_slot_cover(&self) -> Result<(), ConfigError> {
+        if !self.names_slots() {
+            return Ok(());
+        }
+        let mut all = SlotSet::empty();
+        for (i, _) in self.stripes.iter().enumerate() {
+            let set = self.stripe_slots(i);
+            if all.overlaps(&set) {
+                return Err(field_err(
+                    format!("stripes[{i}].slots"),
+                    "overlaps another stripe's slots: every slot has one owner",
+                ));
+            }
+            for r in set.ranges() {
+                all.insert(r[0], r[1]);
+            }
+        }
+        if all.len() != SLOT_COUNT as usize {
+            let mut missing = SlotSet::range(0, SLOT_COUNT);
+            for r in all.ranges() {
+                missing.remove(r[0], r[1]);
+            }
+            return Err(field_err(
+                "stripes.slots",
+                format!("slots {missing} have no stripe: every slot has one owner"),
+            ));
+        }
+        Ok(())
     }
 
     /// Resolves a path from the config relative to the directory of the config file.
@@ -733,6 +834,7 @@ pub fn local_array(
                 })
                 .collect(),
             generation: 0,
+            slots: None,
         })
         .collect();
     ClusterConfig {
@@ -743,6 +845,7 @@ pub fn local_array(
         storage: Storage::default(),
         stripes,
         caches: Default::default(),
+        layout: 0,
     }
 }
 

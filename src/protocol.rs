@@ -814,6 +814,10 @@ pub enum ErrorReply {
     /// same request may succeed later. Not the caller's fault, unlike `Invalid`.
     #[error("the server is busy: {0}")]
     Busy(String),
+    /// The key's slot is moving to another stripe (`ferrocotta array rebalance`): nothing was
+    /// done; it is served again, by its new stripe, once the move finishes (a moment).
+    #[error("slot {slot} is moving to another stripe; try again in a moment")]
+    SlotMoving { slot: u16 },
 }
 
 /// A reply with the id of its request.

@@ -4,8 +4,12 @@
 //! distribution is well known, and Redis Cluster clients compute the same slots). Hash tags follow
 //! Redis Cluster too: when a key holds a `{` and, after it, a `}` with at least one byte between
 //! them, only the bytes between the first `{` and the next `}` are hashed, so `{user7}.cart` and
-//! `{user7}.orders` share a slot and a stripe (and a multi-key write can cover both). The slots are split into equal contiguous ranges in stripe order, so
-//! the same key always lands on the same stripe for a given config, on every client and server.
+//! `{user7}.orders` share a slot and a stripe (and a multi-key write can cover both).
+//!
+//! A config that names no stripe's `slots` splits the slots into equal contiguous ranges in stripe
+//! order, so the same key always lands on the same stripe for a given config, on every client and
+//! server. Once slots have moved between stripes (`ferrocotta array rebalance`) every stripe's
+//! section names its [`SlotSet`] explicitly.
 
 /// Number of hash slots.
 pub const SLOT_COUNT: u16 = 16384;
@@ -78,6 +82,156 @@ pub fn stripe_of_slot(slot: u16, stripes: usize) -> usize {
         .unwrap_or(guess)
 }
 
+/// A set of slots, kept as sorted, disjoint, non-adjacent half-open ranges `[start, end)`: the
+/// form it takes in config documents (`slots = [[0, 8192], [9000, 9100]]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "Vec<[u16; 2]>", into = "Vec<[u16; 2]>")]
+pub struct SlotSet {
+    ranges: Vec<[u16; 2]>,
+}
+
+impl SlotSet {
+    /// No slot.
+    pub fn empty() -> SlotSet {
+        SlotSet::default()
+    }
+
+    /// The slots of one range.
+    pub fn range(start: u16, end: u16) -> SlotSet {
+        let mut s = SlotSet::empty();
+        s.insert(start, end);
+        s
+    }
+
+    /// The ranges, sorted.
+    pub fn ranges(&self) -> &[[u16; 2]] {
+        &self.ranges
+    }
+
+    /// Whether a slot is in the set.
+    pub fn contains(&self, slot: u16) -> bool {
+        let i = self.ranges.partition_point(|r| r[1] <= slot);
+        self.ranges.get(i).is_some_and(|r| r[0] <= slot)
+    }
+
+    /// Whether every slot of `[start, end)` is in the set.
+    pub fn contains_range(&self, start: u16, end: u16) -> bool {
+        start >= end || self.ranges.iter().any(|r| r[0] <= start && end <= r[1])
+    }
+
+    /// Whether no slot of `[start, end)` is in the set.
+    pub fn disjoint_from(&self, start: u16, end: u16) -> bool {
+        self.ranges.iter().all(|r| r[1] <= start || end <= r[0])
+    }
+
+    /// How many slots it holds.
+    pub fn len(&self) -> usize {
+        self.ranges.iter().map(|r| (r[1] - r[0]) as usize).sum()
+    }
+
+    /// Whether it holds no slot.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Adds `[start, end)`.
+    pub fn insert(&mut self, start: u16, end: u16) {
+        if start >= end {
+            return;
+        }
+        let (mut start, mut end) = (start, end);
+        let mut kept = Vec::with_capacity(self.ranges.len() + 1);
+        for r in &self.ranges {
+            if r[1] < start || end < r[0] {
+                kept.push(*r);
+            } else {
+                start = start.min(r[0]);
+                end = end.max(r[1]);
+            }
+        }
+        kept.push([start, end]);
+        kept.sort();
+        self.ranges = kept;
+    }
+
+    /// Takes `[start, end)` out.
+    pub fn remove(&mut self, start: u16, end: u16) {
+        if start >= end {
+            return;
+        }
+        let mut kept = Vec::with_capacity(self.ranges.len() + 1);
+        for r in &self.ranges {
+            if r[1] <= start || end <= r[0] {
+                kept.push(*r);
+                continue;
+            }
+            if r[0] < start {
+                kept.push([r[0], start]);
+            }
+            if end < r[1] {
+                kept.push([end, r[1]]);
+            }
+        }
+        self.ranges = kept;
+    }
+
+    /// Every slot of the set that is also in `other`.
+    pub fn overlaps(&self, other: &SlotSet) -> bool {
+        other.ranges.iter().any(|r| !self.disjoint_from(r[0], r[1]))
+    }
+
+    /// The first `count` slots of the set, counted from the end (the highest slots).
+    pub fn last_slots(&self, count: usize) -> SlotSet {
+        let mut out = SlotSet::empty();
+        let mut left = count;
+        for r in self.ranges.iter().rev() {
+            if left == 0 {
+                break;
+            }
+            let n = ((r[1] - r[0]) as usize).min(left);
+            out.insert(r[1] - n as u16, r[1]);
+            left -= n;
+        }
+        out
+    }
+}
+
+impl TryFrom<Vec<[u16; 2]>> for SlotSet {
+    type Error = String;
+
+    fn try_from(ranges: Vec<[u16; 2]>) -> Result<SlotSet, String> {
+        let mut set = SlotSet::empty();
+        for [start, end] in ranges {
+            if start >= end || end > SLOT_COUNT {
+                return Err(format!(
+                    "slot range [{start}, {end}] is empty or beyond {SLOT_COUNT} (ranges are [first, one past the last])"
+                ));
+            }
+            if !set.disjoint_from(start, end) {
+                return Err(format!("slot range [{start}, {end}] overlaps another"));
+            }
+            set.insert(start, end);
+        }
+        Ok(set)
+    }
+}
+
+impl From<SlotSet> for Vec<[u16; 2]> {
+    fn from(s: SlotSet) -> Vec<[u16; 2]> {
+        s.ranges
+    }
+}
+
+impl std::fmt::Display for SlotSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.ranges.is_empty() {
+            return write!(f, "none");
+        }
+        let parts: Vec<String> = self.ranges.iter().map(|r| format!("{}-{}", r[0], r[1] - 1)).collect();
+        write!(f, "{}", parts.join(","))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +269,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn slot_sets_merge_split_and_refuse_overlaps() {
+        let mut s = SlotSet::range(0, 100);
+        s.insert(100, 200);
+        assert_eq!(s.ranges(), &[[0, 200]]);
+        s.remove(50, 60);
+        assert_eq!(s.ranges(), &[[0, 50], [60, 200]]);
+        assert!(s.contains(49) && !s.contains(50) && !s.contains(59) && s.contains(60) && !s.contains(200));
+        assert_eq!(s.len(), 190);
+        assert!(s.contains_range(60, 200) && !s.contains_range(40, 70));
+        assert_eq!(s.last_slots(150).ranges(), &[[40, 50], [60, 200]]);
+        s.insert(50, 60);
+        assert_eq!(s.ranges(), &[[0, 200]]);
+        assert!(SlotSet::try_from(vec![[0, 10], [5, 20]]).is_err());
+        assert!(SlotSet::try_from(vec![[0, 16385]]).is_err());
+        assert!(SlotSet::try_from(vec![[3, 3]]).is_err());
+        let text = toml::to_string(&std::collections::BTreeMap::from([("slots", SlotSet::range(7, 9))])).unwrap();
+        assert_eq!(text.trim(), "slots = [[7, 9]]");
     }
 }

@@ -115,8 +115,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/roster/servers", post(add_server))
         .route("/v1/roster/servers/:name", axum::routing::delete(remove_server))
         .route("/v1/roster/hand-over", post(hand_over))
-        // Nothing here takes a large body (a new server's settings at most).
+        .route("/v1/slots/:step", post(slot_step))
+        // Nothing here takes a large body (a new server's settings at most)...
         .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
+        // ...but a batch of entries of moving slots.
+        .route(
+            "/v1/slots/import",
+            post(slot_import).layer(axum::extract::DefaultBodyLimit::max(SLOT_IMPORT_BODY_MAX)),
+        )
         .with_state(state)
 }
 
@@ -181,6 +187,14 @@ pub struct RosterView {
     pub learners: Vec<u64>,
     /// Whether the membership is joint (a change in progress).
     pub joint: bool,
+    /// The slots the stripe owns (frozen ones included).
+    pub slots: ferrocotta::slots::SlotSet,
+    /// Slots frozen for a move to another stripe.
+    pub moving: Vec<crate::roster::SlotMove>,
+    /// Slots being imported from another stripe.
+    pub importing: Vec<crate::roster::SlotMove>,
+    /// The array's layout version as this stripe knows it.
+    pub layout: u64,
     /// The active this server knows of.
     pub active: Option<String>,
     /// On the active: the last log index each other server has acknowledged.
@@ -200,6 +214,10 @@ async fn roster(State(s): State<Arc<AdminState>>) -> Json<RosterView> {
         voters: membership.voter_ids().collect(),
         learners: membership.learner_ids().collect(),
         joint: membership.get_joint_config().len() > 1,
+        slots: r.owned_slots(s.stripe.roster().seed(), s.stripe.position().stripe),
+        moving: r.moving.clone(),
+        importing: r.importing.clone(),
+        layout: r.layout.as_ref().map_or(0, |l| l.version),
         active: m.current_leader.and_then(|id| s.stripe.name_of(id)),
         matched: m
             .replication
@@ -227,17 +245,23 @@ fn authorize(s: &AdminState, headers: &HeaderMap, method: &str, path: &str, body
 }
 
 fn change_reply(result: Result<crate::membership::ChangeOutcome, crate::membership::ChangeError>) -> Response {
-    use crate::membership::ChangeError;
     match result {
         Ok(outcome) => Json(outcome).into_response(),
-        Err(ChangeError::NotActive { active }) => (
+        Err(e) => change_error(e),
+    }
+}
+
+fn change_error(e: crate::membership::ChangeError) -> Response {
+    use crate::membership::ChangeError;
+    match e {
+        ChangeError::NotActive { active } => (
             StatusCode::CONFLICT,
             Json(serde_json::json!({"error": {"code": "not_active", "active": active,
                 "message": format!("not the active of the stripe; the active is {}", active.as_deref().unwrap_or("unknown"))}})),
         )
             .into_response(),
-        Err(e @ ChangeError::Invalid(_)) => error_reply(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
-        Err(e @ ChangeError::Unavailable(_)) => error_reply(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        e @ ChangeError::Invalid(_) => error_reply(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+        e @ ChangeError::Unavailable(_) => error_reply(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
     }
 }
 
@@ -281,6 +305,75 @@ async fn hand_over(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Resp
         Err(e) => Err(e),
     };
     change_reply(result)
+}
+
+/// Largest batch of entries `POST /v1/slots/import` takes (`ferrocotta array rebalance` sends
+/// smaller ones).
+pub const SLOT_IMPORT_BODY_MAX: usize = 64 << 20;
+
+/// `POST /v1/slots/{freeze|unfreeze|begin-import|abandon-import|own|release|layout|export}`: the
+/// steps of a slot move (`crate::slot_moves`), proved with the peer secret. The body is JSON (a
+/// `SlotStep`, or a `Layout`); `export` answers the frozen slots' entries, postcard-encoded.
+async fn slot_step(
+    State(s): State<Arc<AdminState>>,
+    Path(step): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let path = format!("/v1/slots/{step}");
+    if let Err(r) = authorize(&s, &headers, "POST", &path, &body) {
+        return r;
+    }
+    let bad = |e: serde_json::Error| error_reply(StatusCode::BAD_REQUEST, "invalid", format!("not a slot step: {e}"));
+    if step == "layout" {
+        return match serde_json::from_slice(&body) {
+            Ok(layout) => slot_reply(s.changes.set_layout(layout).await),
+            Err(e) => bad(e),
+        };
+    }
+    let parsed: crate::slot_moves::SlotStep = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad(e),
+    };
+    let c = &s.changes;
+    match step.as_str() {
+        "freeze" => slot_reply(c.freeze(parsed).await),
+        "unfreeze" => slot_reply(c.unfreeze(parsed).await),
+        "begin-import" => slot_reply(c.begin_import(parsed).await),
+        "abandon-import" => slot_reply(c.abandon_import(parsed).await),
+        "own" => slot_reply(c.own(parsed).await),
+        "release" => slot_reply(c.release(parsed).await),
+        "export" => match c.export(&parsed.slots) {
+            Ok(import) => match postcard::to_allocvec(&import) {
+                Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+                Err(e) => error_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+            },
+            Err(e) => change_error(e),
+        },
+        _ => error_reply(StatusCode::NOT_FOUND, "unknown_step", format!("no slot step `{step}`")),
+    }
+}
+
+/// `POST /v1/slots/import`: one batch of entries (postcard), proved with the peer secret.
+async fn slot_import(State(s): State<Arc<AdminState>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Err(r) = authorize(&s, &headers, "POST", "/v1/slots/import", &body) {
+        return r;
+    }
+    match postcard::from_bytes::<crate::slot_moves::SlotImport>(&body) {
+        Ok(batch) => slot_reply(s.changes.import(batch).await),
+        Err(e) => error_reply(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("not a batch of entries: {e}"),
+        ),
+    }
+}
+
+fn slot_reply(result: Result<crate::slot_moves::SlotOutcome, crate::membership::ChangeError>) -> Response {
+    match result {
+        Ok(outcome) => Json(outcome).into_response(),
+        Err(e) => change_error(e),
+    }
 }
 
 /// Ready: this server's Raft runs and its stripe has an active it knows (itself or a peer). A

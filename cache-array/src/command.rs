@@ -51,6 +51,9 @@ pub enum CommandKind {
         #[serde(with = "serde_bytes")]
         roster: Vec<u8>,
     },
+    /// Entries of slots the stripe is importing from another (`crate::slot_moves`): all applied,
+    /// or none when a key is of a slot not being imported.
+    ImportSlots(crate::slot_moves::SlotImport),
 }
 
 /// A change a client asked for, as the log keeps it.

@@ -51,6 +51,7 @@ pub mod roster;
 pub mod server;
 pub mod service;
 pub mod sessions;
+pub mod slot_moves;
 pub mod snapshot_file;
 pub mod state_machine;
 pub mod store;

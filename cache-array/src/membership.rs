@@ -93,7 +93,7 @@ pub struct Changes {
 }
 
 impl Changes {
-    fn check_active(&self) -> Result<(), ChangeError> {
+    pub(crate) fn check_active(&self) -> Result<(), ChangeError> {
         let m = self.stripe.raft().metrics().borrow().clone();
         if m.state == ServerState::Leader {
             Ok(())
@@ -104,7 +104,7 @@ impl Changes {
         }
     }
 
-    async fn set_roster(&self, current: &Roster, next: Roster) -> Result<(), ChangeError> {
+    pub(crate) async fn set_roster(&self, current: &Roster, next: Roster) -> Result<(), ChangeError> {
         let kind = CommandKind::SetRoster {
             expected: current.generation,
             roster: next.encode(),
@@ -169,7 +169,7 @@ impl Changes {
         // The whole array's document must stay valid: names unique across stripes, no port used
         // twice, at most 7 servers in a stripe.
         let stripe = self.stripe.position().stripe;
-        ClusterConfig::parse(&crate::roster::document(&self.seed, stripe, &next))
+        ClusterConfig::parse(&crate::roster::document(&self.seed, stripe, &next).to_toml())
             .map_err(|e| ChangeError::Invalid(format!("the array with this server would be invalid: {e}")))?;
         for other in self.seed.servers().filter(|(p, _)| p.stripe != stripe) {
             if other.1.name == server.name {

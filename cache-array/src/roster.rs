@@ -19,7 +19,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use ferrocotta::config::{ClusterConfig, ServerConfig};
+use ferrocotta::config::{ClusterConfig, ServerConfig, StripeConfig};
+use ferrocotta::slots::SlotSet;
 use serde::{Deserialize, Serialize};
 
 use crate::state_machine::SharedState;
@@ -52,6 +53,42 @@ pub struct Roster {
     pub retired: Vec<String>,
     /// The node id the next added server gets (ids are never reused).
     pub next_id: NodeId,
+    /// The slots the stripe owns, once slots have moved (`None`: as cluster.toml says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<SlotSet>,
+    /// Owned slots being handed to another stripe: frozen, neither read nor written, until the
+    /// other stripe owns them and this one lets them go (`crate::slot_moves`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moving: Vec<SlotMove>,
+    /// Slots being received from another stripe: their entries are imported here, and nothing of
+    /// them is served until the stripe owns them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub importing: Vec<SlotMove>,
+    /// Where slots this stripe let go went, for the redirect that names their owner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<SlotMove>,
+    /// The array's stripes as this stripe last heard of them, once stripes were added or
+    /// removed (`None`: as cluster.toml says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Layout>,
+}
+
+/// Slots on their way between this stripe and another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotMove {
+    /// The slots.
+    pub slots: SlotSet,
+    /// The other stripe (index).
+    pub stripe: u32,
+}
+
+/// The array's list of stripes after stripes were added or removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Number of additions and removals of stripes (the document's `layout`).
+    pub version: u64,
+    /// Every stripe, as last heard of (this stripe's own section is taken from its roster).
+    pub stripes: Vec<StripeConfig>,
 }
 
 impl Roster {
@@ -73,7 +110,22 @@ impl Roster {
             joining: Vec::new(),
             retired: Vec::new(),
             next_id,
+            slots: None,
+            moving: Vec::new(),
+            importing: Vec::new(),
+            moved: Vec::new(),
+            layout: None,
         }
+    }
+
+    /// The slots the stripe owns: its own record, or else what its cluster.toml says.
+    pub fn owned_slots(&self, seed: &ClusterConfig, stripe: usize) -> SlotSet {
+        self.slots.clone().unwrap_or_else(|| seed.stripe_slots(stripe))
+    }
+
+    /// The array's stripes as this stripe knows them (cluster.toml's until the layout changed).
+    pub fn stripes<'a>(&'a self, seed: &'a ClusterConfig) -> &'a [StripeConfig] {
+        self.layout.as_ref().map_or(&seed.stripes, |l| &l.stripes)
     }
 
     /// The encoded roster a store holds, if a change was ever committed.
@@ -114,12 +166,15 @@ impl Roster {
             tti_ms: None,
             owner: None,
         };
+        let roster: Roster =
+            serde_json::from_slice(encoded).map_err(|e| format!("the new roster does not decode: {e}"))?;
         store
             .caches
             .entry(ROSTER_CACHE.to_string())
             .or_default()
             .entries
             .insert(ROSTER_KEY.to_vec(), entry);
+        crate::slot_moves::roster_applied(store, &roster);
         Ok(())
     }
 
@@ -157,12 +212,13 @@ struct Current {
     roster: Arc<Roster>,
     bytes: Option<Bytes>,
     document: Arc<String>,
+    config: Arc<ClusterConfig>,
 }
 
 impl LiveRoster {
     /// Starts from `roster` (the stored one, or the one learned from a peer, or the seed).
     pub fn new(seed: Arc<ClusterConfig>, stripe: usize, me: &str, roster: Roster) -> Arc<LiveRoster> {
-        let document = Arc::new(document(&seed, stripe, &roster));
+        let (document, config) = document_and_config(&seed, stripe, &roster);
         let (changed, _) = tokio::sync::watch::channel(roster.generation);
         Arc::new(LiveRoster {
             seed,
@@ -172,9 +228,20 @@ impl LiveRoster {
                 roster: Arc::new(roster),
                 bytes: None,
                 document,
+                config,
             }),
             changed,
         })
+    }
+
+    /// The live document, parsed: which stripe owns which slot, as this server knows it.
+    pub fn config(&self) -> Arc<ClusterConfig> {
+        self.current.read().expect("roster lock").config.clone()
+    }
+
+    /// cluster.toml as this server was started with it.
+    pub fn seed(&self) -> &Arc<ClusterConfig> {
+        &self.seed
     }
 
     /// The roster now.
@@ -215,7 +282,7 @@ impl LiveRoster {
             }
         };
         let generation = roster.generation;
-        let document = Arc::new(document(&self.seed, self.stripe, &roster));
+        let (document, config) = document_and_config(&self.seed, self.stripe, &roster);
         let before = {
             let mut c = self.current.write().expect("roster lock");
             let before = c.roster.generation;
@@ -223,6 +290,7 @@ impl LiveRoster {
                 roster: Arc::new(roster),
                 bytes: Some(bytes),
                 document,
+                config,
             };
             before
         };
@@ -282,12 +350,41 @@ impl LiveRoster {
     }
 }
 
-/// cluster.toml with one stripe's servers and generation taken from a roster.
-pub fn document(seed: &ClusterConfig, stripe: usize, roster: &Roster) -> String {
+/// cluster.toml with one stripe's servers, generation and slots taken from a roster, and the
+/// array's stripes from the roster's layout once stripes were added or removed. Once any slot
+/// has moved, every stripe's section names its slots (the others' as this stripe last heard).
+pub fn document(seed: &ClusterConfig, stripe: usize, roster: &Roster) -> ClusterConfig {
     let mut doc = seed.clone();
-    doc.stripes[stripe].servers = roster.servers.clone();
-    doc.stripes[stripe].generation = roster.generation;
-    doc.to_toml()
+    if let Some(layout) = &roster.layout {
+        doc.stripes = layout.stripes.clone();
+        doc.layout = layout.version;
+    }
+    let moved = roster.slots.is_some() || roster.layout.is_some() || seed.names_slots();
+    if moved {
+        // Seed sections without slots get the even split of the seed's own stripes.
+        for (i, s) in doc.stripes.iter_mut().enumerate() {
+            if s.slots.is_none() {
+                s.slots = Some(if i < seed.stripes.len() {
+                    seed.stripe_slots(i)
+                } else {
+                    SlotSet::empty()
+                });
+            }
+        }
+    }
+    if let Some(own) = doc.stripes.get_mut(stripe) {
+        own.servers = roster.servers.clone();
+        own.generation = roster.generation;
+        if moved {
+            own.slots = Some(roster.owned_slots(seed, stripe));
+        }
+    }
+    doc
+}
+
+fn document_and_config(seed: &ClusterConfig, stripe: usize, roster: &Roster) -> (Arc<String>, Arc<ClusterConfig>) {
+    let doc = document(seed, stripe, roster);
+    (Arc::new(doc.to_toml()), Arc::new(doc))
 }
 
 /// Keeps `live` in step with the store: looks again whenever the Raft metrics change (an entry
@@ -361,7 +458,7 @@ mod tests {
         added.admin_port = 3100;
         r.servers.push(added);
         r.generation = 2;
-        let doc = ClusterConfig::parse(&document(&c, 0, &r)).unwrap();
+        let doc = ClusterConfig::parse(&document(&c, 0, &r).to_toml()).unwrap();
         assert_eq!(doc.stripes[0].generation, 2);
         let (pos, _) = doc.find_server("a4").unwrap();
         assert_eq!(pos.node_id(), 4);

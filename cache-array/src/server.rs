@@ -188,6 +188,8 @@ async fn bind(what: &str, host: &str, port: u16) -> anyhow::Result<TcpListener> 
 /// Runs a server until `shutdown` is cancelled.
 pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let seed = ClusterConfig::load(&opts.config_path)?;
+    seed.check_slot_cover()
+        .with_context(|| format!("{}: the stripes' slots", opts.config_path.display()))?;
     for w in seed.warnings() {
         tracing::warn!(event = "config.warning", "{w}");
     }

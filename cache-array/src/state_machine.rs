@@ -389,6 +389,9 @@ fn apply_command(store: &mut Store, kind: CommandKind, ctx: &mut ApplyContext) -
                 .map(|()| Reply::Done)
                 .map_err(ErrorReply::Invalid),
         ),
+        CommandKind::ImportSlots(import) => {
+            CommandResult::Client(crate::slot_moves::apply_import(store, &import, ctx).map(|()| Reply::Done))
+        }
     }
 }
 

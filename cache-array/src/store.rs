@@ -128,6 +128,10 @@ pub struct Store {
     /// snapshot is loaded.
     #[serde(skip)]
     pub expiry: BTreeSet<(u64, String, Vec<u8>)>,
+    /// Which slots the stripe serves, from its roster (`crate::slot_moves`). Derived; rebuilt
+    /// after a snapshot is loaded.
+    #[serde(skip)]
+    pub slot_guard: crate::slot_moves::SlotGuard,
 }
 
 /// How many bytes of keys and values a read's reply may carry.
@@ -182,6 +186,7 @@ pub struct ApplyContext<'a> {
 impl Store {
     /// Rebuilds the derived indexes (after loading a snapshot).
     pub fn rebuild_indexes(&mut self) {
+        crate::slot_moves::rebuild_guard(self);
         self.expiry.clear();
         for (name, cache) in self.caches.iter_mut() {
             cache.lru.clear();
@@ -302,6 +307,9 @@ impl Store {
 
     /// Applies one change a client asked for.
     pub fn apply(&mut self, change: &Change, ctx: &mut ApplyContext) -> Result<Reply, ErrorReply> {
+        if let Some(refused) = self.slot_refusal(change) {
+            return Err(refused);
+        }
         let now = ctx.now_ms;
         if let Some((cache, key)) = change.first_key() {
             self.drop_if_expired(cache, key, now);
@@ -495,6 +503,9 @@ impl Store {
         room: ReplyRoom,
         pending_access: &dyn Fn(&str, &[u8]) -> Option<u64>,
     ) -> Result<Reply, ReadError> {
+        if let Some(refused) = self.read_refusal(op) {
+            return Err(ReadError::Failed(refused));
+        }
         let budget = room.limit;
         let too_large = |bytes: usize, what: &str| {
             Err(ReadError::Failed(ErrorReply::Invalid(format!(
@@ -584,7 +595,7 @@ impl Store {
                     .range((start, std::ops::Bound::Unbounded))
                     .map(|(k, _)| k)
                     .take_while(|k| k.starts_with(prefix))
-                    .filter(|k| visible(cache, k).is_some());
+                    .filter(|k| self.slot_guard.lists(k) && visible(cache, k).is_some());
                 let (mut count, mut bytes, mut more) = (0usize, 0usize, false);
                 for k in page.clone() {
                     if count == limit || (count > 0 && bytes + k.len() > budget) {
@@ -611,7 +622,8 @@ impl Store {
                     .take_while(|(at, _, _)| *at <= now_ms)
                     .filter(|(_, cn, k)| cn == cache && visible(cache, k).is_none())
                     .count();
-                Ok(Reply::Size(c.entries.len().saturating_sub(hidden) as u64))
+                let unserved = self.unserved_entries(cache);
+                Ok(Reply::Size(c.entries.len().saturating_sub(hidden + unserved) as u64))
             }
             ReadOp::Time => Ok(Reply::Time(now_ms)),
             ReadOp::ListLocks { cache } => {

@@ -48,6 +48,14 @@ pub enum ArrayCommand {
     Roster(RosterArgs),
     /// Ask a stripe's active to hand over to its most up-to-date mirror (before stopping it).
     HandOver(HandOverArgs),
+    /// Add a stripe: write the array's cluster.toml with it (`--out`); once its servers run from
+    /// that file, register it with the array (`--config`). It owns no slot until `rebalance`.
+    AddStripe(super::stripes::AddStripeArgs),
+    /// Move hash slots between stripes until every stripe holds an even share, while reads and
+    /// writes continue (a moving slot waits a moment).
+    Rebalance(super::stripes::RebalanceArgs),
+    /// Drain the last stripe's slots to the others, then take it out of the array.
+    RemoveStripe(super::stripes::RemoveStripeArgs),
 }
 
 /// Flags of `ferrocotta array hand-over`.
@@ -68,7 +76,7 @@ pub struct ChangeArgs {
     #[arg(long, env = "FERROCOTTA_PEER_SECRET_FILE")]
     peer_secret_file: Option<std::path::PathBuf>,
     #[command(flatten)]
-    array: ArrayArgs,
+    pub(super) array: ArrayArgs,
 }
 
 /// Flags of `ferrocotta array add-server`.
@@ -242,6 +250,9 @@ pub async fn run(command: ArrayCommand) -> anyhow::Result<u8> {
             hand_over(Some(&admin), args.stripe, &active).await;
             Ok(0)
         }
+        ArrayCommand::AddStripe(args) => super::stripes::add_stripe(args).await,
+        ArrayCommand::Rebalance(args) => super::stripes::rebalance(args).await,
+        ArrayCommand::RemoveStripe(args) => super::stripes::remove_stripe(args).await,
         ArrayCommand::Roster(args) => {
             let admin = Admin::connect(&ChangeArgs {
                 peer_secret_file: None,
@@ -261,15 +272,15 @@ pub async fn run(command: ArrayCommand) -> anyhow::Result<u8> {
 const FOLLOW_ACTIVE_MAX: usize = 6;
 
 /// The admin ports of the array, reached through the client's document.
-struct Admin {
-    client: ArrayClient,
+pub(super) struct Admin {
+    pub(super) client: ArrayClient,
     peer_secret: Vec<u8>,
-    tls: Option<std::sync::Arc<ferrocotta::tls::ClientTls>>,
-    timeout: Duration,
+    pub(super) tls: Option<std::sync::Arc<ferrocotta::tls::ClientTls>>,
+    pub(super) timeout: Duration,
 }
 
 impl Admin {
-    async fn connect(args: &ChangeArgs) -> anyhow::Result<Admin> {
+    pub(super) async fn connect(args: &ChangeArgs) -> anyhow::Result<Admin> {
         let peer_secret_file = match (&args.peer_secret_file, &args.array.dir) {
             (Some(f), _) => f.clone(),
             (None, Some(dir)) => dir.join("peer-secret"),
@@ -305,7 +316,7 @@ impl Admin {
 
     /// The stripe's active, asking again (a server that just started may not know it yet, and an
     /// election may be under way) until the command's timeout.
-    async fn active(&self, stripe: usize) -> anyhow::Result<String> {
+    pub(super) async fn active(&self, stripe: usize) -> anyhow::Result<String> {
         let deadline = Instant::now() + self.timeout;
         loop {
             match self.client.active_of(stripe).await {
@@ -318,7 +329,7 @@ impl Admin {
         }
     }
 
-    fn config(&self) -> std::sync::Arc<ferrocotta::config::ClusterConfig> {
+    pub(super) fn config(&self) -> std::sync::Arc<ferrocotta::config::ClusterConfig> {
         self.client.config()
     }
 
@@ -339,14 +350,26 @@ impl Admin {
             .with_context(|| format!("`{name}` is not in the array's document"))
     }
 
-    /// Sends a change to the stripe's active, following `not_active` answers.
-    async fn change(
+    /// Sends a change to the stripe's active, following `not_active` answers; its JSON answer.
+    pub(super) async fn change(
         &self,
         stripe: usize,
         method: hyper::Method,
         path: &str,
         body: Vec<u8>,
     ) -> anyhow::Result<serde_json::Value> {
+        let answer = self.send(stripe, method, path, body).await?;
+        Ok(serde_json::from_slice(&answer).unwrap_or_default())
+    }
+
+    /// Sends a change to the stripe's active, following `not_active` answers; its answer's body.
+    pub(super) async fn send(
+        &self,
+        stripe: usize,
+        method: hyper::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<bytes::Bytes> {
         let mut target = self.active(stripe).await?;
         for _ in 0..FOLLOW_ACTIVE_MAX {
             let proof = ferrocotta::protocol::admin_proof_header(&self.peer_secret, method.as_str(), path, &body);
@@ -362,7 +385,7 @@ impl Admin {
             let (status, answer) = ferrocotta::http::request(&addr, self.tls.as_deref(), call).await?;
             let json: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
             match status {
-                200 => return Ok(json),
+                200 => return Ok(answer),
                 409 => {
                     // Not (or no longer) the active: follow the one it names, or look again.
                     tokio::time::sleep(POLL * 3).await;
@@ -401,7 +424,7 @@ impl Admin {
         Outcome::of(self.change(stripe, hyper::Method::DELETE, &path, Vec::new()).await?)
     }
 
-    async fn roster(&self, stripe: usize) -> anyhow::Result<serde_json::Value> {
+    pub(super) async fn roster(&self, stripe: usize) -> anyhow::Result<serde_json::Value> {
         let active = self.active(stripe).await?;
         let addr = self.admin_addr(&active)?;
         let (status, body) = ferrocotta::http::request(

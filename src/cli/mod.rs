@@ -15,6 +15,7 @@ mod cache;
 mod invoke;
 mod jobs;
 mod status;
+mod stripes;
 mod top;
 mod up;
 

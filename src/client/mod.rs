@@ -137,11 +137,18 @@ struct Inner {
     /// downloaded again for it (at most once per [`REFRESH_AGAIN_AFTER`] per generation, so a
     /// document that cannot be taken never costs a handshake per request).
     refreshed: Mutex<HashMap<usize, (u64, Instant)>>,
+    /// Held while every stripe's document is downloaded ([`ArrayClient::refresh_everywhere`]).
+    moved_refresh: tokio::sync::Mutex<()>,
+    /// When that was last done.
+    moved_refreshed: Mutex<Option<Instant>>,
 }
 
 /// How long after downloading the document again for a generation it is downloaded again for
 /// the same one (when the first download did not bring it).
 const REFRESH_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a client downloads every stripe's document when servers say a key is not theirs.
+const MOVED_REFRESH_EVERY: Duration = Duration::from_millis(50);
 
 impl ArrayClient {
     /// Bootstraps from the URL list (SPEC 3.1) and connects to the servers of the config.
@@ -190,6 +197,8 @@ impl ArrayClient {
                 nonstop_timeouts: std::sync::atomic::AtomicU64::new(0),
                 actives_asked: Mutex::new(HashMap::new()),
                 refreshed: Mutex::new(HashMap::new()),
+                moved_refresh: tokio::sync::Mutex::new(()),
+                moved_refreshed: Mutex::new(None),
             }),
         };
         Ok(client)
@@ -366,8 +375,16 @@ impl ArrayClient {
             Some(&guard),
             &self.inner.settings.address_map,
         );
+        let stripes = next.stripe_servers.len();
         *guard = Arc::new(next);
         let mut leaders = self.inner.leaders.lock().expect("leaders lock");
+        leaders.resize(stripes, None);
+        self.inner
+            .sessions
+            .ids
+            .lock()
+            .expect("sessions lock")
+            .resize(stripes, None);
         for s in &changed {
             if let Some(l) = leaders.get_mut(*s) {
                 *l = None;
@@ -401,6 +418,65 @@ impl ArrayClient {
             Ok((_, welcome)) => self.maybe_refresh_config(welcome.config_toml),
             Err(e) => tracing::debug!(event = "client.refresh_failed", server = %handle.addr, error = %e),
         }
+    }
+
+    /// Downloads the document from one server of every stripe (a server said a key is not its
+    /// stripe's: slots moved, or stripes were added), at most once per [`MOVED_REFRESH_EVERY`];
+    /// concurrent callers wait for the one download under way.
+    pub(super) async fn refresh_everywhere(&self) {
+        let _one = self.inner.moved_refresh.lock().await;
+        {
+            let last = self.inner.moved_refreshed.lock().expect("refreshed lock");
+            if last.is_some_and(|at| at.elapsed() < MOVED_REFRESH_EVERY) {
+                return;
+            }
+        }
+        // Twice: the first round may name stripes this client did not know.
+        for _ in 0..2 {
+            let routing = self.routing();
+            let max_frame = routing.config.limits.max_frame_bytes as usize;
+            let downloads = routing.stripe_servers.iter().enumerate().map(|(stripe, names)| {
+                let leader = self
+                    .inner
+                    .leaders
+                    .lock()
+                    .expect("leaders lock")
+                    .get(stripe)
+                    .cloned()
+                    .flatten();
+                let first = leader.or_else(|| names.first().cloned());
+                let handles: Vec<_> = first
+                    .into_iter()
+                    .chain(names.iter().cloned())
+                    .filter_map(|n| routing.servers.get(&n).cloned())
+                    .collect();
+                let identity = &self.inner.identity;
+                async move {
+                    for h in handles {
+                        if let Ok((_, welcome)) =
+                            handshake::connect(&h.addr, identity, CONNECT_STAGGER, max_frame).await
+                        {
+                            return Some(welcome.config_toml);
+                        }
+                    }
+                    None
+                }
+            });
+            let before = routing.stripe_servers.len();
+            for doc in futures::future::join_all(downloads).await.into_iter().flatten() {
+                self.maybe_refresh_config(doc);
+            }
+            if self.routing().stripe_servers.len() == before {
+                break;
+            }
+        }
+        *self.inner.moved_refreshed.lock().expect("refreshed lock") = Some(Instant::now());
+    }
+
+    /// Downloads every stripe's document now (tools that change the array's layout).
+    pub async fn refresh_document(&self) {
+        *self.inner.moved_refreshed.lock().expect("refreshed lock") = None;
+        self.refresh_everywhere().await;
     }
 
     /// Asks every server of the config about itself (for status tooling); never fails as a whole.
@@ -456,15 +532,49 @@ enum ConnectFailure {
 /// `current` with each stripe of `incoming` that has a higher generation; `None` when nothing is
 /// newer or the two describe different arrays (another stripe count). Also the stripes taken.
 fn merge_documents(current: &ClusterConfig, incoming: &ClusterConfig) -> Option<(ClusterConfig, Vec<usize>)> {
-    if current.stripes.len() != incoming.stripes.len() || current.array_name != incoming.array_name {
+    if current.array_name != incoming.array_name {
         return None;
     }
-    let mut merged = current.clone();
-    let mut changed = Vec::new();
-    for (i, stripe) in incoming.stripes.iter().enumerate() {
-        if stripe.generation > merged.stripes[i].generation {
-            merged.stripes[i] = stripe.clone();
-            changed.push(i);
+    // The list of stripes is the one of the higher layout (stripes added or removed); each
+    // stripe's section is the one of the higher generation, from whichever document.
+    let (mut merged, other) = match incoming.layout.cmp(&current.layout) {
+        std::cmp::Ordering::Greater => (incoming.clone(), current),
+        std::cmp::Ordering::Less => (current.clone(), incoming),
+        std::cmp::Ordering::Equal if current.stripes.len() == incoming.stripes.len() => (current.clone(), incoming),
+        std::cmp::Ordering::Equal => return None,
+    };
+    let mut changed: Vec<usize> = if incoming.layout > current.layout {
+        (0..merged.stripes.len()).collect()
+    } else {
+        Vec::new()
+    };
+    // A section that does not name its slots holds the even split of its own document.
+    let named = |doc: &ClusterConfig, i: usize| {
+        let mut s = doc.stripes[i].clone();
+        if s.slots.is_none() {
+            s.slots = Some(doc.stripe_slots(i));
+        }
+        s
+    };
+    let any_named = current.names_slots() || incoming.names_slots();
+    for i in 0..merged.stripes.len() {
+        let theirs = other.stripes.get(i).filter(|s| s.name == merged.stripes[i].name);
+        if let Some(theirs) = theirs {
+            if theirs.generation > merged.stripes[i].generation {
+                merged.stripes[i] = if any_named { named(other, i) } else { theirs.clone() };
+                if !changed.contains(&i) {
+                    changed.push(i);
+                }
+                continue;
+            }
+        }
+        if any_named && merged.stripes[i].slots.is_none() {
+            let base = if std::ptr::eq(other, incoming) {
+                current
+            } else {
+                incoming
+            };
+            merged.stripes[i].slots = Some(base.stripe_slots(i.min(base.stripes.len() - 1)));
         }
     }
     if changed.is_empty() {
@@ -602,6 +712,35 @@ mod merge_tests {
         assert_eq!(merged.stripes[1].servers.len(), 2);
         assert_eq!(merged.stripes[0].servers.len(), 2);
         // An older or equal document changes nothing.
+        assert!(merge_documents(&merged, &current).is_none());
+    }
+
+    #[test]
+    fn a_higher_layout_brings_its_stripes_and_moved_slots_are_merged_per_stripe() {
+        use crate::slots::SlotSet;
+        let current = doc(1);
+        // Stripe 0 after a stripe was added and half its slots moved (its own section is newer).
+        let mut two = doc(2);
+        two.array_name = current.array_name.clone();
+        two.layout = 1;
+        two.stripes[0] = current.stripes[0].clone();
+        two.stripes[0].generation = 3;
+        two.stripes[0].slots = Some(SlotSet::range(0, 8192));
+        two.stripes[1].slots = Some(SlotSet::empty());
+        let (merged, changed) = merge_documents(&current, &two).unwrap();
+        assert_eq!(changed, vec![0, 1]);
+        assert_eq!(merged.stripes.len(), 2);
+        // The new stripe's own document, newer for its own section, takes the moved slots.
+        let mut from_new = two.clone();
+        from_new.stripes[0].generation = 0;
+        from_new.stripes[0].slots = Some(SlotSet::range(0, 16384));
+        from_new.stripes[1].generation = 2;
+        from_new.stripes[1].slots = Some(SlotSet::range(8192, 16384));
+        let (merged, changed) = merge_documents(&merged, &from_new).unwrap();
+        assert_eq!(changed, vec![1]);
+        assert_eq!(merged.stripe_of_slot(100), 0);
+        assert_eq!(merged.stripe_of_slot(9000), 1);
+        // A document of an older layout does not take the new stripe away.
         assert!(merge_documents(&merged, &current).is_none());
     }
 }

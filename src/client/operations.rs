@@ -21,9 +21,9 @@ impl ArrayClient {
         Ok(())
     }
 
-    async fn keyed(&self, key: &[u8], op: Op) -> Result<Reply, ClientError> {
+    pub(super) async fn keyed(&self, key: &[u8], op: Op) -> Result<Reply, ClientError> {
         self.check_key(key)?;
-        self.execute(self.stripe_of(key), op, self.inner.settings.request_timeout)
+        self.follow_moves(|| self.execute(self.stripe_of(key), op.clone(), self.inner.settings.request_timeout))
             .await
     }
 
@@ -51,6 +51,10 @@ impl ArrayClient {
 
     /// Values of many keys, in the order asked.
     pub async fn get_all(&self, cache: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        self.follow_moves(|| self.get_all_once(cache, keys)).await
+    }
+
+    async fn get_all_once(&self, cache: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
         let mut by_stripe: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, k) in keys.iter().enumerate() {
             self.check_key(k)?;
@@ -151,6 +155,14 @@ impl ArrayClient {
     /// naming the session. A session the stripe no longer knows is rejoined once, then retried.
     async fn in_session(&self, key: &[u8], op: impl Fn(PutOptions) -> WriteOp) -> Result<Option<Vec<u8>>, ClientError> {
         self.check_key(key)?;
+        self.follow_moves(|| self.in_session_once(key, &op)).await
+    }
+
+    async fn in_session_once(
+        &self,
+        key: &[u8],
+        op: &impl Fn(PutOptions) -> WriteOp,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
         let stripe = self.stripe_of(key);
         let mut retried = false;
         loop {
@@ -174,6 +186,10 @@ impl ArrayClient {
 
     /// Sets many keys; atomic per stripe.
     pub async fn put_all(&self, cache: &str, entries: &[Entry]) -> Result<(), ClientError> {
+        self.follow_moves(|| self.put_all_once(cache, entries)).await
+    }
+
+    async fn put_all_once(&self, cache: &str, entries: &[Entry]) -> Result<(), ClientError> {
         let mut by_stripe: HashMap<usize, Vec<Entry>> = HashMap::new();
         for (k, v) in entries {
             self.check_key(k)?;
@@ -280,6 +296,10 @@ impl ArrayClient {
     /// the one stripe its keys belong to: give related keys one hash tag (`{order42}.lines`,
     /// `{order42}.total`). Returns whether the guards held and each step's result.
     pub async fn txn(&self, txn: Txn) -> Result<(bool, Vec<StepReply>), ClientError> {
+        self.follow_moves(|| self.txn_once(txn.clone())).await
+    }
+
+    async fn txn_once(&self, txn: Txn) -> Result<(bool, Vec<StepReply>), ClientError> {
         txn.check().map_err(ClientError::Invalid)?;
         let mut stripes = std::collections::BTreeSet::new();
         for (_, key, _) in txn.targets() {
@@ -306,10 +326,7 @@ impl ArrayClient {
     /// scheduled firings by it instead of their own wall clocks.
     pub async fn time_of(&self, key: &[u8]) -> Result<u64, ClientError> {
         let op = Op::Read(ReadOp::Time, ReadConsistency::Linearizable);
-        match self
-            .execute(self.stripe_of(key), op, self.inner.settings.request_timeout)
-            .await?
-        {
+        match self.keyed(key, op).await? {
             Reply::Time(ms) => Ok(ms),
             other => Err(unexpected(other)),
         }

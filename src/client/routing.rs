@@ -36,6 +36,10 @@ pub(super) struct ServerHandle {
 /// another one is the active now (one that is means the awaited server is cut off or deposed).
 pub const SILENT_ACTIVE_AFTER: Duration = Duration::from_millis(400);
 
+/// Pause before a key a server disowned is routed again (the refreshed document may still be
+/// catching up with a move that is finishing).
+const MOVED_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
 /// How often the other servers are asked after that.
 const SILENT_ACTIVE_POLL: Duration = Duration::from_millis(100);
 
@@ -204,6 +208,25 @@ impl ArrayClient {
         actives
     }
 
+    /// Runs `attempt` (which routes its keys by the current document) again while a server says
+    /// a key is not its stripe's, until the request timeout: slots moved, and the document was
+    /// refreshed meanwhile ([`ArrayClient::refresh_everywhere`]).
+    pub(super) async fn follow_moves<T, F, Fut>(&self, mut attempt: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = Instant::now() + self.inner.settings.request_timeout;
+        loop {
+            match attempt().await {
+                Err(ClientError::Server(ErrorReply::WrongStripe { .. })) if Instant::now() < deadline => {
+                    tokio::time::sleep(MOVED_RETRY_PAUSE).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Runs one operation on a stripe until it succeeds, fails for good, or `timeout` passes.
     pub async fn execute(&self, stripe: usize, op: Op, timeout: Duration) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + timeout;
@@ -292,11 +315,17 @@ impl ArrayClient {
                         failures.insert(name.clone(), "no quorum".into());
                     }
                     Err(CallError::Server(ErrorReply::WrongStripe { owner })) => {
-                        // Our config is stale: the server's welcome carries the current one, so
-                        // reconnecting refreshes it.
-                        *handle.conn.lock().await = None;
-                        failures.insert(name.clone(), format!("key owned by stripe {owner}"));
-                        redirected = true;
+                        // Slots moved (or stripes were added) since this client's document: take
+                        // every stripe's, and let the caller route the key again
+                        // ([`ArrayClient::follow_moves`]). Nothing was applied.
+                        tracing::debug!(event = "client.key_moved", server = %name, owner);
+                        self.refresh_everywhere().await;
+                        return Err(ClientError::Server(ErrorReply::WrongStripe { owner }));
+                    }
+                    Err(CallError::Server(ErrorReply::SlotMoving { slot })) => {
+                        // A moment while the slot's entries are copied to its new stripe: ask
+                        // again after the round's pause (nothing was applied).
+                        failures.insert(name.clone(), format!("slot {slot} is moving"));
                         break;
                     }
                     Err(CallError::Server(ErrorReply::ShuttingDown)) => {

@@ -103,7 +103,7 @@ pub struct LockHandle {
 /// Session bookkeeping of a client.
 pub(super) struct SessionState {
     /// Session id per stripe, once opened.
-    ids: Mutex<Vec<Option<u64>>>,
+    pub(super) ids: Mutex<Vec<Option<u64>>>,
     /// Serializes opening sessions (so concurrent callers share one).
     opening: tokio::sync::Mutex<()>,
     /// Current connection state.
@@ -357,9 +357,7 @@ impl ArrayClient {
             key: key.to_vec(),
             session,
         });
-        self.execute(self.stripe_of(key), op, self.inner.settings.request_timeout)
-            .await
-            .map(|_| ())
+        self.keyed(key, op).await.map(|_| ())
     }
 
     /// Locks held or waited for on every stripe (of one cache, if given).

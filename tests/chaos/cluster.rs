@@ -40,6 +40,9 @@ pub struct Cluster {
     pub servers: Vec<String>,
     /// Node names.
     pub nodes: Vec<String>,
+    /// Servers that start from another config file than the array's cluster.toml (the servers
+    /// of a stripe added while the array runs).
+    pub config_files: HashMap<String, std::path::PathBuf>,
     procs: HashMap<String, Proc>,
 }
 
@@ -76,6 +79,7 @@ impl Cluster {
             config,
             servers: servers.iter().map(|s| s.to_string()).collect(),
             nodes: Vec::new(),
+            config_files: HashMap::new(),
             procs: HashMap::new(),
         };
         for s in servers {
@@ -104,7 +108,12 @@ impl Cluster {
         let child = net
             .command(name, &binary("cache-array"))
             .arg("--config")
-            .arg(self.dir.path().join("cluster.toml"))
+            .arg(
+                self.config_files
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| self.dir.path().join("cluster.toml")),
+            )
             .arg("--name")
             .arg(name)
             .env("RUST_LOG", "info,openraft=warn,sled=warn")

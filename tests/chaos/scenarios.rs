@@ -394,6 +394,158 @@ fn membership_faults() {
     });
 }
 
+/// Stripes change under the key-value load, with `ferrocotta array` as an operator runs it: a
+/// second stripe is added (`add-stripe --out`, its servers started from that file, `add-stripe
+/// --config`), `rebalance` moves half the slots to it while stripe 0's active is killed, and the
+/// same command finishes the move; then `remove-stripe` drains it back while its own active is
+/// killed, and runs again until done. The workload's keys span both stripes: a key written on
+/// two stripes, or lost on its way, shows as a linearizability or durability anomaly.
+#[test]
+fn stripe_changes() {
+    let setup = Setup {
+        spare: &["b1", "b2", "b3"],
+        sessions: 0,
+        kv: crate::workload::KvLoad {
+            keys: 16,
+            ..Setup::default().kv
+        },
+        ..Setup::default()
+    };
+    scenario("stripe_changes", setup, |ctx| {
+        Box::pin(async move {
+            crate::common::binary("ferrocotta");
+            let news = ["b1", "b2", "b3"];
+            // 1. The array's cluster.toml with the new stripe; its servers start from it.
+            let file = ctx.cluster.dir.path().join("cluster-2.toml");
+            let mut plan: Vec<String> = ["add-stripe", "--name", "stripe-b", "--out"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([file.display().to_string()])
+                .collect();
+            for b in news {
+                let ip = ctx.net.ip(b);
+                let port = |p| crate::cluster::Cluster::server_addr(&ctx.net, b, p);
+                let ports: Vec<String> = (0..3)
+                    .map(|p| port(p).rsplit_once(':').unwrap().1.to_string())
+                    .collect();
+                plan.push("--server".into());
+                plan.push(format!("{b}={ip}:{}:{}:{}", ports[0], ports[1], ports[2]));
+            }
+            array_cli(ctx, &plan).await;
+            for b in news {
+                ctx.cluster.config_files.insert(b.to_string(), file.clone());
+                ctx.cluster.start_server(&ctx.net, b);
+                ctx.cluster.servers.push(b.to_string());
+            }
+            let register: Vec<String> = vec!["add-stripe".into(), "--config".into(), file.display().to_string()];
+            array_cli(ctx, &register).await;
+            ctx.sleep(Duration::from_secs(1)).await;
+
+            // 2. Half the slots move to the new stripe; stripe 0's active dies on the way.
+            let rebalance: Vec<String> = vec!["rebalance".into(), "--batch-slots".into(), "64".into()];
+            let started = Instant::now();
+            let cli = spawn_array_cli(ctx, &rebalance);
+            let delay = ctx.ms(100, 1500);
+            ctx.sleep(delay).await;
+            let active = ctx.active().await;
+            ctx.mark("kill-source-active-during-move", true);
+            ctx.cluster.kill9(&active);
+            let first = try_finish_array_cli(cli, &rebalance).await;
+            ctx.sleep(Duration::from_secs(1)).await;
+            ctx.cluster.start_server(&ctx.net, &active);
+            // Run again in any case: after a run cut short it finishes the move, after a whole
+            // one it finds nothing to do.
+            let tries = array_cli_until_done(ctx, &rebalance, 3).await;
+            ctx.notes.push(format!(
+                "rebalance to the new stripe: {:.1?}, its source's active killed after {delay:?} (first run {}, then {tries} run(s))",
+                started.elapsed(),
+                if first { "finished" } else { "cut short" }
+            ));
+            let slots = slots_of(ctx, "a1").await;
+            if slots != 8192 {
+                ctx.failures
+                    .push(format!("after the rebalance stripe 0 owns {slots} slots, not 8192"));
+            }
+            ctx.sleep(Duration::from_secs(2)).await;
+
+            // 3. The new stripe is drained and removed; its own active dies on the way.
+            let remove: Vec<String> = vec![
+                "remove-stripe".into(),
+                "stripe-b".into(),
+                "--batch-slots".into(),
+                "64".into(),
+            ];
+            let started = Instant::now();
+            let cli = spawn_array_cli(ctx, &remove);
+            let delay = ctx.ms(100, 1500);
+            ctx.sleep(delay).await;
+            let b_active = active_among(ctx, &news).await;
+            ctx.mark("kill-new-stripe-active-during-drain", false);
+            if let Some(b) = &b_active {
+                ctx.cluster.kill9(b);
+            }
+            let first = try_finish_array_cli(cli, &remove).await;
+            ctx.sleep(Duration::from_secs(1)).await;
+            if let Some(b) = &b_active {
+                ctx.cluster.start_server(&ctx.net, b);
+            }
+            // A removal that finished before the kill leaves nothing to run again.
+            let tries = if first {
+                0
+            } else {
+                array_cli_until_done(ctx, &remove, 3).await
+            };
+            ctx.notes.push(format!(
+                "stripe-b drained and removed: {:.1?}, its active killed after {delay:?} (first run {}, then {tries} run(s))",
+                started.elapsed(),
+                if first { "finished" } else { "cut short" }
+            ));
+            let slots = slots_of(ctx, "a1").await;
+            if slots != 16384 {
+                ctx.failures
+                    .push(format!("after the removal stripe 0 owns {slots} slots, not all 16384"));
+            }
+            for b in news {
+                ctx.cluster.terminate(b, Duration::from_secs(5));
+            }
+            ctx.cluster.servers.retain(|s| !news.contains(&s.as_str()));
+            ctx.sleep(Duration::from_secs(2)).await;
+        })
+    });
+}
+
+/// How many slots a server's stripe owns, by its roster.
+async fn slots_of(ctx: &Ctx, server: &str) -> usize {
+    let admin = crate::cluster::Cluster::server_addr(&ctx.net, server, 2);
+    let (_, body) = crate::common::try_http_get(&admin, "/v1/roster").expect("a roster");
+    let roster: serde_json::Value = serde_json::from_str(&body).expect("a roster document");
+    roster["slots"]
+        .as_array()
+        .map(|ranges| {
+            ranges
+                .iter()
+                .map(|r| (r[1].as_u64().unwrap_or(0) - r[0].as_u64().unwrap_or(0)) as usize)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The server of `names` that says it is its stripe's active.
+async fn active_among(ctx: &Ctx, names: &[&str]) -> Option<String> {
+    for _ in 0..50 {
+        for n in names {
+            let admin = crate::cluster::Cluster::server_addr(&ctx.net, n, 2);
+            if let Ok((_, body)) = crate::common::try_http_get(&admin, "/v1/status") {
+                if body.contains("\"role\":\"active\"") {
+                    return Some(n.to_string());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 /// `GET /v1/roster` of the stripe's active.
 async fn roster_of_active(ctx: &Ctx) -> serde_json::Value {
     let active = ctx.active().await;

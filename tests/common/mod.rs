@@ -223,6 +223,13 @@ impl TestArray {
 
     /// Starts (or restarts) one server.
     pub fn spawn(&mut self, name: &str) {
+        let config = self.config_path.clone();
+        self.spawn_from(name, &config);
+    }
+
+    /// Starts one server from another config file than the array's (a server of a stripe added
+    /// while the array runs).
+    pub fn spawn_from(&mut self, name: &str, config_path: &Path) {
         assert!(!self.procs.contains_key(name), "{name} is already running");
         let log_path = self.dir.path().join("logs").join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new()
@@ -232,7 +239,7 @@ impl TestArray {
             .unwrap();
         let child = Command::new(&self.bin)
             .arg("--config")
-            .arg(&self.config_path)
+            .arg(config_path)
             .arg("--name")
             .arg(name)
             .env(

@@ -322,7 +322,6 @@ impl RespService {
     /// serves it, else the redirect or error the client gets. Keyless commands run on this
     /// server's stripe.
     pub fn route(&self, conn: &Conn, keys: &[&[u8]], writes: bool) -> Result<(ReadConsistency, Option<u16>), Value> {
-        let config = self.topology.config();
         let mut slot = None;
         for key in keys {
             let s = slot_of_key(key);
@@ -337,7 +336,8 @@ impl RespService {
         let stripe = self.ops.stripe.clone();
         let mine = stripe.position().stripe;
         if let Some(s) = slot {
-            let owner = ferrocotta::slots::stripe_of_slot(s, config.stripes.len());
+            // By the live document: slots move between stripes (`ferrocotta array rebalance`).
+            let owner = stripe.roster().config().stripe_of_slot_seen_from(mine, s);
             if owner != mine {
                 return Err(self.moved(s, owner));
             }
@@ -359,6 +359,18 @@ impl RespService {
     /// `-MOVED slot host:port` to a stripe's active (or a server of it when its active is not
     /// known here).
     fn moved(&self, slot: u16, stripe: usize) -> Value {
+        // A stripe added after this server started is not in its topology: the client asks again
+        // (`ferrocotta array add-stripe` documents this for the Redis-protocol port).
+        let stripe = if stripe < self.topology.config().stripes.len() {
+            stripe
+        } else {
+            self.ops.stripe.roster().config().stripe_of_slot(slot)
+        };
+        if stripe >= self.topology.config().stripes.len() {
+            return Value::err(format!(
+                "TRYAGAIN slot {slot} is on a stripe added after this server started"
+            ));
+        }
         self.moved_to(slot, self.topology.target_of(stripe))
     }
 
@@ -397,6 +409,9 @@ impl RespService {
                 }
             }
             (ErrorReply::NotLeader { .. } | ErrorReply::NoQuorum, _) => clusterdown(),
+            (ErrorReply::SlotMoving { slot }, _) => {
+                Value::err(format!("TRYAGAIN slot {slot} is moving to another stripe"))
+            }
             (ErrorReply::NotACounter, _) => Value::err("ERR value is not an integer or out of range"),
             (ErrorReply::Forbidden(m), _) => Value::err(format!("NOPERM {m}")),
             (ErrorReply::Invalid(m), _) => Value::err(format!("ERR {m}")),

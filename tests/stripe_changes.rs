@@ -1,0 +1,137 @@
+//! Stripes added and removed while the array serves (`ferrocotta array add-stripe`, `rebalance`,
+//! `remove-stripe`), on loopback: every key keeps its last value through both moves, a client
+//! connected before the change follows the keys to their new stripe, and what belongs to a
+//! session (an ephemeral entry, a lock) stays where it is, reported, until the session ends.
+//! Under load and faults: the chaos scenario `stripe_changes`.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{free_ports, TestArray};
+use ferrocotta::client::LockWait;
+use ferrocotta::protocol::LockMode;
+
+const CACHE: &str = "stripes";
+
+/// Runs `ferrocotta array ARGS` against the array; (exit code, stdout).
+fn array_cli(array: &TestArray, args: &[&str]) -> (i32, String) {
+    let dir = array.path();
+    let out = std::process::Command::new(common::binary("ferrocotta"))
+        .arg("array")
+        .args(args)
+        .arg("--array-urls")
+        .arg(array.urls())
+        .arg("--array-name")
+        .arg(&array.config.array_name)
+        .arg("--secret-file")
+        .arg(dir.join("secret"))
+        .arg("--peer-secret-file")
+        .arg(dir.join("peer-secret"))
+        .output()
+        .expect("ferrocotta array");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!(
+        "ferrocotta array {}: {:?}\n{stdout}{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+fn key(i: usize) -> Vec<u8> {
+    format!("key-{i}").into_bytes()
+}
+
+async fn check_every_key(client: &ferrocotta::ArrayClient, keys: usize, round: usize) {
+    for i in 0..keys {
+        let v = client.get(CACHE, &key(i)).await.expect("a read");
+        assert_eq!(v, Some(format!("v{round}-{i}").into_bytes()), "key {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripe_is_added_filled_and_drained_with_every_key_kept() {
+    let mut array = TestArray::start(1, 1);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    const KEYS: usize = 400;
+    for i in 0..KEYS {
+        client.put(CACHE, &key(i), format!("v0-{i}").as_bytes()).await.unwrap();
+    }
+    // A session's ephemeral entry and lock, in slots that would move.
+    let holder = array.client().await;
+    let high = (0..)
+        .map(|i| format!("eph-{i}").into_bytes())
+        .find(|k| ferrocotta::slots::slot_of_key(k) > 12_000)
+        .unwrap();
+    holder.put_ephemeral(CACHE, &high, b"mine").await.unwrap();
+    let lock = holder
+        .lock(CACHE, b"{locked}", LockMode::Exclusive, LockWait::NoWait)
+        .await
+        .unwrap();
+
+    // The new stripe's file, its server, its registration.
+    let file = array.path().join("cluster-2.toml");
+    let ports = free_ports(3);
+    let server = format!("b1=127.0.0.1:{}:{}:{}", ports[0], ports[1], ports[2]);
+    let (code, _) = array_cli(
+        &array,
+        &[
+            "add-stripe",
+            "--name",
+            "stripe-b",
+            "--server",
+            &server,
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0);
+    array.spawn_from("b1", Path::new(&file));
+    let (code, _) = array_cli(&array, &["add-stripe", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 0);
+
+    // Half the slots move; the session's slots stay and are reported (exit 1).
+    let (code, out) = array_cli(&array, &["rebalance", "--batch-slots", "1024"]);
+    assert!(out.contains("not moved"), "{out}");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("longest pause"), "{out}");
+    check_every_key(&client, KEYS, 0).await;
+    assert!(
+        client.config().stripes.len() == 2,
+        "the old client follows the new layout"
+    );
+    // Writes go to the new stripe now, and the session's entry and lock are as they were.
+    for i in 0..KEYS {
+        client.put(CACHE, &key(i), format!("v1-{i}").as_bytes()).await.unwrap();
+    }
+    let fresh = array.client().await;
+    check_every_key(&fresh, KEYS, 1).await;
+    let on_b = (0..KEYS).filter(|&i| fresh.stripe_of(&key(i)) == 1).count();
+    assert!(on_b > KEYS / 4, "only {on_b} of {KEYS} keys on the new stripe");
+    assert_eq!(holder.get(CACHE, &high).await.unwrap(), Some(b"mine".to_vec()));
+    let locks = fresh.list_locks(Some(CACHE)).await.unwrap();
+    assert_eq!(locks.len(), 1, "{locks:?}");
+
+    // Once the session ends, its slots move too.
+    holder.unlock(&lock).await.unwrap();
+    holder.close().await;
+    let (code, out) = array_cli(&array, &["rebalance", "--batch-slots", "1024"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("stripe 1 `stripe-b`: 8192 slots"), "{out}");
+
+    // The new stripe is drained and leaves; every key is still there, on stripe 0.
+    let (code, out) = array_cli(&array, &["remove-stripe", "stripe-b", "--batch-slots", "2048"]);
+    assert_eq!(code, 0, "{out}");
+    array.kill9("b1");
+    check_every_key(&client, KEYS, 1).await;
+    assert_eq!(client.config().stripes.len(), 1);
+    let last = array.client().await;
+    check_every_key(&last, KEYS, 1).await;
+    // A stripe that is not the last one cannot be removed.
+    let (code, _) = array_cli(&array, &["remove-stripe", "stripe-1"]);
+    assert_ne!(code, 0);
+}
