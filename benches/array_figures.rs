@@ -2,8 +2,9 @@
 //! array_figures`): time from kill -9 of the active to the first successful write (several runs,
 //! median), restart-to-serving time of a stripe holding 100k entries, and how long a client with
 //! default settings takes to notice the array is gone, to reconnect when it returns, and to rejoin
-//! after its session expired, and the memory of each server holding 1M entries of 1 KiB. Prints
-//! figures; asserts nothing about speed or size.
+//! after its session expired, the memory of each server holding 1M entries of 1 KiB, the time to
+//! add a server to a full stripe, and the throughput and pauses of moving slots to a new stripe.
+//! Prints figures; asserts nothing about speed or size.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -300,17 +301,12 @@ async fn memory_figures() {
 const ADD_SERVER_ENTRIES: u64 = 1_000_000;
 
 /// A fourth server added to a stripe holding 1M entries of 1 KiB, under a light write load:
-/// from `ferrocotta array add-server` to the new server voting (snapshot sent, log caught up,
-/// promoted), and what the writers saw meanwhile.
-async fn add_server_figures() {
-    let mut array = TestArray::start(1, 3);
-    let client = array.client().await;
-    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+/// Puts `count` entries of [`MEMORY_VALUE_BYTES`] (keys `m000000000000000`, ...) 200 at a time.
+async fn load_entries(client: &ArrayClient, count: u64) {
     let value = vec![b'v'; MEMORY_VALUE_BYTES];
-    let loaded = Instant::now();
     let mut i = 0;
-    while i < ADD_SERVER_ENTRIES {
-        let end = (i + 200).min(ADD_SERVER_ENTRIES);
+    while i < count {
+        let end = (i + 200).min(count);
         let batch: Vec<(Vec<u8>, Vec<u8>)> = (i..end)
             .map(|k| (format!("m{k:015}").into_bytes(), value.clone()))
             .collect();
@@ -322,6 +318,16 @@ async fn add_server_figures() {
         }
         i = end;
     }
+}
+
+/// from `ferrocotta array add-server` to the new server voting (snapshot sent, log caught up,
+/// promoted), and what the writers saw meanwhile.
+async fn add_server_figures() {
+    let mut array = TestArray::start(1, 3);
+    let client = array.client().await;
+    array.wait_active(&client, 0, Duration::from_secs(20)).await;
+    let loaded = Instant::now();
+    load_entries(&client, ADD_SERVER_ENTRIES).await;
     let load = loaded.elapsed();
     println!(
         "add_server: loaded {ADD_SERVER_ENTRIES} entries in {:.1} s",
@@ -425,20 +431,7 @@ async fn slot_move_figures() {
     let mut array = TestArray::start(1, 3);
     let client = array.client().await;
     array.wait_active(&client, 0, Duration::from_secs(20)).await;
-    let value = vec![b'v'; MEMORY_VALUE_BYTES];
-    let mut i = 0;
-    while i < SLOT_MOVE_ENTRIES {
-        let end = (i + 200).min(SLOT_MOVE_ENTRIES);
-        let batch: Vec<(Vec<u8>, Vec<u8>)> = (i..end)
-            .map(|k| (format!("m{k:015}").into_bytes(), value.clone()))
-            .collect();
-        let mut tries = 0;
-        while let Err(e) = client.put_all(CACHE, &batch).await {
-            tries += 1;
-            assert!(tries < 5, "loading: {e}");
-        }
-        i = end;
-    }
+    load_entries(&client, SLOT_MOVE_ENTRIES).await;
     let ports = common::free_ports(9);
     let (urls, dir) = (array.urls(), array.path().to_path_buf());
     let file = dir.join("cluster-2.toml");

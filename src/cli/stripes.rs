@@ -266,25 +266,30 @@ async fn move_slots(
         .await
         .with_context(|| format!("freezing slots {slots} on stripe {from}"))?;
     let frozen_at = Instant::now();
-    finish_move(admin, from, to, slots, totals).await?;
+    finish_move(admin, from, to, slots, false, totals).await?;
     let pause = frozen_at.elapsed();
     totals.longest_pause = totals.longest_pause.max(pause);
     Ok(())
 }
 
-/// Steps 2-4 of a move whose slots `from` has frozen.
+/// Steps 2-4 of a move whose slots `from` has frozen; `resumed`: a previous run may have got
+/// further.
 async fn finish_move(
     admin: &Admin,
     from: usize,
     to: usize,
     slots: &SlotSet,
+    resumed: bool,
     totals: &mut MoveTotals,
 ) -> anyhow::Result<()> {
     let post = hyper::Method::POST;
     // A run cut short after the new owner took the slots: only the release is left.
-    let view = admin.roster(to).await?;
-    let owned: SlotSet = serde_json::from_value(view["slots"].clone()).unwrap_or_default();
-    if slots.ranges().iter().all(|r| owned.contains_range(r[0], r[1])) {
+    let owned: SlotSet = if resumed {
+        serde_json::from_value(admin.roster(to).await?["slots"].clone()).unwrap_or_default()
+    } else {
+        SlotSet::empty()
+    };
+    if resumed && slots.ranges().iter().all(|r| owned.contains_range(r[0], r[1])) {
         admin
             .change(from, post, "/v1/slots/release", step_body(slots, to)?)
             .await
@@ -352,7 +357,7 @@ async fn resume(admin: &Admin, stripes: usize, totals: &mut MoveTotals) -> anyho
     }
     for (from, to, slots) in &frozen {
         println!("finishing the move of slots {slots} from stripe {from} to stripe {to}");
-        finish_move(admin, *from, *to, slots, totals).await?;
+        finish_move(admin, *from, *to, slots, true, totals).await?;
     }
     for (at, from, slots) in importing {
         if !frozen.iter().any(|(f, t, s)| *f == from && *t == at && *s == slots) {

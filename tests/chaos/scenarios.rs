@@ -396,8 +396,9 @@ fn membership_faults() {
 
 /// Stripes change under the key-value load, with `ferrocotta array` as an operator runs it: a
 /// second stripe is added (`add-stripe --out`, its servers started from that file, `add-stripe
-/// --config`), `rebalance` moves half the slots to it while stripe 0's active is killed, and the
-/// same command finishes the move; then `remove-stripe` drains it back while its own active is
+/// --config`), `rebalance` moves half the slots to it while stripe 0's active (the source) is
+/// killed, the same command resumes the move while the new stripe's active (the target) is
+/// killed, and runs again until done; then `remove-stripe` drains it back while its own active is
 /// killed, and runs again until done. The workload's keys span both stripes: a key written on
 /// two stripes, or lost on its way, shows as a linearizability or durability anomaly.
 #[test]
@@ -453,13 +454,30 @@ fn stripe_changes() {
             let first = try_finish_array_cli(cli, &rebalance).await;
             ctx.sleep(Duration::from_secs(1)).await;
             ctx.cluster.start_server(&ctx.net, &active);
+            // The same command again finishes the move; the new stripe's active (the target)
+            // dies on the way this time.
+            let cli = spawn_array_cli(ctx, &rebalance);
+            let target_delay = ctx.ms(100, 1000);
+            ctx.sleep(target_delay).await;
+            let target = active_among(ctx, &news).await;
+            ctx.mark("kill-target-active-during-move", false);
+            if let Some(b) = &target {
+                ctx.cluster.kill9(b);
+            }
+            let second = try_finish_array_cli(cli, &rebalance).await;
+            ctx.sleep(Duration::from_secs(1)).await;
+            if let Some(b) = &target {
+                ctx.cluster.start_server(&ctx.net, b);
+            }
             // Run again in any case: after a run cut short it finishes the move, after a whole
             // one it finds nothing to do.
             let tries = array_cli_until_done(ctx, &rebalance, 3).await;
+            let said = |done: bool| if done { "finished" } else { "cut short" };
             ctx.notes.push(format!(
-                "rebalance to the new stripe: {:.1?}, its source's active killed after {delay:?} (first run {}, then {tries} run(s))",
+                "rebalance to the new stripe: {:.1?}; the source's active killed after {delay:?} (run {}), the target's after {target_delay:?} of the next run (run {}), then {tries} run(s)",
                 started.elapsed(),
-                if first { "finished" } else { "cut short" }
+                said(first),
+                said(second)
             ));
             let slots = slots_of(ctx, "a1").await;
             if slots != 8192 {
