@@ -54,7 +54,8 @@ async fn check_every_key(client: &ferrocotta::ArrayClient, keys: usize, round: u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stripe_is_added_filled_and_drained_with_every_key_kept() {
-    let mut array = TestArray::start(1, 1);
+    let resp_port = free_ports(1)[0];
+    let mut array = TestArray::start_with(1, 1, |c| c.stripes[0].servers[0].resp_port = Some(resp_port));
     let client = array.client().await;
     array.wait_active(&client, 0, Duration::from_secs(20)).await;
     const KEYS: usize = 400;
@@ -112,6 +113,43 @@ async fn a_stripe_is_added_filled_and_drained_with_every_key_kept() {
     check_every_key(&fresh, KEYS, 1).await;
     let on_b = (0..KEYS).filter(|&i| fresh.stripe_of(&key(i)) == 1).count();
     assert!(on_b > KEYS / 4, "only {on_b} of {KEYS} keys on the new stripe");
+    // The Redis-protocol port of stripe 0 answers from the live state: its keys, a moved key
+    // (on a stripe it has no address for: TRYAGAIN), and its slots as they are now.
+    let pass = String::from_utf8(array.secret.clone()).unwrap();
+    let mut redis = redis::Client::open(format!("redis://:{pass}@127.0.0.1:{resp_port}/"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (a_key, b_key) = (
+        (0..KEYS).find(|&i| fresh.stripe_of(&key(i)) == 0).unwrap(),
+        (0..KEYS).find(|&i| fresh.stripe_of(&key(i)) == 1).unwrap(),
+    );
+    let () = redis::cmd("SET")
+        .arg(key(a_key))
+        .arg("r")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let got: Option<String> = redis::cmd("GET").arg(key(a_key)).query_async(&mut redis).await.unwrap();
+    assert_eq!(got.as_deref(), Some("r"));
+    let moved = redis::cmd("SET")
+        .arg(key(b_key))
+        .arg("r")
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap_err();
+    assert_eq!(moved.code(), Some("TRYAGAIN"), "{moved}");
+    let slots: redis::Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let slots = format!("{slots:?}");
+    assert!(
+        slots.contains("int(15360)") && !slots.contains("int(16383), int(0)"),
+        "{slots}"
+    );
     assert_eq!(holder.get(CACHE, &high).await.unwrap(), Some(b"mine".to_vec()));
     let locks = fresh.list_locks(Some(CACHE)).await.unwrap();
     assert_eq!(locks.len(), 1, "{locks:?}");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ferrocotta::protocol::{Role, SOFTWARE_VERSION};
 use ferrocotta::security::Grant;
-use ferrocotta::slots::{slot_of_key, SlotRange};
+use ferrocotta::slots::slot_of_key;
 
 use super::codec::Value;
 use super::commands::{int_arg, syntax_error};
@@ -426,9 +426,9 @@ impl RespService {
             }
             "slots" => Ok(Value::Array(
                 (0..stripes)
-                    .map(|s| {
-                        let range = SlotRange::for_stripe(s, stripes);
-                        let mut row = vec![Value::Int(range.start as i64), Value::Int(range.end as i64 - 1)];
+                    .flat_map(|s| self.slot_ranges(s).into_iter().map(move |r| (s, r)))
+                    .map(|(s, [start, end])| {
+                        let mut row = vec![Value::Int(start as i64), Value::Int(end as i64 - 1)];
                         row.extend(self.shard_servers(s).into_iter().map(|(srv, _)| {
                             Value::Array(vec![
                                 Value::text(srv.host.clone()),
@@ -443,7 +443,7 @@ impl RespService {
             "shards" => Ok(Value::Array(
                 (0..stripes)
                     .map(|s| {
-                        let range = SlotRange::for_stripe(s, stripes);
+                        let ranges = self.slot_ranges(s);
                         let nodes = self
                             .shard_servers(s)
                             .into_iter()
@@ -465,7 +465,12 @@ impl RespService {
                         Value::Map(vec![
                             (
                                 Value::text("slots"),
-                                Value::Array(vec![Value::Int(range.start as i64), Value::Int(range.end as i64 - 1)]),
+                                Value::Array(
+                                    ranges
+                                        .iter()
+                                        .flat_map(|r| [Value::Int(r[0] as i64), Value::Int(r[1] as i64 - 1)])
+                                        .collect(),
+                                ),
                             ),
                             (Value::text("nodes"), Value::Array(nodes)),
                         ])
@@ -475,13 +480,17 @@ impl RespService {
             "nodes" => {
                 let mut text = String::new();
                 for s in 0..stripes {
-                    let range = SlotRange::for_stripe(s, stripes);
+                    let ranges: String = self
+                        .slot_ranges(s)
+                        .iter()
+                        .map(|r| format!(" {}-{}", r[0], r[1] - 1))
+                        .collect();
                     let servers = self.shard_servers(s);
                     let master_id = node_id(config, &servers[0].0.name);
                     for (srv, master) in servers {
                         let myself = if srv.name == me.name { "myself," } else { "" };
                         let (flags, of, slots) = if master {
-                            ("master", "-".to_string(), format!(" {}-{}", range.start, range.end - 1))
+                            ("master", "-".to_string(), ranges.clone())
                         } else {
                             ("slave", master_id.clone(), String::new())
                         };
@@ -503,6 +512,17 @@ impl RespService {
     }
 
     /// A stripe's servers, its active (or, not known, its first server) first as the master.
+    /// A stripe's slot ranges by the live document (slots move between stripes): this server's
+    /// own stripe as its roster says, the others as last heard of.
+    fn slot_ranges(&self, stripe: usize) -> Vec<[u16; 2]> {
+        let live = self.ops.stripe.roster().config();
+        if stripe < live.stripes.len() {
+            live.stripe_slots(stripe).ranges().to_vec()
+        } else {
+            Vec::new()
+        }
+    }
+
     fn shard_servers(&self, stripe: usize) -> Vec<(&ferrocotta::config::ServerConfig, bool)> {
         let master = self.topology.target_of(stripe);
         let config = self.topology.config();
