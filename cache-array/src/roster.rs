@@ -410,24 +410,30 @@ pub async fn follow(
     }
 }
 
+/// A config of `stripes` x `per_stripe` servers on fixed ports, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_config(stripes: usize, per_stripe: usize) -> ClusterConfig {
+    ferrocotta::config::local_array(
+        "t",
+        "127.0.0.1",
+        stripes,
+        per_stripe,
+        ferrocotta::config::Security::secret_files("s", "p"),
+        |i| ferrocotta::config::ServerPorts {
+            port: 1000 + i as u16,
+            group_port: 2000 + i as u16,
+            admin_port: 3000 + i as u16,
+            resp_port: None,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn config() -> ClusterConfig {
-        ferrocotta::config::local_array(
-            "t",
-            "127.0.0.1",
-            1,
-            3,
-            ferrocotta::config::Security::secret_files("s", "p"),
-            |i| ferrocotta::config::ServerPorts {
-                port: 1000 + i as u16,
-                group_port: 2000 + i as u16,
-                admin_port: 3000 + i as u16,
-                resp_port: None,
-            },
-        )
+        test_config(1, 3)
     }
 
     #[test]

@@ -665,19 +665,7 @@ mod tests {
     use crate::store::ReplyRoom;
 
     fn config(stripes: usize) -> ferrocotta::config::ClusterConfig {
-        ferrocotta::config::local_array(
-            "t",
-            "127.0.0.1",
-            stripes,
-            1,
-            ferrocotta::config::Security::secret_files("s", "p"),
-            |i| ferrocotta::config::ServerPorts {
-                port: 1000 + i as u16,
-                group_port: 2000 + i as u16,
-                admin_port: 3000 + i as u16,
-                resp_port: None,
-            },
-        )
+        crate::roster::test_config(stripes, 1)
     }
 
     fn put(key: &[u8], value: &str) -> Change {

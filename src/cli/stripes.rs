@@ -290,13 +290,7 @@ async fn finish_move(
         SlotSet::empty()
     };
     if resumed && slots.ranges().iter().all(|r| owned.contains_range(r[0], r[1])) {
-        admin
-            .change(from, post, "/v1/slots/release", step_body(slots, to)?)
-            .await
-            .with_context(|| format!("stripe {from} releasing slots {slots}"))?;
-        totals.slots += slots.len();
-        totals.steps += 1;
-        return Ok(());
+        return release(admin, from, to, slots, totals).await;
     }
     admin
         .change(to, post.clone(), "/v1/slots/begin-import", step_body(slots, from)?)
@@ -328,14 +322,25 @@ async fn finish_move(
         .change(to, post.clone(), "/v1/slots/own", step_body(slots, from)?)
         .await
         .with_context(|| format!("stripe {to} taking slots {slots}"))?;
+    totals.entries += imported["entries"].as_u64().unwrap_or_default();
+    totals.bytes += imported["bytes"].as_u64().unwrap_or_default();
+    release(admin, from, to, slots, totals).await
+}
+
+/// Step 4: `from` lets the slots go to `to`, which owns them now.
+async fn release(
+    admin: &Admin,
+    from: usize,
+    to: usize,
+    slots: &SlotSet,
+    totals: &mut MoveTotals,
+) -> anyhow::Result<()> {
     admin
-        .change(from, post, "/v1/slots/release", step_body(slots, to)?)
+        .change(from, hyper::Method::POST, "/v1/slots/release", step_body(slots, to)?)
         .await
         .with_context(|| format!("stripe {from} releasing slots {slots}"))?;
     totals.slots += slots.len();
     totals.steps += 1;
-    totals.entries += imported["entries"].as_u64().unwrap_or_default();
-    totals.bytes += imported["bytes"].as_u64().unwrap_or_default();
     Ok(())
 }
 
