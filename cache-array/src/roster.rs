@@ -123,11 +123,6 @@ impl Roster {
         self.slots.clone().unwrap_or_else(|| seed.stripe_slots(stripe))
     }
 
-    /// The array's stripes as this stripe knows them (cluster.toml's until the layout changed).
-    pub fn stripes<'a>(&'a self, seed: &'a ClusterConfig) -> &'a [StripeConfig] {
-        self.layout.as_ref().map_or(&seed.stripes, |l| &l.stripes)
-    }
-
     /// The encoded roster a store holds, if a change was ever committed.
     fn stored_bytes(store: &Store) -> Option<&Bytes> {
         Some(&store.caches.get(ROSTER_CACHE)?.entries.get(ROSTER_KEY)?.value)
