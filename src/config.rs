@@ -722,23 +722,17 @@ impl ClusterConfig {
         crate::slots::stripe_of_slot(slot, self.stripes.len())
     }
 
-    /// The stripe that owns a slot as stripe `me`'s servers see it: their own section is current
-    /// (it comes from their roster), the others' may be older and still name a slot that moved.
-    pub fn stripe_of_slot_seen_from(&self, me: usize, slot: u16) -> usize {
-        if self.stripes.get(me).is_some() && self.stripe_slots(me).contains(slot) {
-            return me;
-        }
-        if self.names_slots() {
-            if let Some(i) = self
-                .stripes
-                .iter()
-                .enumerate()
-                .position(|(i, s)| i != me && s.slots.as_ref().is_some_and(|set| set.contains(slot)))
-            {
-                return i;
+    /// The document with every stripe's section naming its slots (a section that names none
+    /// holds its share of the even split): how documents are compared and written once slots
+    /// have moved.
+    pub fn with_slots_named(&self) -> ClusterConfig {
+        let mut doc = self.clone();
+        for (i, s) in doc.stripes.iter_mut().enumerate() {
+            if s.slots.is_none() {
+                s.slots = Some(self.stripe_slots(i));
             }
         }
-        crate::slots::stripe_of_slot(slot, self.stripes.len())
+        doc
     }
 
     /// The stripe that owns a key.
@@ -761,15 +755,11 @@ impl ClusterConfig {
                     "overlaps another stripe's slots: every slot has one owner",
                 ));
             }
-            for r in set.ranges() {
-                all.insert(r[0], r[1]);
-            }
+            all.insert_set(&set);
         }
         if all.len() != SLOT_COUNT as usize {
             let mut missing = SlotSet::range(0, SLOT_COUNT);
-            for r in all.ranges() {
-                missing.remove(r[0], r[1]);
-            }
+            missing.remove_set(&all);
             return Err(field_err(
                 "stripes.slots",
                 format!("slots {missing} have no stripe: every slot has one owner"),

@@ -175,9 +175,28 @@ impl SlotSet {
         self.ranges = kept;
     }
 
-    /// Every slot of the set that is also in `other`.
+    /// Whether some slot is in both sets.
     pub fn overlaps(&self, other: &SlotSet) -> bool {
         other.ranges.iter().any(|r| !self.disjoint_from(r[0], r[1]))
+    }
+
+    /// Whether every slot of `other` is in the set.
+    pub fn contains_set(&self, other: &SlotSet) -> bool {
+        other.ranges.iter().all(|r| self.contains_range(r[0], r[1]))
+    }
+
+    /// Adds every slot of `other`.
+    pub fn insert_set(&mut self, other: &SlotSet) {
+        for r in &other.ranges {
+            self.insert(r[0], r[1]);
+        }
+    }
+
+    /// Takes every slot of `other` out.
+    pub fn remove_set(&mut self, other: &SlotSet) {
+        for r in &other.ranges {
+            self.remove(r[0], r[1]);
+        }
     }
 
     /// The first `count` slots of the set, counted from the end (the highest slots).

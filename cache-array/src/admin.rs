@@ -244,7 +244,8 @@ fn authorize(s: &AdminState, headers: &HeaderMap, method: &str, path: &str, body
     })
 }
 
-fn change_reply(result: Result<crate::membership::ChangeOutcome, crate::membership::ChangeError>) -> Response {
+/// A change's answer: what it did as JSON, or why not with the status that says so.
+fn change_reply(result: Result<impl Serialize, crate::membership::ChangeError>) -> Response {
     match result {
         Ok(outcome) => Json(outcome).into_response(),
         Err(e) => change_error(e),
@@ -327,7 +328,7 @@ async fn slot_step(
     let bad = |e: serde_json::Error| error_reply(StatusCode::BAD_REQUEST, "invalid", format!("not a slot step: {e}"));
     if step == "layout" {
         return match serde_json::from_slice(&body) {
-            Ok(layout) => slot_reply(s.changes.set_layout(layout).await),
+            Ok(layout) => change_reply(s.changes.set_layout(layout).await),
             Err(e) => bad(e),
         };
     }
@@ -337,12 +338,12 @@ async fn slot_step(
     };
     let c = &s.changes;
     match step.as_str() {
-        "freeze" => slot_reply(c.freeze(parsed).await),
-        "unfreeze" => slot_reply(c.unfreeze(parsed).await),
-        "begin-import" => slot_reply(c.begin_import(parsed).await),
-        "abandon-import" => slot_reply(c.abandon_import(parsed).await),
-        "own" => slot_reply(c.own(parsed).await),
-        "release" => slot_reply(c.release(parsed).await),
+        "freeze" => change_reply(c.freeze(parsed).await),
+        "unfreeze" => change_reply(c.unfreeze(parsed).await),
+        "begin-import" => change_reply(c.begin_import(parsed).await),
+        "abandon-import" => change_reply(c.abandon_import(parsed).await),
+        "own" => change_reply(c.own(parsed).await),
+        "release" => change_reply(c.release(parsed).await),
         "export" => match c.export(&parsed.slots) {
             Ok(import) => match postcard::to_allocvec(&import) {
                 Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
@@ -360,19 +361,12 @@ async fn slot_import(State(s): State<Arc<AdminState>>, headers: HeaderMap, body:
         return r;
     }
     match postcard::from_bytes::<crate::slot_moves::SlotImport>(&body) {
-        Ok(batch) => slot_reply(s.changes.import(batch).await),
+        Ok(batch) => change_reply(s.changes.import(batch).await),
         Err(e) => error_reply(
             StatusCode::BAD_REQUEST,
             "invalid",
             format!("not a batch of entries: {e}"),
         ),
-    }
-}
-
-fn slot_reply(result: Result<crate::slot_moves::SlotOutcome, crate::membership::ChangeError>) -> Response {
-    match result {
-        Ok(outcome) => Json(outcome).into_response(),
-        Err(e) => change_error(e),
     }
 }
 

@@ -347,7 +347,9 @@ impl LiveRoster {
 
 /// cluster.toml with one stripe's servers, generation and slots taken from a roster, and the
 /// array's stripes from the roster's layout once stripes were added or removed. Once any slot
-/// has moved, every stripe's section names its slots (the others' as this stripe last heard).
+/// has moved, every stripe's section names its slots: this stripe's own as its roster says, the
+/// others' as this stripe last heard, less the slots this stripe owns (its roster is the truth
+/// for those), so the document never names two owners of a slot this stripe holds.
 pub fn document(seed: &ClusterConfig, stripe: usize, roster: &Roster) -> ClusterConfig {
     let mut doc = seed.clone();
     if let Some(layout) = &roster.layout {
@@ -356,23 +358,21 @@ pub fn document(seed: &ClusterConfig, stripe: usize, roster: &Roster) -> Cluster
     }
     let moved = roster.slots.is_some() || roster.layout.is_some() || seed.names_slots();
     if moved {
-        // Seed sections without slots get the even split of the seed's own stripes.
+        doc = doc.with_slots_named();
+        let own = roster.owned_slots(seed, stripe);
         for (i, s) in doc.stripes.iter_mut().enumerate() {
-            if s.slots.is_none() {
-                s.slots = Some(if i < seed.stripes.len() {
-                    seed.stripe_slots(i)
-                } else {
-                    SlotSet::empty()
-                });
+            match &mut s.slots {
+                Some(set) if i != stripe => set.remove_set(&own),
+                _ => {}
             }
+        }
+        if let Some(s) = doc.stripes.get_mut(stripe) {
+            s.slots = Some(own);
         }
     }
     if let Some(own) = doc.stripes.get_mut(stripe) {
         own.servers = roster.servers.clone();
         own.generation = roster.generation;
-        if moved {
-            own.slots = Some(roster.owned_slots(seed, stripe));
-        }
     }
     doc
 }

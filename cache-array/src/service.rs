@@ -558,8 +558,6 @@ impl ClientService {
             txn.check().map_err(ErrorReply::Invalid)?;
         }
         let keys = op.keys();
-        // Slot owners by the live document: slots move between stripes (`crate::slot_moves`).
-        let live = self.stripe.roster().config();
         if keys.len() > BATCH_KEYS_MAX {
             return Err(ErrorReply::Invalid(format!(
                 "at most {BATCH_KEYS_MAX} keys per request"
@@ -572,9 +570,12 @@ impl ClientService {
                     limits.max_key_bytes
                 )));
             }
+        }
+        if !keys.is_empty() {
+            // Slot owners by the live document: slots move between stripes (`crate::slot_moves`).
+            let live = self.stripe.roster().config();
             let mine = self.stripe.position().stripe;
-            let owner = live.stripe_of_slot_seen_from(mine, ferrocotta::slots::slot_of_key(key));
-            if owner != self.stripe.position().stripe {
+            if let Some(owner) = keys.iter().map(|k| live.stripe_of_key(k)).find(|&o| o != mine) {
                 return Err(ErrorReply::WrongStripe { owner: owner as u32 });
             }
         }

@@ -60,9 +60,7 @@ impl SlotGuard {
         };
         let mut importing = SlotSet::empty();
         for m in &roster.importing {
-            for r in m.slots.ranges() {
-                importing.insert(r[0], r[1]);
-            }
+            importing.insert_set(&m.slots);
         }
         SlotGuard {
             active: true,
@@ -103,6 +101,17 @@ impl SlotGuard {
     pub fn busy(&self) -> bool {
         !self.moving.is_empty() || !self.importing.is_empty()
     }
+
+    /// The slots whose entries the stripe keeps: owned or being imported (every slot, until the
+    /// roster names its slots).
+    fn kept(&self) -> SlotSet {
+        if !self.active {
+            return SlotSet::range(0, ferrocotta::slots::SLOT_COUNT);
+        }
+        let mut kept = self.owned.clone();
+        kept.insert_set(&self.importing);
+        kept
+    }
 }
 
 /// Keys a client change names.
@@ -138,6 +147,10 @@ impl Store {
 
     /// Why this read is refused by the slot rules, if it is.
     pub(crate) fn read_refusal(&self, op: &ReadOp) -> Option<ErrorReply> {
+        // Every read passes here: no list of its keys unless the roster names slots.
+        if !self.slot_guard.active {
+            return None;
+        }
         op.keys().into_iter().find_map(|k| self.slot_guard.refusal(k))
     }
 
@@ -162,23 +175,8 @@ pub fn roster_applied(store: &mut Store, roster: &Roster) {
         return;
     }
     // Only a slot kept before and not now can hold entries to drop.
-    let mut lost = SlotSet::empty();
-    let kept_before: Vec<[u16; 2]> = if before.active {
-        let mut all = before.owned.clone();
-        for r in before.importing.ranges() {
-            all.insert(r[0], r[1]);
-        }
-        all.ranges().to_vec()
-    } else {
-        // Before the roster named slots every entry was the stripe's own.
-        vec![[0, ferrocotta::slots::SLOT_COUNT]]
-    };
-    for [start, end] in kept_before {
-        lost.insert(start, end);
-    }
-    for r in guard.owned.ranges().iter().chain(guard.importing.ranges()) {
-        lost.remove(r[0], r[1]);
-    }
+    let mut lost = before.kept();
+    lost.remove_set(&guard.kept());
     if lost.is_empty() {
         return;
     }
@@ -275,14 +273,8 @@ impl SlotImport {
 /// (its entries could still change) or holds something that cannot move: a session's ephemeral
 /// entry or a lock.
 pub fn export(store: &Store, slots: &SlotSet, now_ms: u64) -> Result<SlotImport, String> {
-    let guard = &store.slot_guard;
-    for r in slots.ranges() {
-        if !guard.moving.iter().any(|m| m.slots.contains_range(r[0], r[1])) {
-            return Err(format!(
-                "slots {} are not frozen for a move here",
-                SlotSet::range(r[0], r[1])
-            ));
-        }
+    if !store.slot_guard.moving.iter().any(|m| m.slots.contains_set(slots)) {
+        return Err(format!("slots {slots} are not frozen for a move here"));
     }
     let mut out = SlotImport::default();
     let mut ephemeral = 0usize;
@@ -360,14 +352,10 @@ pub fn apply_import(store: &mut Store, import: &SlotImport, ctx: &ApplyContext) 
     Ok(())
 }
 
-/// A step of a slot move, as `ferrocotta array rebalance` sends it to a stripe's active.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SlotStep {
-    /// The slots.
-    pub slots: SlotSet,
-    /// The other stripe of the move (destination of a freeze or release, source of an import).
-    pub stripe: u32,
-}
+/// A step of a slot move, as `ferrocotta array rebalance` sends it to a stripe's active: the
+/// slots and the other stripe of the move (destination of a freeze or release, source of an
+/// import), the same pair the roster keeps in `moving` and `importing`.
+pub type SlotStep = SlotMove;
 
 /// What a slot step did.
 #[derive(Debug, Clone, Serialize)]
@@ -380,6 +368,13 @@ pub struct SlotOutcome {
     pub entries: u64,
     /// Bytes of keys and values imported (an import).
     pub bytes: u64,
+}
+
+/// Takes `step` out of a roster's list of moves; whether it was there.
+fn take(list: &mut Vec<SlotMove>, step: &SlotStep) -> bool {
+    let before = list.len();
+    list.retain(|m| m != step);
+    list.len() != before
 }
 
 /// Longest an import batch may take to commit.
@@ -431,31 +426,25 @@ impl Changes {
     pub async fn freeze(&self, step: SlotStep) -> Result<SlotOutcome, ChangeError> {
         let me = self.me();
         self.slot_change(|current, next| {
-            if current
-                .moving
-                .iter()
-                .any(|m| m.stripe == step.stripe && m.slots == step.slots)
-            {
+            if current.moving.contains(&step) {
                 return Ok(None);
             }
             if step.stripe as usize == me {
                 return Err(ChangeError::Invalid("a stripe cannot move slots to itself".into()));
             }
             let owned = next.slots.clone().unwrap_or_default();
-            if let Some(r) = step.slots.ranges().iter().find(|r| !owned.contains_range(r[0], r[1])) {
+            if !owned.contains_set(&step.slots) {
                 return Err(ChangeError::Invalid(format!(
                     "slots {} are not all this stripe's (it owns {owned})",
-                    SlotSet::range(r[0], r[1])
+                    step.slots
                 )));
             }
             if current.moving.iter().any(|m| m.slots.overlaps(&step.slots)) {
                 return Err(ChangeError::Invalid(format!("slots {} are already moving", step.slots)));
             }
-            next.moving.push(SlotMove {
-                slots: step.slots.clone(),
-                stripe: step.stripe,
-            });
-            Ok(Some(format!("slots {} frozen for stripe {}", step.slots, step.stripe)))
+            let message = format!("slots {} frozen for stripe {}", step.slots, step.stripe);
+            next.moving.push(step);
+            Ok(Some(message))
         })
         .await
     }
@@ -463,11 +452,8 @@ impl Changes {
     /// Undoes a freeze: the slots are served here again (a move given up before the other stripe
     /// owned them).
     pub async fn unfreeze(&self, step: SlotStep) -> Result<SlotOutcome, ChangeError> {
-        self.slot_change(|current, next| {
-            let before = current.moving.len();
-            next.moving
-                .retain(|m| !(m.stripe == step.stripe && m.slots == step.slots));
-            Ok((next.moving.len() != before).then(|| format!("slots {} served here again", step.slots)))
+        self.slot_change(|_, next| {
+            Ok(take(&mut next.moving, &step).then(|| format!("slots {} served here again", step.slots)))
         })
         .await
     }
@@ -475,11 +461,7 @@ impl Changes {
     /// Step 2: prepares to receive slots from stripe `from`.
     pub async fn begin_import(&self, step: SlotStep) -> Result<SlotOutcome, ChangeError> {
         self.slot_change(|current, next| {
-            if current
-                .importing
-                .iter()
-                .any(|m| m.stripe == step.stripe && m.slots == step.slots)
-            {
+            if current.importing.contains(&step) {
                 return Ok(None);
             }
             let owned = next.slots.clone().unwrap_or_default();
@@ -489,14 +471,9 @@ impl Changes {
                     step.slots
                 )));
             }
-            next.importing.push(SlotMove {
-                slots: step.slots.clone(),
-                stripe: step.stripe,
-            });
-            Ok(Some(format!(
-                "importing slots {} from stripe {}",
-                step.slots, step.stripe
-            )))
+            let message = format!("importing slots {} from stripe {}", step.slots, step.stripe);
+            next.importing.push(step);
+            Ok(Some(message))
         })
         .await
     }
@@ -533,40 +510,28 @@ impl Changes {
 
     /// Gives up an import: the copied entries are dropped.
     pub async fn abandon_import(&self, step: SlotStep) -> Result<SlotOutcome, ChangeError> {
-        self.slot_change(|current, next| {
-            let before = current.importing.len();
-            next.importing
-                .retain(|m| !(m.stripe == step.stripe && m.slots == step.slots));
-            Ok((next.importing.len() != before).then(|| format!("import of slots {} given up", step.slots)))
+        self.slot_change(|_, next| {
+            Ok(take(&mut next.importing, &step).then(|| format!("import of slots {} given up", step.slots)))
         })
         .await
     }
 
     /// Step 3: owns imported slots; this stripe serves them from now on.
     pub async fn own(&self, step: SlotStep) -> Result<SlotOutcome, ChangeError> {
-        self.slot_change(|current, next| {
-            let owned = next.slots.clone().unwrap_or_default();
-            if step.slots.ranges().iter().all(|r| owned.contains_range(r[0], r[1])) {
+        self.slot_change(|_, next| {
+            let mut owned = next.slots.clone().unwrap_or_default();
+            if owned.contains_set(&step.slots) {
                 return Ok(None);
             }
-            if !current
-                .importing
-                .iter()
-                .any(|m| m.stripe == step.stripe && m.slots == step.slots)
-            {
+            if !take(&mut next.importing, &step) {
                 return Err(ChangeError::Invalid(format!(
                     "slots {} are not being imported from stripe {}",
                     step.slots, step.stripe
                 )));
             }
-            next.importing
-                .retain(|m| !(m.stripe == step.stripe && m.slots == step.slots));
-            let mut owned = owned;
-            for r in step.slots.ranges() {
-                owned.insert(r[0], r[1]);
-                for m in next.moved.iter_mut() {
-                    m.slots.remove(r[0], r[1]);
-                }
+            owned.insert_set(&step.slots);
+            for m in next.moved.iter_mut() {
+                m.slots.remove_set(&step.slots);
             }
             next.moved.retain(|m| !m.slots.is_empty());
             next.slots = Some(owned);
@@ -577,14 +542,10 @@ impl Changes {
 
     /// Step 4: lets frozen slots go to the stripe that owns them now; their entries are dropped.
     pub async fn release(&self, step: SlotStep) -> Result<SlotOutcome, ChangeError> {
-        self.slot_change(|current, next| {
-            if !current
-                .moving
-                .iter()
-                .any(|m| m.stripe == step.stripe && m.slots == step.slots)
-            {
-                let owned = next.slots.clone().unwrap_or_default();
-                if step.slots.ranges().iter().all(|r| owned.disjoint_from(r[0], r[1])) {
+        self.slot_change(|_, next| {
+            let mut owned = next.slots.clone().unwrap_or_default();
+            if !take(&mut next.moving, &step) {
+                if !owned.overlaps(&step.slots) {
                     return Ok(None);
                 }
                 return Err(ChangeError::Invalid(format!(
@@ -592,25 +553,14 @@ impl Changes {
                     step.slots, step.stripe
                 )));
             }
-            next.moving
-                .retain(|m| !(m.stripe == step.stripe && m.slots == step.slots));
-            let mut owned = next.slots.clone().unwrap_or_default();
-            for r in step.slots.ranges() {
-                owned.remove(r[0], r[1]);
-            }
+            owned.remove_set(&step.slots);
             next.slots = Some(owned);
+            let message = format!("slots {} released to stripe {}", step.slots, step.stripe);
             match next.moved.iter_mut().find(|m| m.stripe == step.stripe) {
-                Some(m) => {
-                    for r in step.slots.ranges() {
-                        m.slots.insert(r[0], r[1]);
-                    }
-                }
-                None => next.moved.push(SlotMove {
-                    slots: step.slots.clone(),
-                    stripe: step.stripe,
-                }),
+                Some(m) => m.slots.insert_set(&step.slots),
+                None => next.moved.push(step),
             }
-            Ok(Some(format!("slots {} released to stripe {}", step.slots, step.stripe)))
+            Ok(Some(message))
         })
         .await
     }

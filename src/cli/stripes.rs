@@ -71,12 +71,20 @@ pub struct RemoveStripeArgs {
 /// The array's document as its stripes have it now, with every stripe's slots named.
 async fn current_document(admin: &Admin) -> ClusterConfig {
     admin.client.refresh_document().await;
-    let mut doc = (*admin.config()).clone();
-    for i in 0..doc.stripes.len() {
-        let slots = doc.stripe_slots(i);
-        doc.stripes[i].slots = Some(slots);
+    admin.config().with_slots_named()
+}
+
+/// Gives stripes `0..tell` the array's new list of stripes (one roster entry each).
+async fn give_layout(admin: &Admin, tell: usize, version: u64, stripes: &[StripeConfig]) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(&serde_json::json!({"version": version, "stripes": stripes}))?;
+    for i in 0..tell {
+        let answer = admin
+            .change(i, hyper::Method::POST, "/v1/slots/layout", body.clone())
+            .await
+            .with_context(|| format!("stripe {i} did not take the new layout"))?;
+        println!("stripe {i}: {}", answer["message"].as_str().unwrap_or_default());
     }
-    doc
+    Ok(())
 }
 
 /// `ferrocotta array add-stripe`.
@@ -171,15 +179,7 @@ async fn register_stripe(admin: &Admin, file: &std::path::Path, wait: Duration) 
         wait_for_active(admin, stripe, wait).await?;
         println!("stripe `{}` serves", stripe.name);
     }
-    let layout = serde_json::json!({"version": planned.layout, "stripes": planned.stripes});
-    let body = serde_json::to_vec(&layout)?;
-    for i in 0..doc.stripes.len() {
-        let answer = admin
-            .change(i, hyper::Method::POST, "/v1/slots/layout", body.clone())
-            .await
-            .with_context(|| format!("stripe {i} did not take the new layout"))?;
-        println!("stripe {i}: {}", answer["message"].as_str().unwrap_or_default());
-    }
+    give_layout(admin, doc.stripes.len(), planned.layout, &planned.stripes).await?;
     admin.client.refresh_document().await;
     println!(
         "the array has {} stripes; move slots to the new one: ferrocotta array rebalance",
@@ -252,46 +252,33 @@ fn step_body(slots: &SlotSet, stripe: usize) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Moves `slots` from stripe `from` to stripe `to`: freeze, import, own, release. Slots that hold
-/// what cannot move are unfrozen again and reported.
+/// what cannot move are unfrozen again and reported; whether they moved.
 async fn move_slots(
     admin: &Admin,
     from: usize,
     to: usize,
     slots: &SlotSet,
     totals: &mut MoveTotals,
-) -> anyhow::Result<()> {
-    let post = hyper::Method::POST;
+) -> anyhow::Result<bool> {
     admin
-        .change(from, post.clone(), "/v1/slots/freeze", step_body(slots, to)?)
+        .change(from, hyper::Method::POST, "/v1/slots/freeze", step_body(slots, to)?)
         .await
         .with_context(|| format!("freezing slots {slots} on stripe {from}"))?;
     let frozen_at = Instant::now();
-    finish_move(admin, from, to, slots, false, totals).await?;
-    let pause = frozen_at.elapsed();
-    totals.longest_pause = totals.longest_pause.max(pause);
-    Ok(())
+    let moved = finish_move(admin, from, to, slots, totals).await?;
+    totals.longest_pause = totals.longest_pause.max(frozen_at.elapsed());
+    Ok(moved)
 }
 
-/// Steps 2-4 of a move whose slots `from` has frozen; `resumed`: a previous run may have got
-/// further.
+/// Steps 2-4 of a move whose slots `from` has frozen; whether they moved.
 async fn finish_move(
     admin: &Admin,
     from: usize,
     to: usize,
     slots: &SlotSet,
-    resumed: bool,
     totals: &mut MoveTotals,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let post = hyper::Method::POST;
-    // A run cut short after the new owner took the slots: only the release is left.
-    let owned: SlotSet = if resumed {
-        serde_json::from_value(admin.roster(to).await?["slots"].clone()).unwrap_or_default()
-    } else {
-        SlotSet::empty()
-    };
-    if resumed && slots.ranges().iter().all(|r| owned.contains_range(r[0], r[1])) {
-        return release(admin, from, to, slots, totals).await;
-    }
     admin
         .change(to, post.clone(), "/v1/slots/begin-import", step_body(slots, from)?)
         .await
@@ -310,7 +297,7 @@ async fn finish_move(
                 .change(to, post.clone(), "/v1/slots/abandon-import", step_body(slots, from)?)
                 .await?;
             totals.stuck.push((slots.clone(), format!("{e:#}")));
-            return Ok(());
+            return Ok(false);
         }
         Err(e) => return Err(e).with_context(|| format!("exporting slots {slots} from stripe {from}")),
     };
@@ -319,12 +306,13 @@ async fn finish_move(
         .await
         .with_context(|| format!("importing slots {slots} into stripe {to}"))?;
     admin
-        .change(to, post.clone(), "/v1/slots/own", step_body(slots, from)?)
+        .change(to, post, "/v1/slots/own", step_body(slots, from)?)
         .await
         .with_context(|| format!("stripe {to} taking slots {slots}"))?;
     totals.entries += imported["entries"].as_u64().unwrap_or_default();
     totals.bytes += imported["bytes"].as_u64().unwrap_or_default();
-    release(admin, from, to, slots, totals).await
+    release(admin, from, to, slots, totals).await?;
+    Ok(true)
 }
 
 /// Step 4: `from` lets the slots go to `to`, which owns them now.
@@ -349,8 +337,10 @@ async fn release(
 async fn resume(admin: &Admin, stripes: usize, totals: &mut MoveTotals) -> anyhow::Result<()> {
     let mut frozen = Vec::new();
     let mut importing = Vec::new();
+    let mut owned = Vec::new();
     for i in 0..stripes {
         let view = admin.roster(i).await?;
+        owned.push(serde_json::from_value::<SlotSet>(view["slots"].clone()).unwrap_or_default());
         for m in view["moving"].as_array().into_iter().flatten() {
             let slots: SlotSet = serde_json::from_value(m["slots"].clone())?;
             frozen.push((i, m["stripe"].as_u64().unwrap_or_default() as usize, slots));
@@ -362,7 +352,12 @@ async fn resume(admin: &Admin, stripes: usize, totals: &mut MoveTotals) -> anyho
     }
     for (from, to, slots) in &frozen {
         println!("finishing the move of slots {slots} from stripe {from} to stripe {to}");
-        finish_move(admin, *from, *to, slots, true, totals).await?;
+        // A run cut short after the new owner took the slots leaves only the release.
+        if owned.get(*to).is_some_and(|o| o.contains_set(slots)) {
+            release(admin, *from, *to, slots, totals).await?;
+        } else {
+            finish_move(admin, *from, *to, slots, totals).await?;
+        }
     }
     for (at, from, slots) in importing {
         if !frozen.iter().any(|(f, t, s)| *f == from && *t == at && *s == slots) {
@@ -397,9 +392,7 @@ async fn balance(
         }
         let movable = |s: &SlotSet| {
             let mut m = s.clone();
-            for r in stuck.ranges() {
-                m.remove(r[0], r[1]);
-            }
+            m.remove_set(&stuck);
             m
         };
         let Some(from) = (0..owned.len()).find(|&i| owned[i].len() > want[i] && !movable(&owned[i]).is_empty()) else {
@@ -415,17 +408,11 @@ async fn balance(
             count = count.min(max_slots - totals.slots);
         }
         let slots = movable(&owned[from]).last_slots(count);
-        let stuck_before = totals.stuck.len();
-        move_slots(admin, from, to, &slots, totals).await?;
-        if totals.stuck.len() > stuck_before {
-            for r in slots.ranges() {
-                stuck.insert(r[0], r[1]);
-            }
-            continue;
-        }
-        for r in slots.ranges() {
-            owned[from].remove(r[0], r[1]);
-            owned[to].insert(r[0], r[1]);
+        if move_slots(admin, from, to, &slots, totals).await? {
+            owned[from].remove_set(&slots);
+            owned[to].insert_set(&slots);
+        } else {
+            stuck.insert_set(&slots);
         }
     }
     Ok(())
@@ -507,15 +494,7 @@ pub async fn remove_stripe(args: RemoveStripeArgs) -> anyhow::Result<u8> {
     }
     let mut stripes = doc.stripes.clone();
     stripes.pop();
-    let layout = serde_json::json!({"version": doc.layout + 1, "stripes": stripes});
-    let body = serde_json::to_vec(&layout)?;
-    for i in 0..index {
-        let answer = admin
-            .change(i, hyper::Method::POST, "/v1/slots/layout", body.clone())
-            .await
-            .with_context(|| format!("stripe {i} did not take the new layout"))?;
-        println!("stripe {i}: {}", answer["message"].as_str().unwrap_or_default());
-    }
+    give_layout(&admin, index, doc.layout + 1, &stripes).await?;
     println!(
         "stripe `{}` owns no slot and is out of the array (layout {}): stop its servers",
         args.name,

@@ -406,17 +406,21 @@ impl ArrayClient {
             }
             refreshed.insert(stripe, (generation, Instant::now()));
         }
+        if let Some(doc) = self.download_document(&handle.addr, SERVER_CONNECT_ATTEMPT_MAX).await {
+            self.maybe_refresh_config(doc);
+        }
+    }
+
+    /// The document a server hands over in its welcome (one handshake; the connection is then
+    /// dropped).
+    async fn download_document(&self, addr: &str, timeout: Duration) -> Option<String> {
         let max_frame = self.routing().config.limits.max_frame_bytes as usize;
-        match handshake::connect(
-            &handle.addr,
-            &self.inner.identity,
-            SERVER_CONNECT_ATTEMPT_MAX,
-            max_frame,
-        )
-        .await
-        {
-            Ok((_, welcome)) => self.maybe_refresh_config(welcome.config_toml),
-            Err(e) => tracing::debug!(event = "client.refresh_failed", server = %handle.addr, error = %e),
+        match handshake::connect(addr, &self.inner.identity, timeout, max_frame).await {
+            Ok((_, welcome)) => Some(welcome.config_toml),
+            Err(e) => {
+                tracing::debug!(event = "client.refresh_failed", server = %addr, error = %e);
+                None
+            }
         }
     }
 
@@ -434,8 +438,8 @@ impl ArrayClient {
         // Twice: the first round may name stripes this client did not know.
         for _ in 0..2 {
             let routing = self.routing();
-            let max_frame = routing.config.limits.max_frame_bytes as usize;
             let downloads = routing.stripe_servers.iter().enumerate().map(|(stripe, names)| {
+                // The active first (its roster is the newest), then the others.
                 let leader = self
                     .inner
                     .leaders
@@ -444,19 +448,20 @@ impl ArrayClient {
                     .get(stripe)
                     .cloned()
                     .flatten();
-                let first = leader.or_else(|| names.first().cloned());
-                let handles: Vec<_> = first
-                    .into_iter()
-                    .chain(names.iter().cloned())
-                    .filter_map(|n| routing.servers.get(&n).cloned())
+                let mut order: Vec<String> = leader.into_iter().collect();
+                for n in names {
+                    if !order.contains(n) {
+                        order.push(n.clone());
+                    }
+                }
+                let addrs: Vec<String> = order
+                    .iter()
+                    .filter_map(|n| routing.servers.get(n).map(|h| h.addr.clone()))
                     .collect();
-                let identity = &self.inner.identity;
                 async move {
-                    for h in handles {
-                        if let Ok((_, welcome)) =
-                            handshake::connect(&h.addr, identity, CONNECT_STAGGER, max_frame).await
-                        {
-                            return Some(welcome.config_toml);
+                    for addr in addrs {
+                        if let Some(doc) = self.download_document(&addr, CONNECT_STAGGER).await {
+                            return Some(doc);
                         }
                     }
                     None
@@ -530,51 +535,38 @@ enum ConnectFailure {
 }
 
 /// `current` with each stripe of `incoming` that has a higher generation; `None` when nothing is
-/// newer or the two describe different arrays (another stripe count). Also the stripes taken.
+/// newer or the two describe different arrays. Also the stripes taken. The list of stripes is
+/// the one of the higher `layout` (stripes added or removed); each stripe's section is the one of
+/// the higher generation, from whichever document.
 fn merge_documents(current: &ClusterConfig, incoming: &ClusterConfig) -> Option<(ClusterConfig, Vec<usize>)> {
     if current.array_name != incoming.array_name {
         return None;
     }
-    // The list of stripes is the one of the higher layout (stripes added or removed); each
-    // stripe's section is the one of the higher generation, from whichever document.
+    // Once either names slots, both are compared with every section naming its own.
+    let (current, incoming) = if current.names_slots() || incoming.names_slots() {
+        (current.with_slots_named(), incoming.with_slots_named())
+    } else {
+        (current.clone(), incoming.clone())
+    };
+    let newer_layout = incoming.layout > current.layout;
     let (mut merged, other) = match incoming.layout.cmp(&current.layout) {
-        std::cmp::Ordering::Greater => (incoming.clone(), current),
-        std::cmp::Ordering::Less => (current.clone(), incoming),
-        std::cmp::Ordering::Equal if current.stripes.len() == incoming.stripes.len() => (current.clone(), incoming),
+        std::cmp::Ordering::Greater => (incoming, current),
+        std::cmp::Ordering::Less => (current, incoming),
+        std::cmp::Ordering::Equal if current.stripes.len() == incoming.stripes.len() => (current, incoming),
         std::cmp::Ordering::Equal => return None,
     };
-    let mut changed: Vec<usize> = if incoming.layout > current.layout {
+    let mut changed: Vec<usize> = if newer_layout {
         (0..merged.stripes.len()).collect()
     } else {
         Vec::new()
     };
-    // A section that does not name its slots holds the even split of its own document.
-    let named = |doc: &ClusterConfig, i: usize| {
-        let mut s = doc.stripes[i].clone();
-        if s.slots.is_none() {
-            s.slots = Some(doc.stripe_slots(i));
-        }
-        s
-    };
-    let any_named = current.names_slots() || incoming.names_slots();
-    for i in 0..merged.stripes.len() {
-        let theirs = other.stripes.get(i).filter(|s| s.name == merged.stripes[i].name);
-        if let Some(theirs) = theirs {
-            if theirs.generation > merged.stripes[i].generation {
-                merged.stripes[i] = if any_named { named(other, i) } else { theirs.clone() };
-                if !changed.contains(&i) {
-                    changed.push(i);
-                }
-                continue;
+    for (i, section) in merged.stripes.iter_mut().enumerate() {
+        let theirs = other.stripes.get(i).filter(|s| s.name == section.name);
+        if let Some(theirs) = theirs.filter(|s| s.generation > section.generation) {
+            *section = theirs.clone();
+            if !changed.contains(&i) {
+                changed.push(i);
             }
-        }
-        if any_named && merged.stripes[i].slots.is_none() {
-            let base = if std::ptr::eq(other, incoming) {
-                current
-            } else {
-                incoming
-            };
-            merged.stripes[i].slots = Some(base.stripe_slots(i.min(base.stripes.len() - 1)));
         }
     }
     if changed.is_empty() {

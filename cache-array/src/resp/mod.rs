@@ -337,7 +337,7 @@ impl RespService {
         let mine = stripe.position().stripe;
         if let Some(s) = slot {
             // By the live document: slots move between stripes (`ferrocotta array rebalance`).
-            let owner = stripe.roster().config().stripe_of_slot_seen_from(mine, s);
+            let owner = stripe.roster().config().stripe_of_slot(s);
             if owner != mine {
                 return Err(self.moved(s, owner));
             }
