@@ -301,6 +301,60 @@ async fn memory_figures() {
 const ADD_SERVER_ENTRIES: u64 = 1_000_000;
 
 /// A fourth server added to a stripe holding 1M entries of 1 KiB, under a light write load:
+/// Four clients making one request at a time each, with a pause between two, counting the
+/// answered and failed requests and the longest gap between two answered ones.
+struct Clients {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, u64, Duration)>>,
+}
+
+impl Clients {
+    /// Starts them: `request(client, worker, n)` makes worker's `n`th request; whether answered.
+    fn start<F, Fut>(client: &ArrayClient, pause: Duration, request: F) -> Clients
+    where
+        F: Fn(ArrayClient, usize, u64) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = bool> + Send,
+    {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..4)
+            .map(|w| {
+                let (client, stop, request) = (client.clone(), stop.clone(), request.clone());
+                tokio::spawn(async move {
+                    let (mut acked, mut failed, mut longest) = (0u64, 0u64, Duration::ZERO);
+                    let mut last = Instant::now();
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if request(client.clone(), w, n).await {
+                            acked += 1;
+                            longest = longest.max(last.elapsed());
+                            last = Instant::now();
+                        } else {
+                            failed += 1;
+                        }
+                        n += 1;
+                        tokio::time::sleep(pause).await;
+                    }
+                    (acked, failed, longest)
+                })
+            })
+            .collect();
+        Clients { stop, tasks }
+    }
+
+    /// Stops them: answered, failed, longest gap.
+    async fn stop(self) -> (u64, u64, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut acked, mut failed, mut longest) = (0, 0, Duration::ZERO);
+        for t in self.tasks {
+            let (a, f, l) = t.await.unwrap();
+            acked += a;
+            failed += f;
+            longest = longest.max(l);
+        }
+        (acked, failed, longest)
+    }
+}
+
 /// Puts `count` entries of [`MEMORY_VALUE_BYTES`] (keys `m000000000000000`, ...) 200 at a time.
 async fn load_entries(client: &ArrayClient, count: u64) {
     let value = vec![b'v'; MEMORY_VALUE_BYTES];
@@ -334,31 +388,12 @@ async fn add_server_figures() {
         load.as_secs_f64()
     );
     // Writers: one put at a time each, counting acknowledgements and the longest gap between two.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let (client, stop) = (client.clone(), stop.clone());
-            tokio::spawn(async move {
-                let (mut acked, mut failed, mut longest) = (0u64, 0u64, Duration::ZERO);
-                let mut last = Instant::now();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    match client
-                        .put(CACHE, format!("w{w}-{}", acked % 100).as_bytes(), b"x")
-                        .await
-                    {
-                        Ok(_) => {
-                            acked += 1;
-                            longest = longest.max(last.elapsed());
-                            last = Instant::now();
-                        }
-                        Err(_) => failed += 1,
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                (acked, failed, longest)
-            })
-        })
-        .collect();
+    let writers = Clients::start(&client, Duration::from_millis(5), |client, w, n| async move {
+        client
+            .put(CACHE, format!("w{w}-{}", n % 100).as_bytes(), b"x")
+            .await
+            .is_ok()
+    });
     let ports = common::free_ports(3);
     let (urls, dir) = (array.urls(), array.path().to_path_buf());
     let args = |wait: bool| {
@@ -404,14 +439,7 @@ async fn add_server_figures() {
         .expect("ferrocotta array add-server --wait");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let took = added.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut acked, mut failed, mut longest) = (0, 0, Duration::ZERO);
-    for w in writers {
-        let (a, f, l) = w.await.unwrap();
-        acked += a;
-        failed += f;
-        longest = longest.max(l);
-    }
+    let (acked, failed, longest) = writers.stop().await;
     println!(
         "add_server: a fourth server joined a stripe holding {ADD_SERVER_ENTRIES} entries of {MEMORY_VALUE_BYTES} B (loaded in {:.1} s) and voted {:.1} s after add-server; meanwhile 4 writers: {acked} puts acknowledged, {failed} failed, longest gap {:.0} ms",
         load.as_secs_f64(),
@@ -470,36 +498,15 @@ async fn slot_move_figures() {
     }
     cli(vec!["add-stripe".into(), "--config".into(), file.display().to_string()]);
     // Clients reading and writing keys all over the slots, counting the longest gap.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workers: Vec<_> = (0..4)
-        .map(|w| {
-            let (client, stop) = (client.clone(), stop.clone());
-            tokio::spawn(async move {
-                let (mut acked, mut failed, mut longest) = (0u64, 0u64, Duration::ZERO);
-                let mut last = Instant::now();
-                let mut n = w as u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    n = (n + 7919) % SLOT_MOVE_ENTRIES;
-                    let key = format!("m{n:015}").into_bytes();
-                    let r = if n.is_multiple_of(2) {
-                        client.put(CACHE, &key, b"x").await.map(|_| ())
-                    } else {
-                        client.get(CACHE, &key).await.map(|_| ())
-                    };
-                    match r {
-                        Ok(()) => {
-                            acked += 1;
-                            longest = longest.max(last.elapsed());
-                            last = Instant::now();
-                        }
-                        Err(_) => failed += 1,
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                (acked, failed, longest)
-            })
-        })
-        .collect();
+    let workers = Clients::start(&client, Duration::from_millis(2), |client, w, n| async move {
+        let k = (w as u64 + n * 7919) % SLOT_MOVE_ENTRIES;
+        let key = format!("m{k:015}").into_bytes();
+        if k.is_multiple_of(2) {
+            client.put(CACHE, &key, b"x").await.is_ok()
+        } else {
+            client.get(CACHE, &key).await.is_ok()
+        }
+    });
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
     let rebalance = cli.clone();
@@ -508,14 +515,7 @@ async fn slot_move_figures() {
         .unwrap();
     let took = started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut acked, mut failed, mut longest) = (0, 0, Duration::ZERO);
-    for w in workers {
-        let (a, f, l) = w.await.unwrap();
-        acked += a;
-        failed += f;
-        longest = longest.max(l);
-    }
+    let (acked, failed, longest) = workers.stop().await;
     for line in out.lines() {
         println!("slot_move: {line}");
     }

@@ -442,33 +442,30 @@ fn stripe_changes() {
             array_cli(ctx, &register).await;
             ctx.sleep(Duration::from_secs(1)).await;
 
-            // 2. Half the slots move to the new stripe; stripe 0's active dies on the way.
+            // 2. Half the slots move to the new stripe; stripe 0's active (the source) dies on
+            // the way, then the new stripe's (the target) during the next run of the command.
             let rebalance: Vec<String> = vec!["rebalance".into(), "--batch-slots".into(), "64".into()];
             let started = Instant::now();
-            let cli = spawn_array_cli(ctx, &rebalance);
             let delay = ctx.ms(100, 1500);
-            ctx.sleep(delay).await;
-            let active = ctx.active().await;
-            ctx.mark("kill-source-active-during-move", true);
-            ctx.cluster.kill9(&active);
-            let first = try_finish_array_cli(cli, &rebalance).await;
-            ctx.sleep(Duration::from_secs(1)).await;
-            ctx.cluster.start_server(&ctx.net, &active);
-            // The same command again finishes the move; the new stripe's active (the target)
-            // dies on the way this time.
-            let cli = spawn_array_cli(ctx, &rebalance);
+            let first = cli_killing_active(
+                ctx,
+                &rebalance,
+                &["a1", "a2", "a3"],
+                delay,
+                "kill-source-active-during-move",
+                true,
+            )
+            .await;
             let target_delay = ctx.ms(100, 1000);
-            ctx.sleep(target_delay).await;
-            let target = active_among(ctx, &news).await;
-            ctx.mark("kill-target-active-during-move", false);
-            if let Some(b) = &target {
-                ctx.cluster.kill9(b);
-            }
-            let second = try_finish_array_cli(cli, &rebalance).await;
-            ctx.sleep(Duration::from_secs(1)).await;
-            if let Some(b) = &target {
-                ctx.cluster.start_server(&ctx.net, b);
-            }
+            let second = cli_killing_active(
+                ctx,
+                &rebalance,
+                &news,
+                target_delay,
+                "kill-target-active-during-move",
+                false,
+            )
+            .await;
             // Run again in any case: after a run cut short it finishes the move, after a whole
             // one it finds nothing to do.
             let tries = array_cli_until_done(ctx, &rebalance, 3).await;
@@ -494,19 +491,9 @@ fn stripe_changes() {
                 "64".into(),
             ];
             let started = Instant::now();
-            let cli = spawn_array_cli(ctx, &remove);
             let delay = ctx.ms(100, 1500);
-            ctx.sleep(delay).await;
-            let b_active = active_among(ctx, &news).await;
-            ctx.mark("kill-new-stripe-active-during-drain", false);
-            if let Some(b) = &b_active {
-                ctx.cluster.kill9(b);
-            }
-            let first = try_finish_array_cli(cli, &remove).await;
-            ctx.sleep(Duration::from_secs(1)).await;
-            if let Some(b) = &b_active {
-                ctx.cluster.start_server(&ctx.net, b);
-            }
+            let first =
+                cli_killing_active(ctx, &remove, &news, delay, "kill-new-stripe-active-during-drain", false).await;
             // A removal that finished before the kill leaves nothing to run again.
             let tries = if first {
                 0
@@ -530,6 +517,32 @@ fn stripe_changes() {
             ctx.sleep(Duration::from_secs(2)).await;
         })
     });
+}
+
+/// Runs a `ferrocotta array` command and kills the active among `stripe` (one stripe's servers)
+/// `delay` into it; the killed server starts again a second after the command ended. Whether the
+/// command finished.
+async fn cli_killing_active(
+    ctx: &mut Ctx,
+    args: &[String],
+    stripe: &[&str],
+    delay: Duration,
+    mark: &str,
+    loses_active: bool,
+) -> bool {
+    let cli = spawn_array_cli(ctx, args);
+    ctx.sleep(delay).await;
+    let victim = active_among(ctx, stripe).await;
+    ctx.mark(mark, loses_active);
+    if let Some(v) = &victim {
+        ctx.cluster.kill9(v);
+    }
+    let finished = try_finish_array_cli(cli, args).await;
+    ctx.sleep(Duration::from_secs(1)).await;
+    if let Some(v) = &victim {
+        ctx.cluster.start_server(&ctx.net, v);
+    }
+    finished
 }
 
 /// How many slots a server's stripe owns, by its roster.
