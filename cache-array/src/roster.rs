@@ -382,25 +382,15 @@ fn document_and_config(seed: &ClusterConfig, stripe: usize, roster: &Roster) -> 
     (Arc::new(doc.to_toml()), Arc::new(doc))
 }
 
-/// Keeps `live` in step with the store: looks again whenever the Raft metrics change (an entry
-/// applied, a snapshot installed).
-pub async fn follow(
-    live: Arc<LiveRoster>,
-    shared: Arc<SharedState>,
-    raft: crate::types::Raft,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut metrics = raft.metrics();
-    let mut applied = None;
+/// Keeps `live` in step with the store: looks once at start (a roster loaded with the snapshot
+/// or replayed from the log), then whenever the state machine says the stored roster may have
+/// changed (a `SetRoster` entry applied, a snapshot installed).
+pub async fn follow(live: Arc<LiveRoster>, shared: Arc<SharedState>, shutdown: tokio_util::sync::CancellationToken) {
     loop {
-        let now = metrics.borrow_and_update().last_applied;
-        if now != applied {
-            applied = now;
-            live.refresh(&shared);
-        }
+        live.refresh(&shared);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = metrics.changed() => if r.is_err() { return },
+            _ = shared.roster_changed() => {}
         }
     }
 }

@@ -267,12 +267,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
         position,
         live.clone(),
     ));
-    tokio::spawn(crate::roster::follow(
-        live.clone(),
-        shared,
-        raft.clone(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(crate::roster::follow(live.clone(), shared, shutdown.clone()));
 
     let tracker = TaskTracker::new();
     let limits = &config.limits;

@@ -63,9 +63,18 @@ pub struct SharedState {
     data: RwLock<StateData>,
     /// Requests waiting for lock grants.
     lock_waiters: Mutex<LockWaiters>,
+    /// Told when the stored roster may have changed (a `SetRoster` entry applied, a snapshot
+    /// installed): `crate::roster::follow` waits on it. One waiter, so a notification given
+    /// while it is busy is kept for its next wait.
+    roster_changed: tokio::sync::Notify,
 }
 
 impl SharedState {
+    /// Waits until the stored roster may have changed since the last call returned.
+    pub async fn roster_changed(&self) {
+        self.roster_changed.notified().await
+    }
+
     /// Runs `f` with read access.
     pub fn read<T>(&self, f: impl FnOnce(&StateData) -> T) -> T {
         f(&self.data.read().expect("state lock poisoned"))
@@ -247,6 +256,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut out = Vec::new();
         let mut grants = Vec::new();
+        let mut roster_changed = false;
         {
             let mut d = self.shared.data.write().expect("state lock poisoned");
             for entry in entries {
@@ -260,6 +270,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             configured: &self.configured,
                             grants: Vec::new(),
                         };
+                        roster_changed |= matches!(kind, CommandKind::SetRoster { .. });
                         out.push(apply_command(&mut d.store, kind, &mut ctx));
                         grants.append(&mut ctx.grants);
                     }
@@ -271,6 +282,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         self.shared.notify(grants);
+        if roster_changed {
+            self.shared.roster_changed.notify_one();
+        }
         Ok(out)
     }
 
@@ -340,6 +354,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         d.last_membership = meta.last_membership.clone();
         d.store = payload.store;
         d.store.rebuild_indexes();
+        drop(d);
+        self.shared.roster_changed.notify_one();
         tracing::info!(event = "state_machine.snapshot_installed", last_log_id = ?meta.last_log_id, bytes = len);
         Ok(())
     }
