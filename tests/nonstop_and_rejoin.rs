@@ -290,7 +290,10 @@ async fn repeated_rejoins_are_automatic_and_leak_nothing() {
 
     phase("no growth in tasks or memory per rejoin");
     let (rss_first, tasks_first) = samples[1];
-    let (rss_last, tasks_last) = samples[cycles as usize - 1];
+    let (rss_last, _) = samples[cycles as usize - 1];
+    // A leak grows with every cycle, so it shows in both of the last two; a task still ending
+    // after one cycle (seen once in CI: 14, 14, then 20) shows in one only.
+    let tasks_last = samples[cycles as usize - 2].1.min(samples[cycles as usize - 1].1);
     assert!(
         tasks_last <= tasks_first + 2,
         "tasks grew from {tasks_first} to {tasks_last}"
