@@ -922,6 +922,8 @@ fn array_restart_rolling_fails_no_client_request() {
     println!("{out}{err}");
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.matches("serving again and caught up").count(), 6, "{out}");
+    // In a healthy array each active hands over before it stops (no failover to wait out).
+    assert_eq!(out.matches(": handed over to ").count(), 2, "{out}");
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     for w in writers {

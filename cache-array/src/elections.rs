@@ -9,11 +9,15 @@
 //!   instead of waiting out a whole election timeout of silence.
 //! - **A silent active** (paused, cut off) is suspected after `timing.election_timeout` (plus up
 //!   to 25% at random) without an AppendEntries, as before.
-//! - **No campaign without a majority** (in the spirit of Raft's pre-vote, thesis 9.6, which
-//!   openraft 0.9 lacks): before campaigning, a mirror probes its peers and campaigns only when a
-//!   majority of the stripe, itself included, answers. A mirror cut off from the others would
-//!   otherwise raise its term at every timeout and, once healed, depose the healthy active. It
-//!   stays in its term and rejoins without an election.
+//! - **No campaign without a majority** (Raft's pre-vote, thesis 9.6, which openraft 0.9 lacks):
+//!   before campaigning, a mirror probes its peers and campaigns only when a majority of the
+//!   stripe, itself included, hears no active and holds no longer log than its own (the two
+//!   checks a vote makes). A mirror cut off from the others would otherwise raise its term at
+//!   every timeout and, once healed, depose the healthy active: it stays in its term and rejoins
+//!   without an election. A mirror whose log is behind could never win, yet each of its
+//!   campaigns would raise the term past the mirrors that could, and their campaigns then end on
+//!   its refusal (an answer that needs no disk write, so it comes before their grants): it stays
+//!   out, and one of them wins.
 //!
 //! Safety does not depend on any of this: votes and terms are still Raft's (openraft's), and a
 //! server that is joining after losing its data neither votes nor campaigns
@@ -32,9 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 use ferrocotta::config::Timing;
 
-use crate::formation::{Prober, VoteGate};
+use crate::formation::{ProbeReply, Prober, VoteGate};
+use crate::log_store::LogStore;
 use crate::roster::LiveRoster;
-use crate::types::{NodeId, Raft};
+use crate::types::{LogId, NodeId, Raft};
 
 /// Longest a reachability probe of one peer may take before a campaign.
 pub const REACH_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
@@ -161,7 +166,14 @@ impl Elections {
     }
 
     /// Runs until `shutdown`: decides when this server campaigns.
-    pub async fn run(self: Arc<Self>, raft: Raft, gate: Arc<VoteGate>, prober: Prober, shutdown: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        raft: Raft,
+        log: LogStore,
+        gate: Arc<VoteGate>,
+        prober: Prober,
+        shutdown: CancellationToken,
+    ) {
         let (me, election_timeout, heartbeat) = (self.me, self.election_timeout, self.heartbeat);
         let tick = heartbeat / 2;
         let mut timeout = randomized(election_timeout);
@@ -215,7 +227,7 @@ impl Elections {
                         randomized(election_timeout)
                     }
             };
-            let (reachable, supporters) = pre_vote(&prober, me, &voters).await;
+            let (reachable, supporters) = pre_vote(&prober, me, &voters, log.last_log_id()).await;
             if (supporters + 1) * 2 <= voters.len() {
                 if !held_back {
                     tracing::info!(
@@ -223,7 +235,7 @@ impl Elections {
                         reachable,
                         supporters,
                         voters = voters.len(),
-                        "no active heard here, but no majority of the stripe is without one: not campaigning (the term stays)"
+                        "no active heard here, but no majority of the stripe is without one and holds no longer log: not campaigning (the term stays)"
                     );
                     held_back = true;
                 }
@@ -274,10 +286,53 @@ fn randomized(base: Duration) -> Duration {
 }
 
 /// Raft's pre-vote, by probe: how many of the other voters answer now, and how many of those
-/// hear no active either (would let this server win).
-async fn pre_vote(prober: &Prober, me: NodeId, voters: &[NodeId]) -> (usize, usize) {
+/// would vote for this server, whose last log id is `mine`.
+async fn pre_vote(prober: &Prober, me: NodeId, voters: &[NodeId], mine: Option<LogId>) -> (usize, usize) {
     let calls = voters.iter().filter(|v| **v != me).map(|v| prober(*v));
     let answers: Vec<_> = futures::future::join_all(calls).await.into_iter().flatten().collect();
-    let supporters = answers.iter().filter(|a| !a.hears_active).count();
+    let supporters = answers.iter().filter(|a| would_vote(a, mine)).count();
     (answers.len(), supporters)
+}
+
+/// Whether a peer that answered a probe so would vote for a candidate whose last log id is
+/// `mine`: it hears no active, and its log is no longer (Raft compares the last entries' terms,
+/// then their indexes). A server too old to send its log (`None`) is taken at its word.
+fn would_vote(answer: &ProbeReply, mine: Option<LogId>) -> bool {
+    !answer.hears_active && answer.last_log <= mine
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn log(term: u64, index: u64) -> Option<LogId> {
+        Some(LogId::new(CommittedLeaderId::new(term, 1), index))
+    }
+
+    fn answer(hears_active: bool, last_log: Option<LogId>) -> ProbeReply {
+        ProbeReply {
+            initialized: true,
+            last_log_index: last_log.map(|l| l.index),
+            joining: false,
+            hears_active,
+            last_log,
+        }
+    }
+
+    #[test]
+    fn a_peer_supports_a_campaign_only_as_its_vote_would() {
+        // The hand-over that failed in CI: the asked mirror one entry behind the others.
+        assert!(!would_vote(&answer(false, log(1, 1410)), log(1, 1409)));
+        assert!(would_vote(&answer(false, log(1, 1410)), log(1, 1410)));
+        assert!(would_vote(&answer(false, log(1, 1409)), log(1, 1410)));
+        // The term of the last entry counts before its index, as in a vote.
+        assert!(would_vote(&answer(false, log(4, 12)), log(5, 10)));
+        assert!(!would_vote(&answer(false, log(5, 10)), log(4, 12)));
+        // A peer that hears an active refuses whatever the logs.
+        assert!(!would_vote(&answer(true, log(1, 1)), log(9, 99)));
+        // An empty log, or a server too old to say: taken at its word.
+        assert!(would_vote(&answer(false, None), None));
+        assert!(would_vote(&answer(false, None), log(1, 3)));
+    }
 }

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::log_store::{LogStore, OpenedLog};
 use crate::mark::Standing;
-use crate::types::{NodeId, Raft};
+use crate::types::{LogId, NodeId, Raft};
 
 /// How often an undecided or joining server looks again.
 const FORMATION_POLL: Duration = Duration::from_millis(300);
@@ -67,12 +67,15 @@ pub struct ProbeReply {
     /// Whether it is joining after losing its data (so the stripe exists).
     pub joining: bool,
     /// Whether it is the active or heard one lately (`crate::elections`: a mirror campaigns only
-    /// when a majority does not). Servers before this field answer without it; their answer
-    /// decodes with `false` here ([`ProbeReply::decode`]).
+    /// when a majority does not).
     pub hears_active: bool,
+    /// Its last log id (or purge point), which Raft compares with a candidate's before it votes:
+    /// a mirror campaigns only when a majority holds no longer log than its own.
+    pub last_log: Option<LogId>,
 }
 
-/// A probe answer from a server that predates [`ProbeReply::hears_active`].
+/// The fields of a probe answer that every version has; the ones added later follow it in
+/// order, and a server that predates one ends its answer before it ([`ProbeReply::decode`]).
 #[derive(Deserialize)]
 struct ProbeReplyV1 {
     initialized: bool,
@@ -81,15 +84,25 @@ struct ProbeReplyV1 {
 }
 
 impl ProbeReply {
-    /// Decodes a peer's answer, from this version or the one before.
+    /// Decodes a peer's answer, from this version or an earlier one: a field a server did not
+    /// send yet reads as "no answer" (`hears_active` false, `last_log` none), as before it
+    /// existed.
     pub fn decode(bytes: &[u8]) -> Result<ProbeReply, postcard::Error> {
-        postcard::from_bytes(bytes).or_else(|_| {
-            postcard::from_bytes::<ProbeReplyV1>(bytes).map(|v1| ProbeReply {
-                initialized: v1.initialized,
-                last_log_index: v1.last_log_index,
-                joining: v1.joining,
-                hears_active: false,
-            })
+        let (v1, rest) = postcard::take_from_bytes::<ProbeReplyV1>(bytes)?;
+        let (hears_active, rest) = match rest {
+            [] => (false, rest),
+            _ => postcard::take_from_bytes::<bool>(rest)?,
+        };
+        let last_log = match rest {
+            [] => None,
+            _ => postcard::take_from_bytes::<Option<LogId>>(rest)?.0,
+        };
+        Ok(ProbeReply {
+            initialized: v1.initialized,
+            last_log_index: v1.last_log_index,
+            joining: v1.joining,
+            hears_active,
+            last_log,
         })
     }
 }
@@ -309,5 +322,58 @@ impl Formation {
                 _ = tokio::time::sleep(FORMATION_POLL) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(hears_active: bool, last_log: Option<LogId>) -> ProbeReply {
+        ProbeReply {
+            initialized: true,
+            last_log_index: Some(7),
+            joining: false,
+            hears_active,
+            last_log,
+        }
+    }
+
+    #[test]
+    fn a_probe_answer_decodes_from_every_version() {
+        let now = reply(true, Some(LogId::new(openraft::CommittedLeaderId::new(3, 2), 7)));
+        assert_eq!(ProbeReply::decode(&postcard::to_allocvec(&now).unwrap()).unwrap(), now);
+
+        #[derive(Serialize)]
+        struct V2 {
+            initialized: bool,
+            last_log_index: Option<u64>,
+            joining: bool,
+            hears_active: bool,
+        }
+        let v2 = V2 {
+            initialized: true,
+            last_log_index: Some(7),
+            joining: false,
+            hears_active: true,
+        };
+        let decoded = ProbeReply::decode(&postcard::to_allocvec(&v2).unwrap()).unwrap();
+        assert_eq!(
+            decoded,
+            reply(true, None),
+            "a server before last_log: no log to compare"
+        );
+
+        let v1 = postcard::to_allocvec(&(true, Some(7u64), false)).unwrap();
+        assert_eq!(ProbeReply::decode(&v1).unwrap(), reply(false, None));
+    }
+
+    #[test]
+    fn a_damaged_probe_answer_is_an_error_not_a_default() {
+        let mut bytes = postcard::to_allocvec(&reply(true, None)).unwrap();
+        // An Option's tag other than 0 or 1.
+        *bytes.last_mut().unwrap() = 7;
+        assert!(ProbeReply::decode(&bytes).is_err());
+        assert!(ProbeReply::decode(&[1]).is_err(), "cut short inside the first fields");
     }
 }

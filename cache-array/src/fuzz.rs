@@ -178,7 +178,7 @@ fn peer_call_property(cases: u32) {
         let _ = postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&raw);
         let _ = postcard::from_bytes::<VoteRequest<u64>>(&raw);
         let _ = postcard::from_bytes::<InstallSnapshotRequest<TypeConfig>>(&raw);
-        let _ = postcard::from_bytes::<ProbeReply>(&raw);
+        let _ = ProbeReply::decode(&raw);
         Ok(())
     });
     let append = (

@@ -480,6 +480,12 @@ impl LogStore {
         self.marker.next.lock().expect("mark lock").standing
     }
 
+    /// The last entry's log id (or the purge point, when it is later): what Raft compares with
+    /// a candidate's before it votes.
+    pub fn last_log_id(&self) -> Option<LogId> {
+        self.marker.next.lock().expect("mark lock").last_log_id
+    }
+
     /// Encoded bytes of the entries appended since the store was opened.
     pub fn appended_bytes(&self) -> u64 {
         self.appended.load(Ordering::Relaxed)

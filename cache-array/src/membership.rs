@@ -47,6 +47,9 @@ const HAND_OVER_MAX: Duration = Duration::from_secs(3);
 /// Longest a hand-over waits for the writes in flight to commit and reach the successor.
 const HAND_OVER_DRAIN_MAX: Duration = Duration::from_secs(1);
 
+/// How often the hand-over looks again whether the writes in flight have settled.
+const HAND_OVER_DRAIN_POLL: Duration = Duration::from_millis(5);
+
 /// Longest a roster entry may take to commit.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -269,8 +272,8 @@ impl Changes {
 
     /// Hands this server's activity over to the most up-to-date other voter: takes no new
     /// request, lets the ones in flight commit and reach that voter (at most
-    /// [`HAND_OVER_DRAIN_MAX`]), stops heartbeats, asks that voter to campaign, and waits for a new active (at most
-    /// [`HAND_OVER_MAX`]); returns its name. Whatever happens, this server takes requests again
+    /// [`HAND_OVER_DRAIN_MAX`], or it gives up), stops heartbeats, asks that voter to campaign,
+    /// and waits for a new active (at most [`HAND_OVER_MAX`]); returns its name. Whatever happens, this server takes requests again
     /// afterwards (as a mirror, or as the active if no one took over).
     pub async fn hand_over(&self) -> Result<String, ChangeError> {
         let raft = self.stripe.raft();
@@ -298,8 +301,9 @@ impl Changes {
         let started = tokio::time::Instant::now();
         self.stripe.set_handing_over(true);
         // What is in flight commits and reaches the successor before it is asked (heartbeats
-        // still on): no write is left in doubt, and its log is complete when it campaigns.
-        let _ = tokio::time::timeout(HAND_OVER_DRAIN_MAX, async {
+        // still on; the write batcher proposes nothing new): no write is left in doubt, and its
+        // log is complete when it campaigns. A mirror behind would not win the vote.
+        let settled = tokio::time::timeout(HAND_OVER_DRAIN_MAX, async {
             let mut rx = raft.metrics();
             loop {
                 let settled = {
@@ -312,16 +316,27 @@ impl Changes {
                         .and_then(|r| r.get(&target).cloned().flatten())
                         .map(|l| l.index);
                     last.is_some() && applied == last && matched == last
-                };
-                if settled || rx.changed().await.is_err() {
+                } && self.stripe.writes_settled();
+                if settled {
                     return;
+                }
+                // The batcher's last batch may be answered just after the metrics last changed.
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(HAND_OVER_DRAIN_POLL) => {}
                 }
             }
         })
-        .await;
-        self.elections.set_handing_over(true);
-        raft.runtime_config().heartbeat(false);
+        .await
+        .is_ok();
         let outcome = async {
+            if !settled {
+                return Err(ChangeError::Unavailable(format!(
+                    "the writes in flight did not reach {target_name} within {HAND_OVER_DRAIN_MAX:?}: this server stays the active"
+                )));
+            }
+            self.elections.set_handing_over(true);
+            raft.runtime_config().heartbeat(false);
             let agreed = crate::network::ask_to_campaign(&addr, &self.peer_identity, Duration::from_secs(1))
                 .await
                 .map_err(|e| ChangeError::Unavailable(format!("{target_name} could not be asked to take over: {e}")))?;

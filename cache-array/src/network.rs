@@ -560,6 +560,7 @@ impl PeerService {
                     joining: matches!(self.log.standing(), Standing::Joining { .. }),
                     hears_active: (m.current_leader == Some(m.id) && !self.elections.handing_over())
                         || self.elections.hears_active(),
+                    last_log: self.log.last_log_id(),
                 };
                 encode_payload(&reply)
             }

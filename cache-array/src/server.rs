@@ -445,6 +445,7 @@ pub async fn run(opts: ServerOptions, shutdown: CancellationToken) -> anyhow::Re
     };
     tracker.spawn(elections.clone().run(
         raft.clone(),
+        log_store.clone(),
         gate.clone(),
         prober(REACH_PROBE_TIMEOUT),
         shutdown.clone(),

@@ -9,7 +9,7 @@
 //! (`NotLeader`), or answers `NoQuorum` when it knows none.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -86,9 +86,12 @@ pub struct Stripe {
     active: ActiveState,
     /// Queue of writes waiting for the write batcher.
     writes: mpsc::Sender<PendingWrite>,
-    /// Set while this server, the active, hands over to a mirror: it takes no new request, so
-    /// nothing it appends keeps the mirror from campaigning.
-    handing_over: std::sync::atomic::AtomicBool,
+    /// Set while this server, the active, hands over to a mirror: it takes no new request, and
+    /// the write batcher proposes nothing more, so the mirror's log can be complete when it
+    /// campaigns.
+    handing_over: Arc<AtomicBool>,
+    /// One permit per batch the write batcher may have proposed and not yet seen applied.
+    batch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Stripe {
@@ -104,12 +107,19 @@ impl Stripe {
         let quorum_stale_after = config.timing.election_timeout.0;
         tokio::spawn(read_batcher(raft.clone(), rx, roster.clone(), quorum_stale_after * 2));
         let (writes, writes_rx) = mpsc::channel(WRITE_QUEUE_MAX);
-        let acks = AckLog {
-            term: Arc::new(AtomicU64::new(0)),
-            stripe: position.stripe,
-            server: config.server(position).name.clone(),
+        let batcher = WriteBatcher {
+            raft: raft.clone(),
+            roster: roster.clone(),
+            acks: AckLog {
+                term: Arc::new(AtomicU64::new(0)),
+                stripe: position.stripe,
+                server: config.server(position).name.clone(),
+            },
+            handing_over: Arc::new(AtomicBool::new(false)),
+            slots: Arc::new(tokio::sync::Semaphore::new(WRITE_BATCHES_IN_FLIGHT_MAX)),
         };
-        tokio::spawn(write_batcher(raft.clone(), writes_rx, roster.clone(), acks));
+        let (handing_over, batch_slots) = (batcher.handing_over.clone(), batcher.slots.clone());
+        tokio::spawn(batcher.run(writes_rx));
         Stripe {
             raft,
             shared,
@@ -120,7 +130,8 @@ impl Stripe {
             quorum_stale_after,
             active: ActiveState::default(),
             writes,
-            handing_over: std::sync::atomic::AtomicBool::new(false),
+            handing_over,
+            batch_slots,
         }
     }
 
@@ -192,7 +203,15 @@ impl Stripe {
 
     /// Marks the start and end of a hand-over by this server (`crate::membership`).
     pub fn set_handing_over(&self, on: bool) {
-        self.handing_over.store(on, Ordering::Release);
+        self.handing_over.store(on, Ordering::SeqCst);
+    }
+
+    /// During a hand-over: whether every write the batcher proposed has been applied, so none
+    /// is left to reach the log (it proposes no new one meanwhile).
+    pub fn writes_settled(&self) -> bool {
+        // Pairs with the batcher's fence: either it sees the hand-over, or this sees its batch.
+        fence(Ordering::SeqCst);
+        self.batch_slots.available_permits() == WRITE_BATCHES_IN_FLIGHT_MAX
     }
 
     /// Whether this server may serve writes and strong reads right now.
@@ -508,79 +527,107 @@ fn client_result(result: CommandResult) -> Result<Reply, ErrorReply> {
 /// Group commit of client writes: takes what waits in the queue, proposes it as one entry (a
 /// `Batch`, or the command itself when alone), and hands each write its own result. At most
 /// [`WRITE_BATCHES_IN_FLIGHT_MAX`] entries are proposed and unapplied at once; writes arriving
-/// meanwhile form the next batch. Entries are proposed in queue order.
-async fn write_batcher(raft: Raft, mut rx: mpsc::Receiver<PendingWrite>, roster: Arc<LiveRoster>, acks: AckLog) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(WRITE_BATCHES_IN_FLIGHT_MAX));
-    let mut carry: Option<PendingWrite> = None;
-    loop {
-        let first = match carry.take() {
-            Some(w) => w,
-            None => match rx.recv().await {
+/// meanwhile form the next batch. Entries are proposed in queue order. During a hand-over it
+/// proposes nothing and refuses what is queued.
+struct WriteBatcher {
+    raft: Raft,
+    roster: Arc<LiveRoster>,
+    acks: AckLog,
+    /// [`Stripe::set_handing_over`]: while set, queued writes are refused, not proposed.
+    handing_over: Arc<AtomicBool>,
+    /// [`WRITE_BATCHES_IN_FLIGHT_MAX`] permits; a proposed batch holds one until applied.
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl WriteBatcher {
+    async fn run(self, mut rx: mpsc::Receiver<PendingWrite>) {
+        let WriteBatcher {
+            raft,
+            roster,
+            acks,
+            handing_over,
+            slots,
+        } = self;
+        let mut carry: Option<PendingWrite> = None;
+        loop {
+            let first = match carry.take() {
                 Some(w) => w,
-                None => return,
-            },
-        };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        if batchable(&batch[0].kind) {
-            let mut bytes = payload_bytes(&batch[0].kind);
-            while batch.len() < WRITE_BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(w) if batchable(&w.kind) && bytes + payload_bytes(&w.kind) <= WRITE_BATCH_BYTES_MAX => {
-                        bytes += payload_bytes(&w.kind);
-                        batch.push(w);
-                    }
-                    Ok(w) => {
-                        carry = Some(w);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-        }
-        let (kind, replies) = if batch.len() == 1 {
-            let w = batch.pop().expect("one write");
-            (w.kind, vec![w.reply])
-        } else {
-            let mut changes = Vec::with_capacity(batch.len());
-            let mut replies = Vec::with_capacity(batch.len());
-            for w in batch {
-                if let CommandKind::Client(change) = w.kind {
-                    changes.push(change);
-                }
-                replies.push(w.reply);
-            }
-            (CommandKind::Batch(changes), replies)
-        };
-        let submitted = raft.client_write_ff(Command { at_ms: now_ms(), kind }).await;
-        let (roster, acks) = (roster.clone(), acks.clone());
-        tokio::spawn(async move {
-            let n = replies.len();
-            let results: Vec<Result<CommandResult, ErrorReply>> = match submitted {
-                Err(_) => vec![Err(ErrorReply::ShuttingDown); n],
-                Ok(rx) => match rx.await {
-                    Ok(Ok(resp)) => {
-                        acks.note(resp.log_id.leader_id.term);
-                        match resp.data {
-                            CommandResult::Batch(rs) => rs.into_iter().map(|r| Ok(CommandResult::Client(r))).collect(),
-                            one => vec![Ok(one)],
-                        }
-                    }
-                    Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
-                        let leader = f.leader_id.and_then(|id| roster.name_of(id));
-                        vec![Err(ErrorReply::NotLeader { leader }); n]
-                    }
-                    Ok(Err(e)) => vec![Err(ErrorReply::Internal(e.to_string())); n],
-                    Err(_) => vec![Err(ErrorReply::ShuttingDown); n],
+                None => match rx.recv().await {
+                    Some(w) => w,
+                    None => return,
                 },
             };
-            drop(slot);
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(result);
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            // Pairs with `Stripe::writes_settled`: the slot is taken before the flag is read.
+            fence(Ordering::SeqCst);
+            if handing_over.load(Ordering::SeqCst) {
+                // Not proposed, so certainly not applied: the client asks again, of the next active.
+                let _ = first.reply.send(Err(ErrorReply::NotLeader { leader: None }));
+                continue;
             }
-        });
+            let mut batch = vec![first];
+            if batchable(&batch[0].kind) {
+                let mut bytes = payload_bytes(&batch[0].kind);
+                while batch.len() < WRITE_BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(w) if batchable(&w.kind) && bytes + payload_bytes(&w.kind) <= WRITE_BATCH_BYTES_MAX => {
+                            bytes += payload_bytes(&w.kind);
+                            batch.push(w);
+                        }
+                        Ok(w) => {
+                            carry = Some(w);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let (kind, replies) = if batch.len() == 1 {
+                let w = batch.pop().expect("one write");
+                (w.kind, vec![w.reply])
+            } else {
+                let mut changes = Vec::with_capacity(batch.len());
+                let mut replies = Vec::with_capacity(batch.len());
+                for w in batch {
+                    if let CommandKind::Client(change) = w.kind {
+                        changes.push(change);
+                    }
+                    replies.push(w.reply);
+                }
+                (CommandKind::Batch(changes), replies)
+            };
+            let submitted = raft.client_write_ff(Command { at_ms: now_ms(), kind }).await;
+            let (roster, acks) = (roster.clone(), acks.clone());
+            tokio::spawn(async move {
+                let n = replies.len();
+                let results: Vec<Result<CommandResult, ErrorReply>> = match submitted {
+                    Err(_) => vec![Err(ErrorReply::ShuttingDown); n],
+                    Ok(rx) => match rx.await {
+                        Ok(Ok(resp)) => {
+                            acks.note(resp.log_id.leader_id.term);
+                            match resp.data {
+                                CommandResult::Batch(rs) => {
+                                    rs.into_iter().map(|r| Ok(CommandResult::Client(r))).collect()
+                                }
+                                one => vec![Ok(one)],
+                            }
+                        }
+                        Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                            let leader = f.leader_id.and_then(|id| roster.name_of(id));
+                            vec![Err(ErrorReply::NotLeader { leader }); n]
+                        }
+                        Ok(Err(e)) => vec![Err(ErrorReply::Internal(e.to_string())); n],
+                        Err(_) => vec![Err(ErrorReply::ShuttingDown); n],
+                    },
+                };
+                drop(slot);
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            });
+        }
     }
 }
 
