@@ -30,7 +30,8 @@ pub use txn::{parse_counter, EntryInfo, Expiry, Guard, Step, StepReply, Txn};
 /// `{...}` moved stripes), and the stripe's time. A client or server of 4 is refused.
 ///
 /// 6 (2026-12-04): every response names the stripe's configuration generation; peers ask each
-/// other for the roster and hand over; a removed server is refused as such.
+/// other for the roster and hand over; a removed server is refused as such; hash slots move
+/// between stripes (`WrongStripe`, `SlotMoving`) and a session names its client's id.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The software version of this build.
@@ -342,8 +343,10 @@ pub enum WriteOp {
 /// Client sessions and the locks they hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SessionOp {
-    /// Opens a client session on this stripe; replies [`Reply::Session`].
-    Open { client_name: String },
+    /// Opens a client session on this stripe; replies [`Reply::Session`]. `client_id` is the
+    /// client's own random id, the same for its sessions on every stripe: when a hash slot moves
+    /// to another stripe, its ephemeral entries and locks go to the client's session there.
+    Open { client_name: String, client_id: u64 },
     /// Renews a session's lease (served by the active from memory, not logged).
     KeepAlive { session: u64 },
     /// Ends a session: releases its locks and removes its ephemeral entries.

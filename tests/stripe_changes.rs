@@ -1,13 +1,14 @@
 //! Stripes added and removed while the array serves (`ferrocotta array add-stripe`, `rebalance`,
 //! `remove-stripe`), on loopback: every key keeps its last value through both moves, a client
 //! connected before the change follows the keys to their new stripe, and what belongs to a
-//! session (an ephemeral entry, a lock) stays where it is, reported, until the session ends.
-//! Under load and faults: the chaos scenario `stripe_changes`.
+//! session (an ephemeral entry, a lock) moves with its key to the client's session on the other
+//! stripe, still its, and goes when the client closes. Under load and faults: the chaos scenario
+//! `stripe_changes`.
 
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{free_ports, TestArray};
 use ferrocotta::client::LockWait;
@@ -62,15 +63,18 @@ async fn a_stripe_is_added_filled_and_drained_with_every_key_kept() {
     for i in 0..KEYS {
         client.put(CACHE, &key(i), format!("v0-{i}").as_bytes()).await.unwrap();
     }
-    // A session's ephemeral entry and lock, in slots that would move.
+    // A session's ephemeral entry and lock, in slots that move.
     let holder = array.client().await;
-    let high = (0..)
-        .map(|i| format!("eph-{i}").into_bytes())
-        .find(|k| ferrocotta::slots::slot_of_key(k) > 12_000)
-        .unwrap();
+    let moving = |prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}-{i}").into_bytes())
+            .find(|k| ferrocotta::slots::slot_of_key(k) > 12_000)
+            .unwrap()
+    };
+    let (high, locked) = (moving("eph"), moving("lock"));
     holder.put_ephemeral(CACHE, &high, b"mine").await.unwrap();
     let lock = holder
-        .lock(CACHE, b"{locked}", LockMode::Exclusive, LockWait::NoWait)
+        .lock(CACHE, &locked, LockMode::Exclusive, LockWait::NoWait)
         .await
         .unwrap();
 
@@ -95,10 +99,21 @@ async fn a_stripe_is_added_filled_and_drained_with_every_key_kept() {
     let (code, _) = array_cli(&array, &["add-stripe", "--config", file.to_str().unwrap()]);
     assert_eq!(code, 0);
 
-    // Half the slots move; the session's slots stay and are reported (exit 1).
+    // The holder learns of the new stripe and opens its session there (its keep-alive does).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holder.session_ids().iter().flatten().count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no session on the new stripe: {:?}",
+            holder.session_ids()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Half the slots move, the session's entry and lock with theirs.
     let (code, out) = array_cli(&array, &["rebalance", "--batch-slots", "1024"]);
-    assert!(out.contains("not moved"), "{out}");
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("stripe 1 `stripe-b`: 8192 slots"), "{out}");
     assert!(out.contains("longest pause"), "{out}");
     check_every_key(&client, KEYS, 0).await;
     assert!(
@@ -147,21 +162,25 @@ async fn a_stripe_is_added_filled_and_drained_with_every_key_kept() {
         .unwrap();
     let slots = format!("{slots:?}");
     assert!(
-        slots.contains("int(15360)") && !slots.contains("int(16383), int(0)"),
+        slots.contains("int(0), int(8191)") && !slots.contains("int(16383)"),
         "{slots}"
     );
+    // The session's entry and lock live on the new stripe now, and are still its.
+    assert_eq!((fresh.stripe_of(&high), fresh.stripe_of(&locked)), (1, 1));
     assert_eq!(holder.get(CACHE, &high).await.unwrap(), Some(b"mine".to_vec()));
+    assert_eq!(fresh.get(CACHE, &high).await.unwrap(), Some(b"mine".to_vec()));
+    let holder_on_b = holder.session_ids()[1].unwrap();
     let locks = fresh.list_locks(Some(CACHE)).await.unwrap();
     assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_eq!(
+        locks[0].holders.iter().map(|h| h.0).collect::<Vec<_>>(),
+        vec![holder_on_b]
+    );
+    let taken = fresh.try_lock(CACHE, &locked, LockMode::Exclusive).await.unwrap();
+    assert!(taken.is_none(), "the moved lock is still held");
 
-    // Once the session ends, its slots move too.
-    holder.unlock(&lock).await.unwrap();
-    holder.close().await;
-    let (code, out) = array_cli(&array, &["rebalance", "--batch-slots", "1024"]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("stripe 1 `stripe-b`: 8192 slots"), "{out}");
-
-    // The new stripe is drained and leaves; every key is still there, on stripe 0.
+    // The new stripe is drained and leaves; every key is still there, on stripe 0, and so are
+    // the session's entry and lock.
     let (code, out) = array_cli(&array, &["remove-stripe", "stripe-b", "--batch-slots", "2048"]);
     assert_eq!(code, 0, "{out}");
     array.kill9("b1");
@@ -169,6 +188,18 @@ async fn a_stripe_is_added_filled_and_drained_with_every_key_kept() {
     assert_eq!(client.config().stripes.len(), 1);
     let last = array.client().await;
     check_every_key(&last, KEYS, 1).await;
+    assert_eq!(last.get(CACHE, &high).await.unwrap(), Some(b"mine".to_vec()));
+    assert!(last
+        .try_lock(CACHE, &locked, LockMode::Exclusive)
+        .await
+        .unwrap()
+        .is_none());
+    // The holder releases the lock it took before both moves, and its entry goes when it closes.
+    holder.unlock(&lock).await.unwrap();
+    let mine = last.try_lock(CACHE, &locked, LockMode::Exclusive).await.unwrap();
+    assert!(mine.is_some(), "the lock is free once its holder released it");
+    holder.close().await;
+    assert_eq!(last.get(CACHE, &high).await.unwrap(), None);
     // A stripe that is not the last one cannot be removed.
     let (code, _) = array_cli(&array, &["remove-stripe", "stripe-1"]);
     assert_ne!(code, 0);

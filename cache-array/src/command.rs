@@ -163,9 +163,26 @@ pub struct CreateCache {
 }
 
 /// Opens a session; its id is the entry's index.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OpenSession {
     pub client_name: String,
+    /// Who the client is across stripes: a slot move hands its ephemeral entries and locks to
+    /// its session on the other stripe (`crate::slot_moves`). `None` from clients before it;
+    /// such an entry keeps the log's first form (`tag::OPEN_SESSION`, the name alone).
+    pub client_id: Option<u64>,
+}
+
+/// [`OpenSession`] as `tag::OPEN_SESSION` writes it.
+#[derive(Serialize, Deserialize)]
+struct NamedSession {
+    client_name: String,
+}
+
+/// [`OpenSession`] as `tag::OPEN_CLIENT_SESSION` writes it.
+#[derive(Serialize, Deserialize)]
+struct IdentifiedSession {
+    client_name: String,
+    client_id: u64,
 }
 
 /// One session.
@@ -214,6 +231,8 @@ mod tag {
     /// A transaction: `ferrocotta::protocol::Txn` (whose variants are append only for this
     /// reason) and the proposing active's value size limit.
     pub const TXN: u32 = 21;
+    /// An `OpenSession` that names its client's id.
+    pub const OPEN_CLIENT_SESSION: u32 = 22;
 }
 
 impl Serialize for Change {
@@ -229,7 +248,27 @@ impl Serialize for Change {
             Change::Clear(b) => tagged(s, tag::CLEAR, b),
             Change::Increment(b) => tagged(s, tag::INCREMENT, b),
             Change::CreateCache(b) => tagged(s, tag::CREATE_CACHE, b),
-            Change::OpenSession(b) => tagged(s, tag::OPEN_SESSION, b),
+            Change::OpenSession(OpenSession {
+                client_name,
+                client_id: None,
+            }) => tagged(
+                s,
+                tag::OPEN_SESSION,
+                &NamedSession {
+                    client_name: client_name.clone(),
+                },
+            ),
+            Change::OpenSession(OpenSession {
+                client_name,
+                client_id: Some(id),
+            }) => tagged(
+                s,
+                tag::OPEN_CLIENT_SESSION,
+                &IdentifiedSession {
+                    client_name: client_name.clone(),
+                    client_id: *id,
+                },
+            ),
             Change::CloseSession(b) => tagged(s, tag::CLOSE_SESSION, b),
             Change::Lock(b) => tagged(s, tag::LOCK, b),
             Change::Unlock(b) => tagged(s, tag::UNLOCK, b),
@@ -275,7 +314,20 @@ impl<'de> Deserialize<'de> for Change {
                     tag::CLEAR => Change::Clear(body(&mut seq)?),
                     tag::INCREMENT => Change::Increment(body(&mut seq)?),
                     tag::CREATE_CACHE => Change::CreateCache(body(&mut seq)?),
-                    tag::OPEN_SESSION => Change::OpenSession(body(&mut seq)?),
+                    tag::OPEN_SESSION => {
+                        let NamedSession { client_name } = body(&mut seq)?;
+                        Change::OpenSession(OpenSession {
+                            client_name,
+                            client_id: None,
+                        })
+                    }
+                    tag::OPEN_CLIENT_SESSION => {
+                        let IdentifiedSession { client_name, client_id } = body(&mut seq)?;
+                        Change::OpenSession(OpenSession {
+                            client_name,
+                            client_id: Some(client_id),
+                        })
+                    }
                     tag::CLOSE_SESSION => Change::CloseSession(body(&mut seq)?),
                     tag::LOCK => Change::Lock(body(&mut seq)?),
                     tag::UNLOCK => Change::Unlock(body(&mut seq)?),
@@ -396,7 +448,10 @@ impl TryFrom<SessionOp> for Change {
 
     fn try_from(op: SessionOp) -> Result<Change, KeepAlive> {
         Ok(match op {
-            SessionOp::Open { client_name } => Change::OpenSession(OpenSession { client_name }),
+            SessionOp::Open { client_name, client_id } => Change::OpenSession(OpenSession {
+                client_name,
+                client_id: Some(client_id),
+            }),
             SessionOp::Close { session } => Change::CloseSession(SessionOf { session }),
             SessionOp::Lock {
                 cache,
@@ -438,6 +493,23 @@ pub enum CommandResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_without_a_client_id_keeps_the_first_form_and_one_with_it_round_trips() {
+        let named = Change::OpenSession(OpenSession {
+            client_name: "node1".into(),
+            client_id: None,
+        });
+        let first_form = postcard::to_allocvec(&(tag::OPEN_SESSION, "node1")).unwrap();
+        assert_eq!(postcard::to_allocvec(&named).unwrap(), first_form);
+        assert_eq!(postcard::from_bytes::<Change>(&first_form).unwrap(), named);
+        let identified = Change::OpenSession(OpenSession {
+            client_name: "node1".into(),
+            client_id: Some(u64::MAX - 3),
+        });
+        let bytes = postcard::to_allocvec(&identified).unwrap();
+        assert_eq!(postcard::from_bytes::<Change>(&bytes).unwrap(), identified);
+    }
 
     #[test]
     fn a_transaction_encodes_as_it_always_did() {

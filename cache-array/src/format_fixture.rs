@@ -52,6 +52,7 @@ fn sample_entries() -> Vec<Entry> {
         })),
         CommandKind::Client(Change::OpenSession(OpenSession {
             client_name: "node1".into(),
+            client_id: None,
         })),
         CommandKind::Client(write_change(WriteOp::Put {
             cache: c(),
@@ -118,6 +119,7 @@ fn sample_entries() -> Vec<Entry> {
         })),
         CommandKind::Client(Change::OpenSession(OpenSession {
             client_name: "node2".into(),
+            client_id: None,
         })),
         CommandKind::Client(Change::Lock(Lock {
             cache: c(),
@@ -163,6 +165,7 @@ fn sample_entries() -> Vec<Entry> {
         CommandKind::Expire(vec![(c(), k("a")), ("counters".into(), k("gone"))]),
         CommandKind::Client(Change::OpenSession(OpenSession {
             client_name: "node3".into(),
+            client_id: None,
         })),
         CommandKind::Client(Change::CloseSession(SessionOf { session: 23 })),
         CommandKind::ExpireSessions(vec![15, 99]),

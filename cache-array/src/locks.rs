@@ -206,7 +206,7 @@ mod tests {
         let mut s = Store::default();
         let (a, b, c) = (1, 2, 3);
         for id in [a, b, c] {
-            s.open_session("t", &ctx(id, &cfg));
+            s.open_session("t", None, &ctx(id, &cfg));
         }
         let x = LockMode::Exclusive;
         assert_eq!(s.lock("l", b"k", x, a, 0, &mut ctx(10, &cfg)), Ok(Reply::Done));
@@ -238,7 +238,7 @@ mod tests {
         let cfg = BTreeMap::new();
         let mut s = Store::default();
         for id in [1, 2, 3] {
-            s.open_session("t", &ctx(id, &cfg));
+            s.open_session("t", None, &ctx(id, &cfg));
         }
         let sh = LockMode::Shared;
         assert_eq!(s.lock("l", b"k", sh, 1, 0, &mut ctx(10, &cfg)), Ok(Reply::Done));

@@ -438,10 +438,10 @@ impl ClientService {
             Err(KeepAlive(session)) => return stripe.keep_alive(session),
         };
         match change {
-            Change::OpenSession(OpenSession { client_name }) => {
+            Change::OpenSession(OpenSession { client_name, client_id }) => {
                 let client_name = grant.session_name(&client_name);
                 match stripe
-                    .write(Change::OpenSession(OpenSession { client_name }), timeout)
+                    .write(Change::OpenSession(OpenSession { client_name, client_id }), timeout)
                     .await?
                 {
                     Reply::Session { id, .. } => {
@@ -579,7 +579,7 @@ impl ClientService {
                 return Err(ErrorReply::WrongStripe { owner: owner as u32 });
             }
         }
-        if let Op::Session(SessionOp::Open { client_name }) = op {
+        if let Op::Session(SessionOp::Open { client_name, .. }) = op {
             if client_name.len() > CLIENT_NAME_BYTES_MAX {
                 return Err(ErrorReply::Invalid(format!(
                     "client names are at most {CLIENT_NAME_BYTES_MAX} bytes"

@@ -13,8 +13,11 @@ use ferrocotta::protocol::Reply;
 use crate::store::{ApplyContext, Session, Store};
 
 impl Store {
-    /// Opens a session (an `OpenSession` entry).
-    pub fn open_session(&mut self, client_name: &str, ctx: &ApplyContext) -> Reply {
+    /// Opens a session (an `OpenSession` entry), of the client `client_id` if it gave one.
+    pub fn open_session(&mut self, client_name: &str, client_id: Option<u64>, ctx: &ApplyContext) -> Reply {
+        if let Some(client) = client_id {
+            self.session_clients.insert(ctx.index, client);
+        }
         self.sessions.insert(
             ctx.index,
             Session {
@@ -36,6 +39,7 @@ impl Store {
         let Some(session) = self.sessions.remove(&id) else {
             return false;
         };
+        self.session_clients.remove(&id);
         for (cache, key) in session.ephemeral {
             let owned = self
                 .caches
@@ -50,5 +54,15 @@ impl Store {
             self.release_all(&cache, &key, id, ctx);
         }
         true
+    }
+
+    /// The live session of the client `client` on this stripe (its latest, should a rejoin have
+    /// left two).
+    pub fn session_of_client(&self, client: u64) -> Option<u64> {
+        self.session_clients
+            .iter()
+            .rev()
+            .find(|(id, c)| **c == client && self.sessions.contains_key(id))
+            .map(|(id, _)| *id)
     }
 }

@@ -20,8 +20,14 @@
 //! 1 and 3 the slot is unavailable: the client waits and asks again within its deadline.
 //!
 //! Session-owned (ephemeral) entries and locks belong to a session of their stripe, whose id is an
-//! index of that stripe's log; they cannot live on another stripe, so a slot that holds one is not
-//! moved: the freeze is undone (step 1 reversed) and the operator told which slots and why.
+//! index of that stripe's log. A client holds a session on every stripe once it holds one at all
+//! (its keep-alive opens the others), and each names the client's id (`Store::session_clients`).
+//! So they move with their keys: the copy names the owning and holding *clients*, and B gives
+//! each entry and hold to that client's session on B. The move of a slot is given up (the freeze
+//! undone, the copy dropped, the operator told which slots and why) when B has no session of such
+//! a client yet, when the client never gave its id (an older client), or when someone waits for
+//! one of its locks (the waiting request lives in A's memory); running the command again later
+//! moves it.
 //!
 //! [`CommandKind::ImportSlots`]: crate::command::CommandKind::ImportSlots
 
@@ -33,7 +39,8 @@ use serde::{Deserialize, Serialize};
 use crate::command::Change;
 use crate::membership::{ChangeError, Changes};
 use crate::roster::{is_internal_cache, Layout, Roster, SlotMove};
-use crate::store::{ApplyContext, CacheEntry, Store};
+use crate::store::{ApplyContext, CacheEntry, LockState, Store};
+use ferrocotta::protocol::LockMode;
 
 /// What the store checks of every key, derived from its roster (rebuilt when a roster applies or
 /// a snapshot loads). Off until the roster names its slots: until then the client port checks
@@ -195,7 +202,30 @@ pub fn roster_applied(store: &mut Store, roster: &Roster) {
     for (cache, key) in doomed {
         store.remove_entry(&cache, &key);
     }
-    tracing::info!(event = "slots.dropped", slots = %lost, entries = count);
+    let doomed_locks: Vec<(String, Vec<u8>)> = store
+        .locks
+        .keys()
+        .filter(|(_, k)| lost.contains(slot_of_key(k)))
+        .cloned()
+        .collect();
+    let locks = doomed_locks.len();
+    for lock in doomed_locks {
+        drop_lock(store, lock);
+    }
+    tracing::info!(event = "slots.dropped", slots = %lost, entries = count, locks);
+}
+
+/// Drops a lock of a slot the stripe lost, and its place in its holders' and waiters' sessions.
+fn drop_lock(store: &mut Store, lock: (String, Vec<u8>)) {
+    let Some(state) = store.locks.remove(&lock) else {
+        return;
+    };
+    let sessions = state.holders.keys().chain(state.waiters.iter().map(|(s, _)| s));
+    for session in sessions {
+        if let Some(s) = store.sessions.get_mut(session) {
+            s.locks.remove(&lock);
+        }
+    }
 }
 
 /// The guard a loaded store asks for (after a snapshot was loaded or installed).
@@ -221,6 +251,23 @@ pub struct ImportedEntry {
     pub ttl_ms: Option<u64>,
     /// Its time to idle.
     pub tti_ms: Option<u64>,
+    /// The client whose session owns it (an ephemeral entry): it goes to that client's session on
+    /// the new stripe.
+    pub owner: Option<u64>,
+}
+
+/// A held lock on its way to another stripe: its mode and how many times each client holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportedLock {
+    /// Its cache.
+    pub cache: String,
+    /// Its key.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// The holders' mode.
+    pub mode: LockMode,
+    /// Holding clients and their holds (locks are reentrant).
+    pub holders: Vec<(u64, u32)>,
 }
 
 /// A batch of entries of moving slots, with the settings of their caches.
@@ -231,6 +278,8 @@ pub struct SlotImport {
     pub caches: Vec<(String, CacheSettings)>,
     /// The entries.
     pub entries: Vec<ImportedEntry>,
+    /// The held locks (all in the first batch of a split).
+    pub locks: Vec<ImportedLock>,
 }
 
 impl SlotImport {
@@ -245,6 +294,7 @@ impl SlotImport {
         let mut current = SlotImport {
             caches: self.caches.clone(),
             entries: Vec::new(),
+            locks: self.locks,
         };
         let mut bytes = 0;
         for e in self.entries {
@@ -255,6 +305,7 @@ impl SlotImport {
                     SlotImport {
                         caches: self.caches.clone(),
                         entries: Vec::new(),
+                        locks: Vec::new(),
                     },
                 ));
                 bytes = 0;
@@ -262,32 +313,38 @@ impl SlotImport {
             bytes += size;
             current.entries.push(e);
         }
-        if !current.entries.is_empty() || out.is_empty() {
+        if !current.entries.is_empty() || !current.locks.is_empty() || out.is_empty() {
             out.push(current);
         }
         out
     }
 }
 
-/// The entries of frozen slots, to copy to their new stripe. Refused when a slot is not frozen
-/// (its entries could still change) or holds something that cannot move: a session's ephemeral
-/// entry or a lock.
+/// The entries and held locks of frozen slots, to copy to their new stripe, with the clients
+/// that own and hold them. Refused when a slot is not frozen (its entries could still change),
+/// and ("cannot move now") when an ephemeral entry or a lock belongs to a client that never gave
+/// its id, or a lock has waiting requests.
 pub fn export(store: &Store, slots: &SlotSet, now_ms: u64) -> Result<SlotImport, String> {
     if !store.slot_guard.moving.iter().any(|m| m.slots.contains_set(slots)) {
         return Err(format!("slots {slots} are not frozen for a move here"));
     }
+    let client_of = |session: &u64| store.session_clients.get(session).copied();
     let mut out = SlotImport::default();
-    let mut ephemeral = 0usize;
+    let mut anonymous = 0usize;
     for (name, cache) in store.caches.iter().filter(|(n, _)| !is_internal_cache(n)) {
         let before = out.entries.len();
         for (key, e) in &cache.entries {
             if !slots.contains(slot_of_key(key)) || e.expired(now_ms) {
                 continue;
             }
-            if e.owner.is_some() {
-                ephemeral += 1;
-                continue;
-            }
+            let owner = match e.owner.as_ref().map(client_of) {
+                None => None,
+                Some(Some(client)) => Some(client),
+                Some(None) => {
+                    anonymous += 1;
+                    continue;
+                }
+            };
             out.entries.push(ImportedEntry {
                 cache: name.clone(),
                 key: key.clone(),
@@ -296,38 +353,88 @@ pub fn export(store: &Store, slots: &SlotSet, now_ms: u64) -> Result<SlotImport,
                 accessed_ms: e.accessed_ms,
                 ttl_ms: e.ttl_ms,
                 tti_ms: e.tti_ms,
+                owner,
             });
         }
         if out.entries.len() > before || cache.settings != CacheSettings::default() {
             out.caches.push((name.clone(), cache.settings));
         }
     }
-    let locks = store
-        .locks
-        .keys()
-        .filter(|(_, key)| slots.contains(slot_of_key(key)))
-        .count();
-    if ephemeral > 0 || locks > 0 {
+    let mut waited = 0usize;
+    for ((cache, key), lock) in store.locks.iter().filter(|((_, k), _)| slots.contains(slot_of_key(k))) {
+        if !lock.waiters.is_empty() {
+            waited += 1;
+            continue;
+        }
+        let holders: Option<Vec<(u64, u32)>> = lock
+            .holders
+            .iter()
+            .map(|(session, holds)| client_of(session).map(|c| (c, *holds)))
+            .collect();
+        match holders {
+            Some(holders) if !holders.is_empty() => out.locks.push(ImportedLock {
+                cache: cache.clone(),
+                key: key.clone(),
+                mode: lock.mode,
+                holders,
+            }),
+            Some(_) => {}
+            None => anonymous += 1,
+        }
+    }
+    let mut why = Vec::new();
+    if anonymous > 0 {
+        why.push(format!(
+            "{anonymous} ephemeral entries or locks belong to sessions of clients that did not give their id (clients of an earlier version)"
+        ));
+    }
+    if waited > 0 {
+        why.push(format!("{waited} locks have requests waiting for them"));
+    }
+    if !why.is_empty() {
         return Err(format!(
-            "slots {slots} hold {ephemeral} session-owned (ephemeral) entries and {locks} locks, which belong to \
-             sessions of this stripe and cannot move; they were not moved"
+            "slots {slots} cannot move now: {}; they were not moved",
+            why.join(", ")
         ));
     }
     Ok(out)
 }
 
 /// Applies an [`crate::command::CommandKind::ImportSlots`] entry: every key must be of a slot the
-/// stripe is importing, or nothing is applied.
+/// stripe is importing, and every owning or holding client must have a session here (which takes
+/// over its entries and holds), or nothing is applied.
 pub fn apply_import(store: &mut Store, import: &SlotImport, ctx: &ApplyContext) -> Result<(), ErrorReply> {
-    if let Some(e) = import
+    let keys = import
         .entries
         .iter()
-        .find(|e| !store.slot_guard.importing.contains(slot_of_key(&e.key)))
+        .map(|e| &e.key)
+        .chain(import.locks.iter().map(|l| &l.key));
+    if let Some(key) = keys
+        .into_iter()
+        .find(|k| !store.slot_guard.importing.contains(slot_of_key(k)))
     {
         return Err(ErrorReply::Invalid(format!(
             "slot {} is not being imported by this stripe",
-            slot_of_key(&e.key)
+            slot_of_key(key)
         )));
+    }
+    let clients = import
+        .entries
+        .iter()
+        .filter_map(|e| e.owner)
+        .chain(import.locks.iter().flat_map(|l| l.holders.iter().map(|(c, _)| *c)));
+    let mut session_of = std::collections::HashMap::new();
+    for client in clients {
+        if session_of.contains_key(&client) {
+            continue;
+        }
+        let Some(session) = store.session_of_client(client) else {
+            return Err(ErrorReply::Invalid(format!(
+                "these slots cannot move now: client {client:016x} owns ephemeral entries or holds locks in them but has \
+                 no session on this stripe yet (a client opens one on every stripe it learns of); they were not moved"
+            )));
+        };
+        session_of.insert(client, session);
     }
     for (name, settings) in &import.caches {
         if is_internal_cache(name) {
@@ -345,9 +452,28 @@ pub fn apply_import(store: &mut Store, import: &SlotImport, ctx: &ApplyContext) 
             accessed_ms: e.accessed_ms,
             ttl_ms: e.ttl_ms,
             tti_ms: e.tti_ms,
-            owner: None,
+            owner: e.owner.map(|c| session_of[&c]),
         };
         store.insert_entry(&e.cache, e.key.clone(), entry, ctx);
+    }
+    for l in &import.locks {
+        let lock = (l.cache.clone(), l.key.clone());
+        drop_lock(store, lock.clone());
+        let holders: std::collections::BTreeMap<u64, u32> =
+            l.holders.iter().map(|(c, holds)| (session_of[c], *holds)).collect();
+        for session in holders.keys() {
+            if let Some(s) = store.sessions.get_mut(session) {
+                s.locks.insert(lock.clone());
+            }
+        }
+        store.locks.insert(
+            lock,
+            LockState {
+                mode: l.mode,
+                holders,
+                waiters: Default::default(),
+            },
+        );
     }
     Ok(())
 }
@@ -737,53 +863,184 @@ mod tests {
         assert_eq!(loaded.slot_guard, a.slot_guard);
     }
 
-    #[test]
-    fn session_owned_entries_and_locks_do_not_move() {
-        let c = config(1);
+    fn open(store: &mut Store, client: Option<u64>, index: u64) -> u64 {
         let configured = BTreeMap::new();
         let mut ctx = ApplyContext {
-            now_ms: 5,
-            index: 5,
+            now_ms: index,
+            index,
             configured: &configured,
             grants: Vec::new(),
         };
-        let mut a = Store::default();
-        let session = match a
-            .apply(
-                &Change::OpenSession(crate::command::OpenSession {
-                    client_name: "x".into(),
-                }),
-                &mut ctx,
-            )
-            .unwrap()
-        {
+        let change = Change::OpenSession(crate::command::OpenSession {
+            client_name: "x".into(),
+            client_id: client,
+        });
+        match store.apply(&change, &mut ctx).unwrap() {
             Reply::Session { id, .. } => id,
             other => panic!("{other:?}"),
-        };
-        let key = key_in(7);
-        a.apply(
-            &Change::Put(Put {
-                cache: "c".into(),
-                key: key.clone(),
-                value: "v".into(),
-                ttl_ms: None,
-                tti_ms: None,
-                session: Some(session),
-            }),
-            &mut ctx,
-        )
-        .unwrap();
-        let mut r = Roster::seed(&c, 0);
+        }
+    }
+
+    fn ephemeral(key: &[u8], session: u64) -> Change {
+        Change::Put(Put {
+            cache: "c".into(),
+            key: key.to_vec(),
+            value: "v".into(),
+            ttl_ms: None,
+            tti_ms: None,
+            session: Some(session),
+        })
+    }
+
+    fn lock(key: &[u8], session: u64, wait_ms: i64) -> Change {
+        Change::Lock(crate::command::Lock {
+            cache: "c".into(),
+            key: key.to_vec(),
+            mode: LockMode::Exclusive,
+            session,
+            wait_ms,
+        })
+    }
+
+    /// Store `stripe` of two, with the slots `moving` (stripe 0) or `importing` (stripe 1) the
+    /// range 0-9.
+    fn mid_move(store: &mut Store, stripe: usize) {
+        let c = config(2);
+        let mut r = Roster::seed(&c, stripe);
         r.generation = 1;
-        r.slots = Some(SlotSet::range(0, 16384));
-        r.moving.push(SlotMove {
+        r.slots = Some(r.owned_slots(&c, stripe));
+        let step = SlotMove {
             slots: SlotSet::range(0, 10),
-            stripe: 1,
-        });
-        set(&mut a, &r);
-        let err = export(&a, &SlotSet::range(0, 10), 6).unwrap_err();
-        assert!(err.contains("cannot move"), "{err}");
+            stripe: 1 - stripe as u32,
+        };
+        if stripe == 0 {
+            r.moving.push(step);
+        } else {
+            r.importing.push(step);
+        }
+        set(store, &r);
+    }
+
+    #[test]
+    fn ephemeral_entries_and_locks_move_to_their_clients_session_on_the_new_stripe() {
+        let configured = BTreeMap::new();
+        let ctx = |now| ApplyContext {
+            now_ms: now,
+            index: now,
+            configured: &configured,
+            grants: Vec::new(),
+        };
+        let (owned, locked, plain) = (key_in(7), key_in(8), key_in(9));
+        let mut a = Store::default();
+        let on_a = open(&mut a, Some(0xC1), 5);
+        a.apply(&ephemeral(&owned, on_a), &mut ctx(6)).unwrap();
+        a.apply(&lock(&locked, on_a, 0), &mut ctx(7)).unwrap();
+        a.apply(&lock(&locked, on_a, 0), &mut ctx(8)).unwrap();
+        a.apply(&put(&plain, "p"), &mut ctx(9)).unwrap();
+        mid_move(&mut a, 0);
+        let batch = export(&a, &SlotSet::range(0, 10), 10).unwrap();
+        assert_eq!(batch.entries.iter().filter(|e| e.owner == Some(0xC1)).count(), 1);
+        assert_eq!(batch.locks.len(), 1);
+        assert_eq!(
+            batch.locks[0].holders,
+            vec![(0xC1, 2)],
+            "both holds of the reentrant lock"
+        );
+
+        // B without a session of that client: nothing applies, and it says why.
+        let mut b = Store::default();
+        mid_move(&mut b, 1);
+        let err = apply_import(&mut b, &batch, &ctx(20)).unwrap_err().to_string();
+        assert!(err.contains("cannot move") && err.contains("00000000000000c1"), "{err}");
+        assert!(b.caches.get("c").is_none_or(|c| c.entries.is_empty()));
+
+        // With one: the entry and the holds are that session's.
+        let on_b = open(&mut b, Some(0xC1), 21);
+        apply_import(&mut b, &batch, &ctx(22)).unwrap();
+        assert_eq!(b.caches["c"].entries[&owned].owner, Some(on_b));
+        assert_eq!(b.caches["c"].entries[&plain].owner, None);
+        assert_eq!(
+            b.locks[&("c".to_string(), locked.clone())].holders,
+            BTreeMap::from([(on_b, 2)])
+        );
+        assert!(b.sessions[&on_b].ephemeral.contains(&("c".to_string(), owned.clone())));
+        assert!(b.sessions[&on_b].locks.contains(&("c".to_string(), locked.clone())));
+
+        // A lets the slots go: its copies and its session's hold are gone.
+        let c = config(2);
+        let mut ra = Roster::stored(&a).unwrap();
+        ra.generation += 1;
+        ra.moving.clear();
+        ra.slots = Some(ra.owned_slots(&c, 0));
+        ra.slots.as_mut().unwrap().remove(0, 10);
+        set(&mut a, &ra);
+        assert!(a.locks.is_empty());
+        assert!(a.sessions[&on_a].ephemeral.is_empty() && a.sessions[&on_a].locks.is_empty());
+
+        // The client's session on B ends: its moved entry and hold go with it.
+        b.end_session(on_b, &mut ctx(30));
+        assert!(!b.caches["c"].entries.contains_key(&owned));
+        assert!(b.locks.is_empty());
+        assert!(b.caches["c"].entries.contains_key(&plain));
+    }
+
+    #[test]
+    fn what_cannot_move_yet_is_named_and_nothing_is_exported() {
+        let configured = BTreeMap::new();
+        let ctx = |now| ApplyContext {
+            now_ms: now,
+            index: now,
+            configured: &configured,
+            grants: Vec::new(),
+        };
+        // A session of a client that never gave its id owns an entry.
+        let mut a = Store::default();
+        let anonymous = open(&mut a, None, 5);
+        a.apply(&ephemeral(&key_in(7), anonymous), &mut ctx(6)).unwrap();
+        mid_move(&mut a, 0);
+        let err = export(&a, &SlotSet::range(0, 10), 10).unwrap_err();
+        assert!(
+            err.contains("cannot move") && err.contains("did not give their id"),
+            "{err}"
+        );
+
+        // A lock with a request waiting for it.
+        let mut a = Store::default();
+        let (first, second) = (open(&mut a, Some(1), 5), open(&mut a, Some(2), 6));
+        a.apply(&lock(&key_in(8), first, 0), &mut ctx(7)).unwrap();
+        a.apply(&lock(&key_in(8), second, -1), &mut ctx(8)).unwrap();
+        mid_move(&mut a, 0);
+        let err = export(&a, &SlotSet::range(0, 10), 10).unwrap_err();
+        assert!(err.contains("cannot move") && err.contains("waiting"), "{err}");
         // Slots not frozen are not exported.
-        assert!(export(&a, &SlotSet::range(10, 20), 6).is_err());
+        assert!(export(&a, &SlotSet::range(10, 20), 10).is_err());
+    }
+
+    #[test]
+    fn a_split_import_carries_the_locks_once() {
+        let entry = |i: u8| ImportedEntry {
+            cache: "c".into(),
+            key: vec![i],
+            value: vec![0; 100].into(),
+            written_ms: 0,
+            accessed_ms: 0,
+            ttl_ms: None,
+            tti_ms: None,
+            owner: None,
+        };
+        let import = SlotImport {
+            caches: Vec::new(),
+            entries: (0..10).map(entry).collect(),
+            locks: vec![ImportedLock {
+                cache: "c".into(),
+                key: vec![1],
+                mode: LockMode::Shared,
+                holders: vec![(1, 1)],
+            }],
+        };
+        let parts = import.split(250);
+        assert!(parts.len() > 1);
+        assert_eq!(parts.iter().map(|p| p.locks.len()).sum::<usize>(), 1);
+        assert_eq!(parts.iter().map(|p| p.entries.len()).sum::<usize>(), 10);
     }
 }

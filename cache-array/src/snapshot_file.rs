@@ -207,7 +207,35 @@ pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotPayload, SnapshotE
     if crc32fast::hash(body) != crc {
         return Err(SnapshotError::Checksum);
     }
-    Ok(postcard::from_bytes(body)?)
+    // The store's last fields came later: a snapshot of an earlier build ends before them.
+    postcard::from_bytes(body).or_else(|e| {
+        postcard::from_bytes::<SnapshotPayloadV1>(body)
+            .map(SnapshotPayloadV1::into_current)
+            .map_err(|_| e.into())
+    })
+}
+
+/// A snapshot written before the store had [`Store::session_clients`] (format 1).
+#[derive(Deserialize)]
+struct SnapshotPayloadV1 {
+    head: SnapshotHead,
+    caches: std::collections::BTreeMap<String, crate::store::Cache>,
+    sessions: std::collections::BTreeMap<u64, crate::store::Session>,
+    locks: std::collections::BTreeMap<(String, Vec<u8>), crate::store::LockState>,
+}
+
+impl SnapshotPayloadV1 {
+    fn into_current(self) -> SnapshotPayload {
+        SnapshotPayload {
+            head: self.head,
+            store: Store {
+                caches: self.caches,
+                sessions: self.sessions,
+                locks: self.locks,
+                ..Store::default()
+            },
+        }
+    }
 }
 
 /// Loads the snapshot file at `path`, verified.

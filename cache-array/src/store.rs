@@ -124,6 +124,10 @@ pub struct Store {
     pub sessions: BTreeMap<u64, Session>,
     /// Locks held or waited for, by (cache, key).
     pub locks: BTreeMap<(String, Vec<u8>), LockState>,
+    /// The client id each session's client gave, by session (sessions of clients that gave one):
+    /// what ties a client's sessions on different stripes together for a slot move. The last
+    /// field, so a snapshot of a build before it still decodes (`crate::snapshot_file`).
+    pub session_clients: BTreeMap<u64, u64>,
     /// (expiry time, cache, key) of every entry that can expire. Derived; rebuilt after a
     /// snapshot is loaded.
     #[serde(skip)]
@@ -407,7 +411,9 @@ impl Store {
                 );
                 Ok(Reply::Bool(true))
             }
-            Change::OpenSession(OpenSession { client_name }) => Ok(self.open_session(client_name, ctx)),
+            Change::OpenSession(OpenSession { client_name, client_id }) => {
+                Ok(self.open_session(client_name, *client_id, ctx))
+            }
             Change::CloseSession(SessionOf { session }) => {
                 self.end_session(*session, ctx);
                 Ok(Reply::Done)

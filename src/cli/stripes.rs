@@ -283,28 +283,26 @@ async fn finish_move(
         .change(to, post.clone(), "/v1/slots/begin-import", step_body(slots, from)?)
         .await
         .with_context(|| format!("stripe {to} preparing to import slots {slots}"))?;
+    // Either stripe may say the slots cannot move now (what a session owns, see
+    // cache-array/src/slot_moves.rs): they go back to their stripe, and what the other imported
+    // is dropped.
+    let cannot_move = |e: &anyhow::Error| e.to_string().contains("cannot move");
     let exported = match admin
         .send(from, post.clone(), "/v1/slots/export", step_body(slots, to)?)
         .await
     {
         Ok(bytes) => bytes,
-        Err(e) if e.to_string().contains("cannot move") => {
-            // Give the slots back to their stripe, and drop what the other imported.
-            admin
-                .change(from, post.clone(), "/v1/slots/unfreeze", step_body(slots, to)?)
-                .await?;
-            admin
-                .change(to, post.clone(), "/v1/slots/abandon-import", step_body(slots, from)?)
-                .await?;
-            totals.stuck.push((slots.clone(), format!("{e:#}")));
-            return Ok(false);
-        }
+        Err(e) if cannot_move(&e) => return give_back(admin, from, to, slots, totals, e).await,
         Err(e) => return Err(e).with_context(|| format!("exporting slots {slots} from stripe {from}")),
     };
-    let imported = admin
+    let imported = match admin
         .change(to, post.clone(), "/v1/slots/import", exported.to_vec())
         .await
-        .with_context(|| format!("importing slots {slots} into stripe {to}"))?;
+    {
+        Ok(imported) => imported,
+        Err(e) if cannot_move(&e) => return give_back(admin, from, to, slots, totals, e).await,
+        Err(e) => return Err(e).with_context(|| format!("importing slots {slots} into stripe {to}")),
+    };
     admin
         .change(to, post, "/v1/slots/own", step_body(slots, from)?)
         .await
@@ -313,6 +311,26 @@ async fn finish_move(
     totals.bytes += imported["bytes"].as_u64().unwrap_or_default();
     release(admin, from, to, slots, totals).await?;
     Ok(true)
+}
+
+/// Undoes steps 1 and 2 of a move that cannot be made now, and notes why; `false` (not moved).
+async fn give_back(
+    admin: &Admin,
+    from: usize,
+    to: usize,
+    slots: &SlotSet,
+    totals: &mut MoveTotals,
+    why: anyhow::Error,
+) -> anyhow::Result<bool> {
+    let post = hyper::Method::POST;
+    admin
+        .change(from, post.clone(), "/v1/slots/unfreeze", step_body(slots, to)?)
+        .await?;
+    admin
+        .change(to, post, "/v1/slots/abandon-import", step_body(slots, from)?)
+        .await?;
+    totals.stuck.push((slots.clone(), format!("{why:#}")));
+    Ok(false)
 }
 
 /// Step 4: `from` lets the slots go to `to`, which owns them now.

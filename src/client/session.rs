@@ -1,6 +1,10 @@
 //! Client sessions, connection state, events, rejoin and locks (SPEC 2.5, 3.3).
 //!
-//! The client holds one session per stripe. A single keep-alive task renews them every
+//! The client holds one session per stripe: none until it first needs one (a lock or an
+//! ephemeral entry), then one on every stripe (the keep-alive task opens the others, and one on a
+//! stripe added later), each naming the client's random id. When a hash slot moves to another
+//! stripe, its ephemeral entries and locks go to this client's session there. A single keep-alive
+//! task renews them every
 //! `keepalive_interval` and is the client's view of the array: a renewal that fails makes the
 //! client `Disconnected` (event `Disconnected`); the next that succeeds makes it `Connected` again
 //! (event `Reconnected`). A renewal answered `SessionExpired` means the array gave up on this client
@@ -94,9 +98,10 @@ pub struct LockHandle {
     pub cache: String,
     /// The locked key.
     pub key: Vec<u8>,
-    /// Stripe of the key.
+    /// Stripe of the key when it was taken (the lock moves with its key's slot, to this
+    /// client's session on the new stripe).
     pub stripe: usize,
-    /// Session that holds it; a rejoin replaces the session and so voids the handle.
+    /// Session that took it; a rejoin replaces the session and so voids the handle.
     pub session: u64,
 }
 
@@ -104,6 +109,8 @@ pub struct LockHandle {
 pub(super) struct SessionState {
     /// Session id per stripe, once opened.
     pub(super) ids: Mutex<Vec<Option<u64>>>,
+    /// This client's id, named by each of its sessions (random, for this client's life).
+    client_id: u64,
     /// Serializes opening sessions (so concurrent callers share one).
     opening: tokio::sync::Mutex<()>,
     /// Current connection state.
@@ -120,6 +127,7 @@ impl SessionState {
     pub(super) fn new(stripes: usize) -> SessionState {
         SessionState {
             ids: Mutex::new(vec![None; stripes]),
+            client_id: rand::random(),
             opening: tokio::sync::Mutex::new(()),
             state: watch::channel(ConnectionState::Connected).0,
             events: broadcast::channel(EVENT_BUFFER_MAX).0,
@@ -170,6 +178,7 @@ impl ArrayClient {
     async fn open_session(&self, stripe: usize) -> Result<u64, ClientError> {
         let op = Op::Session(SessionOp::Open {
             client_name: self.inner.settings.client_name.clone(),
+            client_id: self.inner.sessions.client_id,
         });
         match self.execute(stripe, op, self.inner.settings.request_timeout).await? {
             Reply::Session { id, .. } => {
@@ -265,6 +274,17 @@ impl ArrayClient {
         wait: LockWait,
     ) -> Result<LockHandle, ClientError> {
         self.check_key(key)?;
+        self.follow_moves(|| self.lock_once(cache, key, mode, wait)).await
+    }
+
+    /// [`ArrayClient::lock`] on the key's stripe by the current document.
+    async fn lock_once(
+        &self,
+        cache: &str,
+        key: &[u8],
+        mode: LockMode,
+        wait: LockWait,
+    ) -> Result<LockHandle, ClientError> {
         let stripe = self.stripe_of(key);
         let nonstop = self.nonstop_settings(cache).timeout;
         let mut rejoined = false;
@@ -326,17 +346,28 @@ impl ArrayClient {
 
     /// Releases a lock. `InvalidLockAfterRejoin` if the client rejoined since taking it.
     pub async fn unlock(&self, lock: &LockHandle) -> Result<(), ClientError> {
-        let current = self.inner.sessions.ids.lock().expect("sessions lock")[lock.stripe];
-        if current != Some(lock.session) {
+        if self.current_session(lock.stripe) != Some(lock.session) {
             return Err(ClientError::InvalidLockAfterRejoin);
         }
-        let op = Op::Session(SessionOp::Unlock {
-            cache: lock.cache.clone(),
-            key: lock.key.clone(),
-            session: lock.session,
-        });
         let timeout = self.nonstop_settings(&lock.cache).timeout;
-        match self.execute(lock.stripe, op, timeout).await {
+        // Where the key lives now, released by this client's session there.
+        let unlocked = self.follow_moves(|| async {
+            let stripe = self.stripe_of(&lock.key);
+            let session = match stripe == lock.stripe {
+                true => Some(lock.session),
+                false => self.current_session(stripe),
+            };
+            let Some(session) = session else {
+                return Err(ClientError::InvalidLockAfterRejoin);
+            };
+            let op = Op::Session(SessionOp::Unlock {
+                cache: lock.cache.clone(),
+                key: lock.key.clone(),
+                session,
+            });
+            self.execute(stripe, op, timeout).await
+        });
+        match unlocked.await {
             Ok(_) => Ok(()),
             Err(ClientError::Server(ErrorReply::SessionExpired)) => Err(ClientError::InvalidLockAfterRejoin),
             Err(e) if e.is_unavailability() => Err(ClientError::NonstopTimeout {
@@ -419,8 +450,31 @@ async fn keepalive_loop(inner: Weak<Inner>, stop: tokio_util::sync::Cancellation
         let Some(inner) = inner.upgrade() else { return };
         let client = ArrayClient { inner };
         let ids = client.session_ids();
+        // A client with a session holds one on every stripe, so a slot that moves finds its
+        // session on the new stripe (`SessionOp::Open`).
+        let any_session = ids.iter().any(Option::is_some);
         let mut all_ok = true;
         for (stripe, id) in ids.into_iter().enumerate() {
+            // Bounded like a keep-alive, so a stripe that cannot open one does not hold up the
+            // others' renewals (an open cut short leaves a session that expires unused).
+            let id = match id {
+                None if any_session => {
+                    let opened = tokio::time::timeout(interval.max(KEEPALIVE_TIMEOUT_MIN), client.session_for(stripe));
+                    match opened.await {
+                        Ok(Ok(id)) => Some(id),
+                        outcome => {
+                            let error = match outcome {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => "no answer in time".to_string(),
+                            };
+                            tracing::debug!(event = "client.session_open_failed", stripe, error);
+                            all_ok = false;
+                            continue;
+                        }
+                    }
+                }
+                id => id,
+            };
             // Without a session on the stripe, a ping to any of its servers tells whether it answers.
             let op = match id {
                 Some(session) => Op::Session(SessionOp::KeepAlive { session }),

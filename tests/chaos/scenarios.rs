@@ -400,7 +400,9 @@ fn membership_faults() {
 /// killed, the same command resumes the move while the new stripe's active (the target) is
 /// killed, and runs again until done; then `remove-stripe` drains it back while its own active is
 /// killed, and runs again until done. The workload's keys span both stripes: a key written on
-/// two stripes, or lost on its way, shows as a linearizability or durability anomaly.
+/// two stripes, or lost on its way, shows as a linearizability or durability anomaly. A client's
+/// ephemeral entry and exclusive lock, on keys that move both ways, must still be there and still
+/// its after each change ([`HeldAcrossMoves`]).
 #[test]
 fn stripe_changes() {
     let setup = Setup {
@@ -438,9 +440,15 @@ fn stripe_changes() {
                 ctx.cluster.start_server(&ctx.net, b);
                 ctx.cluster.servers.push(b.to_string());
             }
+            let held = HeldAcrossMoves::take(ctx).await;
             let register: Vec<String> = vec!["add-stripe".into(), "--config".into(), file.display().to_string()];
             array_cli(ctx, &register).await;
             ctx.sleep(Duration::from_secs(1)).await;
+            // The holder opens its session on the new stripe (its keep-alive does), or what it
+            // holds could not move.
+            if let Some(wrong) = held.wait_for_sessions(2).await {
+                ctx.failures.push(wrong);
+            }
 
             // 2. Half the slots move to the new stripe; stripe 0's active (the source) dies on
             // the way, then the new stripe's (the target) during the next run of the command.
@@ -481,6 +489,7 @@ fn stripe_changes() {
                 ctx.failures
                     .push(format!("after the rebalance stripe 0 owns {slots} slots, not 8192"));
             }
+            ctx.failures.extend(held.check("after the rebalance", 1).await);
             ctx.sleep(Duration::from_secs(2)).await;
 
             // 3. The new stripe is drained and removed; its own active dies on the way.
@@ -510,6 +519,8 @@ fn stripe_changes() {
                 ctx.failures
                     .push(format!("after the removal stripe 0 owns {slots} slots, not all 16384"));
             }
+            ctx.failures.extend(held.check("after the removal", 0).await);
+            ctx.failures.extend(held.release().await);
             for b in news {
                 ctx.cluster.terminate(b, Duration::from_secs(5));
             }
@@ -546,6 +557,149 @@ async fn cli_killing_active(
 }
 
 /// How many slots a server's stripe owns, by its roster.
+/// Cache of [`HeldAcrossMoves`] (not the key-value workload's).
+const HELD_CACHE: &str = "chaos-held";
+
+/// A client's ephemeral entry and exclusive lock on keys of slots that `rebalance` moves to a new
+/// stripe (and `remove-stripe` back): after each change both must still be there and still the
+/// client's (another client cannot take the lock), and the client releases the lock where it
+/// lives then.
+struct HeldAcrossMoves {
+    holder: ferrocotta::ArrayClient,
+    other: ferrocotta::ArrayClient,
+    entry: Vec<u8>,
+    lock: ferrocotta::client::LockHandle,
+}
+
+impl HeldAcrossMoves {
+    async fn take(ctx: &Ctx) -> HeldAcrossMoves {
+        let connect = || ferrocotta::ArrayClient::connect(ctx.cluster.settings());
+        let holder = connect().await.expect("the holder connects");
+        let other = connect().await.expect("the other client connects");
+        // Keys of the upper slots, which go to the new stripe.
+        let moving = |prefix: &str| {
+            (0..)
+                .map(|i| format!("{prefix}-{i}").into_bytes())
+                .find(|k| ferrocotta::slots::slot_of_key(k) >= 12_000)
+                .expect("a key of a moving slot")
+        };
+        let entry = moving("held-entry");
+        holder
+            .put_ephemeral(HELD_CACHE, &entry, b"mine")
+            .await
+            .expect("the ephemeral entry");
+        let lock = holder
+            .lock(
+                HELD_CACHE,
+                &moving("held-lock"),
+                ferrocotta::protocol::LockMode::Exclusive,
+                ferrocotta::client::LockWait::NoWait,
+            )
+            .await
+            .expect("the lock");
+        HeldAcrossMoves {
+            holder,
+            other,
+            entry,
+            lock,
+        }
+    }
+
+    /// Waits (at most 30 s) until the holder has a session on each of `stripes` stripes.
+    async fn wait_for_sessions(&self, stripes: usize) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.holder.session_ids().iter().flatten().count() < stripes {
+            if Instant::now() >= deadline {
+                return Some(format!(
+                    "the holder has no session on every stripe after 30 s: {:?}",
+                    self.holder.session_ids()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    /// What is wrong with the entry and the lock now, which should live on `stripe`, if anything;
+    /// a request that fails (the array healing) is asked again for up to 30 s.
+    async fn check(&self, when: &str, stripe: usize) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen = async {
+                let value = self.holder.get(HELD_CACHE, &self.entry).await?;
+                let taken = self
+                    .other
+                    .try_lock(HELD_CACHE, &self.lock.key, ferrocotta::protocol::LockMode::Exclusive)
+                    .await?;
+                Ok::<_, ferrocotta::client::ClientError>((value, taken))
+            };
+            match seen.await {
+                Ok((value, taken)) => {
+                    let stolen = taken.is_some();
+                    if let Some(stolen) = taken {
+                        let _ = self.other.unlock(&stolen).await;
+                    }
+                    // The other client followed the keys to where they live now.
+                    let lives = (self.other.stripe_of(&self.entry), self.other.stripe_of(&self.lock.key));
+                    let wrong = held_findings(value.as_deref(), stolen, lives, stripe);
+                    return (!wrong.is_empty()).then(|| format!("{when}: {}", wrong.join("; ")));
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Some(format!("{when}: the held entry and lock could not be read: {e}"))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// The holder releases its lock (taken before both moves) and closes: the lock is free and
+    /// the entry gone.
+    async fn release(&self) -> Option<String> {
+        if let Err(e) = self.holder.unlock(&self.lock).await {
+            return Some(format!("the holder could not release its lock after the moves: {e}"));
+        }
+        self.holder.close().await;
+        match self.other.get(HELD_CACHE, &self.entry).await {
+            Ok(None) => None,
+            Ok(Some(v)) => Some(format!("the holder closed, yet its ephemeral entry reads {v:?}")),
+            Err(e) => Some(format!("the held entry could not be read after the holder closed: {e}")),
+        }
+    }
+}
+
+/// What [`HeldAcrossMoves::check`] saw wrong: the entry's value (`mine` expected), whether
+/// another client could take the lock, and the stripes the entry and the lock live on.
+fn held_findings(value: Option<&[u8]>, stolen: bool, lives: (usize, usize), stripe: usize) -> Vec<String> {
+    let mut wrong = Vec::new();
+    if value != Some(&b"mine"[..]) {
+        wrong.push(format!(
+            "the holder's ephemeral entry reads {:?}",
+            value.map(String::from_utf8_lossy)
+        ));
+    }
+    if stolen {
+        wrong.push("another client took the holder's lock".to_string());
+    }
+    if lives != (stripe, stripe) {
+        wrong.push(format!(
+            "the entry and the lock live on stripes {lives:?}, not {stripe}"
+        ));
+    }
+    wrong
+}
+
+#[test]
+fn held_findings_report_each_planted_anomaly() {
+    assert!(held_findings(Some(b"mine"), false, (1, 1), 1).is_empty());
+    let lost = held_findings(None, false, (1, 1), 1);
+    assert!(lost[0].contains("reads None"), "{lost:?}");
+    let stolen = held_findings(Some(b"mine"), true, (1, 1), 1);
+    assert!(stolen[0].contains("took the holder's lock"), "{stolen:?}");
+    let stayed = held_findings(Some(b"mine"), false, (0, 1), 1);
+    assert!(stayed[0].contains("live on stripes (0, 1)"), "{stayed:?}");
+    assert_eq!(held_findings(Some(b"theirs"), true, (0, 0), 1).len(), 3);
+}
+
 async fn slots_of(ctx: &Ctx, server: &str) -> usize {
     let admin = crate::cluster::Cluster::server_addr(&ctx.net, server, 2);
     let (_, body) = crate::common::try_http_get(&admin, "/v1/roster").expect("a roster");

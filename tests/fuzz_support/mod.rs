@@ -245,7 +245,7 @@ fn step() -> impl Strategy<Value = Step> {
 pub fn session_op() -> impl Strategy<Value = SessionOp> {
     let cache = text(12);
     prop_oneof![
-        text(16).prop_map(|client_name| SessionOp::Open { client_name }),
+        (text(16), any::<u64>()).prop_map(|(client_name, client_id)| SessionOp::Open { client_name, client_id }),
         any::<u64>().prop_map(|session| SessionOp::KeepAlive { session }),
         any::<u64>().prop_map(|session| SessionOp::Close { session }),
         (cache.clone(), bytes(8), any::<bool>(), any::<u64>(), any::<i64>()).prop_map(
