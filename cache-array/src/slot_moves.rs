@@ -740,6 +740,19 @@ mod tests {
     use crate::command::Put;
     use crate::store::ReplyRoom;
 
+    /// Caches named in no config.
+    static UNCONFIGURED: BTreeMap<String, CacheSettings> = BTreeMap::new();
+
+    /// The context of the entry at index `now`, applied at time `now`.
+    fn ctx(now: u64) -> ApplyContext<'static> {
+        ApplyContext {
+            now_ms: now,
+            index: now,
+            configured: &UNCONFIGURED,
+            grants: Vec::new(),
+        }
+    }
+
     fn config(stripes: usize) -> ferrocotta::config::ClusterConfig {
         crate::roster::test_config(stripes, 1)
     }
@@ -783,13 +796,6 @@ mod tests {
     #[test]
     fn a_slot_moves_with_its_entries_and_is_never_served_by_both_stripes() {
         let c = config(2);
-        let configured = BTreeMap::new();
-        let ctx = |now| ApplyContext {
-            now_ms: now,
-            index: now,
-            configured: &configured,
-            grants: Vec::new(),
-        };
         let key = key_in(100);
         let (mut a, mut b) = (Store::default(), Store::default());
         let (mut ra, mut rb) = (Roster::seed(&c, 0), Roster::seed(&c, 1));
@@ -864,18 +870,11 @@ mod tests {
     }
 
     fn open(store: &mut Store, client: Option<u64>, index: u64) -> u64 {
-        let configured = BTreeMap::new();
-        let mut ctx = ApplyContext {
-            now_ms: index,
-            index,
-            configured: &configured,
-            grants: Vec::new(),
-        };
         let change = Change::OpenSession(crate::command::OpenSession {
             client_name: "x".into(),
             client_id: client,
         });
-        match store.apply(&change, &mut ctx).unwrap() {
+        match store.apply(&change, &mut ctx(index)).unwrap() {
             Reply::Session { id, .. } => id,
             other => panic!("{other:?}"),
         }
@@ -923,13 +922,6 @@ mod tests {
 
     #[test]
     fn ephemeral_entries_and_locks_move_to_their_clients_session_on_the_new_stripe() {
-        let configured = BTreeMap::new();
-        let ctx = |now| ApplyContext {
-            now_ms: now,
-            index: now,
-            configured: &configured,
-            grants: Vec::new(),
-        };
         let (owned, locked, plain) = (key_in(7), key_in(8), key_in(9));
         let mut a = Store::default();
         let on_a = open(&mut a, Some(0xC1), 5);
@@ -986,13 +978,6 @@ mod tests {
 
     #[test]
     fn what_cannot_move_yet_is_named_and_nothing_is_exported() {
-        let configured = BTreeMap::new();
-        let ctx = |now| ApplyContext {
-            now_ms: now,
-            index: now,
-            configured: &configured,
-            grants: Vec::new(),
-        };
         // A session of a client that never gave its id owns an entry.
         let mut a = Store::default();
         let anonymous = open(&mut a, None, 5);
