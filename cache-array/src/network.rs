@@ -554,13 +554,15 @@ impl PeerService {
             }
             PeerRpc::Probe => {
                 let m = self.raft.metrics().borrow().clone();
+                // One source for both forms of the log's end (the purge point when later).
+                let last_log = self.log.last_log_id();
                 let reply = ProbeReply {
                     initialized: self.raft.is_initialized().await.unwrap_or(false),
-                    last_log_index: m.last_log_index.max(m.purged.map(|p| p.index)),
+                    last_log_index: last_log.map(|l| l.index),
                     joining: matches!(self.log.standing(), Standing::Joining { .. }),
                     hears_active: (m.current_leader == Some(m.id) && !self.elections.handing_over())
                         || self.elections.hears_active(),
-                    last_log: self.log.last_log_id(),
+                    last_log,
                 };
                 encode_payload(&reply)
             }

@@ -353,9 +353,10 @@ impl ArrayClient {
         // Where the key lives now, released by this client's session there.
         let unlocked = self.follow_moves(|| async {
             let stripe = self.stripe_of(&lock.key);
-            let session = match stripe == lock.stripe {
-                true => Some(lock.session),
-                false => self.current_session(stripe),
+            let session = if stripe == lock.stripe {
+                Some(lock.session)
+            } else {
+                self.current_session(stripe)
             };
             let Some(session) = session else {
                 return Err(ClientError::InvalidLockAfterRejoin);
@@ -440,6 +441,8 @@ async fn keepalive_loop(inner: Weak<Inner>, stop: tokio_util::sync::Cancellation
         Some(i) => i.settings.keepalive_interval,
         None => return,
     };
+    // Longest wait for one stripe's renewal (or session opening) in a round.
+    let wait = interval.max(KEEPALIVE_TIMEOUT_MIN);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -459,7 +462,7 @@ async fn keepalive_loop(inner: Weak<Inner>, stop: tokio_util::sync::Cancellation
             // others' renewals (an open cut short leaves a session that expires unused).
             let id = match id {
                 None if any_session => {
-                    let opened = tokio::time::timeout(interval.max(KEEPALIVE_TIMEOUT_MIN), client.session_for(stripe));
+                    let opened = tokio::time::timeout(wait, client.session_for(stripe));
                     match opened.await {
                         Ok(Ok(id)) => Some(id),
                         outcome => {
@@ -480,7 +483,7 @@ async fn keepalive_loop(inner: Weak<Inner>, stop: tokio_util::sync::Cancellation
                 Some(session) => Op::Session(SessionOp::KeepAlive { session }),
                 None => Op::Ping,
             };
-            let result = client.execute(stripe, op, interval.max(KEEPALIVE_TIMEOUT_MIN)).await;
+            let result = client.execute(stripe, op, wait).await;
             match result {
                 Ok(Reply::Pong { leader: None, .. }) => {
                     tracing::debug!(
