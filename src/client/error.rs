@@ -88,6 +88,10 @@ pub enum ClientError {
     /// The lock was not granted within the wait time.
     #[error("the lock was not granted within the wait time")]
     LockTimeout,
+    /// The request was meant for a stripe the array's layout no longer has (it was removed, its
+    /// slots moved to the others): nothing was sent. A keyed request routes its key again.
+    #[error("stripe {stripe} is no longer in the array's layout")]
+    StripeRemoved { stripe: usize },
 }
 
 pub(super) fn list_failures(failures: &[(String, String)]) -> String {

@@ -209,8 +209,9 @@ impl ArrayClient {
     }
 
     /// Runs `attempt` (which routes its keys by the current document) again while a server says
-    /// a key is not its stripe's, until the request timeout: slots moved, and the document was
-    /// refreshed meanwhile ([`ArrayClient::refresh_everywhere`]).
+    /// a key is not its stripe's, or the stripe it picked left the layout meanwhile, until the
+    /// request timeout: slots moved, and the document was refreshed meanwhile
+    /// ([`ArrayClient::refresh_everywhere`]).
     pub(super) async fn follow_moves<T, F, Fut>(&self, mut attempt: F) -> Result<T, ClientError>
     where
         F: FnMut() -> Fut,
@@ -219,7 +220,9 @@ impl ArrayClient {
         let deadline = Instant::now() + self.inner.settings.request_timeout;
         loop {
             match attempt().await {
-                Err(ClientError::Server(ErrorReply::WrongStripe { .. })) if Instant::now() < deadline => {
+                Err(ClientError::Server(ErrorReply::WrongStripe { .. }) | ClientError::StripeRemoved { .. })
+                    if Instant::now() < deadline =>
+                {
                     tokio::time::sleep(MOVED_RETRY_PAUSE).await;
                 }
                 other => return other,
@@ -240,7 +243,8 @@ impl ArrayClient {
         loop {
             let routing = self.routing();
             if stripe >= routing.stripe_servers.len() {
-                return Err(ClientError::Invalid(format!("no stripe {stripe} in the config")));
+                // The layout shrank after the caller picked the stripe (a removed stripe).
+                return Err(ClientError::StripeRemoved { stripe });
             }
             let mut redirected = false;
             for name in self.candidates(&routing, stripe, needs_leader) {
